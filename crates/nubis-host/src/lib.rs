@@ -1,0 +1,1 @@
+//! nubis-host (placeholder).

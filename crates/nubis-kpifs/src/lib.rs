@@ -1,0 +1,1 @@
+//! nubis-kpifs (placeholder).
