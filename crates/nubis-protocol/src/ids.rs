@@ -80,6 +80,13 @@ macro_rules! subject_safe_id {
             }
         }
 
+        // Derived `Hash`/`Eq` hash the inner `String` exactly as `str`, as `Borrow` requires.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
                 &self.0
