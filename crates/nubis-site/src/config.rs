@@ -1,0 +1,524 @@
+//! The site configuration (`site.toml`): identity, bus, partners (the bilateral contracts) and
+//! policies. Loaded once, validated at start, with errors that name the file and the key.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::VerifyingKey;
+use nubis_protocol::identity::{parse_sealing_key, parse_signing_key, KeyError, SiteIdentity};
+use nubis_protocol::SiteId;
+use serde::Deserialize;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Io {
+        /// The configuration file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape (the message names the key).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The configuration file.
+        path: PathBuf,
+        /// What the TOML parser said, including the key and line.
+        message: String,
+    },
+    /// A key has a value that cannot be used.
+    #[error("{path}: `{key}` {reason}")]
+    Invalid {
+        /// The configuration file.
+        path: PathBuf,
+        /// The offending key, e.g. `partners[1].signing_key`.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The key file named by `key_file` cannot be used.
+    #[error("{path}: `key_file`")]
+    Key {
+        /// The configuration file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: KeyError,
+    },
+}
+
+/// Which offers a site passes upstream in its answer to a Migration request (paper III-C,
+/// Migration request handler step 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Exposure {
+    /// Only offers for this site's own hosts.
+    OnlyLocal,
+    /// Own offers and those obtained from preferred partners.
+    OnlyPreferred,
+    /// Every offer obtained.
+    #[default]
+    All,
+}
+
+/// Delegation policy: whether and where this site forwards Migration requests.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delegation {
+    /// Whether this site may act as Controller on behalf of another site.
+    #[serde(default = "yes")]
+    pub allowed: bool,
+    /// Partners to delegate to; empty means all partners.
+    #[serde(default)]
+    pub partners: Vec<SiteId>,
+    /// Longest delegation chain this site takes part in.
+    #[serde(default = "default_max_depth")]
+    pub max_depth: u8,
+}
+
+impl Default for Delegation {
+    fn default() -> Self {
+        Self {
+            allowed: true,
+            partners: Vec::new(),
+            max_depth: default_max_depth(),
+        }
+    }
+}
+
+/// The site's own policies (paper: "a site's own policies decide").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Whether VMs of other primary sites are accepted at all.
+    #[serde(default = "yes")]
+    pub accept_foreign: bool,
+    /// Delegation of Migration requests.
+    #[serde(default)]
+    pub delegation: Delegation,
+    /// Which offers to expose upstream.
+    #[serde(default)]
+    pub expose: Exposure,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            accept_foreign: true,
+            delegation: Delegation::default(),
+            expose: Exposure::All,
+        }
+    }
+}
+
+/// Timing of the directory heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryTiming {
+    /// How often the site refreshes its directory entry.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// A partner whose heartbeat is older than this is shown unreachable.
+    #[serde(default = "default_liveness_ms")]
+    pub liveness_timeout_ms: u64,
+}
+
+impl Default for DirectoryTiming {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: default_heartbeat_ms(),
+            liveness_timeout_ms: default_liveness_ms(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_depth() -> u8 {
+    3
+}
+fn default_heartbeat_ms() -> u64 {
+    2_000
+}
+fn default_liveness_ms() -> u64 {
+    6_000
+}
+fn default_hub_domain() -> String {
+    "hub".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPartner {
+    site: SiteId,
+    signing_key: String,
+    sealing_key: String,
+    #[serde(default)]
+    preference: i32,
+    #[serde(default)]
+    price_milli: u64,
+    #[serde(default)]
+    preferred: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    site: SiteId,
+    key_file: PathBuf,
+    nats_url: String,
+    #[serde(default)]
+    nats_user: Option<String>,
+    #[serde(default)]
+    nats_password: Option<String>,
+    #[serde(default = "default_hub_domain")]
+    hub_domain: String,
+    data_dir: PathBuf,
+    #[serde(default)]
+    policy: Policy,
+    #[serde(default)]
+    directory: DirectoryTiming,
+    #[serde(default)]
+    partners: Vec<RawPartner>,
+    #[serde(default)]
+    hosts: Vec<RawHost>,
+}
+
+/// A partner site under contract: its keys are pinned here, not taken from the directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partner {
+    /// The partner's site id.
+    pub site: SiteId,
+    /// Verifies the partner's signatures.
+    pub signing_key: VerifyingKey,
+    /// Seals data for the partner.
+    pub sealing_key: [u8; 32],
+    /// Higher is better, for "greatest benefit" ranking.
+    pub preference: i32,
+    /// Contracted price in thousandths of a currency unit per VM-hour.
+    pub price_milli: u64,
+    /// Whether the partner counts as preferred for the exposure policy.
+    pub preferred: bool,
+}
+
+/// Credentials for the site's own NATS connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsAuth {
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+}
+
+/// The validated configuration of one site daemon.
+#[derive(Debug)]
+pub struct SiteConfig {
+    /// This site.
+    pub site: SiteId,
+    /// The site's secret keys.
+    pub identity: SiteIdentity,
+    /// URL of the site's own (leaf) nats-server.
+    pub nats_url: String,
+    /// Credentials for it, if it requires them.
+    pub nats_auth: Option<NatsAuth>,
+    /// JetStream domain of the federation hub (where the directory lives).
+    pub hub_domain: String,
+    /// Directory for the journal and the replay cache.
+    pub data_dir: PathBuf,
+    /// The site's policies.
+    pub policy: Policy,
+    /// Directory heartbeat timing.
+    pub directory: DirectoryTiming,
+    /// Partners under contract.
+    pub partners: Vec<Partner>,
+    /// Local VM hosts.
+    pub hosts: Vec<String>,
+}
+
+impl SiteConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates configuration `text` read from `path` (relative paths resolve against its folder).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+
+        if !(raw.nats_url.starts_with("nats://") || raw.nats_url.starts_with("tls://")) {
+            return Err(invalid(
+                "nats_url".into(),
+                "must start with nats:// or tls://".into(),
+            ));
+        }
+        if raw.hub_domain.is_empty() || raw.hub_domain.contains(['.', '*', '>', ' ']) {
+            return Err(invalid(
+                "hub_domain".into(),
+                "must be a plain JetStream domain name".into(),
+            ));
+        }
+        let nats_auth = match (raw.nats_user, raw.nats_password) {
+            (Some(user), Some(password)) => Some(NatsAuth { user, password }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "nats_password".into(),
+                    "is required with nats_user".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "nats_user".into(),
+                    "is required with nats_password".into(),
+                ))
+            }
+        };
+        if raw.directory.heartbeat_ms == 0 {
+            return Err(invalid(
+                "directory.heartbeat_ms".into(),
+                "must be positive".into(),
+            ));
+        }
+        if raw.directory.liveness_timeout_ms <= raw.directory.heartbeat_ms {
+            return Err(invalid(
+                "directory.liveness_timeout_ms".into(),
+                "must be longer than directory.heartbeat_ms".into(),
+            ));
+        }
+
+        let mut seen = BTreeSet::new();
+        let mut partners = Vec::with_capacity(raw.partners.len());
+        for (i, p) in raw.partners.into_iter().enumerate() {
+            if p.site == raw.site {
+                return Err(invalid(
+                    format!("partners[{i}].site"),
+                    "is this site itself".into(),
+                ));
+            }
+            if !seen.insert(p.site.clone()) {
+                return Err(invalid(
+                    format!("partners[{i}].site"),
+                    format!("repeats partner {:?}", p.site.as_str()),
+                ));
+            }
+            let key = format!("partners[{i}].signing_key");
+            let signing_key =
+                parse_signing_key(&p.signing_key, &key).map_err(|e| invalid(key, e.to_string()))?;
+            let key = format!("partners[{i}].sealing_key");
+            let sealing_key =
+                parse_sealing_key(&p.sealing_key, &key).map_err(|e| invalid(key, e.to_string()))?;
+            partners.push(Partner {
+                site: p.site,
+                signing_key,
+                sealing_key,
+                preference: p.preference,
+                price_milli: p.price_milli,
+                preferred: p.preferred,
+            });
+        }
+        for (i, d) in raw.policy.delegation.partners.iter().enumerate() {
+            if !seen.contains(d) {
+                return Err(invalid(
+                    format!("policy.delegation.partners[{i}]"),
+                    format!("names {:?}, which is not a partner", d.as_str()),
+                ));
+            }
+        }
+
+        let identity =
+            SiteIdentity::load(&resolve(&raw.key_file)).map_err(|source| ConfigError::Key {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if identity.site() != &raw.site {
+            return Err(invalid(
+                "key_file".into(),
+                format!(
+                    "holds the keys of site {:?}, not {:?}",
+                    identity.site().as_str(),
+                    raw.site.as_str()
+                ),
+            ));
+        }
+
+        Ok(Self {
+            site: raw.site,
+            identity,
+            nats_url: raw.nats_url,
+            nats_auth,
+            hub_domain: raw.hub_domain,
+            data_dir: resolve(&raw.data_dir),
+            policy: raw.policy,
+            directory: raw.directory,
+            partners,
+            hosts: raw.hosts.into_iter().map(|h| h.id).collect(),
+        })
+    }
+
+    /// The partner record of `site`, if it is under contract.
+    pub fn partner(&self, site: &SiteId) -> Option<&Partner> {
+        self.partners.iter().find(|p| &p.site == site)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        partner: SiteIdentity,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        SiteIdentity::generate(SiteId::new("a").unwrap())
+            .save(&dir.path().join("a.key"), false)
+            .unwrap();
+        Fixture {
+            dir,
+            partner: SiteIdentity::generate(SiteId::new("b").unwrap()),
+        }
+    }
+
+    fn good(f: &Fixture) -> String {
+        format!(
+            "site = \"a\"\nkey_file = \"a.key\"\nnats_url = \"nats://127.0.0.1:4222\"\ndata_dir = \"data\"\n\n{}preference = 5\n",
+            f.partner.public().partner_snippet()
+        )
+    }
+
+    fn parse(f: &Fixture, text: &str) -> Result<SiteConfig, ConfigError> {
+        SiteConfig::parse(text, &f.dir.path().join("site.toml"))
+    }
+
+    #[test]
+    fn a_good_config_loads_with_defaults() {
+        let f = fixture();
+        let c = parse(&f, &good(&f)).unwrap();
+        assert_eq!(c.site.as_str(), "a");
+        assert_eq!(c.hub_domain, "hub");
+        assert_eq!(c.partners.len(), 1);
+        assert_eq!(c.partners[0].signing_key, f.partner.public().signing);
+        assert_eq!(c.partners[0].preference, 5);
+        assert_eq!(c.policy, Policy::default());
+        assert_eq!(c.data_dir, f.dir.path().join("data"));
+    }
+
+    #[test]
+    fn a_missing_key_is_named() {
+        let f = fixture();
+        let text = good(&f).replace("nats_url = \"nats://127.0.0.1:4222\"\n", "");
+        let err = parse(&f, &text).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Parse { message, .. } if message.contains("nats_url")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_partner_key_is_named() {
+        let f = fixture();
+        let text = good(&f).replace("signing_key = \"ed25519:", "signing_key = \"rsa:");
+        let err = parse(&f, &text).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "partners[0].signing_key"),
+            "{err}"
+        );
+        let text = good(&f).replace("sealing_key = \"x25519:", "sealing_key = \"x25519:AAAA");
+        let err = parse(&f, &text).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "partners[0].sealing_key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_loose_key_file_is_refused() {
+        let f = fixture();
+        std::fs::set_permissions(
+            f.dir.path().join("a.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let err = parse(&f, &good(&f)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Key {
+                    source: KeyError::TooOpen { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn another_sites_key_file_is_refused() {
+        let f = fixture();
+        let text = good(&f).replacen("site = \"a\"", "site = \"c\"", 1);
+        let err = parse(&f, &text).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "key_file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn policies_are_checked_against_partners() {
+        let f = fixture();
+        let text = format!(
+            "site = \"a\"\nkey_file = \"a.key\"\nnats_url = \"nats://127.0.0.1:4222\"\ndata_dir = \"d\"\n\
+             [policy.delegation]\npartners = [\"z\"]\n\n{}",
+            f.partner.public().partner_snippet()
+        );
+        let err = parse(&f, &text).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "policy.delegation.partners[0]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let f = fixture();
+        let text = format!("colour = \"blue\"\n{}", good(&f));
+        let err = parse(&f, &text).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Parse { message, .. } if message.contains("colour")),
+            "{err}"
+        );
+    }
+}
