@@ -5,3 +5,4 @@ mod envelope;
 mod federation;
 mod hypervisor;
 mod kpifs;
+mod site;

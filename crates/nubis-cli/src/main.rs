@@ -1,7 +1,10 @@
 //! `nubis`: the operator's command-line tool.
 //!
-//! Exit codes: 0 success, 2 user error (bad arguments, unreadable or unsafe files), 3 refusal by a
-//! peer, 4 internal failure. Every error message says what to do next.
+//! Exit codes: 0 success, 2 user error (bad arguments, unreadable or unsafe files, bad
+//! configuration), 3 refusal by a peer, 4 internal failure, 5 site unreachable. Every error
+//! message says what to do next.
+
+mod ops_client;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,11 +16,19 @@ use nubis_protocol::SiteId;
 
 /// Exit code for mistakes the user can fix (arguments, files).
 const EXIT_USER: u8 = 2;
+/// Exit code for a refusal by the site or a peer.
+const EXIT_REFUSED: u8 = 3;
 /// Exit code for internal failures.
 const EXIT_INTERNAL: u8 = 4;
+/// Exit code when the site cannot be reached.
+const EXIT_UNREACHABLE: u8 = 5;
 
 #[derive(Debug, Parser)]
-#[command(name = "nubis", version, about = "Federated placement, migration and monitoring of VMs")]
+#[command(
+    name = "nubis",
+    version,
+    about = "Federated placement, migration and monitoring of VMs"
+)]
 struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -31,6 +42,29 @@ enum Command {
     /// Manage a site's identity (signing and sealing keys).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Run the site daemon (`nubis site --config site.toml`), or ask a site about itself.
+    #[command(args_conflicts_with_subcommands = true)]
+    Site {
+        /// Run the daemon with this configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: Option<SiteCommand>,
+    },
+    /// List the sites a site sees in the federation directory, with trust and liveness.
+    Sites {
+        #[command(flatten)]
+        conn: ops_client::Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SiteCommand {
+    /// Show a site's status.
+    Status {
+        #[command(flatten)]
+        conn: ops_client::Connection,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,13 +138,162 @@ fn print_public(identity: &SiteIdentity, json: bool) {
         });
         println!("{v}");
     } else {
-        println!("# Public keys of site {}: give this block to each partner for its site.toml", public.site);
+        println!(
+            "# Public keys of site {}: give this block to each partner for its site.toml",
+            public.site
+        );
         print!("{}", public.partner_snippet());
+    }
+}
+
+fn ops_failure(e: ops_client::OpsFailure) -> Failure {
+    use ops_client::OpsFailure as F;
+    let (code, msg, hint) = match e {
+        F::User(m) => (EXIT_USER, m, "check the arguments (see --help)".to_string()),
+        F::Unreachable(m) => (
+            EXIT_UNREACHABLE,
+            m,
+            "check that the site daemon runs and --nats-url/--site (or NUBIS_NATS_URL/NUBIS_SITE) point at it"
+                .to_string(),
+        ),
+        F::Refused { code, message } => (
+            EXIT_REFUSED,
+            format!("the site refused the request ({code}): {message}"),
+            "read the site's message above; `nubis site status` shows its state".to_string(),
+        ),
+        F::Internal(m) => (EXIT_INTERNAL, m, "this is a bug; please report it with the output above".to_string()),
+    };
+    Failure {
+        code,
+        error: anyhow::anyhow!(msg),
+        hint: Some(hint),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure {
+            code: EXIT_INTERNAL,
+            error: anyhow::Error::new(e).context("cannot start the async runtime"),
+            hint: None,
+        })
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    token.cancel();
+}
+
+fn run_site_daemon(config: &std::path::Path) -> Result<(), Failure> {
+    let config = nubis_site::config::SiteConfig::load(config).map_err(|e| Failure {
+        code: EXIT_USER,
+        error: anyhow::Error::new(e),
+        hint: Some("fix the configuration file (see deploy/ for examples)".into()),
+    })?;
+    init_tracing();
+    let rt = runtime()?;
+    rt.block_on(async {
+        let token = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(cancel_on_signal(token.clone()));
+        nubis_site::run(config, token).await
+    })
+    .map_err(|e| {
+        let code = match e {
+            nubis_site::SiteError::Connect { .. } => EXIT_UNREACHABLE,
+            nubis_site::SiteError::NatsServerTooOld { .. } => EXIT_USER,
+            _ => EXIT_INTERNAL,
+        };
+        Failure {
+            code,
+            error: anyhow::Error::new(e),
+            hint: Some("see the log above; the daemon stopped".into()),
+        }
+    })
+}
+
+fn print_json_or(json: bool, value: &serde_json::Value, human: impl FnOnce(&serde_json::Value)) {
+    if json {
+        println!("{value}");
+    } else {
+        human(value);
     }
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Site {
+            config: Some(config),
+            ..
+        } => run_site_daemon(&config),
+        Command::Site {
+            config: None,
+            command: None,
+        } => Err(user(anyhow::anyhow!(
+            "`nubis site` needs --config FILE to run the daemon, or a subcommand such as `status`"
+        ))),
+        Command::Site {
+            command: Some(SiteCommand::Status { conn }),
+            ..
+        } => {
+            let v = runtime()?
+                .block_on(ops_client::call(&conn, nubis_protocol::subject::OpsEndpoint::Status, serde_json::json!({})))
+                .map_err(ops_failure)?;
+            print_json_or(cli.json, &v, |v| {
+                println!("site            {}", v["site"].as_str().unwrap_or("?"));
+                println!("version         {}", v["version"].as_str().unwrap_or("?"));
+                println!("nats-server     {}", v["nats_server_version"].as_str().unwrap_or("?"));
+                println!("uptime          {} s", v["uptime_ms"].as_u64().unwrap_or(0) / 1000);
+                println!(
+                    "partners        {} ({} reachable)",
+                    v["partners"].as_u64().unwrap_or(0),
+                    v["partners_reachable"].as_u64().unwrap_or(0)
+                );
+                println!("VMs             {}", v["vms"].as_u64().unwrap_or(0));
+            });
+            Ok(())
+        }
+        Command::Sites { conn } => {
+            let v = runtime()?
+                .block_on(ops_client::call(&conn, nubis_protocol::subject::OpsEndpoint::Sites, serde_json::json!({})))
+                .map_err(ops_failure)?;
+            print_json_or(cli.json, &v, |v| {
+                println!("{:<16} {:<8} {:<8} {:<10} {:>10}", "SITE", "PARTNER", "TRUSTED", "REACHABLE", "HEARTBEAT");
+                for s in v["sites"].as_array().into_iter().flatten() {
+                    let age = s["heartbeat_age_ms"].as_u64().unwrap_or(u64::MAX);
+                    let age = if age == u64::MAX { "never".to_string() } else { format!("{:.1}s ago", age as f64 / 1000.0) };
+                    let yn = |b: &serde_json::Value| if b.as_bool().unwrap_or(false) { "yes" } else { "no" };
+                    println!(
+                        "{:<16} {:<8} {:<8} {:<10} {:>10}",
+                        s["site"].as_str().unwrap_or("?"),
+                        yn(&s["partner"]),
+                        yn(&s["trusted"]),
+                        yn(&s["reachable"]),
+                        age
+                    );
+                }
+            });
+            Ok(())
+        }
         Command::Keys(KeysCommand::Gen { site, out, force }) => {
             let site = SiteId::new(&site)
                 .with_context(|| format!("--site {site:?} is not a valid site id"))

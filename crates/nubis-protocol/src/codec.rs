@@ -46,7 +46,10 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 }
 
 /// Decodes `bytes`, refusing more than `limit` bytes or more than [`MAX_DEPTH`] levels of nesting.
-pub fn from_slice_limited<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
+pub fn from_slice_limited<T: DeserializeOwned>(
+    bytes: &[u8],
+    limit: usize,
+) -> Result<T, CodecError> {
     if bytes.len() > limit {
         return Err(CodecError::Oversize {
             len: bytes.len(),
@@ -82,11 +85,22 @@ mod tests {
 
     #[test]
     fn fields_are_named_and_unknown_fields_ignored() {
-        let bytes = to_vec(&V2 { a: 7, b: "x".into(), extra: vec![1, 2] }).unwrap();
+        let bytes = to_vec(&V2 {
+            a: 7,
+            b: "x".into(),
+            extra: vec![1, 2],
+        })
+        .unwrap();
         // A map with three string keys, not an array.
         assert_eq!(bytes[0], 0x83);
         let old: V1 = from_slice(&bytes).unwrap();
-        assert_eq!(old, V1 { a: 7, b: "x".into() });
+        assert_eq!(
+            old,
+            V1 {
+                a: 7,
+                b: "x".into()
+            }
+        );
     }
 
     #[test]
@@ -94,7 +108,10 @@ mod tests {
         let big = vec![0xc0u8; 100];
         assert!(matches!(
             from_slice_limited::<()>(&big, 10),
-            Err(CodecError::Oversize { len: 100, limit: 10 })
+            Err(CodecError::Oversize {
+                len: 100,
+                limit: 10
+            })
         ));
     }
 
@@ -110,6 +127,9 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed() {
-        assert!(matches!(from_slice::<V1>(&[0xc1, 0x00]), Err(CodecError::Malformed(_))));
+        assert!(matches!(
+            from_slice::<V1>(&[0xc1, 0x00]),
+            Err(CodecError::Malformed(_))
+        ));
     }
 }

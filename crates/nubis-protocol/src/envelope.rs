@@ -206,9 +206,8 @@ fn push_lp(out: &mut Vec<u8>, s: &str) {
 impl SignedEnvelope {
     /// The exact bytes the signature covers (layout in `subjects.md`).
     pub fn signed_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            SIGNATURE_CONTEXT.len() + 64 + self.subject.len() + self.body.len(),
-        );
+        let mut out =
+            Vec::with_capacity(SIGNATURE_CONTEXT.len() + 64 + self.subject.len() + self.body.len());
         out.extend_from_slice(SIGNATURE_CONTEXT);
         out.extend_from_slice(&self.v.to_be_bytes());
         push_lp(&mut out, &self.body_type);
@@ -393,13 +392,49 @@ impl Verifier {
     }
 
     /// Verifies a request or notice that arrived on `subject`, addressed to this site.
-    pub fn open_request(&self, raw: &[u8], subject: &str, now_ms: u64) -> Result<Opened, EnvelopeError> {
+    pub fn open_request(
+        &self,
+        raw: &[u8],
+        subject: &str,
+        now_ms: u64,
+    ) -> Result<Opened, EnvelopeError> {
         self.open_inner(raw, subject, now_ms, false, None)
     }
 
     /// Verifies a monitoring event that arrived on `subject`, addressed to this site or to all.
-    pub fn open_event(&self, raw: &[u8], subject: &str, now_ms: u64) -> Result<Opened, EnvelopeError> {
+    pub fn open_event(
+        &self,
+        raw: &[u8],
+        subject: &str,
+        now_ms: u64,
+    ) -> Result<Opened, EnvelopeError> {
         self.open_inner(raw, subject, now_ms, true, None)
+    }
+
+    /// Verifies a signed record that is state rather than a message, such as a directory entry
+    /// (addressed to [`BROADCAST`], `subject` = the record's key subject).
+    ///
+    /// Records are read again and again (every watcher start replays the current value), so the
+    /// freshness window and the replay cache do not apply; the caller compares the record's own
+    /// sequence (e.g. a heartbeat time) with what it already holds.
+    pub fn open_record(&self, raw: &[u8], subject: &str) -> Result<Opened, EnvelopeError> {
+        let (env, from) = self.check_signed(raw)?;
+        if env.to != BROADCAST {
+            return Err(EnvelopeError::WrongRecipient(env.to.clone()));
+        }
+        if env.subject != subject {
+            return Err(EnvelopeError::WrongSubject {
+                signed: env.subject.clone(),
+                arrived: subject.to_string(),
+            });
+        }
+        if env.re.is_some() {
+            return Err(EnvelopeError::NotAReplyToThis);
+        }
+        Ok(Opened {
+            from,
+            envelope: env,
+        })
     }
 
     /// Verifies the reply to a request this site sent on `request_subject` with `request_nonce`.
@@ -421,23 +456,7 @@ impl Verifier {
         broadcast_ok: bool,
         reply_to: Option<&Nonce>,
     ) -> Result<Opened, EnvelopeError> {
-        let env = SignedEnvelope::decode(raw)?;
-        if env.body.len() > MAX_BODY_LEN {
-            return Err(EnvelopeError::Oversize {
-                len: env.body.len(),
-                limit: MAX_BODY_LEN,
-            });
-        }
-        if !version::is_supported(env.v) {
-            return Err(EnvelopeError::UnsupportedVersion(env.v));
-        }
-        let (from, key) = self
-            .partners
-            .get_key_value(env.from.as_str())
-            .ok_or_else(|| EnvelopeError::UnknownSender(env.from.clone()))?;
-        let sig = Signature::from_bytes(&env.sig);
-        key.verify_strict(&env.signed_bytes(), &sig)
-            .map_err(|_| EnvelopeError::BadSignature)?;
+        let (env, from) = self.check_signed(raw)?;
         let to_me = env.to == self.own.as_str();
         if !(to_me || (broadcast_ok && env.to == BROADCAST)) {
             return Err(EnvelopeError::WrongRecipient(env.to.clone()));
@@ -456,15 +475,37 @@ impl Verifier {
             return Err(EnvelopeError::Stale { skew_ms });
         }
         self.replay
-            .check_and_insert(from, &env.nonce, env.ts, now_ms)
+            .check_and_insert(&from, &env.nonce, env.ts, now_ms)
             .map_err(|e| match e {
                 ReplayError::Replayed => EnvelopeError::Replayed,
                 other => EnvelopeError::ReplayStore(other),
             })?;
         Ok(Opened {
-            from: from.clone(),
+            from,
             envelope: env,
         })
+    }
+
+    /// Decodes `raw` and checks size, version, sender and signature.
+    fn check_signed(&self, raw: &[u8]) -> Result<(SignedEnvelope, SiteId), EnvelopeError> {
+        let env = SignedEnvelope::decode(raw)?;
+        if env.body.len() > MAX_BODY_LEN {
+            return Err(EnvelopeError::Oversize {
+                len: env.body.len(),
+                limit: MAX_BODY_LEN,
+            });
+        }
+        if !version::is_supported(env.v) {
+            return Err(EnvelopeError::UnsupportedVersion(env.v));
+        }
+        let (from, key) = self
+            .partners
+            .get_key_value(env.from.as_str())
+            .ok_or_else(|| EnvelopeError::UnknownSender(env.from.clone()))?;
+        let sig = Signature::from_bytes(&env.sig);
+        key.verify_strict(&env.signed_bytes(), &sig)
+            .map_err(|_| EnvelopeError::BadSignature)?;
+        Ok((env, from.clone()))
     }
 }
 
@@ -514,11 +555,19 @@ mod tests {
             [(site("a"), a.public().signing)],
             ReplayCache::temporary(2 * DEFAULT_FRESHNESS_MS).unwrap(),
         );
-        World { a, b, verifier_b, b_id: site("b") }
+        World {
+            a,
+            b,
+            verifier_b,
+            b_id: site("b"),
+        }
     }
 
     fn ping() -> Ping {
-        Ping { text: "hello".into(), n: 7 }
+        Ping {
+            text: "hello".into(),
+            n: 7,
+        }
     }
 
     fn signed(w: &World, ts: u64) -> SignedEnvelope {
@@ -534,7 +583,10 @@ mod tests {
         assert_eq!(opened.body::<Ping>().unwrap(), ping());
         assert!(matches!(
             opened.body::<Pong>(),
-            Err(EnvelopeError::UnexpectedType { expected: "Pong", .. })
+            Err(EnvelopeError::UnexpectedType {
+                expected: "Pong",
+                ..
+            })
         ));
         assert!(matches!(
             w.verifier_b.open_request(&raw, SUBJ, NOW + 6),
@@ -617,7 +669,8 @@ mod tests {
         let w = world();
         let raw = signed(&w, NOW).encode().unwrap();
         assert!(matches!(
-            w.verifier_b.open_request(&raw, "nubis.fed.b.migration.commit", NOW),
+            w.verifier_b
+                .open_request(&raw, "nubis.fed.b.migration.commit", NOW),
             Err(EnvelopeError::WrongSubject { .. })
         ));
     }
@@ -670,7 +723,10 @@ mod tests {
     #[test]
     fn oversize_bodies_are_refused_at_both_ends() {
         let w = world();
-        let big = Ping { text: "x".repeat(MAX_BODY_LEN + 1), n: 0 };
+        let big = Ping {
+            text: "x".repeat(MAX_BODY_LEN + 1),
+            n: 0,
+        };
         assert!(matches!(
             sign(&w.a, Addressing::request(&w.b_id, SUBJ), &big, NOW),
             Err(EnvelopeError::Oversize { .. })
@@ -742,10 +798,14 @@ mod tests {
         let mut forged = good.clone();
         forged.sig[0] ^= 1;
         assert!(matches!(
-            w.verifier_b.open_request(&forged.encode().unwrap(), SUBJ, NOW),
+            w.verifier_b
+                .open_request(&forged.encode().unwrap(), SUBJ, NOW),
             Err(EnvelopeError::BadSignature)
         ));
-        assert!(w.verifier_b.open_request(&good.encode().unwrap(), SUBJ, NOW).is_ok());
+        assert!(w
+            .verifier_b
+            .open_request(&good.encode().unwrap(), SUBJ, NOW)
+            .is_ok());
     }
 
     /// The error a verifier must give for an envelope whose encoding had one byte flipped,
@@ -758,7 +818,11 @@ mod tests {
             return "unsupported_version";
         }
         if env.from != original.from {
-            return if env.from == "a" { "bad_signature" } else { "unknown_sender" };
+            return if env.from == "a" {
+                "bad_signature"
+            } else {
+                "unknown_sender"
+            };
         }
         let _ = w;
         // Any other change alters the signed bytes or the signature itself.
@@ -790,6 +854,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn records_verify_without_freshness_or_replay() {
+        let w = world();
+        let subj = "$KV.nubis-directory.site.a";
+        let raw = sign(&w.a, Addressing::broadcast(subj), &ping(), 1)
+            .unwrap()
+            .encode()
+            .unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                w.verifier_b
+                    .open_record(&raw, subj)
+                    .unwrap()
+                    .body::<Ping>()
+                    .unwrap(),
+                ping()
+            );
+        }
+        assert!(matches!(
+            w.verifier_b.open_record(&raw, "$KV.nubis-directory.site.c"),
+            Err(EnvelopeError::WrongSubject { .. })
+        ));
+        let to_b = signed(&w, 1).encode().unwrap();
+        assert!(matches!(
+            w.verifier_b.open_record(&to_b, SUBJ),
+            Err(EnvelopeError::WrongRecipient(_))
+        ));
     }
 
     proptest! {

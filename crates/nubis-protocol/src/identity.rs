@@ -33,7 +33,9 @@ pub enum KeyError {
         source: std::io::Error,
     },
     /// The key file may be read by others than its owner.
-    #[error("key file {path} has mode {mode:04o}; it must be readable only by its owner (chmod 600)")]
+    #[error(
+        "key file {path} has mode {mode:04o}; it must be readable only by its owner (chmod 600)"
+    )]
     TooOpen {
         /// The key file.
         path: PathBuf,
@@ -47,7 +49,7 @@ pub enum KeyError {
         path: PathBuf,
         /// The cause.
         #[source]
-        source: toml::de::Error,
+        source: Box<toml::de::Error>,
     },
     /// A key is not in the `ed25519:<base64>` / `x25519:<base64>` form or has the wrong length.
     #[error("{what} is not a valid {expected} key (expected \"{expected}:<base64 of 32 bytes>\")")]
@@ -200,7 +202,7 @@ impl SiteIdentity {
         let text = fs::read_to_string(path).map_err(io)?;
         let file: KeyFile = toml::from_str(&text).map_err(|source| KeyError::Parse {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
         let signing = decode_key(&file.signing_secret, SIGNING_PREFIX, "signing_secret")?;
         let sealing = decode_key(&file.sealing_secret, SEALING_PREFIX, "sealing_secret")?;
@@ -287,7 +289,9 @@ mod tests {
         let path = dir.path().join("a.key");
         let first = SiteIdentity::generate(site("a"));
         first.save(&path, false).unwrap();
-        let err = SiteIdentity::generate(site("a")).save(&path, false).unwrap_err();
+        let err = SiteIdentity::generate(site("a"))
+            .save(&path, false)
+            .unwrap_err();
         assert!(matches!(err, KeyError::Exists { .. }));
         assert_eq!(SiteIdentity::load(&path).unwrap().public(), first.public());
     }
@@ -296,7 +300,9 @@ mod tests {
     fn loose_key_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.key");
-        SiteIdentity::generate(site("a")).save(&path, false).unwrap();
+        SiteIdentity::generate(site("a"))
+            .save(&path, false)
+            .unwrap();
         for mode in [0o644, 0o640, 0o604, 0o660, 0o666] {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
             match SiteIdentity::load(&path) {
@@ -312,8 +318,16 @@ mod tests {
     fn missing_and_garbled_key_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nope.key");
-        assert!(matches!(SiteIdentity::load(&path), Err(KeyError::Io { .. })));
-        let mut f = OpenOptions::new().write(true).create(true).mode(0o600).open(&path).unwrap();
+        assert!(matches!(
+            SiteIdentity::load(&path),
+            Err(KeyError::Io { .. })
+        ));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap();
         f.write_all(b"site = \"a\"\nsigning_secret = \"rsa:AAAA\"\nsealing_secret = \"x\"\n")
             .unwrap();
         assert!(matches!(
@@ -321,7 +335,10 @@ mod tests {
             Err(KeyError::Format { ref what, .. }) if what == "signing_secret"
         ));
         fs::write(&path, "not toml [").unwrap();
-        assert!(matches!(SiteIdentity::load(&path), Err(KeyError::Parse { .. })));
+        assert!(matches!(
+            SiteIdentity::load(&path),
+            Err(KeyError::Parse { .. })
+        ));
     }
 
     #[test]
@@ -330,8 +347,14 @@ mod tests {
         let public = id.public();
         let snippet = public.partner_snippet();
         assert!(snippet.contains("site = \"b\""));
-        assert_eq!(parse_signing_key(&public.signing_text(), "k").unwrap(), public.signing);
-        assert_eq!(parse_sealing_key(&public.sealing_text(), "k").unwrap(), public.sealing);
+        assert_eq!(
+            parse_signing_key(&public.signing_text(), "k").unwrap(),
+            public.signing
+        );
+        assert_eq!(
+            parse_sealing_key(&public.sealing_text(), "k").unwrap(),
+            public.sealing
+        );
         assert!(matches!(
             parse_signing_key(&public.sealing_text(), "partners[0].signing_key"),
             Err(KeyError::Format { .. })
@@ -344,6 +367,9 @@ mod tests {
         let mut weak = [0u8; 32];
         weak[0] = 1;
         let text = format!("ed25519:{}", B64.encode(weak));
-        assert!(matches!(parse_signing_key(&text, "k"), Err(KeyError::WeakKey { .. })));
+        assert!(matches!(
+            parse_signing_key(&text, "k"),
+            Err(KeyError::WeakKey { .. })
+        ));
     }
 }

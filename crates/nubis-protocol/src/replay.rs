@@ -103,11 +103,7 @@ impl ReplayCache {
         let mut removed = 0;
         for entry in self.db.iter() {
             let (k, v) = entry.map_err(ReplayError::Store)?;
-            let ts = v
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
+            let ts = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
             if ts < cutoff {
                 self.db.remove(k).map_err(ReplayError::Store)?;
                 removed += 1;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
 use nubis_protocol::identity::{parse_sealing_key, parse_signing_key, KeyError, SiteIdentity};
@@ -226,7 +227,7 @@ pub struct SiteConfig {
     /// This site.
     pub site: SiteId,
     /// The site's secret keys.
-    pub identity: SiteIdentity,
+    pub identity: Arc<SiteIdentity>,
     /// URL of the site's own (leaf) nats-server.
     pub nats_url: String,
     /// Credentials for it, if it requires them.
@@ -373,7 +374,7 @@ impl SiteConfig {
 
         Ok(Self {
             site: raw.site,
-            identity,
+            identity: Arc::new(identity),
             nats_url: raw.nats_url,
             nats_auth,
             hub_domain: raw.hub_domain,

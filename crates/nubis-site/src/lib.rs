@@ -5,3 +5,8 @@
 //! the paper (Controller, Intermediary, Destination, Source) build on these pieces.
 
 pub mod config;
+pub mod directory;
+pub mod daemon;
+pub mod ops;
+
+pub use daemon::{run, SiteError};

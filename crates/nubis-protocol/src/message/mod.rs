@@ -1,0 +1,66 @@
+//! Typed message bodies of every operation (paper section III-B and IV).
+//!
+//! Each body is a MessagePack map with named fields (see [`crate::codec`]); its [`Body::TYPE`] is
+//! written in the envelope. Enums with data are maps tagged by a `kind` or `state` field; plain
+//! enums are snake_case strings. No field that crosses a site boundary holds a host name, a path
+//! or a hypervisor URI: proxies are named by [`ProxyUri`], files by logical names, images by
+//! their image-store names.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+mod control;
+mod directory;
+mod error;
+mod migration;
+mod monitoring;
+mod names;
+
+pub use control::{ControlChange, ControlReply, ControlRequest, DmtfState, StateTransition};
+pub use directory::{ConsumerRegistration, ProducerRegistration, ProxyEntry, SiteEntry};
+pub use error::{ErrorCode, ErrorReply};
+pub use migration::{
+    AbortMigration, Aborted, CapacityHint, CommitMigration, Committed, Endpoint, EvictionAccepted,
+    EvictionNotice, FileDigest, HandOverSide, InitiateTransfer, MigrationRequest, Offer,
+    OfferTerms, Offers, PrepareMigration, PrepareMode, Prepared, TransferStatus,
+    TransferStatusReply, TransferVerification,
+};
+pub use monitoring::{
+    BatchPayload, ClearPayload, EncryptedKpi, MonitoringBatch, ProcessedValue, Sample, Value,
+};
+pub use names::{HostId, NoticeId, ProducerId, ProxyId, ProxyUri, ProxyUriError, TransferToken};
+
+/// A message body that can travel inside a signed envelope.
+///
+/// `TYPE` is written into the envelope's `type` field (and covered by the signature), so a
+/// receiver in any language knows how to decode the body before looking at it.
+pub trait Body: Serialize + DeserializeOwned {
+    /// Stable name of the body type on the wire, e.g. `"MigrationRequest"`.
+    const TYPE: &'static str;
+}
+
+/// The `TYPE` of every body this build knows, for receivers that dispatch on the envelope's
+/// `type` field and for documentation checks.
+pub const BODY_TYPES: &[&str] = &[
+    MigrationRequest::TYPE,
+    Offers::TYPE,
+    PrepareMigration::TYPE,
+    Prepared::TYPE,
+    EvictionNotice::TYPE,
+    EvictionAccepted::TYPE,
+    InitiateTransfer::TYPE,
+    TransferVerification::TYPE,
+    TransferStatusReply::TYPE,
+    CommitMigration::TYPE,
+    Committed::TYPE,
+    AbortMigration::TYPE,
+    Aborted::TYPE,
+    ControlRequest::TYPE,
+    ControlReply::TYPE,
+    MonitoringBatch::TYPE,
+    SiteEntry::TYPE,
+    ProxyEntry::TYPE,
+    ProducerRegistration::TYPE,
+    ConsumerRegistration::TYPE,
+    ErrorReply::TYPE,
+];

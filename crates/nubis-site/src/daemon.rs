@@ -1,0 +1,235 @@
+//! The site daemon's life cycle: connect, check the server, join the directory, serve the
+//! operator API, and on shutdown stop serving, drain the connection and flush local state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use nubis_protocol::envelope::{now_ms, Verifier, DEFAULT_FRESHNESS_MS};
+use nubis_protocol::message::SiteEntry;
+use nubis_protocol::replay::{Durability, ReplayCache};
+use nubis_protocol::subject::{FederationOp, Subject};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::SiteConfig;
+use crate::directory::{self, Directory};
+use crate::ops::{self, OpsContext};
+
+/// Oldest nats-server release whose JetStream API the daemon can use.
+pub const MIN_NATS_SERVER: (u64, u64) = (2, 10);
+
+/// How long in-flight work may take to finish after a shutdown signal.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    /// The site's nats-server could not be reached.
+    #[error("cannot connect to nats-server at {url}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// The cause.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// The site's nats-server is too old.
+    #[error("nats-server {found} is too old; nubis needs {}.{} or newer", MIN_NATS_SERVER.0, MIN_NATS_SERVER.1)]
+    NatsServerTooOld {
+        /// The version the server reported.
+        found: String,
+    },
+    /// The directory could not be joined.
+    #[error("directory")]
+    Directory(#[from] directory::DirectoryError),
+    /// The operator API could not start.
+    #[error("operator API")]
+    Ops(#[from] ops::OpsError),
+    /// Local state could not be opened.
+    #[error("local state in {path}")]
+    State {
+        /// The directory.
+        path: String,
+        /// The cause.
+        #[source]
+        source: nubis_protocol::replay::ReplayError,
+    },
+}
+
+/// Whether a server version string (e.g. `2.10.27`) is at least [`MIN_NATS_SERVER`].
+pub fn server_version_ok(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u64>()
+            .unwrap_or(0)
+    });
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= MIN_NATS_SERVER
+}
+
+/// Runs the site daemon until `shutdown` is cancelled.
+pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), SiteError> {
+    let config = Arc::new(config);
+    let site = config.site.clone();
+    let started_ms = now_ms();
+
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("nubis-site-{site}"))
+        .max_reconnects(None);
+    if let Some(auth) = &config.nats_auth {
+        options = options.user_and_password(auth.user.clone(), auth.password.clone());
+    }
+    let client = tokio::time::timeout(Duration::from_secs(30), options.connect(&config.nats_url))
+        .await
+        .map_err(|_| SiteError::Connect {
+            url: config.nats_url.clone(),
+            source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
+        })?
+        .map_err(|source| SiteError::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })?;
+    let server_version = client.server_info().version;
+    if !server_version_ok(&server_version) {
+        return Err(SiteError::NatsServerTooOld {
+            found: server_version,
+        });
+    }
+    tracing::info!(site.id = %site, nats_server = %server_version, "connected");
+
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| SiteError::State {
+        path: config.data_dir.display().to_string(),
+        source: nubis_protocol::replay::ReplayError::Store(e.into()),
+    })?;
+    // The request verifier and its persistent replay cache are used by the migration handlers.
+    let replay = ReplayCache::open(
+        &config.data_dir.join("replay"),
+        2 * DEFAULT_FRESHNESS_MS,
+        Durability::Sync,
+    )
+    .map_err(|source| SiteError::State {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let identity = config.identity.clone();
+    let mut pinned: Vec<_> = config
+        .partners
+        .iter()
+        .map(|p| (p.site.clone(), p.signing_key))
+        .collect();
+    let request_verifier = Verifier::new(site.clone(), pinned.clone(), replay);
+    pinned.push((site.clone(), identity.public().signing));
+    let record_verifier = Verifier::new(
+        site.clone(),
+        pinned,
+        ReplayCache::temporary(0).map_err(|source| SiteError::State {
+            path: "memory".into(),
+            source,
+        })?,
+    );
+
+    let hub = jetstream::with_domain(client.clone(), &config.hub_domain);
+    let kv = directory::open_bucket(&hub).await?;
+    let directory = Arc::new(Directory::new(kv, identity.clone(), record_verifier));
+
+    let tracker = TaskTracker::new();
+    let cancel = shutdown.child_token();
+
+    // Heartbeat: the site's signed self-description, refreshed so partners see it alive.
+    let entry_template = SiteEntry {
+        site: site.clone(),
+        signing_key: identity.public().signing.to_bytes(),
+        sealing_key: identity.public().sealing,
+        proxies: Vec::new(),
+        subjects: FederationOp::ALL
+        .into_iter()
+        .map(|op| Subject::federation(&site, op).as_str().to_string())
+        .collect(),
+        heartbeat_ms: 0,
+        started_ms,
+    };
+    {
+        let directory = directory.clone();
+        let cancel = cancel.clone();
+        let every = Duration::from_millis(config.directory.heartbeat_ms);
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let entry = SiteEntry {
+                    heartbeat_ms: now_ms(),
+                    ..entry_template.clone()
+                };
+                if let Err(e) = directory.publish_self(&entry).await {
+                    tracing::warn!(error = %e, "directory heartbeat failed; will retry");
+                }
+            }
+        });
+    }
+    // Watcher: keeps the view current, re-subscribing after a hub outage.
+    {
+        let directory = directory.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            while !cancel.is_cancelled() {
+                if let Err(e) = directory.watch(cancel.clone()).await {
+                    tracing::warn!(error = %e, "directory watch interrupted; restarting");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        });
+    }
+
+    let ctx = Arc::new(OpsContext {
+        config: config.clone(),
+        directory: directory.clone(),
+        started_ms,
+        nats_server_version: server_version,
+    });
+    let service = ops::serve(client.clone(), ctx, &tracker, cancel.clone()).await?;
+    tracing::info!(site.id = %site, "site daemon running");
+
+    shutdown.cancelled().await;
+    tracing::info!(site.id = %site, "shutting down");
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(GRACE, tracker.wait()).await.is_err() {
+        tracing::warn!("tasks did not finish within the grace period");
+    }
+    if let Err(e) = service.stop().await {
+        tracing::warn!(error = %e, "cannot stop the operator API cleanly");
+    }
+    if let Err(e) = request_verifier.replay_cache().flush() {
+        tracing::warn!(error = %e, "cannot flush the replay cache");
+    }
+    if let Err(e) = client.drain().await {
+        tracing::warn!(error = %e, "cannot drain the NATS connection");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions_are_compared_numerically() {
+        assert!(server_version_ok("2.10.27"));
+        assert!(server_version_ok("2.11.0"));
+        assert!(server_version_ok("3.0.0-beta"));
+        assert!(!server_version_ok("2.9.10"));
+        assert!(!server_version_ok("2.2.0"));
+        assert!(!server_version_ok("garbage"));
+    }
+}

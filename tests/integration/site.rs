@@ -1,0 +1,274 @@
+//! The site daemon against a real hub and leaf sites: the directory (appearance, liveness,
+//! forged and non-partner entries), and the operator API as a NATS micro service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use nubis_protocol::envelope::{self, now_ms, Addressing};
+use nubis_protocol::identity::SiteIdentity;
+use nubis_protocol::message::SiteEntry;
+use nubis_protocol::subject::{DirectoryKey, DIRECTORY_BUCKET};
+use nubis_protocol::SiteId;
+use nubis_site::config::SiteConfig;
+use nubis_testkit::{require_nats_server, wait_until, Federation, DEFAULT_TIMEOUT};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A site daemon running in this process.
+struct RunningSite {
+    token: CancellationToken,
+    handle: JoinHandle<Result<(), nubis_site::SiteError>>,
+}
+
+impl RunningSite {
+    async fn stop(self) {
+        self.token.cancel();
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+/// Key files and configurations of a set of sites that are all partners of each other
+/// (except those listed in `strangers`, which nobody pins).
+struct Sites {
+    dir: tempfile::TempDir,
+    identities: Vec<Arc<SiteIdentity>>,
+}
+
+impl Sites {
+    fn new(ids: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let identities = ids
+            .iter()
+            .map(|id| {
+                let identity = SiteIdentity::generate(SiteId::new(*id).unwrap());
+                identity.save(&dir.path().join(format!("{id}.key")), false).unwrap();
+                Arc::new(identity)
+            })
+            .collect();
+        Self { dir, identities }
+    }
+
+    fn identity(&self, id: &str) -> &SiteIdentity {
+        self.identities.iter().find(|i| i.site().as_str() == id).unwrap()
+    }
+
+    /// The configuration text of `id`, pinning every site in `partners`.
+    fn config_text(&self, id: &str, url: &str, partners: &[&str]) -> String {
+        let mut text = format!(
+            "site = \"{id}\"\nkey_file = \"{id}.key\"\nnats_url = \"{url}\"\ndata_dir = \"{id}-data\"\n\
+             [directory]\nheartbeat_ms = 200\nliveness_timeout_ms = 1500\n\n"
+        );
+        for p in partners {
+            text.push_str(&self.identity(p).public().partner_snippet());
+            text.push('\n');
+        }
+        text
+    }
+
+    fn config(&self, id: &str, url: &str, partners: &[&str]) -> SiteConfig {
+        let path = self.dir.path().join(format!("{id}.toml"));
+        let text = self.config_text(id, url, partners);
+        std::fs::write(&path, &text).unwrap();
+        SiteConfig::load(&path).unwrap()
+    }
+
+    fn start(&self, fed: &Federation, id: &str, partners: &[&str]) -> RunningSite {
+        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
+        let config = self.config(id, &fed.site_url(id).unwrap(), partners);
+        let token = CancellationToken::new();
+        let run = nubis_site::run(config, token.clone());
+        let handle = tokio::spawn(async move {
+            let result = run.await;
+            if let Err(e) = &result {
+                // Visible in the test output when a daemon dies before the test looks at it.
+                eprintln!("site daemon stopped with an error: {e:?}");
+            }
+            result
+        });
+        RunningSite { token, handle }
+    }
+}
+
+async fn ops(client: &async_nats::Client, site: &str, endpoint: &str) -> serde_json::Value {
+    let msg = client
+        .request(format!("nubis.ops.{site}.{endpoint}"), "{}".into())
+        .await
+        .unwrap();
+    serde_json::from_slice(&msg.payload).unwrap()
+}
+
+/// The `sites` view of `site` as (site, trusted, reachable) triples, when the site answers.
+async fn view(client: &async_nats::Client, site: &str) -> Result<Vec<(String, bool, bool)>, String> {
+    let msg = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.request(format!("nubis.ops.{site}.sites"), "{}".into()),
+    )
+    .await
+    .map_err(|_| "timeout".to_string())?
+    .map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_slice(&msg.payload).map_err(|e| e.to_string())?;
+    Ok(v["sites"]
+        .as_array()
+        .ok_or("no sites")?
+        .iter()
+        .map(|s| {
+            (
+                s["site"].as_str().unwrap_or_default().to_string(),
+                s["trusted"].as_bool().unwrap_or(false),
+                s["reachable"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect())
+}
+
+async fn wait_view(
+    client: &async_nats::Client,
+    site: &str,
+    what: &str,
+    want: impl Fn(&[(String, bool, bool)]) -> bool,
+) {
+    wait_until(DEFAULT_TIMEOUT, what, || async {
+        let v = view(client, site).await?;
+        if want(&v) {
+            Ok(())
+        } else {
+            Err(format!("view of {site}: {v:?}"))
+        }
+    })
+    .await
+    .unwrap();
+}
+
+fn has(v: &[(String, bool, bool)], site: &str, trusted: bool, reachable: bool) -> bool {
+    v.iter().any(|(s, t, r)| s == site && *t == trusted && *r == reachable)
+}
+
+#[tokio::test]
+async fn sites_appear_go_unreachable_and_come_back() {
+    let Some(binary) = require_nats_server() else { return };
+    let fed = Federation::start_with(&binary, &["a", "b", "c"]).await.unwrap();
+    let sites = Sites::new(&["a", "b", "c"]);
+    let a = sites.start(&fed, "a", &["b", "c"]);
+    let b = sites.start(&fed, "b", &["a", "c"]);
+    let c = sites.start(&fed, "c", &["a", "b"]);
+    let client = fed.connect("a").await.unwrap();
+
+    for (me, others) in [("a", ["b", "c"]), ("b", ["a", "c"]), ("c", ["a", "b"])] {
+        wait_view(&client, me, "every partner trusted and reachable", |v| {
+            others.iter().all(|o| has(v, o, true, true))
+        })
+        .await;
+    }
+
+    c.stop().await;
+    wait_view(&client, "a", "c marked unreachable", |v| has(v, "c", true, false)).await;
+    wait_view(&client, "b", "c marked unreachable", |v| has(v, "c", true, false)).await;
+
+    let c = sites.start(&fed, "c", &["a", "b"]);
+    wait_view(&client, "a", "c reachable again", |v| has(v, "c", true, true)).await;
+
+    let status = ops(&client, "a", "status").await;
+    assert_eq!(status["site"], "a");
+    assert_eq!(status["partners"], 2);
+    assert_eq!(status["partners_reachable"], 2);
+    assert_eq!(ops(&client, "a", "vms").await["vms"], serde_json::json!([]));
+    for s in [a, b, c] {
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn forged_entries_are_ignored_and_strangers_are_not_trusted() {
+    let Some(binary) = require_nats_server() else { return };
+    let fed = Federation::start_with(&binary, &["a", "b", "c"]).await.unwrap();
+    let sites = Sites::new(&["a", "b", "c"]);
+    // a and b are partners; c is a stranger to a.
+    let a = sites.start(&fed, "a", &["b"]);
+    let b = sites.start(&fed, "b", &["a"]);
+    let c = sites.start(&fed, "c", &[]);
+    let client = fed.connect("a").await.unwrap();
+    wait_view(&client, "a", "b trusted, c visible but untrusted", |v| {
+        has(v, "b", true, true) && has(v, "c", false, true)
+    })
+    .await;
+
+    // Stop b, then forge a fresh-looking entry for b signed with an impostor's key.
+    b.stop().await;
+    let impostor = SiteIdentity::generate(SiteId::new("b").unwrap());
+    let key = DirectoryKey::site(impostor.site());
+    let forged = SiteEntry {
+        site: impostor.site().clone(),
+        signing_key: impostor.public().signing.to_bytes(),
+        sealing_key: impostor.public().sealing,
+        proxies: Vec::new(),
+        subjects: Vec::new(),
+        heartbeat_ms: now_ms() + 3_600_000,
+        started_ms: now_ms(),
+    };
+    let env = envelope::sign(&impostor, Addressing::broadcast(key.subject().as_str()), &forged, now_ms())
+        .unwrap();
+    let kv = jetstream::with_domain(fed.connect("c").await.unwrap(), "hub")
+        .get_key_value(DIRECTORY_BUCKET)
+        .await
+        .unwrap();
+    kv.put(key.as_str(), env.encode().unwrap().into()).await.unwrap();
+
+    // The forgery must not make b look alive: a still sees b as trusted (last good entry) and,
+    // once its real heartbeat is old, unreachable.
+    wait_view(&client, "a", "forged b ignored", |v| has(v, "b", true, false)).await;
+
+    a.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn the_operator_api_is_a_nats_micro_service() {
+    let Some(binary) = require_nats_server() else { return };
+    let fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
+    let sites = Sites::new(&["a", "b"]);
+    let a = sites.start(&fed, "a", &["b"]);
+    let client = fed.connect("a").await.unwrap();
+    wait_view(&client, "a", "a answers", |_| true).await;
+
+    let ping = client.request("$SRV.PING.nubis-site", "".into()).await.unwrap();
+    let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
+    assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");
+    assert_eq!(ping["name"], "nubis-site");
+    assert!(ping["id"].as_str().is_some_and(|id| !id.is_empty()));
+    assert!(ping["version"].as_str().is_some());
+    assert_eq!(ping["metadata"]["site"], "a");
+
+    let info = client.request("$SRV.INFO.nubis-site", "".into()).await.unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(info["type"], "io.nats.micro.v1.info_response");
+    let endpoints = info["endpoints"].as_array().unwrap();
+    let names: Vec<&str> = endpoints.iter().filter_map(|e| e["name"].as_str()).collect();
+    assert_eq!(names.len(), 3, "{info}");
+    for name in ["status", "sites", "vms"] {
+        assert!(names.contains(&name), "{info}");
+        let e = endpoints.iter().find(|e| e["name"] == name).unwrap();
+        assert_eq!(e["subject"], format!("nubis.ops.a.{name}"));
+    }
+
+    // One good request and one malformed request, then the counts in STATS.
+    ops(&client, "a", "status").await;
+    let bad = client.request("nubis.ops.a.status", "[1,2".into()).await.unwrap();
+    let headers = bad.headers.unwrap();
+    assert_eq!(headers.get("Nats-Service-Error-Code").unwrap().as_str(), "400");
+    assert!(headers.get("Nats-Service-Error").unwrap().as_str().contains("malformed request"));
+
+    let stats = client.request("$SRV.STATS.nubis-site", "".into()).await.unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    assert_eq!(stats["type"], "io.nats.micro.v1.stats_response");
+    let status = stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "status")
+        .unwrap();
+    assert_eq!(status["num_requests"], 2, "{stats}");
+    assert_eq!(status["num_errors"], 1, "{stats}");
+    assert!(status["last_error"].as_str().unwrap().contains("malformed"), "{stats}");
+    a.stop().await;
+}
