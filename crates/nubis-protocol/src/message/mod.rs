@@ -15,6 +15,7 @@ mod error;
 mod migration;
 mod monitoring;
 mod names;
+pub mod proxy;
 
 pub use control::{ControlChange, ControlReply, ControlRequest, DmtfState, StateTransition};
 pub use directory::{ConsumerRegistration, ProducerRegistration, ProxyEntry, SiteEntry};
@@ -29,6 +30,11 @@ pub use monitoring::{
     BatchPayload, ClearPayload, EncryptedKpi, MonitoringBatch, ProcessedValue, Sample, Value,
 };
 pub use names::{HostId, NoticeId, ProducerId, ProxyId, ProxyUri, ProxyUriError, TransferToken};
+pub use proxy::{
+    FetchTransfer, LocalFile, ManifestFile, MintToken, Minted, ReleaseOutcome, ReleaseToken,
+    Released, TokenPurpose, TransferAck, TransferManifest, TransferProgress, TransferRole,
+    TransferStatusQuery,
+};
 
 /// A message body that can travel inside a signed envelope.
 ///
@@ -63,4 +69,13 @@ pub const BODY_TYPES: &[&str] = &[
     ProducerRegistration::TYPE,
     ConsumerRegistration::TYPE,
     ErrorReply::TYPE,
+    MintToken::TYPE,
+    Minted::TYPE,
+    FetchTransfer::TYPE,
+    TransferStatusQuery::TYPE,
+    TransferAck::TYPE,
+    ReleaseToken::TYPE,
+    Released::TYPE,
+    TransferProgress::TYPE,
+    TransferManifest::TYPE,
 ];
