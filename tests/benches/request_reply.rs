@@ -19,8 +19,14 @@ use nubis_protocol::replay::ReplayCache;
 use nubis_protocol::{MigrationId, SiteId, VmId};
 use nubis_testkit::{require_nats_server, Federation};
 
-const ROUNDS: usize = 2_000;
-const WARM_UP: usize = 200;
+/// Rounds measured, and warm-up rounds, when run by `cargo bench`; `cargo test` runs a few only.
+fn rounds() -> (usize, usize) {
+    if std::env::args().any(|a| a == "--bench") {
+        (2_000, 200)
+    } else {
+        (20, 2)
+    }
+}
 
 fn percentiles(mut v: Vec<u128>) -> (u128, u128, u128) {
     v.sort_unstable();
@@ -101,10 +107,11 @@ async fn main() {
         }
     }
 
-    let mut raw = Vec::with_capacity(ROUNDS);
-    let mut signed = Vec::with_capacity(ROUNDS);
+    let (rounds, warm_up) = rounds();
+    let mut raw = Vec::with_capacity(rounds);
+    let mut signed = Vec::with_capacity(rounds);
     let mut signed_size = 0;
-    for i in 0..WARM_UP + ROUNDS {
+    for i in 0..warm_up + rounds {
         // Raw: the same body bytes, no envelope.
         let t = Instant::now();
         let ans = client_a.request(raw_subject, raw_body.clone().into()).await.expect("raw request");
@@ -123,14 +130,14 @@ async fn main() {
             .expect("verify reply");
         let _: TransferStatusReply = opened.body().expect("decode");
         let signed_us = t.elapsed().as_micros();
-        if i >= WARM_UP {
+        if i >= warm_up {
             raw.push(raw_us);
             signed.push(signed_us);
         }
     }
     let (r50, r90, r99) = percentiles(raw);
     let (s50, s90, s99) = percentiles(signed);
-    println!("request/reply a -> hub -> b, {ROUNDS} rounds each, microseconds");
+    println!("request/reply a -> hub -> b, {rounds} rounds each, microseconds");
     println!("| mode | request bytes | p50 | p90 | p99 |");
     println!("|---|---|---|---|---|");
     println!("| raw NATS request (same body, unsigned) | {} | {r50} | {r90} | {r99} |", raw_body.len());

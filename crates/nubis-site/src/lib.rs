@@ -5,8 +5,13 @@
 //! the paper (Controller, Intermediary, Destination, Source) build on these pieces.
 
 pub mod config;
+pub mod controller;
 pub mod directory;
+pub mod federation;
+pub mod journal;
+pub mod local;
 pub mod daemon;
 pub mod ops;
+pub mod roles;
 
 pub use daemon::{run, SiteError};

@@ -1,0 +1,493 @@
+//! The Main migration algorithm at the Controller (paper section III-C.1), with the hand-over
+//! the paper leaves implicit: commit at the destination, then at the source; abort otherwise.
+//!
+//! Each step is journaled before it is taken. Any site on a VM's chain may run it: the primary
+//! for a placement or an operator's migration, an Intermediary for an eviction notice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use nubis_protocol::envelope::now_ms;
+use nubis_protocol::message::{
+    Aborted, AbortMigration, CommitMigration, Committed, Endpoint, ErrorCode, ErrorReply,
+    HandOverSide, InitiateTransfer, MigrationRequest, Offers, PrepareMigration, PrepareMode,
+    Prepared, TransferStatus, TransferStatusReply, TransferVerification,
+};
+use nubis_protocol::subject::FederationOp;
+use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
+
+use crate::journal::{MigrationPhase, MigrationRecord, NextHop, RankedOffer, VmPhase, VmRecord};
+use crate::local::LocalSite;
+use crate::roles::{internal, Roles};
+
+/// How often Initiate transfer / Transfer verification may both fail on one offer before the
+/// Controller moves on to the next offer.
+pub const MAX_FAILED_ROUNDS: u32 = 3;
+
+/// How long one migration may keep polling a transfer that makes no progress.
+const STALL_LIMIT: Duration = Duration::from_secs(120);
+
+/// Who asked for the migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    /// Primary placement of a new VM.
+    Placement,
+    /// An operator or policy at this site; optionally towards one partner only.
+    Operator {
+        /// Only offers from (or through) this site; `None` = local site and all partners.
+        to_site: Option<SiteId>,
+    },
+    /// An eviction notice from the downstream site.
+    Eviction {
+        /// The evicting site, which must not be offered the VM back.
+        from: SiteId,
+    },
+}
+
+impl<L: LocalSite> Roles<L> {
+    /// Starts a migration of `vm` and returns its id at once; the work continues in the
+    /// background (see [`Roles::migration_status`]).
+    pub fn start_migration(self: &Arc<Self>, vm: VmId, trigger: Trigger) -> Result<MigrationId, ErrorReply> {
+        let record = self
+            .journal
+            .vm(&vm)
+            .map_err(internal)?
+            .ok_or_else(|| ErrorReply::new(ErrorCode::UnknownVm, format!("VM {vm} is not known at this site")))?;
+        if record.phase == VmPhase::Migrating {
+            return Err(ErrorReply::new(ErrorCode::Conflict, format!("VM {vm} is already being migrated")));
+        }
+        let id = MigrationId::random();
+        let now = now_ms();
+        self.journal
+            .put_migration(&MigrationRecord {
+                id,
+                vm: vm.clone(),
+                reason: format!("{trigger:?}"),
+                phase: MigrationPhase::Requesting,
+                offers: Vec::new(),
+                source: None,
+                source_via: None,
+                bytes_done: 0,
+                bytes_total: 0,
+                started_ms: now,
+                updated_ms: now,
+            })
+            .map_err(internal)?;
+        let mut record = record;
+        record.phase = VmPhase::Migrating;
+        self.journal.put_vm(&record).map_err(internal)?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            let span = tracing::info_span!("migration", migration.id = %id, vm.id = %vm, site.id = %me.site());
+            let _guard = span.enter();
+            drop(_guard);
+            let result = me.run_migration(id, trigger).await;
+            if let Err(e) = result {
+                tracing::warn!(migration.id = %id, error = %e.message, "migration ended without moving the VM");
+            }
+        });
+        Ok(id)
+    }
+
+    fn update_migration(&self, id: MigrationId, f: impl FnOnce(&mut MigrationRecord)) -> Result<MigrationRecord, ErrorReply> {
+        let mut m = self
+            .journal
+            .migration(&id)
+            .map_err(internal)?
+            .ok_or_else(|| internal("migration journal lost"))?;
+        f(&mut m);
+        m.updated_ms = now_ms();
+        self.journal.put_migration(&m).map_err(internal)?;
+        Ok(m)
+    }
+
+    /// The journal of a migration.
+    pub fn migration_status(&self, id: &MigrationId) -> Result<Option<MigrationRecord>, ErrorReply> {
+        self.journal.migration(id).map_err(internal)
+    }
+
+    async fn run_migration(&self, id: MigrationId, trigger: Trigger) -> Result<(), ErrorReply> {
+        let result = self.run_steps(id, &trigger).await;
+        if let Err(e) = &result {
+            let reason = format!("{} ({})", e.message, e.code.as_str());
+            self.update_migration(id, |m| m.phase = MigrationPhase::Aborted { reason })?;
+        }
+        // Whatever happened, the VM is no longer "migrating" from this site's point of view.
+        if let Some(vm) = self.journal.migration(&id).map_err(internal)?.map(|m| m.vm) {
+            if let Some(mut record) = self.journal.vm(&vm).map_err(internal)? {
+                if record.phase == VmPhase::Migrating {
+                    record.phase = if record.downstream.is_some() { VmPhase::Placed } else { VmPhase::Unplaced };
+                    self.journal.put_vm(&record).map_err(internal)?;
+                }
+            }
+        }
+        result
+    }
+
+    async fn run_steps(&self, id: MigrationId, trigger: &Trigger) -> Result<(), ErrorReply> {
+        let m = self.journal.migration(&id).map_err(internal)?.ok_or_else(|| internal("migration journal lost"))?;
+        let record = self
+            .journal
+            .vm(&m.vm)
+            .map_err(internal)?
+            .ok_or_else(|| ErrorReply::new(ErrorCode::UnknownVm, "VM vanished"))?;
+
+        // Steps 1–3: Migration request to every candidate, the local site included, in parallel.
+        let offers = self.collect_offers(id, &record, trigger).await?;
+        if offers.is_empty() {
+            return Err(ErrorReply::new(ErrorCode::NoCapacity, "no site offered to take the VM"));
+        }
+        self.update_migration(id, |m| {
+            m.offers = offers.clone();
+            m.phase = MigrationPhase::Preparing;
+        })?;
+
+        // Step 4: Forced migration on the Source.
+        let (source, source_via, total) = self.prepare_source(id, &record).await?;
+        self.update_migration(id, |m| {
+            m.source = Some(source.clone());
+            m.source_via = source_via.clone();
+            m.bytes_total = total;
+        })?;
+
+        // Steps 5–7 per offer, best first; fall back to the next offer on failure.
+        for (i, ranked) in offers.iter().enumerate() {
+            self.update_migration(id, |m| m.phase = MigrationPhase::Transferring { offer: i })?;
+            match self.transfer(id, &record.vm, &source, source_via.as_ref(), ranked).await {
+                Ok(()) => {
+                    self.update_migration(id, |m| m.phase = MigrationPhase::Committing { offer: i })?;
+                    self.commit_all(id, &record, &source, source_via.as_ref(), ranked).await?;
+                    // Unused offers: release their reservations, best effort.
+                    for (j, other) in offers.iter().enumerate() {
+                        if j != i {
+                            let _ = self.abort_destination(id, &record.vm, other).await;
+                        }
+                    }
+                    self.update_migration(id, |m| m.phase = MigrationPhase::Committed)?;
+                    tracing::info!(migration.id = %id, vm.id = %record.vm, "migration committed");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::info!(migration.id = %id, offer = i, error = %e.message, "offer failed; trying the next");
+                    let _ = self.abort_destination(id, &record.vm, ranked).await;
+                }
+            }
+        }
+        // Every offer failed: the source resumes the VM where it was.
+        self.update_migration(id, |m| m.phase = MigrationPhase::Aborting)?;
+        self.abort_source(id, &record.vm, &source, source_via.as_ref()).await?;
+        Err(ErrorReply::new(ErrorCode::TransferFailed, "every offer failed; the VM stays where it was"))
+    }
+
+    async fn collect_offers(&self, id: MigrationId, record: &VmRecord, trigger: &Trigger) -> Result<Vec<RankedOffer>, ErrorReply> {
+        let request = MigrationRequest {
+            request_id: RequestId::random(),
+            migration_id: id,
+            vm: record.vm.clone(),
+            descriptor: record.descriptor.clone(),
+            depth: 0,
+            max_depth: self.config.policy.delegation.max_depth,
+        };
+        let mut candidates: Vec<SiteId> = match trigger {
+            Trigger::Operator { to_site: Some(s) } => vec![s.clone()],
+            _ => self.delegation_targets(),
+        };
+        if let Trigger::Eviction { from } = trigger {
+            candidates.retain(|c| c != from);
+        }
+        let local_wanted = !matches!(trigger, Trigger::Operator { to_site: Some(s) } if s != self.site());
+        candidates.retain(|c| c != self.site());
+
+        let me = self.site().clone();
+        let local = async {
+            if !local_wanted {
+                return Vec::new();
+            }
+            match self.migration_request(&me, request.clone()).await {
+                Ok(o) => o.offers,
+                Err(e) => {
+                    tracing::info!(error = %e.message, "no local offer");
+                    Vec::new()
+                }
+            }
+        };
+        let remote = join_all(candidates.iter().map(|p| {
+            let request = &request;
+            async move {
+                let r: Result<Offers, _> = self.fed.call(p, FederationOp::MigrationRequest, request).await;
+                (p.clone(), r)
+            }
+        }));
+        let (local, remote) = tokio::join!(local, remote);
+
+        let mut ranked = Vec::new();
+        for offer in local {
+            // Local offers were routed by the local handler: the route says which host.
+            let via = match self.journal.route(&offer.token).map_err(internal)? {
+                Some(r) => r.next,
+                None => continue,
+            };
+            ranked.push(RankedOffer { offer, via });
+        }
+        for (p, r) in remote {
+            match r {
+                Ok(o) => ranked.extend(o.offers.into_iter().map(|offer| RankedOffer {
+                    offer,
+                    via: NextHop::Site(p.clone()),
+                })),
+                Err(e) => tracing::info!(partner = %p, error = %e, "no offers from partner"),
+            }
+        }
+        self.rank(&mut ranked);
+        Ok(ranked)
+    }
+
+    /// Step 3: sort by greatest benefit for this site — partner preference first, then price,
+    /// then shorter chains, then more free capacity; local offers count as preference 0.
+    fn rank(&self, offers: &mut [RankedOffer]) {
+        let preference = |o: &RankedOffer| match &o.via {
+            NextHop::Host(_) => 0,
+            NextHop::Site(s) => self.config.partner(s).map(|p| p.preference).unwrap_or(i32::MIN),
+        };
+        offers.sort_by(|a, b| {
+            preference(b)
+                .cmp(&preference(a))
+                .then(a.offer.terms.price_milli.cmp(&b.offer.terms.price_milli))
+                .then(a.offer.terms.depth.cmp(&b.offer.terms.depth))
+                .then(b.offer.terms.capacity.map(|c| c as u8).cmp(&a.offer.terms.capacity.map(|c| c as u8)))
+        });
+    }
+
+    async fn prepare_source(&self, id: MigrationId, record: &VmRecord) -> Result<(Endpoint, Option<NextHop>, u64), ErrorReply> {
+        match &record.downstream {
+            None => {
+                let p = self.local.image_source(id, &record.descriptor).await?;
+                Ok((p.endpoint, None, p.total_bytes))
+            }
+            Some(NextHop::Host(h)) => {
+                let p = self.local.prepare_source(id, &record.vm, h, PrepareMode::SaveState).await?;
+                Ok((p.endpoint, Some(NextHop::Host(h.clone())), p.total_bytes))
+            }
+            Some(NextHop::Site(s)) => {
+                let req = PrepareMigration {
+                    migration_id: id,
+                    vm: record.vm.clone(),
+                    mode: PrepareMode::SaveState,
+                };
+                let p: Prepared = self
+                    .fed
+                    .call(s, FederationOp::MigrationPrepare, &req)
+                    .await
+                    .map_err(|e| e.to_reply())?;
+                Ok((p.source, Some(NextHop::Site(s.clone())), p.total_bytes))
+            }
+        }
+    }
+
+    /// Steps 5–7: Initiate transfer on the destination and Transfer verification on the source
+    /// until both report the same final status.
+    async fn transfer(
+        &self,
+        id: MigrationId,
+        vm: &VmId,
+        source: &Endpoint,
+        source_via: Option<&NextHop>,
+        ranked: &RankedOffer,
+    ) -> Result<(), ErrorReply> {
+        let destination = Endpoint {
+            proxy: ranked.offer.proxy.clone(),
+            token: ranked.offer.token,
+        };
+        let initiate = InitiateTransfer {
+            migration_id: id,
+            vm: vm.clone(),
+            source: source.clone(),
+            destination: destination.clone(),
+            max_bytes_per_sec: None,
+        };
+        let mut failures = 0;
+        let mut pause = Duration::from_millis(50);
+        let mut last_progress = (0u64, std::time::Instant::now());
+        loop {
+            let d_stat = self.initiate_via(&ranked.via, &initiate).await;
+            let s_stat = self.verify_via(id, vm, source, source_via).await;
+            match (&d_stat, &s_stat) {
+                (Ok(d), Ok(s)) if d == s && matches!(d, TransferStatus::Succeeded { .. }) => return Ok(()),
+                (Ok(TransferStatus::Failed { reason }), _) | (_, Ok(TransferStatus::Failed { reason })) => {
+                    failures += 1;
+                    tracing::info!(migration.id = %id, failures, reason = %reason, "transfer failed");
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    failures += 1;
+                    tracing::info!(migration.id = %id, failures, error = %e.message, "transfer round failed");
+                }
+                (Ok(d), Ok(_)) => {
+                    if let TransferStatus::Transferring { bytes_done, bytes_total } = d {
+                        let (done, total) = (*bytes_done, *bytes_total);
+                        if done > last_progress.0 {
+                            last_progress = (done, std::time::Instant::now());
+                        }
+                        self.update_migration(id, |m| {
+                            // Progress never runs backwards, even across retried transfers.
+                            m.bytes_done = m.bytes_done.max(done);
+                            m.bytes_total = m.bytes_total.max(total);
+                        })?;
+                    }
+                    if last_progress.1.elapsed() > STALL_LIMIT {
+                        return Err(ErrorReply::new(ErrorCode::Timeout, "transfer made no progress"));
+                    }
+                }
+            }
+            if failures >= MAX_FAILED_ROUNDS {
+                return Err(ErrorReply::new(ErrorCode::TransferFailed, "transfer failed repeatedly on this offer"));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn initiate_via(&self, via: &NextHop, req: &InitiateTransfer) -> Result<TransferStatus, ErrorReply> {
+        match via {
+            NextHop::Host(_) => {
+                let me = self.site().clone();
+                self.initiate(&me, req.clone()).await.map(|r| r.status)
+            }
+            NextHop::Site(s) => {
+                let r: TransferStatusReply = self
+                    .fed
+                    .call(s, FederationOp::TransferInitiate, req)
+                    .await
+                    .map_err(|e| e.to_reply())?;
+                Ok(r.status)
+            }
+        }
+    }
+
+    async fn verify_via(&self, id: MigrationId, vm: &VmId, source: &Endpoint, via: Option<&NextHop>) -> Result<TransferStatus, ErrorReply> {
+        match via {
+            None | Some(NextHop::Host(_)) => self.local.verify(&source.token).await,
+            Some(NextHop::Site(s)) => {
+                let req = TransferVerification {
+                    migration_id: id,
+                    vm: vm.clone(),
+                    source: source.clone(),
+                };
+                let r: TransferStatusReply = self
+                    .fed
+                    .call(s, FederationOp::TransferVerify, &req)
+                    .await
+                    .map_err(|e| e.to_reply())?;
+                Ok(r.status)
+            }
+        }
+    }
+
+    /// The hand-over: commit the destination chain (which activates the VM), re-point this
+    /// site's record, then commit the source chain (which releases the old copy). The VM is
+    /// activated only after the source stopped it (prepare), so it is never active twice.
+    async fn commit_all(
+        &self,
+        id: MigrationId,
+        record: &VmRecord,
+        source: &Endpoint,
+        source_via: Option<&NextHop>,
+        ranked: &RankedOffer,
+    ) -> Result<(), ErrorReply> {
+        let me = self.site().clone();
+        let dest = CommitMigration {
+            migration_id: id,
+            vm: record.vm.clone(),
+            side: HandOverSide::Destination,
+            endpoint: Endpoint {
+                proxy: ranked.offer.proxy.clone(),
+                token: ranked.offer.token,
+            },
+        };
+        match &ranked.via {
+            NextHop::Host(_) => {
+                self.commit(&me, dest).await?;
+            }
+            NextHop::Site(s) => {
+                let _: Committed = self
+                    .fed
+                    .call(s, FederationOp::MigrationCommit, &dest)
+                    .await
+                    .map_err(|e| e.to_reply())?;
+                let mut r = self.journal.vm(&record.vm).map_err(internal)?.unwrap_or_else(|| record.clone());
+                r.downstream = Some(NextHop::Site(s.clone()));
+                r.phase = VmPhase::Placed;
+                self.journal.put_vm(&r).map_err(internal)?;
+            }
+        }
+        let src = CommitMigration {
+            migration_id: id,
+            vm: record.vm.clone(),
+            side: HandOverSide::Source,
+            endpoint: source.clone(),
+        };
+        let released = match source_via {
+            None => self.local.commit_source(&record.vm, None, &source.token).await,
+            Some(NextHop::Host(h)) => self.local.commit_source(&record.vm, Some(h), &source.token).await,
+            Some(NextHop::Site(s)) => self
+                .fed
+                .call::<_, Committed>(s, FederationOp::MigrationCommit, &src)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_reply()),
+        };
+        if let Err(e) = released {
+            // The VM already runs at its new place; the old copy is stopped. Releasing it is
+            // retried by the recovery loop, never by re-activating anything.
+            tracing::warn!(migration.id = %id, error = %e.message, "source not released yet; will retry");
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn abort_destination(&self, id: MigrationId, vm: &VmId, ranked: &RankedOffer) -> Result<(), ErrorReply> {
+        let req = AbortMigration {
+            migration_id: id,
+            vm: vm.clone(),
+            side: HandOverSide::Destination,
+            endpoint: Endpoint {
+                proxy: ranked.offer.proxy.clone(),
+                token: ranked.offer.token,
+            },
+            reason: "offer not used".into(),
+        };
+        match &ranked.via {
+            NextHop::Host(_) => {
+                let me = self.site().clone();
+                self.abort(&me, req).await.map(|_| ())
+            }
+            NextHop::Site(s) => self
+                .fed
+                .call::<_, Aborted>(s, FederationOp::MigrationAbort, &req)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_reply()),
+        }
+    }
+
+    async fn abort_source(&self, id: MigrationId, vm: &VmId, source: &Endpoint, via: Option<&NextHop>) -> Result<(), ErrorReply> {
+        match via {
+            None => self.local.abort_source(vm, None, &source.token).await,
+            Some(NextHop::Host(h)) => self.local.abort_source(vm, Some(h), &source.token).await,
+            Some(NextHop::Site(s)) => {
+                let req = AbortMigration {
+                    migration_id: id,
+                    vm: vm.clone(),
+                    side: HandOverSide::Source,
+                    endpoint: source.clone(),
+                    reason: "migration aborted".into(),
+                };
+                self.fed
+                    .call::<_, Aborted>(s, FederationOp::MigrationAbort, &req)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_reply())
+            }
+        }
+    }
+}

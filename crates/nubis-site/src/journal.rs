@@ -1,0 +1,344 @@
+//! The site's crash-safe journal (sled): VM responsibility records, token routes, migrations in
+//! progress, seen Migration requests and pending eviction notices.
+//!
+//! Every role writes the step it is about to take here, flushed to disk, before acting, so that
+//! after a crash (even `kill -9`) the site resumes or rolls back from what the journal says.
+
+use std::path::Path;
+
+use nubis_protocol::codec;
+use nubis_protocol::descriptor::VmDescriptor;
+use nubis_protocol::message::{Endpoint, EvictionNotice, HostId, Offer, TransferToken};
+use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Why the journal failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// The store failed.
+    #[error("journal store")]
+    Store(#[from] sled::Error),
+    /// A record could not be encoded or decoded.
+    #[error("journal record")]
+    Codec(#[from] codec::CodecError),
+}
+
+/// The next hop towards where a VM runs (or will run): a partner site or a local host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "id", rename_all = "snake_case")]
+pub enum NextHop {
+    /// A partner site the VM was delegated to.
+    Site(SiteId),
+    /// A host of this site.
+    Host(HostId),
+}
+
+/// Where a VM stands, as far as this site is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmPhase {
+    /// Known (deployed at the primary) but not placed anywhere yet.
+    Unplaced,
+    /// Placed: running (or stopped) at the next hop.
+    Placed,
+    /// A migration of it is in progress.
+    Migrating,
+}
+
+/// This site's record of a VM it is responsible for (paper: the chain of responsibility).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The VM.
+    pub vm: VmId,
+    /// Its primary site.
+    pub primary: SiteId,
+    /// The site that delegated it here (`None` at the primary).
+    pub upstream: Option<SiteId>,
+    /// The next hop towards it (`None` while unplaced).
+    pub downstream: Option<NextHop>,
+    /// The current descriptor.
+    pub descriptor: VmDescriptor,
+    /// Where it stands.
+    pub phase: VmPhase,
+}
+
+/// Which end of a migration a token belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteSide {
+    /// A destination offer: files will be received.
+    Destination,
+    /// A prepared source: files are served.
+    Source,
+}
+
+/// How this site forwards operations that name a transfer token (Initiate transfer, Transfer
+/// verification, commit, abort): to the partner it got the token from, or to a local host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Route {
+    /// The token.
+    pub token: TransferToken,
+    /// The migration it belongs to.
+    pub migration_id: MigrationId,
+    /// The VM.
+    pub vm: VmId,
+    /// Which end.
+    pub side: RouteSide,
+    /// Where to forward.
+    pub next: NextHop,
+    /// The site that asked for it (receives the VM's responsibility on commit).
+    pub upstream: SiteId,
+    /// The VM's descriptor as offered (a destination needs it to activate the VM).
+    pub descriptor: Option<VmDescriptor>,
+    /// When an unused destination offer may be forgotten (ms since the epoch).
+    pub expires_ms: u64,
+}
+
+/// Steps of the Main migration algorithm at the Controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// Queued behind other migrations (position shown in status).
+    Queued,
+    /// Step 2: Migration requests out.
+    Requesting,
+    /// Step 4: Forced migration (prepare) at the Source.
+    Preparing,
+    /// Steps 5–7 on offer `offer`.
+    Transferring {
+        /// Index into the ranked offers.
+        offer: usize,
+    },
+    /// Hand-over: committing the destination, then the source.
+    Committing {
+        /// The chosen offer.
+        offer: usize,
+    },
+    /// Done.
+    Committed,
+    /// Rolling back.
+    Aborting,
+    /// Rolled back; the VM stays (or resumed) where it was.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl MigrationPhase {
+    /// Whether the migration is over.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Committed | Self::Aborted { .. })
+    }
+}
+
+/// An offer with the hop it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankedOffer {
+    /// The offer.
+    pub offer: Offer,
+    /// The hop that answered with it (this site itself for local offers).
+    pub via: NextHop,
+}
+
+/// The Controller's journal of one migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// The migration.
+    pub id: MigrationId,
+    /// The VM.
+    pub vm: VmId,
+    /// Why it started (placement, operator, eviction, …).
+    pub reason: String,
+    /// Where it stands.
+    pub phase: MigrationPhase,
+    /// The offers, best first.
+    pub offers: Vec<RankedOffer>,
+    /// The prepared source.
+    pub source: Option<Endpoint>,
+    /// Where the source lies from here.
+    pub source_via: Option<NextHop>,
+    /// Bytes moved and total, as last reported.
+    pub bytes_done: u64,
+    /// Total bytes to move.
+    pub bytes_total: u64,
+    /// When it started (ms since the epoch).
+    pub started_ms: u64,
+    /// Last change (ms since the epoch).
+    pub updated_ms: u64,
+}
+
+/// The journal.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    db: sled::Db,
+    vms: sled::Tree,
+    routes: sled::Tree,
+    migrations: sled::Tree,
+    requests: sled::Tree,
+    evictions: sled::Tree,
+}
+
+/// An eviction notice accepted from the downstream site, kept until the VM has moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingEviction {
+    /// The notice.
+    pub notice: EvictionNotice,
+    /// The site that sent it.
+    pub from: SiteId,
+}
+
+fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>, JournalError> {
+    match tree.get(key)? {
+        Some(v) => Ok(Some(codec::from_slice(&v)?)),
+        None => Ok(None),
+    }
+}
+
+fn all<T: DeserializeOwned>(tree: &sled::Tree) -> Result<Vec<T>, JournalError> {
+    tree.iter()
+        .values()
+        .map(|v| Ok(codec::from_slice(&v?)?))
+        .collect()
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in directory `path`.
+    pub fn open(path: &Path) -> Result<Self, JournalError> {
+        let db = sled::Config::new().path(path).open()?;
+        Ok(Self {
+            vms: db.open_tree("vms")?,
+            routes: db.open_tree("routes")?,
+            migrations: db.open_tree("migrations")?,
+            requests: db.open_tree("requests")?,
+            evictions: db.open_tree("evictions")?,
+            db,
+        })
+    }
+
+    fn put<T: Serialize>(&self, tree: &sled::Tree, key: &[u8], value: &T) -> Result<(), JournalError> {
+        tree.insert(key, codec::to_vec(value)?)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn remove(&self, tree: &sled::Tree, key: &[u8]) -> Result<(), JournalError> {
+        tree.remove(key)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The record of `vm`.
+    pub fn vm(&self, vm: &VmId) -> Result<Option<VmRecord>, JournalError> {
+        get(&self.vms, vm.as_str().as_bytes())
+    }
+
+    /// Writes the record of a VM.
+    pub fn put_vm(&self, record: &VmRecord) -> Result<(), JournalError> {
+        self.put(&self.vms, record.vm.as_str().as_bytes(), record)
+    }
+
+    /// Forgets a VM (this site is no longer on its chain).
+    pub fn remove_vm(&self, vm: &VmId) -> Result<(), JournalError> {
+        self.remove(&self.vms, vm.as_str().as_bytes())
+    }
+
+    /// Every VM record.
+    pub fn vms(&self) -> Result<Vec<VmRecord>, JournalError> {
+        all(&self.vms)
+    }
+
+    /// The route of `token`.
+    pub fn route(&self, token: &TransferToken) -> Result<Option<Route>, JournalError> {
+        get(&self.routes, token.to_string().as_bytes())
+    }
+
+    /// Writes a route.
+    pub fn put_route(&self, route: &Route) -> Result<(), JournalError> {
+        self.put(&self.routes, route.token.to_string().as_bytes(), route)
+    }
+
+    /// Forgets a route.
+    pub fn remove_route(&self, token: &TransferToken) -> Result<(), JournalError> {
+        self.remove(&self.routes, token.to_string().as_bytes())
+    }
+
+    /// Every route.
+    pub fn routes(&self) -> Result<Vec<Route>, JournalError> {
+        all(&self.routes)
+    }
+
+    /// The journal of a migration this site controls.
+    pub fn migration(&self, id: &MigrationId) -> Result<Option<MigrationRecord>, JournalError> {
+        get(&self.migrations, id.to_string().as_bytes())
+    }
+
+    /// Writes a migration's journal.
+    pub fn put_migration(&self, record: &MigrationRecord) -> Result<(), JournalError> {
+        self.put(&self.migrations, record.id.to_string().as_bytes(), record)
+    }
+
+    /// Every migration journal, oldest first.
+    pub fn migrations(&self) -> Result<Vec<MigrationRecord>, JournalError> {
+        let mut v: Vec<MigrationRecord> = all(&self.migrations)?;
+        v.sort_by_key(|m| m.started_ms);
+        Ok(v)
+    }
+
+    /// Records a Migration request id; `false` if it was seen before (a delegation loop).
+    pub fn first_sight(&self, id: &RequestId, now_ms: u64) -> Result<bool, JournalError> {
+        let fresh = self
+            .requests
+            .compare_and_swap(id.to_string().as_bytes(), None as Option<&[u8]>, Some(&now_ms.to_be_bytes()[..]))?
+            .is_ok();
+        if fresh {
+            self.db.flush()?;
+        }
+        Ok(fresh)
+    }
+
+    /// Records an accepted eviction notice (idempotent by notice id).
+    pub fn put_eviction(&self, notice: &EvictionNotice, from: &SiteId) -> Result<(), JournalError> {
+        let pending = PendingEviction {
+            notice: notice.clone(),
+            from: from.clone(),
+        };
+        self.put(&self.evictions, notice.notice_id.to_string().as_bytes(), &pending)
+    }
+
+    /// Eviction notices not acted upon yet.
+    pub fn evictions(&self) -> Result<Vec<PendingEviction>, JournalError> {
+        all(&self.evictions)
+    }
+
+    /// Forgets an eviction notice once its VM has moved.
+    pub fn remove_eviction(&self, notice: &PendingEviction) -> Result<(), JournalError> {
+        self.remove(&self.evictions, notice.notice.notice_id.to_string().as_bytes())
+    }
+
+    /// Flushes everything to disk.
+    pub fn flush(&self) -> Result<(), JournalError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_seen_once_even_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = RequestId::random();
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            assert!(j.first_sight(&id, 1).unwrap());
+            assert!(!j.first_sight(&id, 2).unwrap());
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        assert!(!j.first_sight(&id, 3).unwrap());
+        assert!(j.first_sight(&RequestId::random(), 3).unwrap());
+    }
+}
