@@ -11,7 +11,7 @@ use nubis_protocol::message::SiteEntry;
 use nubis_protocol::subject::{DirectoryKey, DIRECTORY_BUCKET};
 use nubis_protocol::SiteId;
 use nubis_site::config::SiteConfig;
-use nubis_testkit::{require_nats_server, wait_until, Federation, DEFAULT_TIMEOUT};
+use nubis_testkit::{require_nats_server, wait_until, Federation, Role, DEFAULT_TIMEOUT, HUB};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -53,10 +53,12 @@ impl Sites {
         self.identities.iter().find(|i| i.site().as_str() == id).unwrap()
     }
 
-    /// The configuration text of `id`, pinning every site in `partners`.
-    fn config_text(&self, id: &str, url: &str, partners: &[&str]) -> String {
+    /// The configuration text of `id`, logging in as `user`, pinning every site in `partners`.
+    fn config_text(&self, id: &str, url: &str, user: &(String, String), partners: &[&str]) -> String {
+        let (user, password) = user;
         let mut text = format!(
             "site = \"{id}\"\nkey_file = \"{id}.key\"\nnats_url = \"{url}\"\ndata_dir = \"{id}-data\"\n\
+             nats_user = \"{user}\"\nnats_password = \"{password}\"\n\
              [directory]\nheartbeat_ms = 200\nliveness_timeout_ms = 1500\n\n"
         );
         for p in partners {
@@ -66,16 +68,17 @@ impl Sites {
         text
     }
 
-    fn config(&self, id: &str, url: &str, partners: &[&str]) -> SiteConfig {
+    fn config(&self, id: &str, url: &str, user: &(String, String), partners: &[&str]) -> SiteConfig {
         let path = self.dir.path().join(format!("{id}.toml"));
-        let text = self.config_text(id, url, partners);
+        let text = self.config_text(id, url, user, partners);
         std::fs::write(&path, &text).unwrap();
         SiteConfig::load(&path).unwrap()
     }
 
     fn start(&self, fed: &Federation, id: &str, partners: &[&str]) -> RunningSite {
         let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
-        let config = self.config(id, &fed.site_url(id).unwrap(), partners);
+        let user = fed.credentials(id, Role::Site).unwrap();
+        let config = self.config(id, &fed.site_url(id).unwrap(), &user, partners);
         let token = CancellationToken::new();
         let run = nubis_site::run(config, token.clone());
         let handle = tokio::spawn(async move {
@@ -88,6 +91,15 @@ impl Sites {
         });
         RunningSite { token, handle }
     }
+}
+
+/// One operator client per site: a site's operator API answers only its own operators.
+async fn operators(fed: &Federation, ids: &[&str]) -> std::collections::HashMap<String, async_nats::Client> {
+    let mut clients = std::collections::HashMap::new();
+    for id in ids {
+        clients.insert((*id).to_owned(), fed.connect_as(id, Role::Operator).await.unwrap());
+    }
+    clients
 }
 
 async fn ops(client: &async_nats::Client, site: &str, endpoint: &str) -> serde_json::Value {
@@ -152,27 +164,27 @@ async fn sites_appear_go_unreachable_and_come_back() {
     let a = sites.start(&fed, "a", &["b", "c"]);
     let b = sites.start(&fed, "b", &["a", "c"]);
     let c = sites.start(&fed, "c", &["a", "b"]);
-    let client = fed.connect("a").await.unwrap();
+    let op = operators(&fed, &["a", "b", "c"]).await;
 
     for (me, others) in [("a", ["b", "c"]), ("b", ["a", "c"]), ("c", ["a", "b"])] {
-        wait_view(&client, me, "every partner trusted and reachable", |v| {
+        wait_view(&op[me], me, "every partner trusted and reachable", |v| {
             others.iter().all(|o| has(v, o, true, true))
         })
         .await;
     }
 
     c.stop().await;
-    wait_view(&client, "a", "c marked unreachable", |v| has(v, "c", true, false)).await;
-    wait_view(&client, "b", "c marked unreachable", |v| has(v, "c", true, false)).await;
+    wait_view(&op["a"], "a", "c marked unreachable", |v| has(v, "c", true, false)).await;
+    wait_view(&op["b"], "b", "c marked unreachable", |v| has(v, "c", true, false)).await;
 
     let c = sites.start(&fed, "c", &["a", "b"]);
-    wait_view(&client, "a", "c reachable again", |v| has(v, "c", true, true)).await;
+    wait_view(&op["a"], "a", "c reachable again", |v| has(v, "c", true, true)).await;
 
-    let status = ops(&client, "a", "status").await;
+    let status = ops(&op["a"], "a", "status").await;
     assert_eq!(status["site"], "a");
     assert_eq!(status["partners"], 2);
     assert_eq!(status["partners_reachable"], 2);
-    assert_eq!(ops(&client, "a", "vms").await["vms"], serde_json::json!([]));
+    assert_eq!(ops(&op["a"], "a", "vms").await["vms"], serde_json::json!([]));
     for s in [a, b, c] {
         s.stop().await;
     }
@@ -187,7 +199,7 @@ async fn forged_entries_are_ignored_and_strangers_are_not_trusted() {
     let a = sites.start(&fed, "a", &["b"]);
     let b = sites.start(&fed, "b", &["a"]);
     let c = sites.start(&fed, "c", &[]);
-    let client = fed.connect("a").await.unwrap();
+    let client = fed.connect_as("a", Role::Operator).await.unwrap();
     wait_view(&client, "a", "b trusted, c visible but untrusted", |v| {
         has(v, "b", true, true) && has(v, "c", false, true)
     })
@@ -208,7 +220,8 @@ async fn forged_entries_are_ignored_and_strangers_are_not_trusted() {
     };
     let env = envelope::sign(&impostor, Addressing::broadcast(key.subject().as_str()), &forged, now_ms())
         .unwrap();
-    let kv = jetstream::with_domain(fed.connect("c").await.unwrap(), "hub")
+    // Only b's own leaf connection may write b's entry, so the forger is the hub's operator.
+    let kv = jetstream::with_domain(fed.connect(HUB).await.unwrap(), "hub")
         .get_key_value(DIRECTORY_BUCKET)
         .await
         .unwrap();
@@ -228,7 +241,7 @@ async fn the_operator_api_is_a_nats_micro_service() {
     let fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
     let sites = Sites::new(&["a", "b"]);
     let a = sites.start(&fed, "a", &["b"]);
-    let client = fed.connect("a").await.unwrap();
+    let client = fed.connect_as("a", Role::Operator).await.unwrap();
     wait_view(&client, "a", "a answers", |_| true).await;
 
     let ping = client.request("$SRV.PING.nubis-site", "".into()).await.unwrap();
@@ -244,8 +257,9 @@ async fn the_operator_api_is_a_nats_micro_service() {
     assert_eq!(info["type"], "io.nats.micro.v1.info_response");
     let endpoints = info["endpoints"].as_array().unwrap();
     let names: Vec<&str> = endpoints.iter().filter_map(|e| e["name"].as_str()).collect();
-    assert_eq!(names.len(), 3, "{info}");
-    for name in ["status", "sites", "vms"] {
+    let all = ["status", "sites", "vms", "deploy", "migrate", "evict", "control", "cancel"];
+    assert_eq!(names.len(), all.len(), "{info}");
+    for name in all {
         assert!(names.contains(&name), "{info}");
         let e = endpoints.iter().find(|e| e["name"] == name).unwrap();
         assert_eq!(e["subject"], format!("nubis.ops.a.{name}"));

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
 use nubis_protocol::identity::{parse_sealing_key, parse_signing_key, KeyError, SiteIdentity};
+use nubis_protocol::message::{HostId, ProxyId, ProxyUri};
 use nubis_protocol::SiteId;
 use serde::Deserialize;
 
@@ -193,6 +194,19 @@ struct RawConfig {
     partners: Vec<RawPartner>,
     #[serde(default)]
     hosts: Vec<RawHost>,
+    #[serde(default = "default_proxy")]
+    proxy: String,
+    #[serde(default)]
+    image_store: Option<PathBuf>,
+    #[serde(default = "default_max_concurrent")]
+    max_concurrent_migrations: usize,
+}
+
+fn default_proxy() -> String {
+    "p1".into()
+}
+fn default_max_concurrent() -> usize {
+    4
 }
 
 /// A partner site under contract: its keys are pinned here, not taken from the directory.
@@ -243,7 +257,13 @@ pub struct SiteConfig {
     /// Partners under contract.
     pub partners: Vec<Partner>,
     /// Local VM hosts.
-    pub hosts: Vec<String>,
+    pub hosts: Vec<HostId>,
+    /// The site's Transfer proxy.
+    pub proxy: ProxyUri,
+    /// Directory of the primary site's VM images (the source of primary placements).
+    pub image_store: PathBuf,
+    /// Migrations this site runs as Controller at the same time; more wait in a queue.
+    pub max_concurrent_migrations: usize,
 }
 
 impl SiteConfig {
@@ -372,17 +392,29 @@ impl SiteConfig {
             ));
         }
 
+        let mut hosts = Vec::with_capacity(raw.hosts.len());
+        for (i, h) in raw.hosts.into_iter().enumerate() {
+            hosts.push(HostId::new(&h.id).map_err(|e| invalid(format!("hosts[{i}].id"), e.to_string()))?);
+        }
+        let proxy = ProxyId::new(&raw.proxy).map_err(|e| invalid("proxy".into(), e.to_string()))?;
+        if raw.max_concurrent_migrations == 0 {
+            return Err(invalid("max_concurrent_migrations".into(), "must be at least 1".into()));
+        }
+        let data_dir = resolve(&raw.data_dir);
         Ok(Self {
+            proxy: ProxyUri::new(raw.site.clone(), proxy),
+            image_store: raw.image_store.as_deref().map(resolve).unwrap_or_else(|| data_dir.join("images")),
+            max_concurrent_migrations: raw.max_concurrent_migrations,
             site: raw.site,
             identity: Arc::new(identity),
             nats_url: raw.nats_url,
             nats_auth,
             hub_domain: raw.hub_domain,
-            data_dir: resolve(&raw.data_dir),
+            data_dir,
             policy: raw.policy,
             directory: raw.directory,
             partners,
-            hosts: raw.hosts.into_iter().map(|h| h.id).collect(),
+            hosts,
         })
     }
 

@@ -17,6 +17,8 @@ use nubis_protocol::message::{
 use nubis_protocol::subject::FederationOp;
 use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
 
+use tracing::Instrument as _;
+
 use crate::journal::{MigrationPhase, MigrationRecord, NextHop, RankedOffer, VmPhase, VmRecord};
 use crate::local::LocalSite;
 use crate::roles::{internal, Roles};
@@ -78,15 +80,15 @@ impl<L: LocalSite> Roles<L> {
         record.phase = VmPhase::Migrating;
         self.journal.put_vm(&record).map_err(internal)?;
         let me = self.clone();
-        tokio::spawn(async move {
-            let span = tracing::info_span!("migration", migration.id = %id, vm.id = %vm, site.id = %me.site());
-            let _guard = span.enter();
-            drop(_guard);
-            let result = me.run_migration(id, trigger).await;
-            if let Err(e) = result {
-                tracing::warn!(migration.id = %id, error = %e.message, "migration ended without moving the VM");
+        let span = tracing::info_span!("migration", migration.id = %id, vm.id = %vm, site.id = %me.site());
+        tokio::spawn(
+            async move {
+                if let Err(e) = me.run_migration(id, trigger).await {
+                    tracing::warn!(error = %e.message, "migration ended without moving the VM");
+                }
             }
-        });
+            .instrument(span),
+        );
         Ok(id)
     }
 
@@ -102,9 +104,114 @@ impl<L: LocalSite> Roles<L> {
         Ok(m)
     }
 
+    /// Asks a running migration to stop: it aborts at its next step unless it is already
+    /// committing (a hand-over is never left half done).
+    pub fn cancel_migration(&self, id: &MigrationId) -> Result<MigrationPhase, ErrorReply> {
+        let m = self
+            .journal
+            .migration(id)
+            .map_err(internal)?
+            .ok_or_else(|| ErrorReply::new(ErrorCode::UnknownVm, format!("no migration {id} at this site")))?;
+        match m.phase {
+            MigrationPhase::Committing { .. } | MigrationPhase::Committed | MigrationPhase::Aborted { .. } => {
+                Err(ErrorReply::new(ErrorCode::Conflict, "the migration is past the point where it can be cancelled"))
+            }
+            phase => {
+                if let Ok(mut set) = self.cancelled.lock() {
+                    set.insert(*id);
+                }
+                Ok(phase)
+            }
+        }
+    }
+
+    fn check_cancelled(&self, id: MigrationId) -> Result<(), ErrorReply> {
+        let cancelled = self.cancelled.lock().map(|s| s.contains(&id)).unwrap_or(false);
+        if cancelled {
+            Err(ErrorReply::new(ErrorCode::Refused, "cancelled by the operator"))
+        } else {
+            Ok(())
+        }
+    }
+
     /// The journal of a migration.
     pub fn migration_status(&self, id: &MigrationId) -> Result<Option<MigrationRecord>, ErrorReply> {
         self.journal.migration(id).map_err(internal)
+    }
+
+    /// After a restart: every migration this site controlled that had not ended is rolled
+    /// forward (transfer or hand-over under way) or back (nothing irreversible happened yet).
+    pub fn recover(self: &Arc<Self>) -> Result<usize, ErrorReply> {
+        let open: Vec<MigrationRecord> = self
+            .journal
+            .migrations()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|m| !m.phase.is_final())
+            .collect();
+        let n = open.len();
+        for m in open {
+            let me = self.clone();
+            tokio::spawn(async move {
+                tracing::info!(migration.id = %m.id, vm.id = %m.vm, phase = ?m.phase, "resuming migration from the journal");
+                let result = me.resume(&m).await;
+                if let Err(e) = &result {
+                    let reason = format!("{} ({})", e.message, e.code.as_str());
+                    let _ = me.update_migration(m.id, |r| r.phase = MigrationPhase::Aborted { reason });
+                }
+                let _ = me.settle_vm_phase(m.id);
+            });
+        }
+        Ok(n)
+    }
+
+    async fn resume(&self, m: &MigrationRecord) -> Result<(), ErrorReply> {
+        let record = self
+            .journal
+            .vm(&m.vm)
+            .map_err(internal)?
+            .ok_or_else(|| ErrorReply::new(ErrorCode::UnknownVm, "VM vanished"))?;
+        match (&m.phase, &m.source) {
+            (MigrationPhase::Committing { offer }, Some(source)) => {
+                let ranked = m.offers.get(*offer).ok_or_else(|| internal("journal names a missing offer"))?;
+                self.commit_all(m.id, &record, source, m.source_via.as_ref(), ranked).await?;
+                for (j, other) in m.offers.iter().enumerate() {
+                    if j != *offer {
+                        let _ = self.abort_destination(m.id, &record.vm, other).await;
+                    }
+                }
+                self.update_migration(m.id, |r| r.phase = MigrationPhase::Committed)?;
+                Ok(())
+            }
+            (MigrationPhase::Transferring { offer }, Some(source)) => {
+                self.continue_after_prepare(m.id, &record, &m.offers, source, m.source_via.as_ref(), *offer).await
+            }
+            (MigrationPhase::Aborting, Some(source)) => {
+                self.abort_source(m.id, &record.vm, source, m.source_via.as_ref()).await?;
+                Err(ErrorReply::new(ErrorCode::TransferFailed, "aborted; the VM stays where it was"))
+            }
+            _ => {
+                // Before the source was prepared (or its answer was lost): nothing moved. Release
+                // the offers; a source prepared without a journaled answer is resumed by its own
+                // site when its token expires.
+                for other in &m.offers {
+                    let _ = self.abort_destination(m.id, &record.vm, other).await;
+                }
+                Err(ErrorReply::new(ErrorCode::Internal, "interrupted before the transfer started; nothing moved"))
+            }
+        }
+    }
+
+    fn settle_vm_phase(&self, id: MigrationId) -> Result<(), ErrorReply> {
+        if let Some(vm) = self.journal.migration(&id).map_err(internal)?.map(|m| m.vm) {
+            if let Some(mut record) = self.journal.vm(&vm).map_err(internal)? {
+                if record.phase == VmPhase::Migrating {
+                    record.phase = if record.downstream.is_some() { VmPhase::Placed } else { VmPhase::Unplaced };
+                    self.journal.put_vm(&record).map_err(internal)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn run_migration(&self, id: MigrationId, trigger: Trigger) -> Result<(), ErrorReply> {
@@ -114,14 +221,7 @@ impl<L: LocalSite> Roles<L> {
             self.update_migration(id, |m| m.phase = MigrationPhase::Aborted { reason })?;
         }
         // Whatever happened, the VM is no longer "migrating" from this site's point of view.
-        if let Some(vm) = self.journal.migration(&id).map_err(internal)?.map(|m| m.vm) {
-            if let Some(mut record) = self.journal.vm(&vm).map_err(internal)? {
-                if record.phase == VmPhase::Migrating {
-                    record.phase = if record.downstream.is_some() { VmPhase::Placed } else { VmPhase::Unplaced };
-                    self.journal.put_vm(&record).map_err(internal)?;
-                }
-            }
-        }
+        self.settle_vm_phase(id)?;
         result
     }
 
@@ -138,6 +238,7 @@ impl<L: LocalSite> Roles<L> {
         if offers.is_empty() {
             return Err(ErrorReply::new(ErrorCode::NoCapacity, "no site offered to take the VM"));
         }
+        self.check_cancelled(id)?;
         self.update_migration(id, |m| {
             m.offers = offers.clone();
             m.phase = MigrationPhase::Preparing;
@@ -151,13 +252,33 @@ impl<L: LocalSite> Roles<L> {
             m.bytes_total = total;
         })?;
 
-        // Steps 5–7 per offer, best first; fall back to the next offer on failure.
-        for (i, ranked) in offers.iter().enumerate() {
+        self.continue_after_prepare(id, &record, &offers, &source, source_via.as_ref(), 0).await
+    }
+
+    /// Steps 5–7 from offer `first` on, then the hand-over; or the abort when every offer failed.
+    async fn continue_after_prepare(
+        &self,
+        id: MigrationId,
+        record: &VmRecord,
+        offers: &[RankedOffer],
+        source: &Endpoint,
+        source_via: Option<&NextHop>,
+        first: usize,
+    ) -> Result<(), ErrorReply> {
+        for (i, ranked) in offers.iter().enumerate().skip(first) {
+            if let Err(e) = self.check_cancelled(id) {
+                for other in &offers[i..] {
+                    let _ = self.abort_destination(id, &record.vm, other).await;
+                }
+                self.update_migration(id, |m| m.phase = MigrationPhase::Aborting)?;
+                self.abort_source(id, &record.vm, source, source_via).await?;
+                return Err(e);
+            }
             self.update_migration(id, |m| m.phase = MigrationPhase::Transferring { offer: i })?;
-            match self.transfer(id, &record.vm, &source, source_via.as_ref(), ranked).await {
+            match self.transfer(id, &record.vm, source, source_via, ranked).await {
                 Ok(()) => {
                     self.update_migration(id, |m| m.phase = MigrationPhase::Committing { offer: i })?;
-                    self.commit_all(id, &record, &source, source_via.as_ref(), ranked).await?;
+                    self.commit_all(id, record, source, source_via, ranked).await?;
                     // Unused offers: release their reservations, best effort.
                     for (j, other) in offers.iter().enumerate() {
                         if j != i {
@@ -176,7 +297,7 @@ impl<L: LocalSite> Roles<L> {
         }
         // Every offer failed: the source resumes the VM where it was.
         self.update_migration(id, |m| m.phase = MigrationPhase::Aborting)?;
-        self.abort_source(id, &record.vm, &source, source_via.as_ref()).await?;
+        self.abort_source(id, &record.vm, source, source_via).await?;
         Err(ErrorReply::new(ErrorCode::TransferFailed, "every offer failed; the VM stays where it was"))
     }
 
@@ -339,6 +460,7 @@ impl<L: LocalSite> Roles<L> {
                     }
                 }
             }
+            self.check_cancelled(id)?;
             if failures >= MAX_FAILED_ROUNDS {
                 return Err(ErrorReply::new(ErrorCode::TransferFailed, "transfer failed repeatedly on this offer"));
             }
@@ -366,7 +488,7 @@ impl<L: LocalSite> Roles<L> {
 
     async fn verify_via(&self, id: MigrationId, vm: &VmId, source: &Endpoint, via: Option<&NextHop>) -> Result<TransferStatus, ErrorReply> {
         match via {
-            None | Some(NextHop::Host(_)) => self.local.verify(&source.token).await,
+            None | Some(NextHop::Host(_)) => self.local.verify(id, &source.token).await,
             Some(NextHop::Site(s)) => {
                 let req = TransferVerification {
                     migration_id: id,

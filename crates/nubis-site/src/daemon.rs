@@ -14,6 +14,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::SiteConfig;
 use crate::directory::{self, Directory};
+use crate::federation::{self, FederationClient};
+use crate::infrastructure::NatsLocalSite;
+use crate::journal::Journal;
+use crate::roles::Roles;
+use nubis_proxy::client::ProxyClient;
 use crate::ops::{self, OpsContext};
 
 /// Oldest nats-server release whose JetStream API the daemon can use.
@@ -46,6 +51,12 @@ pub enum SiteError {
     /// The operator API could not start.
     #[error("operator API")]
     Ops(#[from] ops::OpsError),
+    /// The journal could not be opened.
+    #[error("journal")]
+    Journal(#[source] crate::journal::JournalError),
+    /// The federation subjects could not be subscribed.
+    #[error("cannot subscribe to the federation subjects")]
+    Subscribe(#[source] async_nats::Error),
     /// Local state could not be opened.
     #[error("local state in {path}")]
     State {
@@ -121,8 +132,9 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         .iter()
         .map(|p| (p.site.clone(), p.signing_key))
         .collect();
-    let request_verifier = Verifier::new(site.clone(), pinned.clone(), replay);
+    // The site's own key is pinned too: its Transfer proxy answers signed with it.
     pinned.push((site.clone(), identity.public().signing));
+    let request_verifier = Arc::new(Verifier::new(site.clone(), pinned.clone(), replay));
     let record_verifier = Verifier::new(
         site.clone(),
         pinned,
@@ -144,7 +156,7 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         site: site.clone(),
         signing_key: identity.public().signing.to_bytes(),
         sealing_key: identity.public().sealing,
-        proxies: Vec::new(),
+        proxies: vec![config.proxy.clone()],
         subjects: FederationOp::ALL
         .into_iter()
         .map(|op| Subject::federation(&site, op).as_str().to_string())
@@ -191,7 +203,56 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         });
     }
 
+    let journal = Journal::open(&config.data_dir.join("journal")).map_err(SiteError::Journal)?;
+    let fed = FederationClient::new(client.clone(), identity.clone(), request_verifier.clone(), Duration::from_secs(10));
+    let proxy = ProxyClient::new(client.clone(), identity.clone(), request_verifier.clone());
+    let local = NatsLocalSite::new(
+        site.clone(),
+        client.clone(),
+        config.hosts.clone(),
+        proxy,
+        config.proxy.clone(),
+        config.image_store.clone(),
+    );
+    let roles = Arc::new(Roles::new(config.clone(), journal, fed, local));
+    {
+        let roles = roles.clone();
+        federation::serve(
+            client.clone(),
+            identity.clone(),
+            request_verifier.clone(),
+            64,
+            &tracker,
+            cancel.clone(),
+            move |op, opened| roles.clone().handle(op, opened),
+        )
+        .await
+        .map_err(SiteError::Subscribe)?;
+    }
+    match roles.recover() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(migrations = n, "resuming migrations from the journal"),
+        Err(e) => tracing::warn!(error = %e.message, "cannot read the migration journal"),
+    }
+    // Eviction notices: deliver ours upstream, act on those from downstream; both journaled.
+    {
+        let roles = roles.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                roles.deliver_evictions().await;
+                roles.act_on_evictions();
+            }
+        });
+    }
+
     let ctx = Arc::new(OpsContext {
+        roles: roles.clone(),
         config: config.clone(),
         directory: directory.clone(),
         started_ms,
@@ -209,6 +270,9 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
     }
     if let Err(e) = service.stop().await {
         tracing::warn!(error = %e, "cannot stop the operator API cleanly");
+    }
+    if let Err(e) = roles.journal.flush() {
+        tracing::warn!(error = %e, "cannot flush the journal");
     }
     if let Err(e) = request_verifier.replay_cache().flush() {
         tracing::warn!(error = %e, "cannot flush the replay cache");

@@ -178,6 +178,7 @@ pub struct Journal {
     migrations: sled::Tree,
     requests: sled::Tree,
     evictions: sled::Tree,
+    outgoing: sled::Tree,
 }
 
 /// An eviction notice accepted from the downstream site, kept until the VM has moved.
@@ -213,6 +214,7 @@ impl Journal {
             migrations: db.open_tree("migrations")?,
             requests: db.open_tree("requests")?,
             evictions: db.open_tree("evictions")?,
+            outgoing: db.open_tree("outgoing")?,
             db,
         })
     }
@@ -315,6 +317,25 @@ impl Journal {
     /// Forgets an eviction notice once its VM has moved.
     pub fn remove_eviction(&self, notice: &PendingEviction) -> Result<(), JournalError> {
         self.remove(&self.evictions, notice.notice.notice_id.to_string().as_bytes())
+    }
+
+    /// Records an eviction notice this site must deliver upstream (retried until accepted).
+    pub fn put_outgoing(&self, notice: &EvictionNotice, to: &SiteId) -> Result<(), JournalError> {
+        let pending = PendingEviction {
+            notice: notice.clone(),
+            from: to.clone(),
+        };
+        self.put(&self.outgoing, notice.notice_id.to_string().as_bytes(), &pending)
+    }
+
+    /// Eviction notices not yet accepted upstream (`from` holds the addressee).
+    pub fn outgoing(&self) -> Result<Vec<PendingEviction>, JournalError> {
+        all(&self.outgoing)
+    }
+
+    /// Forgets an outgoing notice once accepted.
+    pub fn remove_outgoing(&self, notice: &PendingEviction) -> Result<(), JournalError> {
+        self.remove(&self.outgoing, notice.notice.notice_id.to_string().as_bytes())
     }
 
     /// Flushes everything to disk.

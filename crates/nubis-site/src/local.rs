@@ -55,13 +55,18 @@ pub trait LocalSite: Send + Sync + 'static {
     fn initiate(
         &self,
         migration: MigrationId,
+        vm: &VmId,
         source: &Endpoint,
         destination: &TransferToken,
         max_bytes_per_sec: Option<u64>,
     ) -> impl Future<Output = Result<TransferStatus, ErrorReply>> + Send;
 
     /// Transfer verification handler: the local proxy's status of a serving token.
-    fn verify(&self, source: &TransferToken) -> impl Future<Output = Result<TransferStatus, ErrorReply>> + Send;
+    fn verify(
+        &self,
+        migration: MigrationId,
+        source: &TransferToken,
+    ) -> impl Future<Output = Result<TransferStatus, ErrorReply>> + Send;
 
     /// Commit at the destination: activate the VM on `host` from the received files.
     fn commit_destination(
@@ -96,10 +101,10 @@ pub trait LocalSite: Send + Sync + 'static {
         token: &TransferToken,
     ) -> impl Future<Output = Result<(), ErrorReply>> + Send;
 
-    /// The Control interface at the host that runs the VM.
+    /// The Control interface at the host that runs the VM (`descriptor` is the current one).
     fn control(
         &self,
-        vm: &VmId,
+        descriptor: &VmDescriptor,
         host: &HostId,
         change: &ControlChange,
     ) -> impl Future<Output = Result<ControlReply, ErrorReply>> + Send;

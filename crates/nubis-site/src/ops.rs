@@ -18,6 +18,9 @@ use tracing::Instrument as _;
 
 use crate::config::SiteConfig;
 use crate::directory::Directory;
+use crate::local::LocalSite;
+use crate::roles::Roles;
+use crate::vm_ops::{ControlOp, DeployRequest, MigrateRequest, VmRef};
 
 /// Name under which every site's operator API registers (instances differ by id and metadata).
 pub const SERVICE_NAME: &str = "nubis-site";
@@ -30,9 +33,11 @@ pub enum OpsError {
     Register(String, #[source] async_nats::Error),
 }
 
-/// What the operator API reads.
+/// What the operator API reads and drives.
 #[derive(Debug)]
-pub struct OpsContext {
+pub struct OpsContext<L> {
+    /// The site's roles (VM operations).
+    pub roles: Arc<Roles<L>>,
     /// The site's configuration.
     pub config: Arc<SiteConfig>,
     /// The directory view.
@@ -52,7 +57,7 @@ struct StatusReply<'a> {
     nats_server_version: &'a str,
     partners: usize,
     partners_reachable: usize,
-    hosts: &'a [String],
+    hosts: Vec<String>,
     vms: usize,
 }
 
@@ -72,12 +77,32 @@ struct SitesReply {
     sites: Vec<SiteView>,
 }
 
-#[derive(Debug, Serialize)]
-struct VmsReply {
-    vms: Vec<serde_json::Value>,
+
+fn service_error(code: usize, status: impl Into<String>) -> service::error::Error {
+    service::error::Error {
+        status: status.into(),
+        code,
+    }
 }
 
-impl OpsContext {
+/// Maps a refusal to an ADR-32 service error: 4xx for the caller's mistakes, 5xx for ours.
+fn refusal(e: nubis_protocol::message::ErrorReply) -> service::error::Error {
+    use nubis_protocol::message::ErrorCode as C;
+    let code = match e.code {
+        C::Malformed | C::UnknownVm | C::UnknownToken => 400,
+        C::Conflict => 409,
+        C::Refused | C::NoCapacity | C::NotPartner | C::LoopDetected | C::DepthExceeded => 422,
+        C::Timeout => 504,
+        _ => 500,
+    };
+    service_error(code, format!("{} ({})", e.message, e.code.as_str()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, service::error::Error> {
+    serde_json::from_slice(payload).map_err(|e| service_error(400, format!("malformed request: {e}")))
+}
+
+impl<L: LocalSite> OpsContext<L> {
     fn sites(&self, now: u64) -> Vec<SiteView> {
         let liveness = self.config.directory.liveness_timeout_ms;
         let view = self.directory.snapshot();
@@ -110,8 +135,50 @@ impl OpsContext {
         out
     }
 
-    fn answer(&self, endpoint: OpsEndpoint, payload: &[u8]) -> Result<Vec<u8>, service::error::Error> {
-        if !payload.iter().all(u8::is_ascii_whitespace) {
+    async fn answer(&self, endpoint: OpsEndpoint, payload: &[u8]) -> Result<Vec<u8>, service::error::Error> {
+        let payload: &[u8] = if payload.iter().all(u8::is_ascii_whitespace) { b"{}" } else { payload };
+        let to_json = |v: serde_json::Value| {
+            serde_json::to_vec(&v).map_err(|e| service_error(500, format!("internal error: {e}")))
+        };
+        match endpoint {
+            OpsEndpoint::Deploy => {
+                let req: DeployRequest = parse(payload)?;
+                let (vm, migration) = self.roles.deploy(req).map_err(refusal)?;
+                return to_json(serde_json::json!({"vm": vm.as_str(), "migration": migration.to_string()}));
+            }
+            OpsEndpoint::Migrate => {
+                let req: MigrateRequest = parse(payload)?;
+                let trigger = crate::controller::Trigger::Operator { to_site: req.to_site };
+                let id = self.roles.start_migration(req.vm.clone(), trigger).map_err(refusal)?;
+                return to_json(serde_json::json!({"vm": req.vm.as_str(), "migration": id.to_string()}));
+            }
+            OpsEndpoint::Evict => {
+                let req: VmRef = parse(payload)?;
+                return to_json(self.roles.evict(&req.vm).map_err(refusal)?);
+            }
+            OpsEndpoint::Control => {
+                let req: ControlOp = parse(payload)?;
+                let reply = self.roles.control_vm(req).await.map_err(refusal)?;
+                return to_json(serde_json::json!({
+                    "vm": reply.vm.as_str(),
+                    "state": reply.state,
+                    "cim_enabled_state": reply.state.cim_enabled_state(),
+                    "descriptor_version": reply.descriptor_version,
+                }));
+            }
+            OpsEndpoint::Cancel => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Cancel {
+                    migration: nubis_protocol::MigrationId,
+                }
+                let req: Cancel = parse(payload)?;
+                let phase = self.roles.cancel_migration(&req.migration).map_err(refusal)?;
+                return to_json(serde_json::json!({"migration": req.migration.to_string(), "cancelling_in_phase": format!("{phase:?}")}));
+            }
+            _ => {}
+        }
+        {
             serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(payload).map_err(|e| {
                 service::error::Error {
                     status: format!("malformed request: expected a JSON object ({e})"),
@@ -131,12 +198,29 @@ impl OpsContext {
                     nats_server_version: &self.nats_server_version,
                     partners: self.config.partners.len(),
                     partners_reachable: sites.iter().filter(|s| s.partner && s.reachable).count(),
-                    hosts: &self.config.hosts,
-                    vms: 0,
+                    hosts: self.config.hosts.iter().map(|h| h.to_string()).collect(),
+                    vms: self.roles.journal.vms().map(|v| v.len()).unwrap_or(0),
                 })
             }
             OpsEndpoint::Sites => serde_json::to_vec(&SitesReply { sites: self.sites(now) }),
-            OpsEndpoint::Vms => serde_json::to_vec(&VmsReply { vms: Vec::new() }),
+            OpsEndpoint::Vms => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Query {
+                    #[serde(default)]
+                    vm: Option<nubis_protocol::VmId>,
+                    #[serde(default)]
+                    migration: Option<nubis_protocol::MigrationId>,
+                }
+                let q: Query = parse(payload)?;
+                if let Some(m) = q.migration {
+                    let view = self.roles.migration_view_of(&m).map_err(refusal)?;
+                    serde_json::to_vec(&view)
+                } else {
+                    let vms = self.roles.vm_views(q.vm.as_ref()).map_err(refusal)?;
+                    serde_json::to_vec(&serde_json::json!({"vms": vms}))
+                }
+            }
             other => {
                 return Err(service::error::Error {
                     status: format!("endpoint {} is not available in this version", other.as_str()),
@@ -151,13 +235,13 @@ impl OpsContext {
     }
 }
 
-/// The endpoints served now.
-const SERVED: [OpsEndpoint; 3] = [OpsEndpoint::Status, OpsEndpoint::Sites, OpsEndpoint::Vms];
+/// The endpoints served.
+const SERVED: [OpsEndpoint; 8] = OpsEndpoint::ALL;
 
 /// Starts the operator API on `client`; its handlers run on `tracker` until `cancel`.
-pub async fn serve(
+pub async fn serve<L: LocalSite>(
     client: async_nats::Client,
-    ctx: Arc<OpsContext>,
+    ctx: Arc<OpsContext<L>>,
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> Result<service::Service, OpsError> {
@@ -187,7 +271,7 @@ pub async fn serve(
                 };
                 let span = tracing::info_span!("ops", site.id = %ctx.config.site, endpoint = endpoint.as_str());
                 async {
-                    let answer = ctx.answer(endpoint, &request.message.payload);
+                    let answer = ctx.answer(endpoint, &request.message.payload).await;
                     if let Err(e) = &answer {
                         tracing::info!(code = e.code, error = %e.status, "operator request refused");
                     }

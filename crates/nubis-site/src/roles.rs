@@ -42,6 +42,8 @@ pub struct Roles<L> {
     pub fed: FederationClient,
     /// The site's own hosts and proxy.
     pub local: L,
+    /// Migrations an operator asked to cancel.
+    pub cancelled: std::sync::Mutex<std::collections::HashSet<nubis_protocol::MigrationId>>,
 }
 
 pub(crate) fn internal(e: impl std::fmt::Display) -> ErrorReply {
@@ -53,6 +55,17 @@ fn malformed(e: impl std::fmt::Display) -> ErrorReply {
 }
 
 impl<L: LocalSite> Roles<L> {
+    /// Roles over `journal`, `fed` and `local` with `config`'s policies.
+    pub fn new(config: Arc<SiteConfig>, journal: Journal, fed: FederationClient, local: L) -> Self {
+        Self {
+            config,
+            journal,
+            fed,
+            local,
+            cancelled: Default::default(),
+        }
+    }
+
     /// This site.
     pub fn site(&self) -> &SiteId {
         &self.config.site
@@ -278,7 +291,7 @@ impl<L: LocalSite> Roles<L> {
             NextHop::Host(_) => {
                 let status = self
                     .local
-                    .initiate(req.migration_id, &req.source, &req.destination.token, req.max_bytes_per_sec)
+                    .initiate(req.migration_id, &req.vm, &req.source, &req.destination.token, req.max_bytes_per_sec)
                     .await?;
                 Ok(TransferStatusReply {
                     migration_id: req.migration_id,
@@ -299,7 +312,7 @@ impl<L: LocalSite> Roles<L> {
         match &route.next {
             NextHop::Host(_) => Ok(TransferStatusReply {
                 migration_id: req.migration_id,
-                status: self.local.verify(&req.source.token).await?,
+                status: self.local.verify(req.migration_id, &req.source.token).await?,
             }),
             NextHop::Site(s) => self
                 .fed
@@ -466,7 +479,7 @@ impl<L: LocalSite> Roles<L> {
         let mut record = self.vm_record(&req.vm)?;
         self.check_upstream(from, &record)?;
         let reply = match &record.downstream {
-            Some(NextHop::Host(h)) => self.local.control(&req.vm, h, &req.change).await?,
+            Some(NextHop::Host(h)) => self.local.control(&record.descriptor, h, &req.change).await?,
             Some(NextHop::Site(s)) => self
                 .fed
                 .call(s, FederationOp::VmControl, &req)
