@@ -5,6 +5,7 @@
 //! message says what to do next.
 
 mod ops_client;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +56,26 @@ enum Command {
     Sites {
         #[command(flatten)]
         conn: ops_client::Connection,
+    },
+    /// Deploy, migrate, evict, control and follow VMs.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Run a Transfer proxy (`nubis proxy --config proxy.toml`).
+    Proxy {
+        /// The proxy's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a host agent (`nubis host --config host.toml`).
+    Host {
+        /// The host agent's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print shell completions for bash, zsh, fish, elvish or powershell.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -239,8 +260,64 @@ fn print_json_or(json: bool, value: &serde_json::Value, human: impl FnOnce(&serd
     }
 }
 
+fn run_daemon<F, E>(what: &str, fut: impl FnOnce(tokio_util::sync::CancellationToken) -> F) -> Result<(), Failure>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    init_tracing();
+    let rt = runtime()?;
+    rt.block_on(async {
+        let token = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(cancel_on_signal(token.clone()));
+        fut(token).await
+    })
+    .map_err(|e| Failure {
+        code: EXIT_INTERNAL,
+        error: anyhow::Error::new(e),
+        hint: Some(format!("see the log above; the {what} stopped")),
+    })
+}
+
+fn print_value(json: bool, v: &serde_json::Value) {
+    if json {
+        println!("{v}");
+    } else {
+        match serde_json::to_string_pretty(v) {
+            Ok(text) => println!("{text}"),
+            Err(_) => println!("{v}"),
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Vm(cmd) => {
+            let v = runtime()?.block_on(vm::run(cmd, cli.json)).map_err(ops_failure)?;
+            print_value(cli.json, &v);
+            Ok(())
+        }
+        Command::Proxy { config } => {
+            let config = nubis_proxy::config::Config::load(&config).map_err(|e| Failure {
+                code: EXIT_USER,
+                error: anyhow::Error::new(e),
+                hint: Some("fix the proxy configuration file".into()),
+            })?;
+            run_daemon("proxy", move |token| nubis_proxy::run(config, token))
+        }
+        Command::Host { config } => {
+            let config = nubis_host::config::HostConfig::load(&config).map_err(|e| Failure {
+                code: EXIT_USER,
+                error: anyhow::Error::new(e),
+                hint: Some("fix the host agent configuration file".into()),
+            })?;
+            run_daemon("host agent", move |token| nubis_host::agent::run(config, token))
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "nubis", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Site {
             config: Some(config),
             ..
