@@ -3,6 +3,12 @@
 
 mod envelope;
 mod federation;
+mod host_agent;
 mod hypervisor;
 mod kpifs;
+mod proxy;
+mod permissions;
+mod python_subscriber;
 mod site;
+mod stack;
+mod migration;

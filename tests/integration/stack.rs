@@ -1,0 +1,218 @@
+//! A whole federation for end-to-end tests: a real hub and leaf nats-servers (test kit), and at
+//! every site a real site daemon, Transfer proxy and host agents on libvirt's test driver, each
+//! started from a configuration file written the way an operator writes one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nubis_protocol::identity::SiteIdentity;
+use nubis_protocol::SiteId;
+use nubis_testkit::{Federation, Role};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How one site is set up.
+#[derive(Debug, Clone)]
+pub struct SiteSpec {
+    /// Site id.
+    pub id: &'static str,
+    /// Partner sites (pinned keys), with a preference each.
+    pub partners: Vec<(&'static str, i32)>,
+    /// Hosts and the memory (MiB) each offers; 0 MiB = a host that can take nothing.
+    pub hosts: Vec<(&'static str, u64)>,
+    /// Extra TOML for the `[policy]` table.
+    pub policy: &'static str,
+}
+
+/// One running daemon.
+struct Daemon {
+    name: String,
+    token: CancellationToken,
+    handle: JoinHandle<Result<(), String>>,
+}
+
+/// The running stack.
+pub struct Stack {
+    pub fed: Federation,
+    pub dir: tempfile::TempDir,
+    pub identities: BTreeMap<&'static str, Arc<SiteIdentity>>,
+    specs: Vec<SiteSpec>,
+    daemons: Vec<Daemon>,
+}
+
+fn spawn<F, E>(name: String, run: impl FnOnce(CancellationToken) -> F) -> Daemon
+where
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Debug,
+{
+    let token = CancellationToken::new();
+    let fut = run(token.clone());
+    let label = name.clone();
+    let handle = tokio::spawn(async move {
+        let r = fut.await.map_err(|e| format!("{e:?}"));
+        if let Err(e) = &r {
+            eprintln!("{label} stopped with an error: {e}");
+        }
+        r
+    });
+    Daemon { name, token, handle }
+}
+
+impl Stack {
+    /// Starts the servers and every site's daemons.
+    pub async fn start(binary: &nubis_testkit::NatsServerBinary, specs: Vec<SiteSpec>) -> Self {
+        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info,async_nats=warn").try_init();
+        let ids: Vec<&str> = specs.iter().map(|s| s.id).collect();
+        let fed = Federation::start_with(binary, &ids).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut identities = BTreeMap::new();
+        for s in &specs {
+            let identity = SiteIdentity::generate(SiteId::new(s.id).unwrap());
+            identity.save(&dir.path().join(format!("{}.key", s.id)), false).unwrap();
+            identities.insert(s.id, Arc::new(identity));
+        }
+        let mut stack = Self { fed, dir, identities, specs: specs.clone(), daemons: Vec::new() };
+        for s in &specs {
+            stack.start_site(s.id).await;
+        }
+        stack
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The image store of `site`.
+    pub fn image_store(&self, site: &str) -> PathBuf {
+        let p = self.path(&format!("{site}-images"));
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// The VM root of a host.
+    pub fn vm_root(&self, site: &str, host: &str) -> PathBuf {
+        self.path(&format!("{site}-{host}-vms"))
+    }
+
+    fn spec(&self, site: &str) -> SiteSpec {
+        self.specs.iter().find(|s| s.id == site).unwrap().clone()
+    }
+
+    fn partner_blocks(&self, spec: &SiteSpec, with_sealing: bool) -> String {
+        let mut text = String::new();
+        for (p, pref) in &spec.partners {
+            let public = self.identities[p].public();
+            text.push_str(&format!("[[partners]]\nsite = \"{p}\"\nsigning_key = \"{}\"\n", public.signing_text()));
+            if with_sealing {
+                text.push_str(&format!("sealing_key = \"{}\"\npreference = {pref}\n", public.sealing_text()));
+            }
+            text.push('\n');
+        }
+        text
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// Writes the configuration files of `site` and starts its site daemon, proxy and hosts.
+    pub async fn start_site(&mut self, site: &'static str) {
+        let spec = self.spec(site);
+        let url = self.fed.site_url(site).unwrap();
+        let (user, password) = self.fed.credentials(site, Role::Site).unwrap();
+        let (host_user, host_password) = self.fed.credentials(site, Role::Host).unwrap();
+        let hosts: String = spec.hosts.iter().map(|(h, _)| format!("[[hosts]]\nid = \"{h}\"\n")).collect();
+        let site_toml = format!(
+            "site = \"{site}\"\nkey_file = \"{site}.key\"\nnats_url = \"{url}\"\nnats_user = \"{user}\"\nnats_password = \"{password}\"\n\
+             data_dir = \"{site}-data\"\nproxy = \"p1\"\nimage_store = \"{site}-images\"\n\n\
+             [directory]\nheartbeat_ms = 300\nliveness_timeout_ms = 2000\n\n[policy]\n{}\n\n{hosts}\n{}",
+            spec.policy,
+            self.partner_blocks(&spec, true)
+        );
+        let site_path = self.write(&format!("{site}.toml"), &site_toml);
+        let mut proxy_partners = self.partner_blocks(&spec, false);
+        proxy_partners.push_str(&format!(
+            "[[partners]]\nsite = \"{site}\"\nsigning_key = \"{}\"\n",
+            self.identities[site].public().signing_text()
+        ));
+        let proxy_toml = format!(
+            "site = \"{site}\"\nproxy = \"p1\"\nnats_url = \"{url}\"\nnats_user = \"{user}\"\nnats_password = \"{password}\"\n\
+             identity_file = \"{}\"\nstore_dir = \"{}\"\n\n{proxy_partners}",
+            self.path(&format!("{site}.key")).display(),
+            self.path(&format!("{site}-proxy")).display(),
+        );
+        let proxy_path = self.write(&format!("{site}-proxy.toml"), &proxy_toml);
+        let site_config = nubis_site::config::SiteConfig::load(&site_path).unwrap();
+        let proxy_config = nubis_proxy::config::Config::load(&proxy_path).unwrap();
+        self.daemons.push(spawn(format!("{site}/proxy"), move |t| nubis_proxy::run(proxy_config, t)));
+        for (host, memory) in &spec.hosts {
+            let host_toml = format!(
+                "site = \"{site}\"\nhost = \"{host}\"\nnats_url = \"{url}\"\nnats_user = \"{host_user}\"\nnats_password = \"{host_password}\"\n\
+                 libvirt_uri = \"test:///default\"\nvm_root = \"{}\"\n\n[capacity]\nvcpus = 8\nmemory_mib = {memory}\ndisk_bytes = 107374182400\n",
+                self.vm_root(site, host).display()
+            );
+            let host_path = self.write(&format!("{site}-{host}.toml"), &host_toml);
+            let host_config = nubis_host::config::HostConfig::load(&host_path).unwrap();
+            self.daemons.push(spawn(format!("{site}/{host}"), move |t| nubis_host::agent::run(host_config, t)));
+        }
+        self.daemons.push(spawn(format!("{site}/site"), move |t| nubis_site::run(site_config, t)));
+    }
+
+    /// Stops every daemon of `site` (orderly), leaving its nats-server running.
+    pub async fn stop_site(&mut self, site: &str) {
+        let prefix = format!("{site}/");
+        let (stop, keep): (Vec<Daemon>, Vec<Daemon>) =
+            self.daemons.drain(..).partition(|d| d.name.starts_with(&prefix));
+        self.daemons = keep;
+        for d in stop {
+            d.token.cancel();
+            let _ = d.handle.await;
+        }
+    }
+
+    /// Aborts one daemon (`site/site`, `site/proxy`, `site/h1`) like a crash: no orderly shutdown.
+    pub fn crash(&mut self, name: &str) {
+        if let Some(i) = self.daemons.iter().position(|d| d.name == name) {
+            let d = self.daemons.remove(i);
+            d.handle.abort();
+        }
+    }
+
+    /// A client of `site` allowed to call its operator API.
+    pub async fn operator(&self, site: &str) -> async_nats::Client {
+        self.fed.connect_as(site, Role::Operator).await.unwrap()
+    }
+
+    /// The directory of the stack's files.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops everything.
+    pub async fn shutdown(mut self) {
+        for d in self.daemons.drain(..) {
+            d.token.cancel();
+            let _ = d.handle.await;
+        }
+    }
+}
+
+/// Calls an operator endpoint and returns its JSON, or the service error as `Err`.
+pub async fn ops(client: &async_nats::Client, site: &str, endpoint: &str, body: serde_json::Value) -> Result<serde_json::Value, String> {
+    let msg = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.request(format!("nubis.ops.{site}.{endpoint}"), serde_json::to_vec(&body).unwrap().into()),
+    )
+    .await
+    .map_err(|_| "timeout".to_string())?
+    .map_err(|e| e.to_string())?;
+    if let Some(h) = &msg.headers {
+        if let Some(err) = h.get("Nats-Service-Error") {
+            return Err(err.to_string());
+        }
+    }
+    serde_json::from_slice(&msg.payload).map_err(|e| e.to_string())
+}
