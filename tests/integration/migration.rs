@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use nubis_testkit::{require_nats_server, wait_until};
+use futures::StreamExt as _;
+use nubis_testkit::{require_nats_server, wait_until, Role};
 use serde_json::{json, Value};
 
 use crate::stack::{ops, SiteSpec, Stack};
@@ -48,11 +49,15 @@ async fn scenario_1_placement_is_delegated_a_b_c() {
         &binary,
         vec![
             SiteSpec { id: "a", partners: vec![("b", 10)], hosts: vec![], policy: "" },
-            SiteSpec { id: "b", partners: vec![("a", 0), ("c", 10)], hosts: vec![("h1", 0)], policy: "" },
-            SiteSpec { id: "c", partners: vec![("b", 0)], hosts: vec![("h1", 4096)], policy: "" },
+            SiteSpec { id: "b", partners: vec![("a", 0), ("c", 10)], hosts: vec![("rack9-full", 0)], policy: "" },
+            SiteSpec { id: "c", partners: vec![("b", 0)], hosts: vec![("rack7-node3", 4096)], policy: "" },
         ],
     )
     .await;
+    // An observer on the hub sees everything that crosses a site boundary.
+    let observer = stack.fed.connect_as("hub", Role::Operator).await.unwrap();
+    let mut seen = observer.subscribe(">").await.unwrap();
+    observer.flush().await.unwrap();
     let image = stack.image_store("a").join("tiny.qcow2");
     std::fs::write(&image, vec![7u8; 300_000]).unwrap();
     let op_a = stack.operator("a").await;
@@ -79,10 +84,10 @@ async fn scenario_1_placement_is_delegated_a_b_c() {
     assert_eq!(at_b["next_hop"], "site:c", "{at_b}");
     let at_c = vm_view(&op_c, "c", "web-1").await.unwrap();
     assert_eq!(at_c["upstream"], "b", "{at_c}");
-    assert_eq!(at_c["next_hop"], "host:h1", "{at_c}");
+    assert_eq!(at_c["next_hop"], "host:rack7-node3", "{at_c}");
 
     // The image arrived byte for byte on c's host.
-    let received = std::fs::read(stack.vm_root("c", "h1").join("web-1").join("disk-vda.qcow2")).unwrap();
+    let received = std::fs::read(stack.vm_root("c", "rack7-node3").join("web-1").join("disk-vda.qcow2")).unwrap();
     assert_eq!(received, std::fs::read(&image).unwrap());
 
     // The Control interface from the primary, two hops away, in DMTF terms.
@@ -101,5 +106,107 @@ async fn scenario_1_placement_is_delegated_a_b_c() {
     // An unknown VM is a clear refusal.
     let e = ops(&op_a, "a", "control", json!({"vm": "nope", "change": {"kind": "query"}})).await.unwrap_err();
     assert!(e.contains("unknown_vm"), "{e}");
+
+    // Location unawareness: nothing that crossed the hub names a host, a path or a libvirt URI.
+    let root = stack.root().to_string_lossy().into_owned();
+    let mut count = 0;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), seen.next()).await {
+        count += 1;
+        let text = String::from_utf8_lossy(&msg.payload);
+        for secret in ["rack7-node3", "rack9-full", root.as_str(), "test:///", "qemu:///"] {
+            assert!(!text.contains(secret), "{secret:?} crossed the hub on {}: {text}", msg.subject);
+        }
+        assert!(!msg.subject.starts_with("nubis.site."), "site-internal subject crossed the hub: {}", msg.subject);
+    }
+    assert!(count > 10, "the observer saw only {count} messages");
+    stack.shutdown().await;
+}
+
+async fn next_hop(client: &async_nats::Client, site: &str, vm: &str) -> Result<String, String> {
+    let v = vm_view(client, site, vm).await?;
+    v["next_hop"].as_str().map(str::to_string).ok_or_else(|| format!("no next hop: {v}"))
+}
+
+/// Usage scenario 2: the site running the VM evicts it; the site that delegated it becomes
+/// Controller and re-places it at another partner; files move site to site directly.
+#[tokio::test]
+async fn scenario_2_eviction_replaces_the_vm_elsewhere() {
+    let Some(binary) = require_nats_server() else { return };
+    let stack = Stack::start(
+        &binary,
+        vec![
+            SiteSpec { id: "a", partners: vec![("b", 10)], hosts: vec![], policy: "" },
+            SiteSpec { id: "b", partners: vec![("a", 0), ("c", 10), ("d", 5)], hosts: vec![], policy: "" },
+            SiteSpec { id: "c", partners: vec![("b", 0)], hosts: vec![("c1", 4096)], policy: "" },
+            SiteSpec { id: "d", partners: vec![("b", 0)], hosts: vec![("d1", 4096)], policy: "" },
+        ],
+    )
+    .await;
+    std::fs::write(stack.image_store("a").join("tiny.qcow2"), vec![3u8; 200_000]).unwrap();
+    let ops_of = |s: &'static str| stack.operator(s);
+    let (op_a, op_b) = (ops_of("a").await, ops_of("b").await);
+    let r = ops(&op_a, "a", "deploy", deploy_body("db-1", Some("tiny.qcow2"))).await.unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    let first = next_hop(&op_b, "b", "db-1").await.unwrap();
+    let (x, y) = if first == "site:c" { ("c", "d") } else { ("d", "c") };
+    assert_eq!(first, format!("site:{x}"));
+    let op_x = ops_of(x).await;
+    let op_y = ops_of(y).await;
+
+    // x must get rid of the VM (host maintenance): an eviction notice goes to b.
+    let notice = ops(&op_x, x, "evict", json!({"vm": "db-1"})).await.unwrap();
+    assert_eq!(notice["sent_to"], "b", "{notice}");
+    wait_until(LONG, "b re-places the VM at y", || async {
+        let hop = next_hop(&op_b, "b", "db-1").await?;
+        let view = vm_view(&op_b, "b", "db-1").await?;
+        if hop == format!("site:{y}") && view["phase"] == "placed" { Ok(()) } else { Err(view.to_string()) }
+    })
+    .await
+    .unwrap();
+    // The chain ends correct: a → b → y → y's host; x forgot the VM and freed its files.
+    assert_eq!(next_hop(&op_a, "a", "db-1").await.unwrap(), "site:b");
+    let at_y = vm_view(&op_y, y, "db-1").await.unwrap();
+    assert_eq!(at_y["upstream"], "b", "{at_y}");
+    assert_eq!(at_y["next_hop"], format!("host:{y}1"), "{at_y}");
+    wait_until(LONG, "x released the VM", || async {
+        let v = ops(&op_x, x, "vms", json!({})).await?;
+        if v["vms"].as_array().is_some_and(|a| a.is_empty()) { Ok(()) } else { Err(v.to_string()) }
+    })
+    .await
+    .unwrap();
+    assert!(!stack.vm_root(x, &format!("{x}1")).join("db-1").exists(), "x still holds the VM's files");
+    let disk = stack.vm_root(y, &format!("{y}1")).join("db-1").join("disk-vda.qcow2");
+    assert_eq!(std::fs::read(disk).unwrap(), vec![3u8; 200_000]);
+    stack.shutdown().await;
+}
+
+/// Usage scenario 3: host to host inside one site, with the same protocol.
+#[tokio::test]
+async fn scenario_3_local_migration_between_hosts() {
+    let Some(binary) = require_nats_server() else { return };
+    let stack = Stack::start(
+        &binary,
+        vec![SiteSpec { id: "a", partners: vec![], hosts: vec![("n1", 4096), ("n2", 4096)], policy: "" }],
+    )
+    .await;
+    std::fs::write(stack.image_store("a").join("tiny.qcow2"), vec![9u8; 100_000]).unwrap();
+    let op_a = stack.operator("a").await;
+    let r = ops(&op_a, "a", "deploy", deploy_body("app-1", Some("tiny.qcow2"))).await.unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    let before = next_hop(&op_a, "a", "app-1").await.unwrap();
+    let other = if before == "host:n1" { "n2" } else { "n1" };
+
+    let r = ops(&op_a, "a", "migrate", json!({"vm": "app-1", "to_site": "a"})).await.unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    assert_eq!(next_hop(&op_a, "a", "app-1").await.unwrap(), format!("host:{other}"));
+    let old = before.trim_start_matches("host:");
+    assert!(!stack.vm_root("a", old).join("app-1").exists(), "the old host still holds the VM");
+    let disk = stack.vm_root("a", other).join("app-1").join("disk-vda.qcow2");
+    assert_eq!(std::fs::read(disk).unwrap(), vec![9u8; 100_000]);
+    let q = ops(&op_a, "a", "control", json!({"vm": "app-1", "change": {"kind": "query"}})).await.unwrap();
+    assert_eq!(q["state"], "enabled", "{q}");
     stack.shutdown().await;
 }
