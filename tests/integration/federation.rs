@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, object_store};
 use bytes::Bytes;
 use futures::StreamExt;
+use nubis_protocol::subject::DIRECTORY_BUCKET;
 use nubis_testkit::{
     kept_logs_root, require_nats_server, wait_until, Federation, LocateError, NatsServerBinary,
     DEFAULT_TIMEOUT, HUB, HUB_DOMAIN, MIN_VERSION,
@@ -48,20 +49,20 @@ async fn kv_bucket_in_hub_domain_written_from_a_is_read_and_watched_from_b() {
 
     let kv_a = kv_bucket(
         &jetstream::with_domain(client_a.clone(), HUB_DOMAIN),
-        "directory",
+        DIRECTORY_BUCKET,
     )
     .await;
     let kv_b = jetstream::with_domain(client_b.clone(), HUB_DOMAIN)
-        .get_key_value("directory")
+        .get_key_value(DIRECTORY_BUCKET)
         .await
         .unwrap();
-    let mut watch_b = kv_b.watch("sites.>").await.unwrap();
+    let mut watch_b = kv_b.watch("site.>").await.unwrap();
 
-    kv_a.put("sites.a", Bytes::from_static(b"proxy of a"))
+    kv_a.put("site.a", Bytes::from_static(b"proxy of a"))
         .await
         .unwrap();
     assert_eq!(
-        kv_b.get("sites.a").await.unwrap(),
+        kv_b.get("site.a").await.unwrap(),
         Some(Bytes::from_static(b"proxy of a"))
     );
     let entry = tokio::time::timeout(DEFAULT_TIMEOUT, watch_b.next())
@@ -69,12 +70,12 @@ async fn kv_bucket_in_hub_domain_written_from_a_is_read_and_watched_from_b() {
         .expect("site b's watch saw nothing")
         .unwrap()
         .unwrap();
-    assert_eq!(entry.key, "sites.a");
+    assert_eq!(entry.key, "site.a");
     assert_eq!(entry.value, Bytes::from_static(b"proxy of a"));
     assert_eq!(entry.operation, kv::Operation::Put);
 
     // An update made by a is seen by b's watch too, in order.
-    kv_a.put("sites.a", Bytes::from_static(b"proxy of a, moved"))
+    kv_a.put("site.a", Bytes::from_static(b"proxy of a, moved"))
         .await
         .unwrap();
     let entry = tokio::time::timeout(DEFAULT_TIMEOUT, watch_b.next())
@@ -88,15 +89,15 @@ async fn kv_bucket_in_hub_domain_written_from_a_is_read_and_watched_from_b() {
     // prefix, and site a's local domain has no such bucket.
     let hub = federation.connect(HUB).await.unwrap();
     let on_hub = jetstream::new(hub)
-        .get_key_value("directory")
+        .get_key_value(DIRECTORY_BUCKET)
         .await
         .unwrap();
     assert_eq!(
-        on_hub.get("sites.a").await.unwrap(),
+        on_hub.get("site.a").await.unwrap(),
         Some(Bytes::from_static(b"proxy of a, moved"))
     );
     assert!(jetstream::new(client_a)
-        .get_key_value("directory")
+        .get_key_value(DIRECTORY_BUCKET)
         .await
         .is_err());
 }
@@ -217,11 +218,11 @@ async fn hub_restart_keeps_the_directory_and_every_site_rejoins() {
     let client_c = federation.connect("c").await.unwrap();
     let directory = kv_bucket(
         &jetstream::with_domain(client_c.clone(), HUB_DOMAIN),
-        "directory",
+        DIRECTORY_BUCKET,
     )
     .await;
     directory
-        .put("sites.c", Bytes::from_static(b"c"))
+        .put("site.c", Bytes::from_static(b"c"))
         .await
         .unwrap();
 
@@ -236,11 +237,11 @@ async fn hub_restart_keeps_the_directory_and_every_site_rejoins() {
     // c's client was connected all along; its server rejoined the hub by itself.
     let client_a = federation.connect("a").await.unwrap();
     let directory_a = jetstream::with_domain(client_a, HUB_DOMAIN)
-        .get_key_value("directory")
+        .get_key_value(DIRECTORY_BUCKET)
         .await
         .unwrap();
     assert_eq!(
-        directory_a.get("sites.c").await.unwrap(),
+        directory_a.get("site.c").await.unwrap(),
         Some(Bytes::from_static(b"c"))
     );
 }

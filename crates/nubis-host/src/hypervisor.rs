@@ -247,6 +247,13 @@ pub trait Hypervisor: Send + Sync {
     fn suspend(&self, name: &str) -> Result<(), HypervisorError>;
     /// Continues a paused domain.
     fn resume(&self, name: &str) -> Result<(), HypervisorError>;
+    /// Resets a running domain at once, like pressing the reset button.
+    fn reset(&self, name: &str) -> Result<(), HypervisorError>;
+    /// Asks the guest of a running domain to reboot.
+    fn reboot(&self, name: &str) -> Result<(), HypervisorError>;
+    /// Changes the memory of a running domain (through its balloon), at most up to the memory it
+    /// was started with; the persistent definition is not changed.
+    fn set_memory(&self, name: &str, memory_mib: u64) -> Result<(), HypervisorError>;
     /// Saves the domain's memory state to `state_file` and stops it. The definition stays.
     fn save(&self, name: &str, state_file: &Path) -> Result<(), HypervisorError>;
     /// Brings a domain back from a saved state, running. With `spec`, the domain is restored

@@ -11,17 +11,35 @@
 //! - [`sampling`]: infrastructure measurements, snapshots of counters turned into rates.
 //! - [`capacity`]: what the host has, what its VMs hold, and whether one more fits.
 //! - [`test_guest`]: the tiny real guest used by tests.
+//!
+//! The daemon on top of them (`nubis host --config host.toml`):
+//!
+//! - [`config`]: [`HostConfig`], the validated `host.toml` (its keys are documented there).
+//! - [`agent`]: [`agent::run`], the daemon answering the site on
+//!   `nubis.site.<site>.host.<host>.<op>` and publishing its capacity.
+//! - [`engine`]: the operations themselves (reserve, activate, prepare, resume after abort,
+//!   release, control, update, state, list), idempotent and run one at a time.
+//! - [`vm_files`]: the per-VM directories under the VM root.
+//! - [`client`]: the NATS transport for the protocol crate's typed
+//!   [`HostClient`](nubis_protocol::message::HostClient).
 
+pub mod agent;
 pub mod capacity;
+pub mod client;
+pub mod config;
 pub mod dmtf;
 pub mod domain_xml;
+pub mod engine;
 pub mod hypervisor;
 pub mod libvirt;
 pub mod sampling;
 pub mod spec;
 pub mod test_guest;
+pub mod vm_files;
 
+pub use agent::{run, AgentError};
 pub use capacity::{Capacity, CapacityError, Reservation, Resources};
+pub use config::{ConfigError, HostConfig};
 pub use dmtf::DmtfState;
 pub use domain_xml::Accelerator;
 pub use hypervisor::{

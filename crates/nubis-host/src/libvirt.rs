@@ -376,6 +376,26 @@ impl Hypervisor for LibvirtHypervisor {
         )
     }
 
+    fn reset(&self, name: &str) -> Result<(), HypervisorError> {
+        self.on_domain(name, "reset", DmtfState::is_active, Domain::reset)
+    }
+
+    fn reboot(&self, name: &str) -> Result<(), HypervisorError> {
+        self.on_domain(
+            name,
+            "reboot",
+            |s| s == DmtfState::Enabled,
+            |d| d.reboot(sys::VIR_DOMAIN_REBOOT_DEFAULT),
+        )
+    }
+
+    fn set_memory(&self, name: &str, memory_mib: u64) -> Result<(), HypervisorError> {
+        // `Domain::set_memory` of virt 0.5 drops libvirt's error, so the flags variant is used.
+        self.on_domain(name, "set memory", DmtfState::is_active, |d| {
+            d.set_memory_flags(memory_mib.saturating_mul(1024), sys::VIR_DOMAIN_MEM_LIVE)
+        })
+    }
+
     fn save(&self, name: &str, state_file: &Path) -> Result<(), HypervisorError> {
         let path = state_file
             .to_str()

@@ -174,7 +174,8 @@ impl<L: LocalSite> Roles<L> {
         match (&m.phase, &m.source) {
             (MigrationPhase::Committing { offer }, Some(source)) => {
                 let ranked = m.offers.get(*offer).ok_or_else(|| internal("journal names a missing offer"))?;
-                self.commit_all(m.id, &record, source, m.source_via.as_ref(), ranked).await?;
+                self.commit_destination_side(m.id, &record, ranked).await?;
+                self.commit_source_side(m.id, &record, source, m.source_via.as_ref()).await?;
                 for (j, other) in m.offers.iter().enumerate() {
                     if j != *offer {
                         let _ = self.abort_destination(m.id, &record.vm, other).await;
@@ -278,7 +279,15 @@ impl<L: LocalSite> Roles<L> {
             match self.transfer(id, &record.vm, source, source_via, ranked).await {
                 Ok(()) => {
                     self.update_migration(id, |m| m.phase = MigrationPhase::Committing { offer: i })?;
-                    self.commit_all(id, record, source, source_via, ranked).await?;
+                    if let Err(e) = self.commit_destination_side(id, record, ranked).await {
+                        // The destination could not activate the VM: nothing runs there, the
+                        // source is still stopped. Discard this offer and try the next one.
+                        tracing::warn!(migration.id = %id, offer = i, error = %e.message, "destination refused to activate");
+                        let _ = self.abort_destination(id, &record.vm, ranked).await;
+                        self.update_migration(id, |m| m.phase = MigrationPhase::Transferring { offer: i })?;
+                        continue;
+                    }
+                    self.commit_source_side(id, record, source, source_via).await?;
                     // Unused offers: release their reservations, best effort.
                     for (j, other) in offers.iter().enumerate() {
                         if j != i {
@@ -505,17 +514,10 @@ impl<L: LocalSite> Roles<L> {
         }
     }
 
-    /// The hand-over: commit the destination chain (which activates the VM), re-point this
-    /// site's record, then commit the source chain (which releases the old copy). The VM is
-    /// activated only after the source stopped it (prepare), so it is never active twice.
-    async fn commit_all(
-        &self,
-        id: MigrationId,
-        record: &VmRecord,
-        source: &Endpoint,
-        source_via: Option<&NextHop>,
-        ranked: &RankedOffer,
-    ) -> Result<(), ErrorReply> {
+    /// The hand-over, first half: commit the destination chain (which activates the VM) and
+    /// re-point this site's record. The VM is activated only after the source stopped it
+    /// (prepare), so it is never active twice.
+    async fn commit_destination_side(&self, id: MigrationId, record: &VmRecord, ranked: &RankedOffer) -> Result<(), ErrorReply> {
         let me = self.site().clone();
         let dest = CommitMigration {
             migration_id: id,
@@ -542,6 +544,17 @@ impl<L: LocalSite> Roles<L> {
                 self.journal.put_vm(&r).map_err(internal)?;
             }
         }
+        Ok(())
+    }
+
+    /// The hand-over, second half: commit the source chain, which releases the old copy.
+    async fn commit_source_side(
+        &self,
+        id: MigrationId,
+        record: &VmRecord,
+        source: &Endpoint,
+        source_via: Option<&NextHop>,
+    ) -> Result<(), ErrorReply> {
         let src = CommitMigration {
             migration_id: id,
             vm: record.vm.clone(),

@@ -5,6 +5,11 @@
 //! repository, so the tests run the same topology an operator deploys. Every server first binds
 //! random ports (`-1`); the ports it got are read back and written into its configuration, so a
 //! restarted server comes back on the same address with the same store, as a real site would.
+//!
+//! No server accepts clients without credentials. Every server gets fresh random passwords for
+//! its users (see [`Role`]); [`Federation::connect`] logs in as a site's daemon (or the hub's
+//! operator), [`Federation::connect_as`] as any role, and [`Federation::credentials`] hands
+//! out a user and password for configuration files, such as a site daemon's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions};
@@ -31,6 +36,7 @@ pub const HUB_DOMAIN: &str = "hub";
 const HOST: &str = "127.0.0.1";
 const HUB_TEMPLATE: &str = include_str!("../../../nats-config/hub.conf");
 const LEAF_TEMPLATE: &str = include_str!("../../../nats-config/leaf.conf");
+const HUB_LEAF_USER_TEMPLATE: &str = include_str!("../../../nats-config/hub-leaf-user.conf");
 
 /// How long a server may take to exit after being asked to, before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -39,6 +45,61 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Distinguishes the log directories of several federations started by one test process.
 static FEDERATION_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A user of a server in the federation, as defined in `nats-config/` (see the permission
+/// table in `nats-config/README.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// A site's daemon (`site`): federation requests addressed to the site, the operator API,
+    /// its host agents and proxies, JetStream. What [`Federation::connect`] uses at a site.
+    Site,
+    /// A site's operators (`operator`): that site's operator API only, read access to the
+    /// directory, monitoring. At the hub, the hub's operator, unrestricted; what
+    /// [`Federation::connect`] uses there.
+    Operator,
+    /// A site's host agents (`host`): site-internal subjects and monitoring events only.
+    Host,
+    /// A site's administrator (`admin`): unrestricted inside the site, so it shows what a
+    /// site can do at most; the hub's permissions on the leaf connection still apply.
+    Admin,
+}
+
+impl Role {
+    /// Every role, in a fixed order.
+    pub const ALL: [Role; 4] = [Role::Site, Role::Operator, Role::Host, Role::Admin];
+
+    /// The NATS user name of the role.
+    pub fn user(self) -> &'static str {
+        match self {
+            Role::Site => "site",
+            Role::Operator => "operator",
+            Role::Host => "host",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// The template placeholder holding the role's password.
+    fn password_placeholder(self) -> &'static str {
+        match self {
+            Role::Site => "SITE_PASSWORD",
+            Role::Operator => "OPERATOR_PASSWORD",
+            Role::Host => "HOST_PASSWORD",
+            Role::Admin => "ADMIN_PASSWORD",
+        }
+    }
+
+    /// Whether the server has a user for this role: every site has all of them, the hub only
+    /// its operator.
+    fn exists_on(self, server_is_hub: bool) -> bool {
+        !server_is_hub || self == Role::Operator
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.user())
+    }
+}
 
 /// Why a federation could not be started or operated.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +124,14 @@ pub enum Error {
     UnknownServer {
         /// The name given.
         name: String,
+    },
+    /// The server has no user for this role (the hub has only its operator).
+    #[error("server {server:?} has no {role} user")]
+    NoSuchUser {
+        /// The server.
+        server: String,
+        /// The role asked for.
+        role: Role,
     },
     /// The server is stopped, so it has no address to offer.
     #[error("server {name:?} is not running")]
@@ -201,7 +270,6 @@ impl Server {
     }
 
     fn render(&self) -> Result<String, Error> {
-        let mut text = self.template.to_owned();
         let ports = [
             ("CLIENT_PORT", Self::port_value(self.client_port)),
             ("HTTP_PORT", Self::port_value(self.http_port)),
@@ -212,18 +280,47 @@ impl Server {
             .iter()
             .map(|(k, v)| (*k, v.clone()))
             .chain(ports);
-        for (key, value) in values {
-            text = text.replace(&format!("{{{{{key}}}}}"), &value);
+        render_template(&self.name, self.template, values)
+    }
+
+    /// User and password of `role` on this server.
+    fn credentials(&self, role: Role) -> Result<(String, String), Error> {
+        let no_such_user = || Error::NoSuchUser {
+            server: self.name.clone(),
+            role,
+        };
+        if !role.exists_on(self.is_hub()) {
+            return Err(no_such_user());
         }
-        if let Some(start) = text.find("{{") {
-            let rest = &text[start..];
-            let end = rest.find("}}").map_or(rest.len(), |e| e + 2);
-            return Err(Error::Template {
+        let password = self
+            .values
+            .get(role.password_placeholder())
+            .ok_or_else(no_such_user)?;
+        Ok((role.user().to_owned(), password.clone()))
+    }
+
+    /// The role test-kit clients use unless told otherwise: the site daemon at a site, the
+    /// operator at the hub.
+    fn default_role(&self) -> Role {
+        if self.is_hub() {
+            Role::Operator
+        } else {
+            Role::Site
+        }
+    }
+
+    /// Connects a client as `role`.
+    async fn connect_as(&self, role: Role) -> Result<async_nats::Client, Error> {
+        let url = self.url()?;
+        let (user, password) = self.credentials(role)?;
+        async_nats::ConnectOptions::with_user_and_password(user, password)
+            .name(format!("nubis-testkit-{}-{role}", self.name))
+            .connect(url)
+            .await
+            .map_err(|source| Error::Connect {
                 server: self.name.clone(),
-                placeholder: rest[..end].to_owned(),
-            });
-        }
-        Ok(text)
+                source,
+            })
     }
 
     fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -419,6 +516,27 @@ impl Server {
     }
 }
 
+/// Fills every `{{NAME}}` placeholder of `template`; fails if one is left unfilled.
+fn render_template(
+    server: &str,
+    template: &str,
+    values: impl IntoIterator<Item = (&'static str, String)>,
+) -> Result<String, Error> {
+    let mut text = template.to_owned();
+    for (key, value) in values {
+        text = text.replace(&format!("{{{{{key}}}}}"), &value);
+    }
+    if let Some(start) = text.find("{{") {
+        let rest = &text[start..];
+        let end = rest.find("}}").map_or(rest.len(), |e| e + 2);
+        return Err(Error::Template {
+            server: server.to_owned(),
+            placeholder: rest[..end].to_owned(),
+        });
+    }
+    Ok(text)
+}
+
 /// Where failing tests keep their server logs: `nubis-test-logs/` in the cargo target
 /// directory (`CARGO_TARGET_DIR`, else the workspace's `target/`).
 pub fn kept_logs_root() -> PathBuf {
@@ -482,13 +600,18 @@ impl Federation {
 
         let password = || Alphanumeric.sample_string(&mut rand::thread_rng(), 24);
         let sys_password = password();
-        let local_password = password();
+        // Every server gets passwords of its own for every role, so that a credential of one
+        // site is worth nothing at another.
         let common = |server: &mut Server| {
             server.values.insert("HOST", HOST.to_owned());
             server.values.insert("SYS_PASSWORD", sys_password.clone());
-            server
-                .values
-                .insert("LOCAL_PASSWORD", local_password.clone());
+            for role in Role::ALL {
+                if role.exists_on(server.is_hub()) {
+                    server
+                        .values
+                        .insert(role.password_placeholder(), password());
+                }
+            }
             let store = server.dir.join("store");
             let ports = server.ports_dir();
             server
@@ -507,9 +630,14 @@ impl Federation {
             let mut site = Server::new(id, root.path().join(format!("site-{id}")), LEAF_TEMPLATE);
             common(&mut site);
             let leaf_password = password();
-            leaf_users.push(format!(
-                "      {{user: \"{id}\", password: \"{leaf_password}\", account: FED}}"
-            ));
+            leaf_users.push(render_template(
+                HUB,
+                HUB_LEAF_USER_TEMPLATE,
+                [
+                    ("SITE", (*id).to_owned()),
+                    ("LEAF_PASSWORD", leaf_password.clone()),
+                ],
+            )?);
             site.values.insert("SITE", (*id).to_owned());
             site.values.insert("LEAF_PASSWORD", leaf_password);
             site_servers.push(site);
@@ -611,16 +739,23 @@ impl Federation {
         Ok(self.server(name)?.is_running())
     }
 
-    /// Connects a client to a site's server (or to the hub, named [`HUB`]), as that site's own
-    /// processes would.
+    /// Connects a client to a site's server as that site's daemon ([`Role::Site`]), or to the
+    /// hub, named [`HUB`], as the hub's operator.
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, Error> {
-        let url = self.server(name)?.url()?;
-        async_nats::connect(url)
-            .await
-            .map_err(|source| Error::Connect {
-                server: name.to_owned(),
-                source,
-            })
+        let server = self.server(name)?;
+        server.connect_as(server.default_role()).await
+    }
+
+    /// Connects a client to a site's server (or the hub's) as `role`.
+    pub async fn connect_as(&self, name: &str, role: Role) -> Result<async_nats::Client, Error> {
+        self.server(name)?.connect_as(role).await
+    }
+
+    /// User name and password of `role` on a site's server (or the hub's), for a process that
+    /// connects by itself, such as a site daemon from its configuration file. They stay the
+    /// same across restarts.
+    pub fn credentials(&self, name: &str, role: Role) -> Result<(String, String), Error> {
+        self.server(name)?.credentials(role)
     }
 
     /// Names of the sites the hub currently sees connected as leaf nodes, sorted.
@@ -732,8 +867,8 @@ impl Federation {
         }
         for from in &running {
             if !clients.contains_key(&from.name) {
-                let url = from.url().map_err(|e| e.to_string())?;
-                let client = async_nats::connect(url)
+                let client = from
+                    .connect_as(from.default_role())
                     .await
                     .map_err(|e| format!("connect to {:?}: {e}", from.name))?;
                 clients.insert(from.name.clone(), client);
@@ -822,7 +957,7 @@ mod tests {
             "STORE",
             "PORTS_DIR",
             "SYS_PASSWORD",
-            "LOCAL_PASSWORD",
+            "OPERATOR_PASSWORD",
             "LEAF_USERS",
         ] {
             hub.values.insert(key, "x".to_owned());
@@ -840,7 +975,10 @@ mod tests {
             "STORE",
             "PORTS_DIR",
             "SYS_PASSWORD",
-            "LOCAL_PASSWORD",
+            "SITE_PASSWORD",
+            "OPERATOR_PASSWORD",
+            "HOST_PASSWORD",
+            "ADMIN_PASSWORD",
             "SITE",
             "HUB_LEAF_URL",
             "LEAF_PASSWORD",
@@ -850,6 +988,47 @@ mod tests {
         let text = leaf.render().unwrap();
         assert!(text.contains("listen: \"a:4222\""));
         assert!(text.contains("domain: \"a\""));
+        // No server maps credential-less clients to a user.
+        for text in [&hub.render().unwrap(), &text] {
+            assert!(!text.contains("no_auth_user:"), "{text}");
+        }
+
+        let user = render_template(
+            HUB,
+            HUB_LEAF_USER_TEMPLATE,
+            [("SITE", "b".to_owned()), ("LEAF_PASSWORD", "pw".to_owned())],
+        )
+        .unwrap();
+        assert!(user.contains("\"nubis.fed.b.>\""));
+        assert!(user.contains("\"$JS.hub.API.$KV.nubis-directory.site.b\""));
+        assert!(user.contains("allowed_connection_types: [\"LEAFNODE\"]"));
+    }
+
+    #[test]
+    fn credentials_exist_for_every_role_at_a_site_and_only_the_operator_at_the_hub() {
+        let dir = PathBuf::from("/nonexistent");
+        let mut hub = Server::new(HUB, dir.join("hub"), HUB_TEMPLATE);
+        let mut site = Server::new("a", dir.join("a"), LEAF_TEMPLATE);
+        for role in Role::ALL {
+            site.values
+                .insert(role.password_placeholder(), format!("pw-{role}"));
+        }
+        hub.values.insert("OPERATOR_PASSWORD", "hub-pw".to_owned());
+        for role in Role::ALL {
+            let (user, password) = site.credentials(role).unwrap();
+            assert_eq!(user, role.user());
+            assert_eq!(password, format!("pw-{role}"));
+        }
+        assert_eq!(
+            hub.credentials(Role::Operator).unwrap(),
+            ("operator".to_owned(), "hub-pw".to_owned())
+        );
+        for role in [Role::Site, Role::Host, Role::Admin] {
+            let err = hub.credentials(role).unwrap_err();
+            assert!(matches!(err, Error::NoSuchUser { .. }), "{err}");
+        }
+        assert_eq!(hub.default_role(), Role::Operator);
+        assert_eq!(site.default_role(), Role::Site);
     }
 
     #[tokio::test]

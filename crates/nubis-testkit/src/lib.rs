@@ -12,6 +12,7 @@
 //! let Some(binary) = require_nats_server() else { return };
 //! let federation = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
 //! let client_a = federation.connect("a").await.unwrap();
+//! let operator_a = federation.connect_as("a", nubis_testkit::Role::Operator).await.unwrap();
 //! # }
 //! ```
 
@@ -22,7 +23,7 @@ pub mod monitor;
 pub mod wait;
 
 pub use binary::{LocateError, NatsServerBinary, Version, MIN_VERSION, NATS_SERVER_ENV};
-pub use federation::{kept_logs_root, Error, Federation, HUB, HUB_DOMAIN};
+pub use federation::{kept_logs_root, Error, Federation, Role, HUB, HUB_DOMAIN};
 pub use wait::{wait_until, Backoff, WaitError, DEFAULT_TIMEOUT};
 
 /// Whether the tests run under CI (`CI=true`), where a missing prerequisite is a failure.

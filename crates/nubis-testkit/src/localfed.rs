@@ -39,12 +39,14 @@ pub enum CheckError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// Site c read something other than what site a wrote.
-    #[error("site c read {read:?} where site a wrote {wrote:?}")]
+    /// A site read something other than what the hub wrote.
+    #[error("site {site} read {read:?} where the hub wrote {wrote:?}")]
     Mismatch {
-        /// Written by a.
+        /// The site that read.
+        site: String,
+        /// Written at the hub.
         wrote: String,
-        /// Read by c.
+        /// Read by the site.
         read: Option<String>,
     },
 }
@@ -107,9 +109,10 @@ async fn check(federation: &Federation) -> Result<(), CheckError> {
     }
     println!("\nhub: leaf connections from sites {}", seen.join(", "));
 
-    let client_a = federation.connect("a").await?;
-    let client_c = federation.connect("c").await?;
-    let kv_a = jetstream::with_domain(client_a, HUB_DOMAIN)
+    // Only the hub's operator may create buckets in the hub's domain (sites may write only
+    // their own directory entries); every site may read them through the hub.
+    let hub = federation.connect(HUB).await?;
+    let kv_hub = jetstream::new(hub)
         .create_key_value(kv::Config {
             bucket: CHECK_BUCKET.to_owned(),
             history: 1,
@@ -121,25 +124,32 @@ async fn check(federation: &Federation) -> Result<(), CheckError> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
-    let wrote = format!("hello from a at {stamp}");
-    kv_a.put("greeting", Bytes::from(wrote.clone()))
+    let wrote = format!("hello from the hub at {stamp}");
+    kv_hub
+        .put("greeting", Bytes::from(wrote.clone()))
         .await
         .map_err(|e| kv_error("put")(e.into()))?;
-    println!("site a: put {CHECK_BUCKET}.greeting = {wrote:?} in domain {HUB_DOMAIN:?}");
+    println!("hub: put {CHECK_BUCKET}.greeting = {wrote:?} in domain {HUB_DOMAIN:?}");
 
-    let kv_c = jetstream::with_domain(client_c, HUB_DOMAIN)
-        .get_key_value(CHECK_BUCKET)
-        .await
-        .map_err(|e| kv_error("open bucket")(e.into()))?;
-    let read = kv_c
-        .get("greeting")
-        .await
-        .map_err(|e| kv_error("get")(e.into()))?
-        .map(|v| String::from_utf8_lossy(&v).into_owned());
-    if read.as_deref() != Some(wrote.as_str()) {
-        return Err(CheckError::Mismatch { wrote, read });
+    for site in SITES {
+        let kv_site = jetstream::with_domain(federation.connect(site).await?, HUB_DOMAIN)
+            .get_key_value(CHECK_BUCKET)
+            .await
+            .map_err(|e| kv_error("open bucket")(e.into()))?;
+        let read = kv_site
+            .get("greeting")
+            .await
+            .map_err(|e| kv_error("get")(e.into()))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        if read.as_deref() != Some(wrote.as_str()) {
+            return Err(CheckError::Mismatch {
+                site: site.to_owned(),
+                wrote,
+                read,
+            });
+        }
+        println!("site {site}: got {CHECK_BUCKET}.greeting through the hub");
     }
-    println!("site c: got {CHECK_BUCKET}.greeting = {wrote:?} through the hub");
     println!(
         "\nfederation OK: hub + sites {} connected",
         SITES.join(", ")

@@ -12,6 +12,7 @@ use serde::Serialize;
 mod control;
 mod directory;
 mod error;
+pub mod host;
 mod migration;
 mod monitoring;
 mod names;
@@ -20,6 +21,12 @@ pub mod proxy;
 pub use control::{ControlChange, ControlReply, ControlRequest, DmtfState, StateTransition};
 pub use directory::{ConsumerRegistration, ProducerRegistration, ProxyEntry, SiteEntry};
 pub use error::{ErrorCode, ErrorReply};
+pub use host::{
+    ActivateVm, CapacityQuery, ControlVm, HostCallError, HostCapacity, HostClient, HostFile,
+    HostOp, HostReply, HostRequest, HostResources, HostTransport, HostVmEntry, HostVmStatus,
+    HostVms, ListVms, PrepareVm, ReleaseVm, ReserveVm, ResumeVm, TransportError, UpdateVm,
+    VmPrepared, VmReleased, VmReserved, VmStateQuery, VmUpdated,
+};
 pub use migration::{
     AbortMigration, Aborted, CapacityHint, CommitMigration, Committed, Endpoint, EvictionAccepted,
     EvictionNotice, FileDigest, HandOverSide, InitiateTransfer, MigrationRequest, Offer,
@@ -78,4 +85,21 @@ pub const BODY_TYPES: &[&str] = &[
     Released::TYPE,
     TransferProgress::TYPE,
     TransferManifest::TYPE,
+    CapacityQuery::TYPE,
+    HostCapacity::TYPE,
+    ReserveVm::TYPE,
+    VmReserved::TYPE,
+    ActivateVm::TYPE,
+    HostVmStatus::TYPE,
+    PrepareVm::TYPE,
+    VmPrepared::TYPE,
+    ResumeVm::TYPE,
+    ReleaseVm::TYPE,
+    VmReleased::TYPE,
+    ControlVm::TYPE,
+    UpdateVm::TYPE,
+    VmUpdated::TYPE,
+    VmStateQuery::TYPE,
+    ListVms::TYPE,
+    HostVms::TYPE,
 ];

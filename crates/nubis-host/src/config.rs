@@ -1,0 +1,362 @@
+//! The host agent's configuration (`host.toml`): which site and host it is, where the bus and
+//! the hypervisor are, where VM files live and what capacity it offers. Loaded once, validated
+//! at start, with errors that name the file and the key.
+//!
+//! ```toml
+//! site = "site-a"                       # the site this host belongs to
+//! host = "h1"                           # the host id, unique within the site
+//! nats_url = "nats://127.0.0.1:4222"    # the site's own nats-server
+//! # nats_user = "host-h1"               # optional, with nats_password
+//! # nats_password = "…"
+//! libvirt_uri = "qemu:///system"        # or "test:///default"
+//! accelerator = "tcg"                   # "tcg" (default) or "kvm"
+//! vm_root = "/var/lib/nubis/vms"        # default; relative paths resolve against this file
+//! shutdown_timeout_ms = 30000           # graceful guest shutdown before it is destroyed
+//! grace_period_ms = 30000               # requests in flight may finish when the agent stops
+//! capacity_report_interval_ms = 5000    # how often the capacity report is published
+//!
+//! [capacity]                            # optional overrides; default from libvirt and the
+//! vcpus = 8                             # file system of `vm_root`
+//! memory_mib = 16384
+//! disk_bytes = 500_000_000_000
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nubis_protocol::message::HostId;
+use nubis_protocol::SiteId;
+use serde::Deserialize;
+
+use crate::domain_xml::Accelerator;
+
+/// Default directory under which each VM gets its own directory.
+pub const DEFAULT_VM_ROOT: &str = "/var/lib/nubis/vms";
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Io {
+        /// The configuration file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape (the message names the key).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The configuration file.
+        path: PathBuf,
+        /// What the TOML parser said, including the key and line.
+        message: String,
+    },
+    /// A key has a value that cannot be used.
+    #[error("{path}: `{key}` {reason}")]
+    Invalid {
+        /// The configuration file.
+        path: PathBuf,
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Credentials for the site's nats-server.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsCredentials {
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for NatsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsCredentials")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Capacity figures that replace what the agent would measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityOverrides {
+    /// Virtual CPUs offered.
+    pub vcpus: Option<u32>,
+    /// Memory offered, in MiB.
+    pub memory_mib: Option<u64>,
+    /// Disk space offered, in bytes.
+    pub disk_bytes: Option<u64>,
+}
+
+/// The validated configuration of one host agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    /// The site.
+    pub site: SiteId,
+    /// This host.
+    pub host: HostId,
+    /// The site's nats-server.
+    pub nats_url: String,
+    /// Optional credentials.
+    pub nats_credentials: Option<NatsCredentials>,
+    /// The libvirt connection URI.
+    pub libvirt_uri: String,
+    /// Software emulation or KVM.
+    pub accelerator: Accelerator,
+    /// The directory holding one directory per VM.
+    pub vm_root: PathBuf,
+    /// How long a guest may take to power off before it is destroyed.
+    pub shutdown_timeout: Duration,
+    /// How long requests in flight may take to finish when the agent stops.
+    pub grace_period: Duration,
+    /// How often the capacity report is published.
+    pub capacity_report_interval: Duration,
+    /// Capacity figures given by the operator.
+    pub capacity: CapacityOverrides,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    site: String,
+    host: String,
+    nats_url: String,
+    nats_user: Option<String>,
+    nats_password: Option<String>,
+    libvirt_uri: String,
+    #[serde(default)]
+    accelerator: Option<String>,
+    #[serde(default)]
+    vm_root: Option<PathBuf>,
+    #[serde(default = "default_shutdown_timeout_ms")]
+    shutdown_timeout_ms: u64,
+    #[serde(default = "default_grace_period_ms")]
+    grace_period_ms: u64,
+    #[serde(default = "default_report_interval_ms")]
+    capacity_report_interval_ms: u64,
+    #[serde(default)]
+    capacity: CapacityOverrides,
+}
+
+fn default_shutdown_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_grace_period_ms() -> u64 {
+    30_000
+}
+
+fn default_report_interval_ms() -> u64 {
+    5_000
+}
+
+impl HostConfig {
+    /// Reads and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates configuration `text` read from `path` (relative paths resolve against its
+    /// folder).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        let site = SiteId::new(raw.site).map_err(|e| invalid("site", e.to_string()))?;
+        let host = HostId::new(raw.host).map_err(|e| invalid("host", e.to_string()))?;
+        if !(raw.nats_url.starts_with("nats://") || raw.nats_url.starts_with("tls://")) {
+            return Err(invalid(
+                "nats_url",
+                "must start with nats:// or tls://".into(),
+            ));
+        }
+        let nats_credentials = match (raw.nats_user, raw.nats_password) {
+            (None, None) => None,
+            (Some(user), Some(password)) if !user.is_empty() => {
+                Some(NatsCredentials { user, password })
+            }
+            (Some(_), Some(_)) => return Err(invalid("nats_user", "must not be empty".into())),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "nats_password",
+                    "is required with nats_user".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "nats_user",
+                    "is required with nats_password".into(),
+                ))
+            }
+        };
+        if raw.libvirt_uri.is_empty() || !raw.libvirt_uri.contains("://") {
+            return Err(invalid(
+                "libvirt_uri",
+                "must be a libvirt URI such as qemu:///system or test:///default".into(),
+            ));
+        }
+        let accelerator = match raw.accelerator.as_deref() {
+            None | Some("tcg") => Accelerator::Tcg,
+            Some("kvm") => Accelerator::Kvm,
+            Some(other) => {
+                return Err(invalid(
+                    "accelerator",
+                    format!("must be \"tcg\" or \"kvm\", not {other:?}"),
+                ))
+            }
+        };
+        let vm_root = raw
+            .vm_root
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_VM_ROOT));
+        let vm_root = if vm_root.is_absolute() {
+            vm_root
+        } else {
+            path.parent().unwrap_or(Path::new(".")).join(vm_root)
+        };
+        if vm_root
+            .to_str()
+            .is_none_or(|s| s.chars().any(char::is_control))
+        {
+            return Err(invalid(
+                "vm_root",
+                "must be a UTF-8 path without control characters".into(),
+            ));
+        }
+        if raw.capacity_report_interval_ms == 0 {
+            return Err(invalid(
+                "capacity_report_interval_ms",
+                "must be greater than zero".into(),
+            ));
+        }
+        if raw.capacity.vcpus == Some(0) {
+            return Err(invalid(
+                "capacity.vcpus",
+                "must be greater than zero".into(),
+            ));
+        }
+        if raw.capacity.memory_mib == Some(0) {
+            return Err(invalid(
+                "capacity.memory_mib",
+                "must be greater than zero".into(),
+            ));
+        }
+        Ok(Self {
+            site,
+            host,
+            nats_url: raw.nats_url,
+            nats_credentials,
+            libvirt_uri: raw.libvirt_uri,
+            accelerator,
+            vm_root,
+            shutdown_timeout: Duration::from_millis(raw.shutdown_timeout_ms),
+            grace_period: Duration::from_millis(raw.grace_period_ms),
+            capacity_report_interval: Duration::from_millis(raw.capacity_report_interval_ms),
+            capacity: raw.capacity,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+site = "a"
+host = "h1"
+nats_url = "nats://127.0.0.1:4222"
+libvirt_uri = "test:///default"
+vm_root = "vms"
+"#;
+
+    fn parse(text: &str) -> Result<HostConfig, ConfigError> {
+        HostConfig::parse(text, Path::new("/etc/nubis/host.toml"))
+    }
+
+    #[test]
+    fn a_good_config_loads_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.site.as_str(), "a");
+        assert_eq!(c.host.as_str(), "h1");
+        assert_eq!(c.accelerator, Accelerator::Tcg);
+        assert_eq!(c.vm_root, PathBuf::from("/etc/nubis/vms"));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.capacity, CapacityOverrides::default());
+        assert_eq!(c.nats_credentials, None);
+        let c = parse(&GOOD.replace("vm_root = \"vms\"\n", "")).unwrap();
+        assert_eq!(c.vm_root, PathBuf::from(DEFAULT_VM_ROOT));
+    }
+
+    #[test]
+    fn overrides_and_credentials_are_read() {
+        let text = format!(
+            "{GOOD}accelerator = \"kvm\"\nnats_user = \"u\"\nnats_password = \"p\"\n\
+             [capacity]\nvcpus = 4\nmemory_mib = 2048\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.accelerator, Accelerator::Kvm);
+        assert_eq!(c.capacity.vcpus, Some(4));
+        assert_eq!(c.capacity.memory_mib, Some(2048));
+        assert_eq!(c.capacity.disk_bytes, None);
+        let creds = c.nats_credentials.unwrap();
+        assert_eq!(creds.user, "u");
+        assert!(
+            !format!("{creds:?}").contains("\"p\""),
+            "the password is not logged"
+        );
+    }
+
+    fn invalid_key(text: &str) -> &'static str {
+        match parse(text) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert_eq!(invalid_key(&GOOD.replace("\"a\"", "\"A\"")), "site");
+        assert_eq!(invalid_key(&GOOD.replace("\"h1\"", "\"h.1\"")), "host");
+        assert_eq!(invalid_key(&GOOD.replace("nats://", "http://")), "nats_url");
+        assert_eq!(
+            invalid_key(&GOOD.replace("test:///default", "default")),
+            "libvirt_uri"
+        );
+        assert_eq!(
+            invalid_key(&format!("{GOOD}accelerator = \"xen\"\n")),
+            "accelerator"
+        );
+        assert_eq!(
+            invalid_key(&format!("{GOOD}nats_user = \"u\"\n")),
+            "nats_password"
+        );
+        assert_eq!(
+            invalid_key(&format!("{GOOD}[capacity]\nvcpus = 0\n")),
+            "capacity.vcpus"
+        );
+    }
+
+    #[test]
+    fn missing_and_unknown_keys_are_named() {
+        let err = parse(&GOOD.replace("host = \"h1\"\n", "")).unwrap_err();
+        assert!(matches!(&err, ConfigError::Parse { message, .. } if message.contains("host")));
+        let err = parse(&format!("{GOOD}colour = \"blue\"\n")).unwrap_err();
+        assert!(matches!(&err, ConfigError::Parse { message, .. } if message.contains("colour")));
+    }
+}

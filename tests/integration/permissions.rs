@@ -1,0 +1,510 @@
+//! The federation's NATS permission matrix (`nats-config/README.md`) against real servers: what
+//! crosses a site's leaf connection, in which direction, and what each role inside a site may
+//! do. Every denial is checked by its absence of effect, next to the allowed case beside it.
+//!
+//! A denied publish leaves no trace at the publisher but an asynchronous `-ERR`, so the tests
+//! follow it with a marker on the same connection: messages of one publisher arrive in order,
+//! so once the marker has arrived, the denied message would have arrived before it.
+//! A site's `admin` user is unrestricted inside its site; it plays the site that tries
+//! everything, to show that the hub, not the site's own configuration, holds the line.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::{Client, Message, Subscriber};
+use bytes::Bytes;
+use futures::StreamExt;
+use nubis_protocol::subject::DIRECTORY_BUCKET;
+use nubis_testkit::{require_nats_server, Federation, Role, DEFAULT_TIMEOUT, HUB_DOMAIN};
+
+/// How long one probe waits for its echo before publishing the next; a poll interval only.
+const PROBE_POLL: Duration = Duration::from_millis(200);
+/// How long a request that must fail may take to fail: denied requests are dropped without an
+/// answer, so they end in a timeout unless the server knows nobody can answer.
+const DENIED_REQUEST: Duration = Duration::from_secs(2);
+
+/// Publishes probes on `subject` until `sub` receives one, so that the subscription's interest
+/// has reached every server between `publisher` and it.
+async fn await_interest(publisher: &Client, subject: &str, sub: &mut Subscriber) {
+    let deadline = tokio::time::Instant::now() + DEFAULT_TIMEOUT;
+    loop {
+        publisher
+            .publish(subject.to_owned(), "probe".into())
+            .await
+            .unwrap();
+        publisher.flush().await.unwrap();
+        if let Ok(Some(_)) = tokio::time::timeout(PROBE_POLL, sub.next()).await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no interest in {subject} after {DEFAULT_TIMEOUT:?}"
+        );
+    }
+}
+
+/// Everything `sub` receives until a message with `marker` as payload (which is not included),
+/// skipping left-over probes.
+async fn until_marker(sub: &mut Subscriber, marker: &str) -> Vec<Message> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(DEFAULT_TIMEOUT, async {
+        while let Some(msg) = sub.next().await {
+            if msg.payload == marker.as_bytes() {
+                return;
+            }
+            if msg.payload != "probe".as_bytes() {
+                seen.push(msg);
+            }
+        }
+        panic!("subscription ended before the marker {marker:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("marker {marker:?} never arrived"));
+    seen
+}
+
+/// A round trip to the server: once a message sent to the client's own inbox has come back,
+/// the server has processed everything the client sent before it, and the client has received
+/// everything the server sent it before. (`Client::flush` only empties the socket buffer.)
+async fn round_trip(client: &Client) {
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await.unwrap();
+    client.publish(inbox, "echo".into()).await.unwrap();
+    tokio::time::timeout(DEFAULT_TIMEOUT, echo.next())
+        .await
+        .expect("no echo from the server")
+        .expect("echo subscription ended");
+}
+
+/// A message `sub` has received already, if any. A subscription the server refused has ended,
+/// and counts as having received nothing.
+async fn pending(sub: &mut Subscriber) -> Option<Message> {
+    tokio::time::timeout(Duration::ZERO, sub.next())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Sends a request that must not be answered; returns whether it failed (it must).
+async fn request_fails(client: &Client, subject: &str) -> bool {
+    match tokio::time::timeout(
+        DENIED_REQUEST,
+        client.request(subject.to_owned(), "{}".into()),
+    )
+    .await
+    {
+        Err(_) | Ok(Err(_)) => true,
+        Ok(Ok(answer)) => {
+            eprintln!("unexpected answer on {subject}: {:?}", answer.payload);
+            false
+        }
+    }
+}
+
+/// Answers every request on `subject` with `answer`, counting them.
+async fn responder(
+    client: &Client,
+    subject: &str,
+    answer: &'static str,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let mut sub = client.subscribe(subject.to_owned()).await.unwrap();
+    round_trip(client).await;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = client.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let _ = tx.send(msg.subject.to_string());
+            if let Some(reply) = msg.reply {
+                let _ = client.publish(reply, answer.into()).await;
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test]
+async fn a_request_reaches_the_site_it_is_addressed_to_and_no_other() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let fed = Federation::start_with(&binary, &["a", "b", "c"])
+        .await
+        .unwrap();
+    let site_a = fed.connect_as("a", Role::Site).await.unwrap();
+    let site_c = fed.connect_as("c", Role::Site).await.unwrap();
+    let admin_b = fed.connect_as("b", Role::Admin).await.unwrap();
+    let mut answered = responder(&site_a, "nubis.fed.a.>", "offer from a").await;
+
+    // B's administrator, unrestricted inside B, asks for A's requests, and for every request;
+    // the hub must deliver neither. B's own requests arrive, and serve as markers.
+    let mut eavesdrop = admin_b.subscribe("nubis.fed.a.>").await.unwrap();
+    let mut everything = admin_b.subscribe("nubis.fed.>").await.unwrap();
+    let mut own = admin_b.subscribe("nubis.fed.b.>").await.unwrap();
+    round_trip(&admin_b).await;
+    await_interest(&site_c, "nubis.fed.b.probe", &mut own).await;
+
+    // Allowed: C's request addressed to A is answered by A.
+    let answer = tokio::time::timeout(
+        DEFAULT_TIMEOUT,
+        site_c.request("nubis.fed.a.migration.request", "signed request".into()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(answer.payload, "offer from a");
+    assert_eq!(
+        answered.recv().await.unwrap(),
+        "nubis.fed.a.migration.request"
+    );
+
+    // Denied: B saw none of it, although it saw the marker C sent to B right after.
+    site_c
+        .publish("nubis.fed.b.marker", "marker".into())
+        .await
+        .unwrap();
+    assert!(until_marker(&mut own, "marker").await.is_empty());
+    let leaked = pending(&mut eavesdrop).await;
+    assert!(leaked.is_none(), "nubis.fed.a.> at b received {leaked:?}");
+    while let Some(msg) = pending(&mut everything).await {
+        assert!(
+            msg.subject.starts_with("nubis.fed.b."),
+            "nubis.fed.> at b received {}",
+            msg.subject
+        );
+    }
+
+    // B's own site daemon user may not even ask for A's requests.
+    let site_b = fed.connect_as("b", Role::Site).await.unwrap();
+    let mut events = site_b.subscribe("nubis.fed.a.>").await.unwrap();
+    let mut own = site_b.subscribe("nubis.fed.b.>").await.unwrap();
+    round_trip(&site_b).await;
+    await_interest(&site_c, "nubis.fed.b.probe", &mut own).await;
+    site_c
+        .publish("nubis.fed.a.migration.request", "second".into())
+        .await
+        .unwrap();
+    site_c
+        .publish("nubis.fed.b.marker", "marker".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        answered.recv().await.unwrap(),
+        "nubis.fed.a.migration.request"
+    );
+    assert!(until_marker(&mut own, "marker").await.is_empty());
+    let leaked = pending(&mut events).await;
+    assert!(leaked.is_none(), "b's site daemon received {leaked:?}");
+}
+
+#[tokio::test]
+async fn a_site_writes_only_its_own_directory_entry_and_reads_every_entry() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let fed = Federation::start_with(&binary, &["a", "b", "c"])
+        .await
+        .unwrap();
+    let mut js_a = jetstream::with_domain(fed.connect("a").await.unwrap(), HUB_DOMAIN);
+    let mut js_b = jetstream::with_domain(fed.connect("b").await.unwrap(), HUB_DOMAIN);
+    let mut js_b_admin =
+        jetstream::with_domain(fed.connect_as("b", Role::Admin).await.unwrap(), HUB_DOMAIN);
+    for js in [&mut js_a, &mut js_b, &mut js_b_admin] {
+        js.set_timeout(DENIED_REQUEST);
+    }
+
+    // The first site to start creates the bucket, as the site daemon does.
+    let kv_a = nubis_site::directory::open_bucket(&js_a).await.unwrap();
+    kv_a.put("site.a", Bytes::from_static(b"entry of a"))
+        .await
+        .unwrap();
+    let kv_b = nubis_site::directory::open_bucket(&js_b).await.unwrap();
+    let mut watch_b = kv_b.watch_with_history("site.*").await.unwrap();
+
+    // Allowed: b writes, creates and updates its own entry; a reads it.
+    let rev = kv_b
+        .put("site.b", Bytes::from_static(b"entry of b"))
+        .await
+        .unwrap();
+    kv_b.update("site.b", Bytes::from_static(b"entry of b, 2"), rev)
+        .await
+        .unwrap();
+    assert_eq!(kv_a.get("site.b").await.unwrap().unwrap(), "entry of b, 2");
+
+    // Denied: b cannot put, create or delete a's entry, or anyone else's, not even as its
+    // administrator, nor by publishing on the stream's own subject.
+    assert!(kv_b
+        .put("site.a", Bytes::from_static(b"forged by b"))
+        .await
+        .is_err());
+    assert!(kv_b
+        .create("site.c", Bytes::from_static(b"forged by b"))
+        .await
+        .is_err());
+    assert!(kv_b.delete("site.a").await.is_err());
+    let kv_b_admin = js_b_admin.get_key_value(DIRECTORY_BUCKET).await.unwrap();
+    assert!(kv_b_admin
+        .put("site.a", Bytes::from_static(b"forged by b's admin"))
+        .await
+        .is_err());
+    let admin_b = fed.connect_as("b", Role::Admin).await.unwrap();
+    admin_b
+        .publish(
+            format!("$KV.{DIRECTORY_BUCKET}.site.a"),
+            "raw forgery".into(),
+        )
+        .await
+        .unwrap();
+    admin_b
+        .publish(
+            format!("$JS.{HUB_DOMAIN}.API.$KV.{DIRECTORY_BUCKET}.site.a"),
+            "forgery".into(),
+        )
+        .await
+        .unwrap();
+    // Nor purge or delete the bucket, nor list what the hub holds.
+    let stream = js_b_admin
+        .get_stream_no_info(format!("KV_{DIRECTORY_BUCKET}"))
+        .await
+        .unwrap();
+    assert!(stream.purge().await.is_err());
+    assert!(js_b_admin
+        .delete_stream(format!("KV_{DIRECTORY_BUCKET}"))
+        .await
+        .is_err());
+    assert!(js_b_admin.delete_key_value(DIRECTORY_BUCKET).await.is_err());
+    assert!(js_b_admin
+        .stream_names()
+        .next()
+        .await
+        .unwrap_or(Ok(String::new()))
+        .is_err());
+    // The admin's last write comes after its forgeries on the same connection, so once it is
+    // stored they would have been too.
+    kv_b_admin
+        .put("site.b", Bytes::from_static(b"entry of b, 3"))
+        .await
+        .unwrap();
+
+    let js_c = jetstream::with_domain(fed.connect("c").await.unwrap(), HUB_DOMAIN);
+    let kv_c = js_c.get_key_value(DIRECTORY_BUCKET).await.unwrap();
+    let entry_a = kv_c.entry("site.a").await.unwrap().unwrap();
+    assert_eq!(entry_a.value, "entry of a");
+    assert_eq!(entry_a.revision, 1, "a's entry was rewritten");
+    assert!(kv_c.get("site.c").await.unwrap().is_none());
+    assert_eq!(kv_c.get("site.b").await.unwrap().unwrap(), "entry of b, 3");
+
+    // b's watch sees every site's entry, its own and a's, and nothing forged.
+    let mut watched: Vec<(String, Bytes)> = Vec::new();
+    let last = Bytes::from_static(b"entry of b, 3");
+    let complete = tokio::time::timeout(DEFAULT_TIMEOUT, async {
+        while watched.last().map(|(_, v)| v) != Some(&last) {
+            let entry = watch_b.next().await.unwrap().unwrap();
+            watched.push((entry.key, entry.value));
+        }
+    })
+    .await;
+    assert!(complete.is_ok(), "b's watch stopped at {watched:?}");
+    assert_eq!(
+        watched[0],
+        ("site.a".to_owned(), Bytes::from_static(b"entry of a"))
+    );
+    assert!(watched
+        .iter()
+        .all(|(_, v)| !v.starts_with(b"forged") && !v.ends_with(b"forgery")));
+    let mut keys: Vec<String> = kv_c
+        .keys()
+        .await
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    keys.sort();
+    assert_eq!(keys, ["site.a", "site.b"]);
+}
+
+#[tokio::test]
+async fn only_a_site_own_operators_call_its_operator_api() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
+    let site_a = fed.connect_as("a", Role::Site).await.unwrap();
+    let mut calls = responder(&site_a, "nubis.ops.a.>", r#"{"site":"a"}"#).await;
+    let mut pings = responder(&site_a, "$SRV.PING", r#"{"name":"nubis-site"}"#).await;
+
+    // Allowed: A's operator calls A's operator API and discovers A's micro service.
+    let operator_a = fed.connect_as("a", Role::Operator).await.unwrap();
+    let answer = operator_a
+        .request("nubis.ops.a.status", "{}".into())
+        .await
+        .unwrap();
+    assert_eq!(answer.payload, r#"{"site":"a"}"#);
+    assert_eq!(calls.recv().await.unwrap(), "nubis.ops.a.status");
+    let answer = operator_a.request("$SRV.PING", "".into()).await.unwrap();
+    assert_eq!(answer.payload, r#"{"name":"nubis-site"}"#);
+    assert_eq!(pings.recv().await.unwrap(), "$SRV.PING");
+
+    // Denied: B's operator, site daemon and administrator, and A's own host agents and site
+    // daemon, get no answer from A's operator API and do not reach A's micro service.
+    for (site, role) in [
+        ("b", Role::Operator),
+        ("b", Role::Site),
+        ("b", Role::Admin),
+        ("a", Role::Host),
+        ("a", Role::Site),
+    ] {
+        let client = fed.connect_as(site, role).await.unwrap();
+        assert!(
+            request_fails(&client, "nubis.ops.a.status").await,
+            "{role} of {site} called a's ops"
+        );
+        if site == "b" {
+            assert!(
+                request_fails(&client, "$SRV.PING").await,
+                "{role} of b pinged a's service"
+            );
+        }
+    }
+    // A's responder saw only the allowed call (its first request arrived and was counted
+    // above; a denied one would have queued behind it).
+    operator_a
+        .request("nubis.ops.a.status", "{}".into())
+        .await
+        .unwrap();
+    assert_eq!(calls.recv().await.unwrap(), "nubis.ops.a.status");
+    assert!(
+        calls.try_recv().is_err(),
+        "a's operator API was called by someone else"
+    );
+    assert!(
+        pings.try_recv().is_err(),
+        "a's micro service was pinged by someone else"
+    );
+}
+
+#[tokio::test]
+async fn host_agents_and_site_internal_traffic_stay_inside_their_site() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
+    let host_a = fed.connect_as("a", Role::Host).await.unwrap();
+    let site_a = fed.connect_as("a", Role::Site).await.unwrap();
+    let admin_a = fed.connect_as("a", Role::Admin).await.unwrap();
+    let admin_b = fed.connect_as("b", Role::Admin).await.unwrap();
+
+    // B's administrator listens to everything: site-internal traffic of any site, A's
+    // requests, and monitoring (which does cross, and so serves as the marker).
+    let mut internal_b = admin_b.subscribe("nubis.site.>").await.unwrap();
+    let mut fed_b = admin_b.subscribe("nubis.fed.>").await.unwrap();
+    let mut mon_b = admin_b.subscribe("nubis.mon.>").await.unwrap();
+    round_trip(&admin_b).await;
+    await_interest(&host_a, "nubis.mon.a.vm-1.infra.probe", &mut mon_b).await;
+    let mut internal_a = site_a.subscribe("nubis.site.a.>").await.unwrap();
+    round_trip(&site_a).await;
+
+    // Allowed: A's host reports to its site; A's site hears it.
+    host_a
+        .publish("nubis.site.a.host.h1.capacity", "capacity".into())
+        .await
+        .unwrap();
+    // Denied: the host sends federation requests to B, or publishes another site's internals.
+    host_a
+        .publish("nubis.fed.b.migration.request", "from a host".into())
+        .await
+        .unwrap();
+    host_a
+        .publish("nubis.site.b.host.h1.capacity", "into b".into())
+        .await
+        .unwrap();
+    // Allowed: its monitoring event, which B receives; it is the marker for the above.
+    host_a
+        .publish("nubis.mon.a.vm-1.infra.cpu", "marker".into())
+        .await
+        .unwrap();
+    round_trip(&host_a).await;
+
+    let capacity = tokio::time::timeout(DEFAULT_TIMEOUT, internal_a.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(capacity.subject.as_str(), "nubis.site.a.host.h1.capacity");
+    assert!(until_marker(&mut mon_b, "marker").await.is_empty());
+    round_trip(&admin_b).await;
+    for sub in [&mut internal_b, &mut fed_b] {
+        let leaked = pending(sub).await;
+        assert!(leaked.is_none(), "b received {leaked:?}");
+    }
+
+    // The other way: B's administrator commands A's hosts; A's server never hears of it.
+    let mut internal_a_admin = admin_a.subscribe("nubis.site.>").await.unwrap();
+    let mut mon_a = admin_a.subscribe("nubis.mon.>").await.unwrap();
+    round_trip(&admin_a).await;
+    await_interest(&admin_b, "nubis.mon.b.vm-2.infra.probe", &mut mon_a).await;
+    admin_b
+        .publish("nubis.site.a.host.h1.start", "from b".into())
+        .await
+        .unwrap();
+    admin_b
+        .publish("nubis.mon.b.vm-2.infra.cpu", "marker".into())
+        .await
+        .unwrap();
+    round_trip(&admin_b).await;
+    assert!(until_marker(&mut mon_a, "marker").await.is_empty());
+    round_trip(&admin_a).await;
+    let leaked = pending(&mut internal_a_admin).await;
+    assert!(leaked.is_none(), "a received {leaked:?}");
+    round_trip(&site_a).await;
+    let leaked = pending(&mut internal_a).await;
+    assert!(leaked.is_none(), "a's site daemon received {leaked:?}");
+
+    // A host agent cannot call its own site's operator API, nor use JetStream.
+    assert!(request_fails(&host_a, "nubis.ops.a.status").await);
+    let mut js = jetstream::new(host_a.clone());
+    js.set_timeout(DENIED_REQUEST);
+    assert!(js.query_account().await.is_err());
+}
+
+#[tokio::test]
+async fn every_server_wants_credentials_of_its_own() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
+    let url_a = fed.site_url("a").unwrap();
+    let connect = |user: Option<(String, String)>| {
+        let url = url_a.clone();
+        async move {
+            let options = match user {
+                Some((user, password)) => {
+                    async_nats::ConnectOptions::with_user_and_password(user, password)
+                }
+                None => async_nats::ConnectOptions::new(),
+            };
+            options.connect(url).await.map(|_| ())
+        }
+    };
+    // Allowed: every role of a with a's passwords.
+    for role in Role::ALL {
+        connect(Some(fed.credentials("a", role).unwrap()))
+            .await
+            .unwrap();
+    }
+    // Denied: no credentials, and b's passwords at a.
+    assert!(connect(None).await.is_err());
+    for role in Role::ALL {
+        assert!(
+            connect(Some(fed.credentials("b", role).unwrap()))
+                .await
+                .is_err(),
+            "{role} of b at a"
+        );
+    }
+    assert!(fed.credentials("hub", Role::Site).is_err());
+    let hub = async_nats::connect(fed.hub_url()).await;
+    assert!(
+        hub.is_err(),
+        "the hub accepted a client without credentials"
+    );
+    fed.connect("hub").await.unwrap();
+}
