@@ -14,10 +14,14 @@ use crate::ops_client::{call, Connection, OpsFailure};
 /// VM commands.
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
-    /// Deploy a VM described in a TOML descriptor file; this site becomes its primary site.
+    /// Deploy a VM described in an OVF envelope (`.ovf`) or a TOML descriptor (`.toml`, see
+    /// `deploy/examples/vm.toml`); this site becomes its primary site.
     Deploy {
-        /// The descriptor (TOML; see `deploy/examples/vm.toml`).
+        /// The descriptor file.
         file: PathBuf,
+        /// The VM id (default: from the OVF VirtualSystem id, or `vm` in the TOML file).
+        #[arg(long)]
+        vm: Option<String>,
         /// Return at once instead of following the placement.
         #[arg(long)]
         no_wait: bool,
@@ -122,19 +126,59 @@ pub async fn follow(conn: &Connection, migration: &str, json_out: bool) -> Resul
     }
 }
 
-fn descriptor_request(file: &PathBuf) -> Result<Value, OpsFailure> {
+/// A VM id from free text: lower case, other characters replaced by `-`.
+fn id_from(text: &str) -> String {
+    let id: String = text
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    id.trim_matches('-').chars().take(64).collect()
+}
+
+fn descriptor_request(file: &PathBuf, vm: Option<String>, json_out: bool) -> Result<Value, OpsFailure> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| OpsFailure::User(format!("cannot read {}: {e}", file.display())))?;
+    let is_ovf = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("ovf"));
+    if is_ovf {
+        let package = nubis_ovf::OvfPackage::parse(&text)
+            .map_err(|e| OpsFailure::User(format!("{}: {e}", file.display())))?;
+        if !json_out {
+            for ignored in &package.ignored {
+                eprintln!("note: ignored {ignored:?}");
+            }
+        }
+        let t = package.template;
+        let vm = vm.unwrap_or_else(|| id_from(&t.system_id));
+        let vcpus = t.vcpus.ok_or_else(|| OpsFailure::User(format!("{}: no vCPU item in the VirtualHardwareSection", file.display())))?;
+        let memory = t.memory_mib.ok_or_else(|| OpsFailure::User(format!("{}: no memory item in the VirtualHardwareSection", file.display())))?;
+        return Ok(json!({
+            "vm": vm,
+            "name": t.name,
+            "hardware": {
+                "vcpus": vcpus,
+                "memory_mib": memory,
+                "disks": serde_json::to_value(&t.disks).map_err(|e| OpsFailure::Internal(e.to_string()))?,
+                "networks": serde_json::to_value(&t.networks).map_err(|e| OpsFailure::Internal(e.to_string()))?,
+                "boot": serde_json::to_value(&t.boot).map_err(|e| OpsFailure::Internal(e.to_string()))?,
+            },
+            "monitoring": serde_json::to_value(&t.monitoring).map_err(|e| OpsFailure::Internal(e.to_string()))?,
+            "properties": t.properties,
+        }));
+    }
     let value: toml::Value = toml::from_str(&text)
         .map_err(|e| OpsFailure::User(format!("{}: {}", file.display(), e.to_string().trim())))?;
-    serde_json::to_value(value).map_err(|e| OpsFailure::Internal(e.to_string()))
+    let mut json = serde_json::to_value(value).map_err(|e| OpsFailure::Internal(e.to_string()))?;
+    if let (Some(vm), Some(obj)) = (vm, json.as_object_mut()) {
+        obj.insert("vm".into(), Value::String(vm));
+    }
+    Ok(json)
 }
 
 /// Runs a VM command; returns the JSON to print (and prints human output itself).
 pub async fn run(cmd: VmCommand, json_out: bool) -> Result<Value, OpsFailure> {
     match cmd {
-        VmCommand::Deploy { file, no_wait, conn } => {
-            let req = descriptor_request(&file)?;
+        VmCommand::Deploy { file, vm, no_wait, conn } => {
+            let req = descriptor_request(&file, vm, json_out)?;
             let v = call(&conn, OpsEndpoint::Deploy, req).await?;
             let migration = v["migration"].as_str().unwrap_or_default().to_string();
             if !json_out {
