@@ -49,7 +49,7 @@ async fn scenario_1_placement_is_delegated_a_b_c() {
         &binary,
         vec![
             SiteSpec { id: "a", partners: vec![("b", 10)], hosts: vec![], policy: "" },
-            SiteSpec { id: "b", partners: vec![("a", 0), ("c", 10)], hosts: vec![("rack9-full", 0)], policy: "" },
+            SiteSpec { id: "b", partners: vec![("a", 0), ("c", 10)], hosts: vec![("rack9-full", 128)], policy: "" },
             SiteSpec { id: "c", partners: vec![("b", 0)], hosts: vec![("rack7-node3", 4096)], policy: "" },
         ],
     )

@@ -19,7 +19,7 @@ pub struct SiteSpec {
     pub id: &'static str,
     /// Partner sites (pinned keys), with a preference each.
     pub partners: Vec<(&'static str, i32)>,
-    /// Hosts and the memory (MiB) each offers; 0 MiB = a host that can take nothing.
+    /// Hosts and the memory (MiB) each offers (the test VMs need 256 MiB).
     pub hosts: Vec<(&'static str, u64)>,
     /// Extra TOML for the `[policy]` table.
     pub policy: &'static str,
@@ -133,11 +133,16 @@ impl Stack {
             self.partner_blocks(&spec, true)
         );
         let site_path = self.write(&format!("{site}.toml"), &site_toml);
-        let mut proxy_partners = self.partner_blocks(&spec, false);
-        proxy_partners.push_str(&format!(
-            "[[partners]]\nsite = \"{site}\"\nsigning_key = \"{}\"\n",
-            self.identities[site].public().signing_text()
-        ));
+        // Transfers go directly between the source and destination proxies, which need not be
+        // partners of each other's sites: each proxy pins every site it exchanges files with
+        // (here: the whole federation, and its own site).
+        let proxy_partners: String = self
+            .identities
+            .iter()
+            .map(|(id, identity)| {
+                format!("[[partners]]\nsite = \"{id}\"\nsigning_key = \"{}\"\n\n", identity.public().signing_text())
+            })
+            .collect();
         let proxy_toml = format!(
             "site = \"{site}\"\nproxy = \"p1\"\nnats_url = \"{url}\"\nnats_user = \"{user}\"\nnats_password = \"{password}\"\n\
              identity_file = \"{}\"\nstore_dir = \"{}\"\n\n{proxy_partners}",

@@ -359,6 +359,20 @@ impl Subject {
         Self(format!("nubis.site.{site}.>"))
     }
 
+    /// `nubis.reply.<site>`: the reply-inbox prefix of every process of a site that sends
+    /// requests across sites (site daemon, proxy, JetStream across domains). The hub delivers
+    /// `nubis.reply.<site>.>` only to that site; replies on the default `_INBOX` never leave a
+    /// site.
+    pub fn reply_inbox_prefix(site: &SiteId) -> String {
+        format!("nubis.reply.{site}")
+    }
+
+    /// `nubis.site.<site>.inbox`: the reply-inbox prefix of a site's site-internal requests, so
+    /// that replies carrying host paths stay under `nubis.site.>`, which never leaves the site.
+    pub fn site_inbox_prefix(site: &SiteId) -> String {
+        format!("nubis.site.{site}.inbox")
+    }
+
     /// `nubis.ops.<site>.<endpoint>`: the operator API.
     pub fn ops(site: &SiteId, endpoint: OpsEndpoint) -> Self {
         Self(format!("nubis.ops.{site}.{}", endpoint.as_str()))

@@ -86,7 +86,9 @@ mod tests {
         let ex = data_extents(&f, 16 * mib).unwrap();
         let total: u64 = ex.iter().map(|e| e.len).sum();
         // File systems allocate in blocks; the data must be covered, the holes mostly not.
-        assert!(ex.iter().any(|e| e.offset <= 4 * mib && e.offset + e.len >= 5 * mib));
+        assert!(ex
+            .iter()
+            .any(|e| e.offset <= 4 * mib && e.offset + e.len >= 5 * mib));
         assert!(total < 4 * mib, "{ex:?}");
         // An empty file has no extents.
         let g = tempfile::tempfile().unwrap();

@@ -443,7 +443,10 @@ impl<L: LocalSite> Roles<L> {
             let d_stat = self.initiate_via(&ranked.via, &initiate).await;
             let s_stat = self.verify_via(id, vm, source, source_via).await;
             match (&d_stat, &s_stat) {
-                (Ok(d), Ok(s)) if d == s && matches!(d, TransferStatus::Succeeded { .. }) => return Ok(()),
+                (Ok(d), Ok(s)) if d == s && matches!(d, TransferStatus::Succeeded { .. }) => {
+                    self.update_migration(id, |m| m.bytes_done = m.bytes_total.max(m.bytes_done))?;
+                    return Ok(());
+                }
                 (Ok(TransferStatus::Failed { reason }), _) | (_, Ok(TransferStatus::Failed { reason })) => {
                     failures += 1;
                     tracing::info!(migration.id = %id, failures, reason = %reason, "transfer failed");

@@ -90,6 +90,7 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
 
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("nubis-site-{site}"))
+        .custom_inbox_prefix(nubis_protocol::subject::Subject::reply_inbox_prefix(&site))
         .max_reconnects(None);
     if let Some(auth) = &config.nats_auth {
         options = options.user_and_password(auth.user.clone(), auth.password.clone());
@@ -206,9 +207,25 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
     let journal = Journal::open(&config.data_dir.join("journal")).map_err(SiteError::Journal)?;
     let fed = FederationClient::new(client.clone(), identity.clone(), request_verifier.clone(), Duration::from_secs(10));
     let proxy = ProxyClient::new(client.clone(), identity.clone(), request_verifier.clone());
+    // Site-internal requests (to host agents) get replies on a site-internal inbox, which the
+    // leaf connection never carries: their bodies name host paths. `_INBOX.>` replies do cross
+    // the hub (federation replies need them), so they must not carry anything site-internal.
+    let mut internal_options = async_nats::ConnectOptions::new()
+        .name(format!("nubis-site-{site}-internal"))
+        .custom_inbox_prefix(nubis_protocol::subject::Subject::site_inbox_prefix(&site));
+    if let Some(auth) = &config.nats_auth {
+        internal_options = internal_options.user_and_password(auth.user.clone(), auth.password.clone());
+    }
+    let internal = internal_options
+        .connect(&config.nats_url)
+        .await
+        .map_err(|source| SiteError::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })?;
     let local = NatsLocalSite::new(
         site.clone(),
-        client.clone(),
+        internal.clone(),
         config.hosts.clone(),
         proxy,
         config.proxy.clone(),
@@ -276,6 +293,9 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
     }
     if let Err(e) = request_verifier.replay_cache().flush() {
         tracing::warn!(error = %e, "cannot flush the replay cache");
+    }
+    if let Err(e) = internal.drain().await {
+        tracing::warn!(error = %e, "cannot drain the site-internal NATS connection");
     }
     if let Err(e) = client.drain().await {
         tracing::warn!(error = %e, "cannot drain the NATS connection");

@@ -277,7 +277,8 @@ impl LocalSite for NatsLocalSite {
         destination: &TransferToken,
         _max_bytes_per_sec: Option<u64>,
     ) -> Result<TransferStatus, ErrorReply> {
-        self.proxy
+        let fetched = self
+            .proxy
             .fetch(
                 &self.proxy_uri,
                 &FetchTransfer {
@@ -287,8 +288,17 @@ impl LocalSite for NatsLocalSite {
                     destination: *destination,
                 },
             )
-            .await
-            .map_err(proxy_error)
+            .await;
+        match fetched {
+            // Initiate transfer is repeated by the Controller until both ends agree (paper step
+            // 7): once the proxy has started the transfer, a repeat asks for its status.
+            Err(e) if matches!(e.code(), Some(ErrorCode::TokenUsed)) => self
+                .proxy
+                .status(&self.proxy_uri, migration, *destination)
+                .await
+                .map_err(proxy_error),
+            other => other.map_err(proxy_error),
+        }
     }
 
     async fn verify(&self, migration: MigrationId, source: &TransferToken) -> Result<TransferStatus, ErrorReply> {

@@ -313,8 +313,14 @@ impl Server {
     async fn connect_as(&self, role: Role) -> Result<async_nats::Client, Error> {
         let url = self.url()?;
         let (user, password) = self.credentials(role)?;
-        async_nats::ConnectOptions::with_user_and_password(user, password)
-            .name(format!("nubis-testkit-{}-{role}", self.name))
+        let mut options = async_nats::ConnectOptions::with_user_and_password(user, password)
+            .name(format!("nubis-testkit-{}-{role}", self.name));
+        // Site processes that talk across sites take their replies on `nubis.reply.<site>.`,
+        // the only replies the hub carries to them (see nats-config/README.md).
+        if self.is_hub() || matches!(role, Role::Site | Role::Admin) {
+            options = options.custom_inbox_prefix(format!("nubis.reply.{}", self.name));
+        }
+        options
             .connect(url)
             .await
             .map_err(|source| Error::Connect {

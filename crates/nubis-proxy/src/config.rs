@@ -1,0 +1,223 @@
+//! Configuration of a Transfer proxy, loaded once from TOML and validated at start.
+//!
+//! ```toml
+//! site = "site-a"
+//! proxy = "p1"
+//! nats_url = "nats://127.0.0.1:4222"
+//! identity_file = "/etc/nubis/site-a.key"
+//! store_dir = "/var/lib/nubis/proxy-p1"
+//!
+//! [[partners]]
+//! site = "site-b"
+//! signing_key = "ed25519:…"
+//!
+//! [transfer]
+//! relay_allowed = false
+//! bucket_max_bytes = 1610612736
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nubis_protocol::message::ProxyId;
+use nubis_protocol::SiteId;
+use serde::Deserialize;
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of this shape (the cause names the key).
+    #[error("invalid configuration in {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid value for {key}: {reason}")]
+    Value {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// A pinned partner key (the bilateral contract).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerConfig {
+    /// The partner site.
+    pub site: SiteId,
+    /// Its Ed25519 public key, `ed25519:<base64>`.
+    pub signing_key: String,
+}
+
+/// The whole proxy configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The site this proxy belongs to (also its JetStream domain).
+    pub site: SiteId,
+    /// This proxy's id within the site.
+    pub proxy: ProxyId,
+    /// The site's nats-server.
+    pub nats_url: String,
+    /// NATS user (the site's `site` user), if the server wants credentials.
+    #[serde(default)]
+    pub nats_user: Option<String>,
+    /// Its password.
+    #[serde(default)]
+    pub nats_password: Option<String>,
+    /// The site's identity (signs everything the proxy sends).
+    pub identity_file: PathBuf,
+    /// Directory of the token store and replay cache.
+    pub store_dir: PathBuf,
+    /// Partners whose proxies may ask this one.
+    #[serde(default)]
+    pub partners: Vec<PartnerConfig>,
+    /// Transfer tuning and policy.
+    #[serde(default)]
+    pub transfer: TransferSettings,
+}
+
+/// Tuning and policy of transfers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransferSettings {
+    /// Bytes per object chunk (at most the servers' `max_payload` minus headers).
+    pub chunk_size: usize,
+    /// Chunks published but not yet acknowledged, per file.
+    pub publish_window: usize,
+    /// Size limit of the site's transfer bucket (used when this proxy creates it).
+    pub bucket_max_bytes: i64,
+    /// Token lifetime when the mint request names none.
+    pub default_ttl_ms: u64,
+    /// Longest token lifetime granted.
+    pub max_ttl_ms: u64,
+    /// Site policy: may this proxy relay transfers for its site (paper III-D)?
+    pub relay_allowed: bool,
+    /// A fetch fails when no data arrives for this long.
+    pub stall_timeout_ms: u64,
+    /// Interval of progress events.
+    pub progress_interval_ms: u64,
+    /// Interval of expired-token collection.
+    pub gc_interval_ms: u64,
+    /// How long an expired token stays refused as expired before it is forgotten.
+    pub tombstone_ms: u64,
+    /// Requests handled at once.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for TransferSettings {
+    fn default() -> Self {
+        Self {
+            chunk_size: 1 << 20,
+            publish_window: 32,
+            bucket_max_bytes: 1536 << 20,
+            default_ttl_ms: 3_600_000,
+            max_ttl_ms: 86_400_000,
+            relay_allowed: false,
+            stall_timeout_ms: 60_000,
+            progress_interval_ms: 500,
+            gc_interval_ms: 10_000,
+            tombstone_ms: 86_400_000,
+            max_concurrent_requests: 64,
+        }
+    }
+}
+
+impl TransferSettings {
+    /// Checks ranges; the errors name the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(4096..=(7 << 20)).contains(&self.chunk_size) {
+            return Err(ConfigError::Value {
+                key: "transfer.chunk_size",
+                reason: "must be between 4 KiB and 7 MiB (below max_payload)",
+            });
+        }
+        if self.publish_window == 0 {
+            return Err(ConfigError::Value {
+                key: "transfer.publish_window",
+                reason: "must be at least 1",
+            });
+        }
+        if self.bucket_max_bytes <= 0 {
+            return Err(ConfigError::Value {
+                key: "transfer.bucket_max_bytes",
+                reason: "must be positive: the bucket must never grow without bound",
+            });
+        }
+        if self.default_ttl_ms == 0 || self.default_ttl_ms > self.max_ttl_ms {
+            return Err(ConfigError::Value {
+                key: "transfer.default_ttl_ms",
+                reason: "must be positive and at most max_ttl_ms",
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Self::stall_timeout_ms`] as a duration.
+    pub fn stall(&self) -> Duration {
+        Duration::from_millis(self.stall_timeout_ms)
+    }
+}
+
+impl Config {
+    /// Loads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config.transfer.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_loads_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("proxy.toml");
+        std::fs::write(
+            &p,
+            "site = \"a\"\nproxy = \"p1\"\nnats_url = \"nats://127.0.0.1:4222\"\nidentity_file = \"/k\"\nstore_dir = \"/s\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.transfer.chunk_size, 1 << 20);
+        std::fs::write(
+            &p,
+            "site = \"a\"\nproxy = \"p1\"\nnats_url = \"n\"\nidentity_file = \"/k\"\nstore_dir = \"/s\"\n[transfer]\nchunk_size = 100000000\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            Config::load(&p),
+            Err(ConfigError::Value {
+                key: "transfer.chunk_size",
+                ..
+            })
+        ));
+        std::fs::write(&p, "site = \"a\"\nbogus = 1\n").unwrap();
+        assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
+    }
+}

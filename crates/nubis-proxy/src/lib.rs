@@ -1,0 +1,124 @@
+//! The Transfer proxy of nubis (Elmroth & Larsson, section III: Transfer proxies, Transfer
+//! tokens, Initiate transfer, Transfer verification).
+//!
+//! A [`TransferProxy`] maps random [`TransferToken`](nubis_protocol::message::TransferToken)s to
+//! a VM's files on a host, kept only in its own store; other sites see its
+//! [`ProxyUri`](nubis_protocol::message::ProxyUri) and the token, nothing else. A serving proxy
+//! publishes the files into its site's `nubis-xfer` object-store bucket (ADR-20 format, written
+//! with a window of outstanding acknowledgements, allocated extents only); a fetching proxy
+//! follows those objects across the leaf connections from the source site's JetStream domain,
+//! writes each file under a temporary name, verifies its SHA-256 end to end, fsyncs and renames
+//! it, and acknowledges the digests to the source, whose status only then turns succeeded.
+//!
+//! Code map: [`proxy`] (the proxy and its tasks), [`objects`] (the bucket format), [`io`]
+//! (blocking file reading and writing), [`extents`] (SEEK_DATA/SEEK_HOLE), [`hashing`]
+//! (whole-file digests of sparse files), [`naming`] (object names from tokens), [`store`]
+//! (the token table), [`client`] (signed requests to a proxy), [`config`].
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod extents;
+pub mod hashing;
+pub mod io;
+pub mod naming;
+pub mod objects;
+pub mod proxy;
+pub mod store;
+
+use std::sync::Arc;
+
+use nubis_protocol::identity::{parse_signing_key, SiteIdentity};
+use nubis_protocol::message::ProxyUri;
+use tokio_util::sync::CancellationToken;
+
+pub use client::{ClientError, ProxyClient};
+pub use config::{Config, ConfigError, TransferSettings};
+/// The key type of [`ProxyParams::partners`].
+pub use ed25519_dalek::VerifyingKey;
+pub use error::ProxyError;
+pub use proxy::{ProxyParams, StartError, TransferProxy, TransferStats};
+
+/// Why `nubis proxy` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The identity file could not be loaded.
+    #[error("cannot load the site identity")]
+    Identity(#[source] nubis_protocol::identity::KeyError),
+    /// A partner key in the configuration is invalid.
+    #[error("invalid partner key for {site}")]
+    PartnerKey {
+        /// The partner.
+        site: String,
+        /// The cause.
+        #[source]
+        source: nubis_protocol::identity::KeyError,
+    },
+    /// The identity belongs to another site than the configuration names.
+    #[error("identity file is for site {found}, configuration says {expected}")]
+    WrongSite {
+        /// Site of the configuration.
+        expected: String,
+        /// Site of the identity file.
+        found: String,
+    },
+    /// The site's nats-server could not be reached.
+    #[error("cannot connect to {url}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// The proxy could not start.
+    #[error("proxy failed to start")]
+    Start(#[from] StartError),
+}
+
+/// Runs a Transfer proxy until `shutdown` is cancelled, then stops its transfers where they
+/// stand (they resume on the next start) and drains the connection.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let identity = SiteIdentity::load(&config.identity_file).map_err(RunError::Identity)?;
+    if identity.site() != &config.site {
+        return Err(RunError::WrongSite {
+            expected: config.site.to_string(),
+            found: identity.site().to_string(),
+        });
+    }
+    let mut partners = Vec::new();
+    for p in &config.partners {
+        let key = parse_signing_key(&p.signing_key, p.site.as_str()).map_err(|source| {
+            RunError::PartnerKey {
+                site: p.site.to_string(),
+                source,
+            }
+        })?;
+        partners.push((p.site.clone(), key));
+    }
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("nubis-proxy-{}-{}", config.site, config.proxy))
+        .custom_inbox_prefix(nubis_protocol::subject::Subject::reply_inbox_prefix(&config.site));
+    if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    let client = options
+        .connect(&config.nats_url)
+        .await
+        .map_err(|source| RunError::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })?;
+    let params = ProxyParams {
+        uri: ProxyUri::new(config.site.clone(), config.proxy.clone()),
+        identity: Arc::new(identity),
+        partners,
+        store_dir: config.store_dir.clone(),
+        settings: config.transfer.clone(),
+    };
+    let proxy = TransferProxy::start(params, client.clone()).await?;
+    shutdown.cancelled().await;
+    proxy.shutdown().await;
+    let _ = client.drain().await;
+    Ok(())
+}

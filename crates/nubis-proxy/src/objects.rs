@@ -1,0 +1,387 @@
+//! The transfer bucket in the ADR-20 object-store format, written faster than the stock
+//! `ObjectStore::put`.
+//!
+//! The format is unchanged, so any NATS client can list and read the objects: chunks on
+//! `$O.nubis-xfer.C.<nuid>`, then one info message (JSON, `Nats-Rollup: sub`) on
+//! `$O.nubis-xfer.M.<base64url(name)>` with `name`, `nuid`, `size`, `chunks` and
+//! `digest = "SHA-256=<base64url>"` of the chunk bytes. What differs is how it is written:
+//! the stock writer waits for each chunk's acknowledgement before sending the next, so it is
+//! bound by round trips; [`ObjectWriter`] keeps a bounded window of acknowledgements
+//! outstanding and awaits them in order. Chunks also carry a `Nubis-Offset` header (where the
+//! bytes belong in the file; a sparse file sends only its allocated extents) and a `Nubis-Chunk`
+//! index. The info message carries in `metadata` the file's logical size, allocated bytes and
+//! whole-file SHA-256 (holes as zeros).
+//!
+//! [`ObjectFollower`] reads an object while it is still being written: the nuid is derived from
+//! the token (see [`crate::naming`]), so the reader follows the chunk subject and the info
+//! subject with one ordered consumer and knows the object is complete when the info message
+//! arrives (it is always written after the last chunk was acknowledged).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::consumer::push::{Ordered, OrderedConfig};
+use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::object_store::ObjectInfo;
+use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::{self, ErrorCode as JsErrorCode};
+use async_nats::HeaderMap;
+use base64::engine::general_purpose::URL_SAFE;
+use base64::Engine as _;
+use bytes::Bytes;
+use futures::StreamExt as _;
+
+use crate::naming::{BUCKET, STREAM};
+
+/// Chunk header: the file offset of the chunk's first byte.
+pub const OFFSET_HEADER: &str = "Nubis-Offset";
+/// Chunk header: the chunk's index within the object, from 0.
+pub const CHUNK_HEADER: &str = "Nubis-Chunk";
+/// Info metadata: the file's logical size in bytes.
+pub const META_SIZE: &str = "nubis-size";
+/// Info metadata: bytes in the file's allocated extents.
+pub const META_ALLOCATED: &str = "nubis-allocated";
+/// Info metadata: hex SHA-256 of the whole file, holes read as zeros.
+pub const META_SHA256: &str = "nubis-sha256";
+
+/// Why an object could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    /// The bucket could not be created or found.
+    #[error("transfer bucket unavailable: {0}")]
+    Bucket(String),
+    /// The bucket reached its configured size.
+    #[error("transfer bucket is full")]
+    BucketFull,
+    /// Publishing a chunk or info message failed.
+    #[error("publish failed: {0}")]
+    Publish(String),
+    /// Reading failed.
+    #[error("read failed: {0}")]
+    Read(String),
+    /// Nothing arrived for too long.
+    #[error("no data for {0:?}")]
+    Stalled(Duration),
+    /// An info or chunk message is not what the format requires.
+    #[error("malformed object: {0}")]
+    Malformed(String),
+    /// The object was deleted.
+    #[error("object was deleted")]
+    Deleted,
+}
+
+/// The bucket in this site's domain, created with `max_bytes` if missing.
+pub async fn ensure_bucket(js: &jetstream::Context, max_bytes: i64) -> Result<Stream, ObjectError> {
+    if let Ok(stream) = js.get_stream(STREAM).await {
+        return Ok(stream);
+    }
+    js.create_object_store(jetstream::object_store::Config {
+        bucket: BUCKET.to_string(),
+        description: Some("nubis transfer proxies: VM files in flight".to_string()),
+        max_bytes,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| ObjectError::Bucket(e.to_string()))?;
+    js.get_stream(STREAM)
+        .await
+        .map_err(|e| ObjectError::Bucket(e.to_string()))
+}
+
+/// The bucket of another site (or this one), without creating it.
+pub async fn open_bucket(js: &jetstream::Context) -> Result<Stream, ObjectError> {
+    js.get_stream(STREAM)
+        .await
+        .map_err(|e| ObjectError::Bucket(e.to_string()))
+}
+
+fn publish_error(e: async_nats::jetstream::context::PublishError) -> ObjectError {
+    // The server answers a full stream (discard-new) with "maximum bytes exceeded" under one of
+    // these codes; name it, so the site can tell "full" from "broken".
+    let full = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|je| {
+            je.error_code() == JsErrorCode::STREAM_STORE_FAILED
+                || je.error_code() == JsErrorCode::STORAGE_RESOURCES_EXCEEDED
+                || je.to_string().contains("maximum bytes")
+        });
+    if full {
+        ObjectError::BucketFull
+    } else {
+        ObjectError::Publish(e.to_string())
+    }
+}
+
+/// Writes one object: chunks with a bounded window of outstanding acknowledgements, then the
+/// info message.
+#[derive(Debug)]
+pub struct ObjectWriter {
+    js: jetstream::Context,
+    name: String,
+    nuid: String,
+    subject: String,
+    window: usize,
+    in_flight: VecDeque<PublishAckFuture>,
+    chunks: u64,
+    size: u64,
+    max_chunk: usize,
+}
+
+impl ObjectWriter {
+    /// Starts object `name` with chunks under `nuid`, purging chunks a previous attempt left.
+    pub async fn begin(
+        js: &jetstream::Context,
+        stream: &Stream,
+        name: &str,
+        nuid: &str,
+        window: usize,
+    ) -> Result<Self, ObjectError> {
+        let subject = format!("$O.{BUCKET}.C.{nuid}");
+        stream
+            .purge()
+            .filter(&subject)
+            .await
+            .map_err(|e| ObjectError::Publish(e.to_string()))?;
+        Ok(Self {
+            js: js.clone(),
+            name: name.to_string(),
+            nuid: nuid.to_string(),
+            subject,
+            window: window.max(1),
+            in_flight: VecDeque::new(),
+            chunks: 0,
+            size: 0,
+            max_chunk: 0,
+        })
+    }
+
+    /// Sends the next chunk, holding `offset` (its place in the file).
+    pub async fn chunk(&mut self, offset: u64, data: Bytes) -> Result<(), ObjectError> {
+        while self.in_flight.len() >= self.window {
+            if let Some(ack) = self.in_flight.pop_front() {
+                ack.await.map_err(publish_error)?;
+            }
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(OFFSET_HEADER, offset.to_string().as_str());
+        headers.insert(CHUNK_HEADER, self.chunks.to_string().as_str());
+        self.size += data.len() as u64;
+        self.max_chunk = self.max_chunk.max(data.len());
+        self.chunks += 1;
+        let ack = self
+            .js
+            .publish_with_headers(self.subject.clone(), headers, data)
+            .await
+            .map_err(publish_error)?;
+        self.in_flight.push_back(ack);
+        Ok(())
+    }
+
+    /// Bytes sent in chunks so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.size
+    }
+
+    /// Waits for every chunk, then writes the info message; `digest` is the SHA-256 of the chunk
+    /// bytes in order.
+    pub async fn finish(
+        mut self,
+        digest: [u8; 32],
+        metadata: HashMap<String, String>,
+    ) -> Result<(), ObjectError> {
+        while let Some(ack) = self.in_flight.pop_front() {
+            ack.await.map_err(publish_error)?;
+        }
+        let info = serde_json::json!({
+            "name": self.name,
+            "description": null,
+            "metadata": metadata,
+            "headers": null,
+            "options": {"link": null, "max_chunk_size": self.max_chunk},
+            "bucket": BUCKET,
+            "nuid": self.nuid,
+            "size": self.size,
+            "chunks": self.chunks,
+            "mtime": rfc3339_now(),
+            "digest": format!("SHA-256={}", URL_SAFE.encode(digest)),
+        });
+        let payload =
+            serde_json::to_vec(&info).map_err(|e| ObjectError::Malformed(e.to_string()))?;
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Rollup", "sub");
+        let subject = format!("$O.{BUCKET}.M.{}", URL_SAFE.encode(&self.name));
+        self.js
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(publish_error)?
+            .await
+            .map_err(publish_error)?;
+        Ok(())
+    }
+}
+
+/// What an [`ObjectFollower`] yields.
+#[derive(Debug)]
+pub enum Incoming {
+    /// The next chunk.
+    Chunk {
+        /// Its index; 0 again means the writer started the object over.
+        index: u64,
+        /// Where its bytes belong in the file.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The info message: the object is complete.
+    Done(Box<ObjectInfo>),
+}
+
+/// Reads one object's chunks and info message in stream order, waiting for them as needed.
+pub struct ObjectFollower {
+    messages: Ordered,
+    chunk_subject: String,
+    stall: Duration,
+}
+
+impl std::fmt::Debug for ObjectFollower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectFollower")
+            .field("chunk_subject", &self.chunk_subject)
+            .field("stall", &self.stall)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectFollower {
+    /// Follows the chunks on `chunk_subject` and the info message of `name` in `stream`
+    /// through `client` (whose inbox receives the push deliveries; the server's flow control
+    /// bounds what is in flight).
+    pub async fn open(
+        client: &async_nats::Client,
+        stream: &Stream,
+        chunk_subject: String,
+        name: &str,
+        stall: Duration,
+    ) -> Result<Self, ObjectError> {
+        let meta_subject = format!("$O.{BUCKET}.M.{}", URL_SAFE.encode(name));
+        // A push consumer, as the stock object-store reader uses: it is the kind that is known
+        // to deliver across leaf connections from another JetStream domain.
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                deliver_subject: client.new_inbox(),
+                filter_subjects: vec![chunk_subject.clone(), meta_subject],
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ObjectError::Read(e.to_string()))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| ObjectError::Read(e.to_string()))?;
+        Ok(Self {
+            messages,
+            chunk_subject,
+            stall,
+        })
+    }
+
+    /// The next chunk or the info message.
+    pub async fn next(&mut self) -> Result<Incoming, ObjectError> {
+        let deadline = tokio::time::Instant::now() + self.stall;
+        loop {
+            let item = tokio::time::timeout_at(deadline, self.messages.next())
+                .await
+                .map_err(|_| ObjectError::Stalled(self.stall))?;
+            let msg = match item {
+                Some(Ok(m)) => m,
+                // The ordered consumer recreates itself after a server restart; errors in
+                // between are transient until the stall deadline says otherwise.
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "ordered consumer hiccup");
+                    continue;
+                }
+                None => return Err(ObjectError::Read("consumer ended".to_string())),
+            };
+            if msg.subject.as_str() == self.chunk_subject {
+                let header = |name: &str| -> Result<u64, ObjectError> {
+                    msg.headers
+                        .as_ref()
+                        .and_then(|h| h.get(name))
+                        .and_then(|v| v.as_str().parse().ok())
+                        .ok_or_else(|| ObjectError::Malformed(format!("chunk without {name}")))
+                };
+                let index = header(CHUNK_HEADER)?;
+                let offset = header(OFFSET_HEADER)?;
+                return Ok(Incoming::Chunk {
+                    index,
+                    offset,
+                    data: msg.payload.clone(),
+                });
+            }
+            let info: ObjectInfo = serde_json::from_slice(&msg.payload)
+                .map_err(|e| ObjectError::Malformed(e.to_string()))?;
+            if info.deleted {
+                return Err(ObjectError::Deleted);
+            }
+            return Ok(Incoming::Done(Box::new(info)));
+        }
+    }
+}
+
+/// Deletes an object outright: its chunks and its info message.
+pub async fn purge_object(
+    stream: &Stream,
+    chunk_subject: &str,
+    name: &str,
+) -> Result<u64, ObjectError> {
+    let meta_subject = format!("$O.{BUCKET}.M.{}", URL_SAFE.encode(name));
+    let mut purged = 0;
+    for subject in [chunk_subject, meta_subject.as_str()] {
+        let r = stream
+            .purge()
+            .filter(subject)
+            .await
+            .map_err(|e| ObjectError::Publish(e.to_string()))?;
+        purged += r.purged;
+    }
+    Ok(purged)
+}
+
+/// The current time as RFC 3339 in UTC, the `mtime` format of ADR-20.
+fn rfc3339_now() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm), valid for any date after 1970.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        d.subsec_nanos()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mtime_is_rfc3339() {
+        let s = rfc3339_now();
+        assert_eq!(s.len(), 30, "{s}");
+        assert!(s.starts_with("20") && s.ends_with('Z'));
+    }
+}
