@@ -76,7 +76,26 @@ impl Stack {
         for s in &specs {
             stack.start_site(s.id).await;
         }
+        for s in &specs {
+            stack.wait_ready(s.id).await;
+        }
         stack
+    }
+
+    /// Waits until `site`'s daemon answers and sees every partner alive.
+    pub async fn wait_ready(&self, site: &str) {
+        let op = self.operator(site).await;
+        let partners = self.spec(site).partners.len() as u64;
+        nubis_testkit::wait_until(nubis_testkit::DEFAULT_TIMEOUT, format!("site {site} ready"), || async {
+            let v = ops(&op, site, "status", serde_json::json!({})).await?;
+            if v["partners_reachable"].as_u64() == Some(partners) {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        })
+        .await
+        .unwrap();
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -154,9 +173,17 @@ impl Stack {
         let proxy_config = nubis_proxy::config::Config::load(&proxy_path).unwrap();
         self.daemons.push(spawn(format!("{site}/proxy"), move |t| nubis_proxy::run(proxy_config, t)));
         for (host, memory) in &spec.hosts {
+            // Each host its own hypervisor: `test:///default` is one shared state per process,
+            // a test driver opened on a node file is private to its connection.
+            let node = self.write(
+                &format!("{site}-{host}-node.xml"),
+                "<node><cpu><mhz>2000</mhz><model>nubis-test</model><nodes>1</nodes><sockets>1</sockets>\
+                 <cores>8</cores><threads>1</threads></cpu><memory>8388608</memory></node>\n",
+            );
             let host_toml = format!(
                 "site = \"{site}\"\nhost = \"{host}\"\nnats_url = \"{url}\"\nnats_user = \"{host_user}\"\nnats_password = \"{host_password}\"\n\
-                 libvirt_uri = \"test:///default\"\nvm_root = \"{}\"\n\n[capacity]\nvcpus = 8\nmemory_mib = {memory}\ndisk_bytes = 107374182400\n",
+                 libvirt_uri = \"test://{}\"\nvm_root = \"{}\"\n\n[capacity]\nvcpus = 8\nmemory_mib = {memory}\ndisk_bytes = 107374182400\n",
+                node.display(),
                 self.vm_root(site, host).display()
             );
             let host_path = self.write(&format!("{site}-{host}.toml"), &host_toml);
