@@ -240,13 +240,16 @@ async fn vm_files_move_between_sites_verified_sparse_and_without_locations_on_th
     std::fs::create_dir_all(&src).unwrap();
     std::fs::create_dir_all(&dst).unwrap();
 
-    // What the proxies publish on cross-site subjects (requests, replies, progress, JetStream
-    // API calls across domains) reaches a hub subscriber. The bucket's own `$O.` subjects are
-    // left out: hub-side interest in them disturbs the transfer (see the crate's report).
+    // What the proxies publish on cross-site subjects (requests, progress, JetStream API calls
+    // across domains) reaches a hub subscriber. Replies (`nubis.reply.>`) are left out: they
+    // carry the file chunks themselves, and a hub-side copy of every chunk stalls the ordered
+    // consumer's flow control; the control replies are checked by the migration tests.
     let hub = fed.connect(nubis_testkit::HUB).await.unwrap();
     let mut sniff = futures::stream::select_all([
-        hub.subscribe("nubis.>").await.unwrap(),
-        hub.subscribe("$JS.>").await.unwrap(),
+        hub.subscribe("nubis.fed.>").await.unwrap(),
+        hub.subscribe("nubis.proxy.>").await.unwrap(),
+        hub.subscribe("nubis.mon.>").await.unwrap(),
+        hub.subscribe("$JS.*.API.>").await.unwrap(),
     ]);
     hub.flush().await.unwrap();
     let seen: Arc<Mutex<Vec<(String, Bytes)>>> = Arc::default();
