@@ -3,6 +3,8 @@
 //!
 //! Run: `cargo bench -p nubis-tests --bench request_reply` (needs nats-server >= 2.10).
 //! Prints p50/p90/p99 in microseconds and the envelope size for each mode.
+// A benchmark is a test harness: a failed setup step should stop it loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,8 +38,12 @@ fn percentiles(mut v: Vec<u128>) -> (u128, u128, u128) {
 
 #[tokio::main]
 async fn main() {
-    let Some(binary) = require_nats_server() else { return };
-    let fed = Federation::start_with(&binary, &["a", "b"]).await.expect("federation");
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let fed = Federation::start_with(&binary, &["a", "b"])
+        .await
+        .expect("federation");
     let client_a = fed.connect("a").await.expect("connect a");
     let client_b = fed.connect("b").await.expect("connect b");
     let a = Arc::new(SiteIdentity::generate(SiteId::new("a").expect("id")));
@@ -63,21 +69,34 @@ async fn main() {
     };
     let reply = TransferStatusReply {
         migration_id: request.migration_id,
-        status: TransferStatus::Transferring { bytes_done: 1 << 30, bytes_total: 4 << 30 },
+        status: TransferStatus::Transferring {
+            bytes_done: 1 << 30,
+            bytes_total: 4 << 30,
+        },
     };
 
     // Signed responder at b: verify the request, sign the reply.
     let signed_subject = "nubis.fed.b.transfer.verify";
     let mut sub = client_b.subscribe(signed_subject).await.expect("subscribe");
     {
-        let (client_b, b, verifier_b, reply) = (client_b.clone(), b.clone(), verifier_b.clone(), reply.clone());
+        let (client_b, b, verifier_b, reply) = (
+            client_b.clone(),
+            b.clone(),
+            verifier_b.clone(),
+            reply.clone(),
+        );
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                let Ok(opened) = verifier_b.open_request(&msg.payload, signed_subject, now_ms()) else {
+                let Ok(opened) = verifier_b.open_request(&msg.payload, signed_subject, now_ms())
+                else {
                     continue;
                 };
-                let Ok(_req) = opened.body::<TransferVerification>() else { continue };
-                let Ok(env) = sign(&b, Addressing::reply_to(&opened), &reply, now_ms()) else { continue };
+                let Ok(_req) = opened.body::<TransferVerification>() else {
+                    continue;
+                };
+                let Ok(env) = sign(&b, Addressing::reply_to(&opened), &reply, now_ms()) else {
+                    continue;
+                };
                 if let (Some(inbox), Ok(bytes)) = (msg.reply, env.encode()) {
                     let _ = client_b.publish(inbox, bytes.into()).await;
                 }
@@ -102,7 +121,11 @@ async fn main() {
     // Wait until the interest has propagated across the hub.
     let raw_body = codec::to_vec(&request).expect("encode");
     for _ in 0..100 {
-        if client_a.request(raw_subject, raw_body.clone().into()).await.is_ok() {
+        if client_a
+            .request(raw_subject, raw_body.clone().into())
+            .await
+            .is_ok()
+        {
             break;
         }
     }
@@ -114,17 +137,29 @@ async fn main() {
     for i in 0..warm_up + rounds {
         // Raw: the same body bytes, no envelope.
         let t = Instant::now();
-        let ans = client_a.request(raw_subject, raw_body.clone().into()).await.expect("raw request");
+        let ans = client_a
+            .request(raw_subject, raw_body.clone().into())
+            .await
+            .expect("raw request");
         let _: TransferStatusReply = codec::from_slice(&ans.payload).expect("decode");
         let raw_us = t.elapsed().as_micros();
 
         // Signed: sign, send, verify the reply.
         let t = Instant::now();
-        let env = sign(&a, Addressing::request(&b_id, signed_subject), &request, now_ms()).expect("sign");
+        let env = sign(
+            &a,
+            Addressing::request(&b_id, signed_subject),
+            &request,
+            now_ms(),
+        )
+        .expect("sign");
         let nonce = env.nonce;
         let bytes = env.encode().expect("encode");
         signed_size = bytes.len();
-        let ans = client_a.request(signed_subject, bytes.into()).await.expect("signed request");
+        let ans = client_a
+            .request(signed_subject, bytes.into())
+            .await
+            .expect("signed request");
         let opened = verifier_a
             .open_reply(&ans.payload, signed_subject, &nonce, now_ms())
             .expect("verify reply");
@@ -140,6 +175,9 @@ async fn main() {
     println!("request/reply a -> hub -> b, {rounds} rounds each, microseconds");
     println!("| mode | request bytes | p50 | p90 | p99 |");
     println!("|---|---|---|---|---|");
-    println!("| raw NATS request (same body, unsigned) | {} | {r50} | {r90} | {r99} |", raw_body.len());
+    println!(
+        "| raw NATS request (same body, unsigned) | {} | {r50} | {r90} | {r99} |",
+        raw_body.len()
+    );
     println!("| signed envelope, verified both ways | {signed_size} | {s50} | {s90} | {s99} |");
 }

@@ -25,13 +25,17 @@ fn deploy_body(vm: &str, image: Option<&str>) -> Value {
 }
 
 async fn wait_migration(client: &async_nats::Client, site: &str, migration: &str) -> Value {
-    wait_until(LONG, format!("migration {migration} at {site} ends"), || async {
-        let v = ops(client, site, "vms", json!({"migration": migration})).await?;
-        match v["phase"].as_str() {
-            Some("committed") | Some("aborted") => Ok(v),
-            other => Err(format!("phase {other:?}: {v}")),
-        }
-    })
+    wait_until(
+        LONG,
+        format!("migration {migration} at {site} ends"),
+        || async {
+            let v = ops(client, site, "vms", json!({"migration": migration})).await?;
+            match v["phase"].as_str() {
+                Some("committed") | Some("aborted") => Ok(v),
+                other => Err(format!("phase {other:?}: {v}")),
+            }
+        },
+    )
     .await
     .unwrap()
 }
@@ -44,13 +48,30 @@ async fn vm_view(client: &async_nats::Client, site: &str, vm: &str) -> Result<Va
 /// Usage scenario 1: A has no room, B delegates to C; the VM runs at C; A knows only B.
 #[tokio::test]
 async fn scenario_1_placement_is_delegated_a_b_c() {
-    let Some(binary) = require_nats_server() else { return };
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
     let stack = Stack::start(
         &binary,
         vec![
-            SiteSpec { id: "a", partners: vec![("b", 10)], hosts: vec![], policy: "" },
-            SiteSpec { id: "b", partners: vec![("a", 0), ("c", 10)], hosts: vec![("rack9-full", 128)], policy: "" },
-            SiteSpec { id: "c", partners: vec![("b", 0)], hosts: vec![("rack7-node3", 4096)], policy: "" },
+            SiteSpec {
+                id: "a",
+                partners: vec![("b", 10)],
+                hosts: vec![],
+                policy: "",
+            },
+            SiteSpec {
+                id: "b",
+                partners: vec![("a", 0), ("c", 10)],
+                hosts: vec![("rack9-full", 128)],
+                policy: "",
+            },
+            SiteSpec {
+                id: "c",
+                partners: vec![("b", 0)],
+                hosts: vec![("rack7-node3", 4096)],
+                policy: "",
+            },
         ],
     )
     .await;
@@ -63,7 +84,14 @@ async fn scenario_1_placement_is_delegated_a_b_c() {
     let op_a = stack.operator("a").await;
     let op_b = stack.operator("b").await;
     let op_c = stack.operator("c").await;
-    let r = ops(&op_a, "a", "deploy", deploy_body("web-1", Some("tiny.qcow2"))).await.unwrap();
+    let r = ops(
+        &op_a,
+        "a",
+        "deploy",
+        deploy_body("web-1", Some("tiny.qcow2")),
+    )
+    .await
+    .unwrap();
     let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
     assert_eq!(m["phase"], "committed", "{m}");
     assert_eq!(m["bytes_done"], m["bytes_total"], "{m}");
@@ -80,24 +108,54 @@ async fn scenario_1_placement_is_delegated_a_b_c() {
     assert_eq!(at_c["next_hop"], "host:rack7-node3", "{at_c}");
 
     // The image arrived byte for byte on c's host.
-    let received = std::fs::read(stack.vm_root("c", "rack7-node3").join("web-1").join("disk-vda.qcow2")).unwrap();
+    let received = std::fs::read(
+        stack
+            .vm_root("c", "rack7-node3")
+            .join("web-1")
+            .join("disk-vda.qcow2"),
+    )
+    .unwrap();
     assert_eq!(received, std::fs::read(&image).unwrap());
 
     // The Control interface from the primary, two hops away, in DMTF terms.
-    let q = ops(&op_a, "a", "control", json!({"vm": "web-1", "change": {"kind": "query"}})).await.unwrap();
+    let q = ops(
+        &op_a,
+        "a",
+        "control",
+        json!({"vm": "web-1", "change": {"kind": "query"}}),
+    )
+    .await
+    .unwrap();
     assert_eq!(q["state"], "enabled", "{q}");
-    let p = ops(&op_a, "a", "control", json!({"vm": "web-1", "change": {"kind": "set_state", "transition": "pause"}}))
-        .await
-        .unwrap();
+    let p = ops(
+        &op_a,
+        "a",
+        "control",
+        json!({"vm": "web-1", "change": {"kind": "set_state", "transition": "pause"}}),
+    )
+    .await
+    .unwrap();
     assert_eq!(p["state"], "paused", "{p}");
     assert_eq!(p["cim_enabled_state"], 9);
-    let p = ops(&op_a, "a", "control", json!({"vm": "web-1", "change": {"kind": "set_state", "transition": "resume"}}))
-        .await
-        .unwrap();
+    let p = ops(
+        &op_a,
+        "a",
+        "control",
+        json!({"vm": "web-1", "change": {"kind": "set_state", "transition": "resume"}}),
+    )
+    .await
+    .unwrap();
     assert_eq!(p["state"], "enabled", "{p}");
 
     // An unknown VM is a clear refusal.
-    let e = ops(&op_a, "a", "control", json!({"vm": "nope", "change": {"kind": "query"}})).await.unwrap_err();
+    let e = ops(
+        &op_a,
+        "a",
+        "control",
+        json!({"vm": "nope", "change": {"kind": "query"}}),
+    )
+    .await
+    .unwrap_err();
     assert!(e.contains("unknown_vm"), "{e}");
 
     // Location unawareness: nothing that crossed the hub names a host, a path or a libvirt URI.
@@ -106,10 +164,24 @@ async fn scenario_1_placement_is_delegated_a_b_c() {
     while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), seen.next()).await {
         count += 1;
         let text = String::from_utf8_lossy(&msg.payload);
-        for secret in ["rack7-node3", "rack9-full", root.as_str(), "test:///", "qemu:///"] {
-            assert!(!text.contains(secret), "{secret:?} crossed the hub on {}: {text}", msg.subject);
+        for secret in [
+            "rack7-node3",
+            "rack9-full",
+            root.as_str(),
+            "test:///",
+            "qemu:///",
+        ] {
+            assert!(
+                !text.contains(secret),
+                "{secret:?} crossed the hub on {}: {text}",
+                msg.subject
+            );
         }
-        assert!(!msg.subject.starts_with("nubis.site."), "site-internal subject crossed the hub: {}", msg.subject);
+        assert!(
+            !msg.subject.starts_with("nubis.site."),
+            "site-internal subject crossed the hub: {}",
+            msg.subject
+        );
     }
     assert!(count > 10, "the observer saw only {count} messages");
     stack.shutdown().await;
@@ -117,32 +189,72 @@ async fn scenario_1_placement_is_delegated_a_b_c() {
 
 async fn next_hop(client: &async_nats::Client, site: &str, vm: &str) -> Result<String, String> {
     let v = vm_view(client, site, vm).await?;
-    v["next_hop"].as_str().map(str::to_string).ok_or_else(|| format!("no next hop: {v}"))
+    v["next_hop"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("no next hop: {v}"))
 }
 
 /// Usage scenario 2: the site running the VM evicts it; the site that delegated it becomes
 /// Controller and re-places it at another partner; files move site to site directly.
 #[tokio::test]
 async fn scenario_2_eviction_replaces_the_vm_elsewhere() {
-    let Some(binary) = require_nats_server() else { return };
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
     let stack = Stack::start(
         &binary,
         vec![
-            SiteSpec { id: "a", partners: vec![("b", 10)], hosts: vec![], policy: "" },
-            SiteSpec { id: "b", partners: vec![("a", 0), ("c", 10), ("d", 5)], hosts: vec![], policy: "" },
-            SiteSpec { id: "c", partners: vec![("b", 0)], hosts: vec![("c1", 4096)], policy: "" },
-            SiteSpec { id: "d", partners: vec![("b", 0)], hosts: vec![("d1", 4096)], policy: "" },
+            SiteSpec {
+                id: "a",
+                partners: vec![("b", 10)],
+                hosts: vec![],
+                policy: "",
+            },
+            SiteSpec {
+                id: "b",
+                partners: vec![("a", 0), ("c", 10), ("d", 5)],
+                hosts: vec![],
+                policy: "",
+            },
+            SiteSpec {
+                id: "c",
+                partners: vec![("b", 0)],
+                hosts: vec![("c1", 4096)],
+                policy: "",
+            },
+            SiteSpec {
+                id: "d",
+                partners: vec![("b", 0)],
+                hosts: vec![("d1", 4096)],
+                policy: "",
+            },
         ],
     )
     .await;
-    std::fs::write(stack.image_store("a").join("tiny.qcow2"), vec![3u8; 200_000]).unwrap();
+    std::fs::write(
+        stack.image_store("a").join("tiny.qcow2"),
+        vec![3u8; 200_000],
+    )
+    .unwrap();
     let ops_of = |s: &'static str| stack.operator(s);
     let (op_a, op_b) = (ops_of("a").await, ops_of("b").await);
-    let r = ops(&op_a, "a", "deploy", deploy_body("db-1", Some("tiny.qcow2"))).await.unwrap();
+    let r = ops(
+        &op_a,
+        "a",
+        "deploy",
+        deploy_body("db-1", Some("tiny.qcow2")),
+    )
+    .await
+    .unwrap();
     let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
     assert_eq!(m["phase"], "committed", "{m}");
     let first = next_hop(&op_b, "b", "db-1").await.unwrap();
-    let (x, y) = if first == "site:c" { ("c", "d") } else { ("d", "c") };
+    let (x, y) = if first == "site:c" {
+        ("c", "d")
+    } else {
+        ("d", "c")
+    };
     assert_eq!(first, format!("site:{x}"));
     let op_x = ops_of(x).await;
     let op_y = ops_of(y).await;
@@ -153,7 +265,11 @@ async fn scenario_2_eviction_replaces_the_vm_elsewhere() {
     wait_until(LONG, "b re-places the VM at y", || async {
         let hop = next_hop(&op_b, "b", "db-1").await?;
         let view = vm_view(&op_b, "b", "db-1").await?;
-        if hop == format!("site:{y}") && view["phase"] == "placed" { Ok(()) } else { Err(view.to_string()) }
+        if hop == format!("site:{y}") && view["phase"] == "placed" {
+            Ok(())
+        } else {
+            Err(view.to_string())
+        }
     })
     .await
     .unwrap();
@@ -164,12 +280,22 @@ async fn scenario_2_eviction_replaces_the_vm_elsewhere() {
     assert_eq!(at_y["next_hop"], format!("host:{y}1"), "{at_y}");
     wait_until(LONG, "x released the VM", || async {
         let v = ops(&op_x, x, "vms", json!({})).await?;
-        if v["vms"].as_array().is_some_and(|a| a.is_empty()) { Ok(()) } else { Err(v.to_string()) }
+        if v["vms"].as_array().is_some_and(|a| a.is_empty()) {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
     })
     .await
     .unwrap();
-    assert!(!stack.vm_root(x, &format!("{x}1")).join("db-1").exists(), "x still holds the VM's files");
-    let disk = stack.vm_root(y, &format!("{y}1")).join("db-1").join("disk-vda.qcow2");
+    assert!(
+        !stack.vm_root(x, &format!("{x}1")).join("db-1").exists(),
+        "x still holds the VM's files"
+    );
+    let disk = stack
+        .vm_root(y, &format!("{y}1"))
+        .join("db-1")
+        .join("disk-vda.qcow2");
     assert_eq!(std::fs::read(disk).unwrap(), vec![3u8; 200_000]);
     stack.shutdown().await;
 }
@@ -177,32 +303,170 @@ async fn scenario_2_eviction_replaces_the_vm_elsewhere() {
 /// Usage scenario 3: host to host inside one site, with the same protocol.
 #[tokio::test]
 async fn scenario_3_local_migration_between_hosts() {
-    let Some(binary) = require_nats_server() else { return };
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
     let stack = Stack::start(
         &binary,
-        vec![SiteSpec { id: "a", partners: vec![], hosts: vec![("n1", 4096), ("n2", 4096)], policy: "" }],
+        vec![SiteSpec {
+            id: "a",
+            partners: vec![],
+            hosts: vec![("n1", 4096), ("n2", 4096)],
+            policy: "",
+        }],
     )
     .await;
-    std::fs::write(stack.image_store("a").join("tiny.qcow2"), vec![9u8; 100_000]).unwrap();
+    std::fs::write(
+        stack.image_store("a").join("tiny.qcow2"),
+        vec![9u8; 100_000],
+    )
+    .unwrap();
     let op_a = stack.operator("a").await;
-    let r = ops(&op_a, "a", "deploy", deploy_body("app-1", Some("tiny.qcow2"))).await.unwrap();
+    let r = ops(
+        &op_a,
+        "a",
+        "deploy",
+        deploy_body("app-1", Some("tiny.qcow2")),
+    )
+    .await
+    .unwrap();
     let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
     assert_eq!(m["phase"], "committed", "{m}");
     let before = next_hop(&op_a, "a", "app-1").await.unwrap();
     let other = if before == "host:n1" { "n2" } else { "n1" };
 
-    let r = ops(&op_a, "a", "migrate", json!({"vm": "app-1", "to_site": "a"})).await.unwrap();
+    let r = ops(
+        &op_a,
+        "a",
+        "migrate",
+        json!({"vm": "app-1", "to_site": "a"}),
+    )
+    .await
+    .unwrap();
     let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
     assert_eq!(m["phase"], "committed", "{m}");
     // A running VM moves with its saved memory state, not only its disk.
     assert!(m["bytes_total"].as_u64().unwrap() > 100_000, "{m}");
-    assert_eq!(next_hop(&op_a, "a", "app-1").await.unwrap(), format!("host:{other}"));
+    assert_eq!(
+        next_hop(&op_a, "a", "app-1").await.unwrap(),
+        format!("host:{other}")
+    );
     let old = before.trim_start_matches("host:");
-    assert!(!stack.vm_root("a", old).join("app-1").exists(), "the old host still holds the VM");
-    let disk = stack.vm_root("a", other).join("app-1").join("disk-vda.qcow2");
+    assert!(
+        !stack.vm_root("a", old).join("app-1").exists(),
+        "the old host still holds the VM"
+    );
+    let disk = stack
+        .vm_root("a", other)
+        .join("app-1")
+        .join("disk-vda.qcow2");
     assert_eq!(std::fs::read(disk).unwrap(), vec![9u8; 100_000]);
-    let q = ops(&op_a, "a", "control", json!({"vm": "app-1", "change": {"kind": "query"}})).await.unwrap();
+    let q = ops(
+        &op_a,
+        "a",
+        "control",
+        json!({"vm": "app-1", "change": {"kind": "query"}}),
+    )
+    .await
+    .unwrap();
     let view = vm_view(&op_a, "a", "app-1").await.unwrap();
     assert_eq!(q["state"], "enabled", "{q} {view}");
+    stack.shutdown().await;
+}
+
+/// Failure paths: a destination with no room refuses, and a source site that is down makes
+/// the migration abort cleanly; in both cases the VM stays where it was, running.
+#[tokio::test]
+async fn refused_and_unreachable_migrations_leave_the_vm_in_place() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let mut stack = Stack::start(
+        &binary,
+        vec![
+            SiteSpec {
+                id: "a",
+                partners: vec![("b", 10), ("c", 5)],
+                hosts: vec![],
+                policy: "",
+            },
+            SiteSpec {
+                id: "b",
+                partners: vec![("a", 0)],
+                hosts: vec![("b1", 4096)],
+                policy: "",
+            },
+            SiteSpec {
+                id: "c",
+                partners: vec![("a", 0)],
+                hosts: vec![("c1", 128)],
+                policy: "",
+            },
+        ],
+    )
+    .await;
+    std::fs::write(stack.image_store("a").join("tiny.qcow2"), vec![5u8; 50_000]).unwrap();
+    let op_a = stack.operator("a").await;
+    let r = ops(
+        &op_a,
+        "a",
+        "deploy",
+        deploy_body("svc-1", Some("tiny.qcow2")),
+    )
+    .await
+    .unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    assert_eq!(next_hop(&op_a, "a", "svc-1").await.unwrap(), "site:b");
+
+    // c has no room: the migration towards it finds no offer and aborts.
+    let r = ops(
+        &op_a,
+        "a",
+        "migrate",
+        json!({"vm": "svc-1", "to_site": "c"}),
+    )
+    .await
+    .unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "aborted", "{m}");
+    assert!(m["reason"].as_str().unwrap().contains("no_capacity"), "{m}");
+    assert_eq!(next_hop(&op_a, "a", "svc-1").await.unwrap(), "site:b");
+    let q = ops(
+        &op_a,
+        "a",
+        "control",
+        json!({"vm": "svc-1", "change": {"kind": "query"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(q["state"], "enabled", "{q}");
+
+    // A deploy of an image the primary does not have is refused before anything moves.
+    let r = ops(
+        &op_a,
+        "a",
+        "deploy",
+        deploy_body("svc-2", Some("missing.qcow2")),
+    )
+    .await
+    .unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "aborted", "{m}");
+    assert!(m["reason"].as_str().unwrap().contains("image store"), "{m}");
+    let view = vm_view(&op_a, "a", "svc-2").await.unwrap();
+    assert_eq!(view["phase"], "unplaced", "{view}");
+
+    // b goes down: a migration of its VM cannot prepare the source and aborts cleanly.
+    stack.stop_site("b").await;
+    let r = ops(&op_a, "a", "migrate", json!({"vm": "svc-1"}))
+        .await
+        .unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "aborted", "{m}");
+    assert_eq!(next_hop(&op_a, "a", "svc-1").await.unwrap(), "site:b");
+    // A second migration may be asked for at once: the first left the VM settled.
+    let view = vm_view(&op_a, "a", "svc-1").await.unwrap();
+    assert_eq!(view["phase"], "placed", "{view}");
     stack.shutdown().await;
 }

@@ -56,23 +56,38 @@ where
         }
         r
     });
-    Daemon { name, token, handle }
+    Daemon {
+        name,
+        token,
+        handle,
+    }
 }
 
 impl Stack {
     /// Starts the servers and every site's daemons.
     pub async fn start(binary: &nubis_testkit::NatsServerBinary, specs: Vec<SiteSpec>) -> Self {
-        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info,async_nats=warn").try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("info,async_nats=warn")
+            .try_init();
         let ids: Vec<&str> = specs.iter().map(|s| s.id).collect();
         let fed = Federation::start_with(binary, &ids).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut identities = BTreeMap::new();
         for s in &specs {
             let identity = SiteIdentity::generate(SiteId::new(s.id).unwrap());
-            identity.save(&dir.path().join(format!("{}.key", s.id)), false).unwrap();
+            identity
+                .save(&dir.path().join(format!("{}.key", s.id)), false)
+                .unwrap();
             identities.insert(s.id, Arc::new(identity));
         }
-        let mut stack = Self { fed, dir, identities, specs: specs.clone(), daemons: Vec::new() };
+        let mut stack = Self {
+            fed,
+            dir,
+            identities,
+            specs: specs.clone(),
+            daemons: Vec::new(),
+        };
         for s in &specs {
             stack.start_site(s.id).await;
         }
@@ -86,14 +101,18 @@ impl Stack {
     pub async fn wait_ready(&self, site: &str) {
         let op = self.operator(site).await;
         let partners = self.spec(site).partners.len() as u64;
-        nubis_testkit::wait_until(nubis_testkit::DEFAULT_TIMEOUT, format!("site {site} ready"), || async {
-            let v = ops(&op, site, "status", serde_json::json!({})).await?;
-            if v["partners_reachable"].as_u64() == Some(partners) {
-                Ok(())
-            } else {
-                Err(v.to_string())
-            }
-        })
+        nubis_testkit::wait_until(
+            nubis_testkit::DEFAULT_TIMEOUT,
+            format!("site {site} ready"),
+            || async {
+                let v = ops(&op, site, "status", serde_json::json!({})).await?;
+                if v["partners_reachable"].as_u64() == Some(partners) {
+                    Ok(())
+                } else {
+                    Err(v.to_string())
+                }
+            },
+        )
         .await
         .unwrap();
     }
@@ -122,9 +141,15 @@ impl Stack {
         let mut text = String::new();
         for (p, pref) in &spec.partners {
             let public = self.identities[p].public();
-            text.push_str(&format!("[[partners]]\nsite = \"{p}\"\nsigning_key = \"{}\"\n", public.signing_text()));
+            text.push_str(&format!(
+                "[[partners]]\nsite = \"{p}\"\nsigning_key = \"{}\"\n",
+                public.signing_text()
+            ));
             if with_sealing {
-                text.push_str(&format!("sealing_key = \"{}\"\npreference = {pref}\n", public.sealing_text()));
+                text.push_str(&format!(
+                    "sealing_key = \"{}\"\npreference = {pref}\n",
+                    public.sealing_text()
+                ));
             }
             text.push('\n');
         }
@@ -143,7 +168,11 @@ impl Stack {
         let url = self.fed.site_url(site).unwrap();
         let (user, password) = self.fed.credentials(site, Role::Site).unwrap();
         let (host_user, host_password) = self.fed.credentials(site, Role::Host).unwrap();
-        let hosts: String = spec.hosts.iter().map(|(h, _)| format!("[[hosts]]\nid = \"{h}\"\n")).collect();
+        let hosts: String = spec
+            .hosts
+            .iter()
+            .map(|(h, _)| format!("[[hosts]]\nid = \"{h}\"\n"))
+            .collect();
         let site_toml = format!(
             "site = \"{site}\"\nkey_file = \"{site}.key\"\nnats_url = \"{url}\"\nnats_user = \"{user}\"\nnats_password = \"{password}\"\n\
              data_dir = \"{site}-data\"\nproxy = \"p1\"\nimage_store = \"{site}-images\"\n\n\
@@ -159,7 +188,10 @@ impl Stack {
             .identities
             .iter()
             .map(|(id, identity)| {
-                format!("[[partners]]\nsite = \"{id}\"\nsigning_key = \"{}\"\n\n", identity.public().signing_text())
+                format!(
+                    "[[partners]]\nsite = \"{id}\"\nsigning_key = \"{}\"\n\n",
+                    identity.public().signing_text()
+                )
             })
             .collect();
         let proxy_toml = format!(
@@ -171,7 +203,9 @@ impl Stack {
         let proxy_path = self.write(&format!("{site}-proxy.toml"), &proxy_toml);
         let site_config = nubis_site::config::SiteConfig::load(&site_path).unwrap();
         let proxy_config = nubis_proxy::config::Config::load(&proxy_path).unwrap();
-        self.daemons.push(spawn(format!("{site}/proxy"), move |t| nubis_proxy::run(proxy_config, t)));
+        self.daemons.push(spawn(format!("{site}/proxy"), move |t| {
+            nubis_proxy::run(proxy_config, t)
+        }));
         for (host, memory) in &spec.hosts {
             // Each host its own hypervisor: `test:///default` is one shared state per process,
             // a test driver opened on a node file is private to its connection.
@@ -188,28 +222,26 @@ impl Stack {
             );
             let host_path = self.write(&format!("{site}-{host}.toml"), &host_toml);
             let host_config = nubis_host::config::HostConfig::load(&host_path).unwrap();
-            self.daemons.push(spawn(format!("{site}/{host}"), move |t| nubis_host::agent::run(host_config, t)));
+            self.daemons.push(spawn(format!("{site}/{host}"), move |t| {
+                nubis_host::agent::run(host_config, t)
+            }));
         }
-        self.daemons.push(spawn(format!("{site}/site"), move |t| nubis_site::run(site_config, t)));
+        self.daemons.push(spawn(format!("{site}/site"), move |t| {
+            nubis_site::run(site_config, t)
+        }));
     }
 
     /// Stops every daemon of `site` (orderly), leaving its nats-server running.
     pub async fn stop_site(&mut self, site: &str) {
         let prefix = format!("{site}/");
-        let (stop, keep): (Vec<Daemon>, Vec<Daemon>) =
-            self.daemons.drain(..).partition(|d| d.name.starts_with(&prefix));
+        let (stop, keep): (Vec<Daemon>, Vec<Daemon>) = self
+            .daemons
+            .drain(..)
+            .partition(|d| d.name.starts_with(&prefix));
         self.daemons = keep;
         for d in stop {
             d.token.cancel();
             let _ = d.handle.await;
-        }
-    }
-
-    /// Aborts one daemon (`site/site`, `site/proxy`, `site/h1`) like a crash: no orderly shutdown.
-    pub fn crash(&mut self, name: &str) {
-        if let Some(i) = self.daemons.iter().position(|d| d.name == name) {
-            let d = self.daemons.remove(i);
-            d.handle.abort();
         }
     }
 
@@ -233,10 +265,18 @@ impl Stack {
 }
 
 /// Calls an operator endpoint and returns its JSON, or the service error as `Err`.
-pub async fn ops(client: &async_nats::Client, site: &str, endpoint: &str, body: serde_json::Value) -> Result<serde_json::Value, String> {
+pub async fn ops(
+    client: &async_nats::Client,
+    site: &str,
+    endpoint: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, String> {
     let msg = tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        client.request(format!("nubis.ops.{site}.{endpoint}"), serde_json::to_vec(&body).unwrap().into()),
+        client.request(
+            format!("nubis.ops.{site}.{endpoint}"),
+            serde_json::to_vec(&body).unwrap().into(),
+        ),
     )
     .await
     .map_err(|_| "timeout".to_string())?

@@ -205,7 +205,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.
@@ -260,7 +263,10 @@ fn print_json_or(json: bool, value: &serde_json::Value, human: impl FnOnce(&serd
     }
 }
 
-fn run_daemon<F, E>(what: &str, fut: impl FnOnce(tokio_util::sync::CancellationToken) -> F) -> Result<(), Failure>
+fn run_daemon<F, E>(
+    what: &str,
+    fut: impl FnOnce(tokio_util::sync::CancellationToken) -> F,
+) -> Result<(), Failure>
 where
     F: std::future::Future<Output = Result<(), E>>,
     E: std::error::Error + Send + Sync + 'static,
@@ -293,7 +299,9 @@ fn print_value(json: bool, v: &serde_json::Value) {
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Vm(cmd) => {
-            let v = runtime()?.block_on(vm::run(cmd, cli.json)).map_err(ops_failure)?;
+            let v = runtime()?
+                .block_on(vm::run(cmd, cli.json))
+                .map_err(ops_failure)?;
             print_value(cli.json, &v);
             Ok(())
         }
@@ -311,7 +319,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 error: anyhow::Error::new(e),
                 hint: Some("fix the host agent configuration file".into()),
             })?;
-            run_daemon("host agent", move |token| nubis_host::agent::run(config, token))
+            run_daemon("host agent", move |token| {
+                nubis_host::agent::run(config, token)
+            })
         }
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
@@ -333,13 +343,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
             ..
         } => {
             let v = runtime()?
-                .block_on(ops_client::call(&conn, nubis_protocol::subject::OpsEndpoint::Status, serde_json::json!({})))
+                .block_on(ops_client::call(
+                    &conn,
+                    nubis_protocol::subject::OpsEndpoint::Status,
+                    serde_json::json!({}),
+                ))
                 .map_err(ops_failure)?;
             print_json_or(cli.json, &v, |v| {
                 println!("site            {}", v["site"].as_str().unwrap_or("?"));
                 println!("version         {}", v["version"].as_str().unwrap_or("?"));
-                println!("nats-server     {}", v["nats_server_version"].as_str().unwrap_or("?"));
-                println!("uptime          {} s", v["uptime_ms"].as_u64().unwrap_or(0) / 1000);
+                println!(
+                    "nats-server     {}",
+                    v["nats_server_version"].as_str().unwrap_or("?")
+                );
+                println!(
+                    "uptime          {} s",
+                    v["uptime_ms"].as_u64().unwrap_or(0) / 1000
+                );
                 println!(
                     "partners        {} ({} reachable)",
                     v["partners"].as_u64().unwrap_or(0),
@@ -351,14 +371,31 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Sites { conn } => {
             let v = runtime()?
-                .block_on(ops_client::call(&conn, nubis_protocol::subject::OpsEndpoint::Sites, serde_json::json!({})))
+                .block_on(ops_client::call(
+                    &conn,
+                    nubis_protocol::subject::OpsEndpoint::Sites,
+                    serde_json::json!({}),
+                ))
                 .map_err(ops_failure)?;
             print_json_or(cli.json, &v, |v| {
-                println!("{:<16} {:<8} {:<8} {:<10} {:>10}", "SITE", "PARTNER", "TRUSTED", "REACHABLE", "HEARTBEAT");
+                println!(
+                    "{:<16} {:<8} {:<8} {:<10} {:>10}",
+                    "SITE", "PARTNER", "TRUSTED", "REACHABLE", "HEARTBEAT"
+                );
                 for s in v["sites"].as_array().into_iter().flatten() {
                     let age = s["heartbeat_age_ms"].as_u64().unwrap_or(u64::MAX);
-                    let age = if age == u64::MAX { "never".to_string() } else { format!("{:.1}s ago", age as f64 / 1000.0) };
-                    let yn = |b: &serde_json::Value| if b.as_bool().unwrap_or(false) { "yes" } else { "no" };
+                    let age = if age == u64::MAX {
+                        "never".to_string()
+                    } else {
+                        format!("{:.1}s ago", age as f64 / 1000.0)
+                    };
+                    let yn = |b: &serde_json::Value| {
+                        if b.as_bool().unwrap_or(false) {
+                            "yes"
+                        } else {
+                            "no"
+                        }
+                    };
                     println!(
                         "{:<16} {:<8} {:<8} {:<10} {:>10}",
                         s["site"].as_str().unwrap_or("?"),

@@ -51,18 +51,21 @@ pub async fn call(
     endpoint: OpsEndpoint,
     request: serde_json::Value,
 ) -> Result<serde_json::Value, OpsFailure> {
-    let site = SiteId::new(&conn.site)
-        .map_err(|e| OpsFailure::User(format!("--site {:?} is not a valid site id: {e}", conn.site)))?;
+    let site = SiteId::new(&conn.site).map_err(|e| {
+        OpsFailure::User(format!(
+            "--site {:?} is not a valid site id: {e}",
+            conn.site
+        ))
+    })?;
     let mut options = async_nats::ConnectOptions::new()
         .name("nubis-cli")
         .connection_timeout(Duration::from_secs(conn.timeout.max(1)));
     if let (Some(user), Some(password)) = (&conn.user, &conn.password) {
         options = options.user_and_password(user.clone(), password.clone());
     }
-    let client = options
-        .connect(&conn.nats_url)
-        .await
-        .map_err(|e| OpsFailure::Unreachable(format!("cannot connect to {}: {e}", conn.nats_url)))?;
+    let client = options.connect(&conn.nats_url).await.map_err(|e| {
+        OpsFailure::Unreachable(format!("cannot connect to {}: {e}", conn.nats_url))
+    })?;
     let subject = Subject::ops(&site, endpoint);
     let payload = serde_json::to_vec(&request).map_err(|e| OpsFailure::Internal(e.to_string()))?;
     let answer = tokio::time::timeout(
@@ -71,7 +74,10 @@ pub async fn call(
     )
     .await
     .map_err(|_| {
-        OpsFailure::Unreachable(format!("site {site} did not answer on {subject} within {}s", conn.timeout))
+        OpsFailure::Unreachable(format!(
+            "site {site} did not answer on {subject} within {}s",
+            conn.timeout
+        ))
     })?
     .map_err(|e| match e.kind() {
         async_nats::RequestErrorKind::NoResponders => {

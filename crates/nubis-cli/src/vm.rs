@@ -80,15 +80,21 @@ pub enum VmCommand {
 }
 
 /// Follows a migration until it ends; returns its final view.
-pub async fn follow(conn: &Connection, migration: &str, json_out: bool) -> Result<Value, OpsFailure> {
+pub async fn follow(
+    conn: &Connection,
+    migration: &str,
+    json_out: bool,
+) -> Result<Value, OpsFailure> {
     let bar = if json_out {
         ProgressBar::hidden()
     } else {
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg:<14} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{spinner} {msg:<14} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.enable_steady_tick(Duration::from_millis(200));
         bar
@@ -118,7 +124,10 @@ pub async fn follow(conn: &Connection, migration: &str, json_out: bool) -> Resul
                 bar.abandon_with_message("aborted");
                 return Err(OpsFailure::Refused {
                     code: "aborted".into(),
-                    message: v["reason"].as_str().unwrap_or("migration aborted").to_string(),
+                    message: v["reason"]
+                        .as_str()
+                        .unwrap_or("migration aborted")
+                        .to_string(),
                 });
             }
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
@@ -130,15 +139,27 @@ pub async fn follow(conn: &Connection, migration: &str, json_out: bool) -> Resul
 fn id_from(text: &str) -> String {
     let id: String = text
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     id.trim_matches('-').chars().take(64).collect()
 }
 
-fn descriptor_request(file: &PathBuf, vm: Option<String>, json_out: bool) -> Result<Value, OpsFailure> {
+fn descriptor_request(
+    file: &PathBuf,
+    vm: Option<String>,
+    json_out: bool,
+) -> Result<Value, OpsFailure> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| OpsFailure::User(format!("cannot read {}: {e}", file.display())))?;
-    let is_ovf = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("ovf"));
+    let is_ovf = file
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("ovf"));
     if is_ovf {
         let package = nubis_ovf::OvfPackage::parse(&text)
             .map_err(|e| OpsFailure::User(format!("{}: {e}", file.display())))?;
@@ -149,8 +170,18 @@ fn descriptor_request(file: &PathBuf, vm: Option<String>, json_out: bool) -> Res
         }
         let t = package.template;
         let vm = vm.unwrap_or_else(|| id_from(&t.system_id));
-        let vcpus = t.vcpus.ok_or_else(|| OpsFailure::User(format!("{}: no vCPU item in the VirtualHardwareSection", file.display())))?;
-        let memory = t.memory_mib.ok_or_else(|| OpsFailure::User(format!("{}: no memory item in the VirtualHardwareSection", file.display())))?;
+        let vcpus = t.vcpus.ok_or_else(|| {
+            OpsFailure::User(format!(
+                "{}: no vCPU item in the VirtualHardwareSection",
+                file.display()
+            ))
+        })?;
+        let memory = t.memory_mib.ok_or_else(|| {
+            OpsFailure::User(format!(
+                "{}: no memory item in the VirtualHardwareSection",
+                file.display()
+            ))
+        })?;
         return Ok(json!({
             "vm": vm,
             "name": t.name,
@@ -177,20 +208,38 @@ fn descriptor_request(file: &PathBuf, vm: Option<String>, json_out: bool) -> Res
 /// Runs a VM command; returns the JSON to print (and prints human output itself).
 pub async fn run(cmd: VmCommand, json_out: bool) -> Result<Value, OpsFailure> {
     match cmd {
-        VmCommand::Deploy { file, vm, no_wait, conn } => {
+        VmCommand::Deploy {
+            file,
+            vm,
+            no_wait,
+            conn,
+        } => {
             let req = descriptor_request(&file, vm, json_out)?;
             let v = call(&conn, OpsEndpoint::Deploy, req).await?;
             let migration = v["migration"].as_str().unwrap_or_default().to_string();
             if !json_out {
-                println!("deploying VM {} (placement {migration})", v["vm"].as_str().unwrap_or("?"));
+                println!(
+                    "deploying VM {} (placement {migration})",
+                    v["vm"].as_str().unwrap_or("?")
+                );
             }
             if no_wait {
                 return Ok(v);
             }
             follow(&conn, &migration, json_out).await
         }
-        VmCommand::Migrate { vm, to_site, no_wait, conn } => {
-            let v = call(&conn, OpsEndpoint::Migrate, json!({"vm": vm, "to_site": to_site})).await?;
+        VmCommand::Migrate {
+            vm,
+            to_site,
+            no_wait,
+            conn,
+        } => {
+            let v = call(
+                &conn,
+                OpsEndpoint::Migrate,
+                json!({"vm": vm, "to_site": to_site}),
+            )
+            .await?;
             let migration = v["migration"].as_str().unwrap_or_default().to_string();
             if !json_out {
                 println!("migrating VM {vm} (migration {migration})");
@@ -207,7 +256,12 @@ pub async fn run(cmd: VmCommand, json_out: bool) -> Result<Value, OpsFailure> {
             } else {
                 json!({"kind": "set_state", "transition": action})
             };
-            call(&conn, OpsEndpoint::Control, json!({"vm": vm, "change": change})).await
+            call(
+                &conn,
+                OpsEndpoint::Control,
+                json!({"vm": vm, "change": change}),
+            )
+            .await
         }
         VmCommand::Status { vm, conn } => call(&conn, OpsEndpoint::Vms, json!({"vm": vm})).await,
         VmCommand::Cancel { migration, conn } => {

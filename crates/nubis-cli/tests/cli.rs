@@ -24,14 +24,25 @@ fn stderr(o: &Output) -> String {
 fn keys_gen_writes_a_private_file_and_prints_json() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("a.key");
-    let o = nubis(&["--json", "keys", "gen", "--site", "a", "--out", key.to_str().unwrap()]);
+    let o = nubis(&[
+        "--json",
+        "keys",
+        "gen",
+        "--site",
+        "a",
+        "--out",
+        key.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["site"], "a");
     assert!(v["signing_key"].as_str().unwrap().starts_with("ed25519:"));
     assert!(v["sealing_key"].as_str().unwrap().starts_with("x25519:"));
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     // A second gen refuses to overwrite; a loose file is refused with the fix in the hint.
     let o = nubis(&["keys", "gen", "--site", "a", "--out", key.to_str().unwrap()]);
@@ -45,7 +56,14 @@ fn keys_gen_writes_a_private_file_and_prints_json() {
 
 #[test]
 fn argument_errors_are_user_errors() {
-    let o = nubis(&["keys", "gen", "--site", "Not.Valid", "--out", "/nonexistent/x"]);
+    let o = nubis(&[
+        "keys",
+        "gen",
+        "--site",
+        "Not.Valid",
+        "--out",
+        "/nonexistent/x",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("not a valid site id"), "{}", stderr(&o));
     let o = nubis(&["vm", "status"]);
@@ -59,13 +77,21 @@ fn argument_errors_are_user_errors() {
 fn a_bad_site_configuration_names_the_problem_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("site.toml");
-    std::fs::write(&config, "site = \"a\"\nkey_file = \"a.key\"\nnats_url = \"nats://127.0.0.1:1\"\ndata_dir = \"d\"\n").unwrap();
+    std::fs::write(
+        &config,
+        "site = \"a\"\nkey_file = \"a.key\"\nnats_url = \"nats://127.0.0.1:1\"\ndata_dir = \"d\"\n",
+    )
+    .unwrap();
     let o = nubis(&["site", "--config", config.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("key_file"), "{}", stderr(&o));
 
     let key = dir.path().join("a.key");
-    assert!(nubis(&["keys", "gen", "--site", "a", "--out", key.to_str().unwrap()]).status.success());
+    assert!(
+        nubis(&["keys", "gen", "--site", "a", "--out", key.to_str().unwrap()])
+            .status
+            .success()
+    );
     std::fs::write(
         &config,
         "site = \"a\"\nkey_file = \"a.key\"\nnats_url = \"nats://127.0.0.1:1\"\ndata_dir = \"d\"\n\
@@ -74,16 +100,38 @@ fn a_bad_site_configuration_names_the_problem_and_exits_2() {
     .unwrap();
     let o = nubis(&["site", "--config", config.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("partners[0].signing_key"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("partners[0].signing_key"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn an_unreachable_site_exits_5_with_a_hint() {
     // Port 1 on loopback: nothing listens there.
-    let o = nubis(&["site", "status", "--site", "a", "--nats-url", "nats://127.0.0.1:1", "--timeout", "1"]);
+    let o = nubis(&[
+        "site",
+        "status",
+        "--site",
+        "a",
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        "--timeout",
+        "1",
+    ]);
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
     assert!(stderr(&o).contains("hint:"), "{}", stderr(&o));
-    let o = nubis(&["vm", "list", "--site", "a", "--nats-url", "nats://127.0.0.1:1", "--timeout", "1"]);
+    let o = nubis(&[
+        "vm",
+        "list",
+        "--site",
+        "a",
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        "--timeout",
+        "1",
+    ]);
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
 }
 

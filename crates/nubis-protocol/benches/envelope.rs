@@ -2,6 +2,8 @@
 //! message (a Migration request with a full descriptor) and a monitoring batch of 100 samples.
 //!
 //! Run: `cargo bench -p nubis-protocol --bench envelope`.
+// A benchmark is a test harness: a failed setup step should stop it loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -13,9 +15,9 @@ use nubis_protocol::descriptor::{
 };
 use nubis_protocol::envelope::{sign, Addressing, Verifier};
 use nubis_protocol::identity::SiteIdentity;
-use nubis_protocol::message::{BatchPayload, ClearPayload, MonitoringBatch, Sample, Value};
-use nubis_protocol::message::ProducerId;
 use nubis_protocol::message::MigrationRequest;
+use nubis_protocol::message::ProducerId;
+use nubis_protocol::message::{BatchPayload, ClearPayload, MonitoringBatch, Sample, Value};
 use nubis_protocol::replay::ReplayCache;
 use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
 
@@ -48,13 +50,26 @@ fn descriptor(a: &SiteIdentity) -> VmDescriptor {
                 format: DiskFormat::Qcow2,
                 image: Some("debian-12".into()),
             }],
-            networks: vec![NetworkSpec { name: "default".into(), model: "virtio".into() }],
+            networks: vec![NetworkSpec {
+                name: "default".into(),
+                model: "virtio".into(),
+            }],
             boot: None,
         },
         monitoring: vec![
-            spec("cpu.utilisation", DeliveryFormat::Processed { aggregate: Aggregate::Mean }),
+            spec(
+                "cpu.utilisation",
+                DeliveryFormat::Processed {
+                    aggregate: Aggregate::Mean,
+                },
+            ),
             spec("mem.used", DeliveryFormat::Raw),
-            spec("kpi.current_users.column1", DeliveryFormat::Processed { aggregate: Aggregate::Max }),
+            spec(
+                "kpi.current_users.column1",
+                DeliveryFormat::Processed {
+                    aggregate: Aggregate::Max,
+                },
+            ),
         ],
         properties: BTreeMap::from([("service".to_string(), "shop".to_string())]),
     }
@@ -101,13 +116,25 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("sign+encode/migration_request", |bench| {
         bench.iter(|| {
-            let env = sign(&a, Addressing::request(&b, req_subject), black_box(&request), NOW).unwrap();
+            let env = sign(
+                &a,
+                Addressing::request(&b, req_subject),
+                black_box(&request),
+                NOW,
+            )
+            .unwrap();
             black_box(env.encode().unwrap())
         })
     });
     group.bench_function("sign+encode/batch_100_samples", |bench| {
         bench.iter(|| {
-            let env = sign(&a, Addressing::broadcast(mon_subject), black_box(&batch), NOW).unwrap();
+            let env = sign(
+                &a,
+                Addressing::broadcast(mon_subject),
+                black_box(&batch),
+                NOW,
+            )
+            .unwrap();
             black_box(env.encode().unwrap())
         })
     });
@@ -120,12 +147,20 @@ fn bench(c: &mut Criterion) {
         [(a.site().clone(), a.public().signing)],
         ReplayCache::temporary(600_000).unwrap(),
     );
-    let raw_req = sign(&a, Addressing::request(&b, req_subject), &request, NOW).unwrap().encode().unwrap();
+    let raw_req = sign(&a, Addressing::request(&b, req_subject), &request, NOW)
+        .unwrap()
+        .encode()
+        .unwrap();
     println!("migration request envelope: {} bytes", raw_req.len());
     group.bench_function("decode+verify/migration_request", |bench| {
         bench.iter_batched(
             // A fresh nonce for every iteration, so the replay cache accepts each one.
-            || sign(&a, Addressing::request(&b, req_subject), &request, NOW).unwrap().encode().unwrap(),
+            || {
+                sign(&a, Addressing::request(&b, req_subject), &request, NOW)
+                    .unwrap()
+                    .encode()
+                    .unwrap()
+            },
             |raw| {
                 let opened = verifier.open_request(&raw, req_subject, NOW).unwrap();
                 black_box(opened.body::<MigrationRequest>().unwrap())
@@ -133,11 +168,19 @@ fn bench(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         )
     });
-    let raw_batch = sign(&a, Addressing::broadcast(mon_subject), &batch, NOW).unwrap().encode().unwrap();
+    let raw_batch = sign(&a, Addressing::broadcast(mon_subject), &batch, NOW)
+        .unwrap()
+        .encode()
+        .unwrap();
     println!("100-sample batch envelope: {} bytes", raw_batch.len());
     group.bench_function("decode+verify/batch_100_samples", |bench| {
         bench.iter_batched(
-            || sign(&a, Addressing::broadcast(mon_subject), &batch, NOW).unwrap().encode().unwrap(),
+            || {
+                sign(&a, Addressing::broadcast(mon_subject), &batch, NOW)
+                    .unwrap()
+                    .encode()
+                    .unwrap()
+            },
             |raw| {
                 let opened = verifier.open_event(&raw, mon_subject, NOW).unwrap();
                 black_box(opened.body::<MonitoringBatch>().unwrap())

@@ -394,16 +394,25 @@ impl SiteConfig {
 
         let mut hosts = Vec::with_capacity(raw.hosts.len());
         for (i, h) in raw.hosts.into_iter().enumerate() {
-            hosts.push(HostId::new(&h.id).map_err(|e| invalid(format!("hosts[{i}].id"), e.to_string()))?);
+            hosts.push(
+                HostId::new(&h.id).map_err(|e| invalid(format!("hosts[{i}].id"), e.to_string()))?,
+            );
         }
         let proxy = ProxyId::new(&raw.proxy).map_err(|e| invalid("proxy".into(), e.to_string()))?;
         if raw.max_concurrent_migrations == 0 {
-            return Err(invalid("max_concurrent_migrations".into(), "must be at least 1".into()));
+            return Err(invalid(
+                "max_concurrent_migrations".into(),
+                "must be at least 1".into(),
+            ));
         }
         let data_dir = resolve(&raw.data_dir);
         Ok(Self {
             proxy: ProxyUri::new(raw.site.clone(), proxy),
-            image_store: raw.image_store.as_deref().map(resolve).unwrap_or_else(|| data_dir.join("images")),
+            image_store: raw
+                .image_store
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| data_dir.join("images")),
             max_concurrent_migrations: raw.max_concurrent_migrations,
             site: raw.site,
             identity: Arc::new(identity),

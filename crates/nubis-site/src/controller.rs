@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use nubis_protocol::envelope::now_ms;
 use nubis_protocol::message::{
-    Aborted, AbortMigration, CommitMigration, Committed, Endpoint, ErrorCode, ErrorReply,
+    AbortMigration, Aborted, CommitMigration, Committed, Endpoint, ErrorCode, ErrorReply,
     HandOverSide, InitiateTransfer, MigrationRequest, Offers, PrepareMigration, PrepareMode,
     Prepared, TransferStatus, TransferStatusReply, TransferVerification,
 };
@@ -50,14 +50,22 @@ pub enum Trigger {
 impl<L: LocalSite> Roles<L> {
     /// Starts a migration of `vm` and returns its id at once; the work continues in the
     /// background (see [`Roles::migration_status`]).
-    pub fn start_migration(self: &Arc<Self>, vm: VmId, trigger: Trigger) -> Result<MigrationId, ErrorReply> {
-        let record = self
-            .journal
-            .vm(&vm)
-            .map_err(internal)?
-            .ok_or_else(|| ErrorReply::new(ErrorCode::UnknownVm, format!("VM {vm} is not known at this site")))?;
+    pub fn start_migration(
+        self: &Arc<Self>,
+        vm: VmId,
+        trigger: Trigger,
+    ) -> Result<MigrationId, ErrorReply> {
+        let record = self.journal.vm(&vm).map_err(internal)?.ok_or_else(|| {
+            ErrorReply::new(
+                ErrorCode::UnknownVm,
+                format!("VM {vm} is not known at this site"),
+            )
+        })?;
         if record.phase == VmPhase::Migrating {
-            return Err(ErrorReply::new(ErrorCode::Conflict, format!("VM {vm} is already being migrated")));
+            return Err(ErrorReply::new(
+                ErrorCode::Conflict,
+                format!("VM {vm} is already being migrated"),
+            ));
         }
         let id = MigrationId::random();
         let now = now_ms();
@@ -80,7 +88,8 @@ impl<L: LocalSite> Roles<L> {
         record.phase = VmPhase::Migrating;
         self.journal.put_vm(&record).map_err(internal)?;
         let me = self.clone();
-        let span = tracing::info_span!("migration", migration.id = %id, vm.id = %vm, site.id = %me.site());
+        let span =
+            tracing::info_span!("migration", migration.id = %id, vm.id = %vm, site.id = %me.site());
         tokio::spawn(
             async move {
                 if let Err(e) = me.run_migration(id, trigger).await {
@@ -92,7 +101,11 @@ impl<L: LocalSite> Roles<L> {
         Ok(id)
     }
 
-    fn update_migration(&self, id: MigrationId, f: impl FnOnce(&mut MigrationRecord)) -> Result<MigrationRecord, ErrorReply> {
+    fn update_migration(
+        &self,
+        id: MigrationId,
+        f: impl FnOnce(&mut MigrationRecord),
+    ) -> Result<MigrationRecord, ErrorReply> {
         let mut m = self
             .journal
             .migration(&id)
@@ -111,11 +124,19 @@ impl<L: LocalSite> Roles<L> {
             .journal
             .migration(id)
             .map_err(internal)?
-            .ok_or_else(|| ErrorReply::new(ErrorCode::UnknownVm, format!("no migration {id} at this site")))?;
+            .ok_or_else(|| {
+                ErrorReply::new(
+                    ErrorCode::UnknownVm,
+                    format!("no migration {id} at this site"),
+                )
+            })?;
         match m.phase {
-            MigrationPhase::Committing { .. } | MigrationPhase::Committed | MigrationPhase::Aborted { .. } => {
-                Err(ErrorReply::new(ErrorCode::Conflict, "the migration is past the point where it can be cancelled"))
-            }
+            MigrationPhase::Committing { .. }
+            | MigrationPhase::Committed
+            | MigrationPhase::Aborted { .. } => Err(ErrorReply::new(
+                ErrorCode::Conflict,
+                "the migration is past the point where it can be cancelled",
+            )),
             phase => {
                 if let Ok(mut set) = self.cancelled.lock() {
                     set.insert(*id);
@@ -126,16 +147,26 @@ impl<L: LocalSite> Roles<L> {
     }
 
     fn check_cancelled(&self, id: MigrationId) -> Result<(), ErrorReply> {
-        let cancelled = self.cancelled.lock().map(|s| s.contains(&id)).unwrap_or(false);
+        let cancelled = self
+            .cancelled
+            .lock()
+            .map(|s| s.contains(&id))
+            .unwrap_or(false);
         if cancelled {
-            Err(ErrorReply::new(ErrorCode::Refused, "cancelled by the operator"))
+            Err(ErrorReply::new(
+                ErrorCode::Refused,
+                "cancelled by the operator",
+            ))
         } else {
             Ok(())
         }
     }
 
     /// The journal of a migration.
-    pub fn migration_status(&self, id: &MigrationId) -> Result<Option<MigrationRecord>, ErrorReply> {
+    pub fn migration_status(
+        &self,
+        id: &MigrationId,
+    ) -> Result<Option<MigrationRecord>, ErrorReply> {
         self.journal.migration(id).map_err(internal)
     }
 
@@ -157,7 +188,8 @@ impl<L: LocalSite> Roles<L> {
                 let result = me.resume(&m).await;
                 if let Err(e) = &result {
                     let reason = format!("{} ({})", e.message, e.code.as_str());
-                    let _ = me.update_migration(m.id, |r| r.phase = MigrationPhase::Aborted { reason });
+                    let _ =
+                        me.update_migration(m.id, |r| r.phase = MigrationPhase::Aborted { reason });
                 }
                 let _ = me.settle_vm_phase(m.id);
             });
@@ -173,9 +205,13 @@ impl<L: LocalSite> Roles<L> {
             .ok_or_else(|| ErrorReply::new(ErrorCode::UnknownVm, "VM vanished"))?;
         match (&m.phase, &m.source) {
             (MigrationPhase::Committing { offer }, Some(source)) => {
-                let ranked = m.offers.get(*offer).ok_or_else(|| internal("journal names a missing offer"))?;
+                let ranked = m
+                    .offers
+                    .get(*offer)
+                    .ok_or_else(|| internal("journal names a missing offer"))?;
                 self.commit_destination_side(m.id, &record, ranked).await?;
-                self.commit_source_side(m.id, &record, source, m.source_via.as_ref()).await?;
+                self.commit_source_side(m.id, &record, source, m.source_via.as_ref())
+                    .await?;
                 for (j, other) in m.offers.iter().enumerate() {
                     if j != *offer {
                         let _ = self.abort_destination(m.id, &record.vm, other).await;
@@ -185,11 +221,23 @@ impl<L: LocalSite> Roles<L> {
                 Ok(())
             }
             (MigrationPhase::Transferring { offer }, Some(source)) => {
-                self.continue_after_prepare(m.id, &record, &m.offers, source, m.source_via.as_ref(), *offer).await
+                self.continue_after_prepare(
+                    m.id,
+                    &record,
+                    &m.offers,
+                    source,
+                    m.source_via.as_ref(),
+                    *offer,
+                )
+                .await
             }
             (MigrationPhase::Aborting, Some(source)) => {
-                self.abort_source(m.id, &record.vm, source, m.source_via.as_ref()).await?;
-                Err(ErrorReply::new(ErrorCode::TransferFailed, "aborted; the VM stays where it was"))
+                self.abort_source(m.id, &record.vm, source, m.source_via.as_ref())
+                    .await?;
+                Err(ErrorReply::new(
+                    ErrorCode::TransferFailed,
+                    "aborted; the VM stays where it was",
+                ))
             }
             _ => {
                 // Before the source was prepared (or its answer was lost): nothing moved. Release
@@ -198,7 +246,10 @@ impl<L: LocalSite> Roles<L> {
                 for other in &m.offers {
                     let _ = self.abort_destination(m.id, &record.vm, other).await;
                 }
-                Err(ErrorReply::new(ErrorCode::Internal, "interrupted before the transfer started; nothing moved"))
+                Err(ErrorReply::new(
+                    ErrorCode::Internal,
+                    "interrupted before the transfer started; nothing moved",
+                ))
             }
         }
     }
@@ -207,7 +258,11 @@ impl<L: LocalSite> Roles<L> {
         if let Some(vm) = self.journal.migration(&id).map_err(internal)?.map(|m| m.vm) {
             if let Some(mut record) = self.journal.vm(&vm).map_err(internal)? {
                 if record.phase == VmPhase::Migrating {
-                    record.phase = if record.downstream.is_some() { VmPhase::Placed } else { VmPhase::Unplaced };
+                    record.phase = if record.downstream.is_some() {
+                        VmPhase::Placed
+                    } else {
+                        VmPhase::Unplaced
+                    };
                     self.journal.put_vm(&record).map_err(internal)?;
                 }
             }
@@ -227,7 +282,11 @@ impl<L: LocalSite> Roles<L> {
     }
 
     async fn run_steps(&self, id: MigrationId, trigger: &Trigger) -> Result<(), ErrorReply> {
-        let m = self.journal.migration(&id).map_err(internal)?.ok_or_else(|| internal("migration journal lost"))?;
+        let m = self
+            .journal
+            .migration(&id)
+            .map_err(internal)?
+            .ok_or_else(|| internal("migration journal lost"))?;
         let record = self
             .journal
             .vm(&m.vm)
@@ -237,7 +296,10 @@ impl<L: LocalSite> Roles<L> {
         // Steps 1–3: Migration request to every candidate, the local site included, in parallel.
         let offers = self.collect_offers(id, &record, trigger).await?;
         if offers.is_empty() {
-            return Err(ErrorReply::new(ErrorCode::NoCapacity, "no site offered to take the VM"));
+            return Err(ErrorReply::new(
+                ErrorCode::NoCapacity,
+                "no site offered to take the VM",
+            ));
         }
         self.check_cancelled(id)?;
         self.update_migration(id, |m| {
@@ -253,7 +315,8 @@ impl<L: LocalSite> Roles<L> {
             m.bytes_total = total;
         })?;
 
-        self.continue_after_prepare(id, &record, &offers, &source, source_via.as_ref(), 0).await
+        self.continue_after_prepare(id, &record, &offers, &source, source_via.as_ref(), 0)
+            .await
     }
 
     /// Steps 5–7 from offer `first` on, then the hand-over; or the abort when every offer failed.
@@ -272,22 +335,31 @@ impl<L: LocalSite> Roles<L> {
                     let _ = self.abort_destination(id, &record.vm, other).await;
                 }
                 self.update_migration(id, |m| m.phase = MigrationPhase::Aborting)?;
-                self.abort_source(id, &record.vm, source, source_via).await?;
+                self.abort_source(id, &record.vm, source, source_via)
+                    .await?;
                 return Err(e);
             }
             self.update_migration(id, |m| m.phase = MigrationPhase::Transferring { offer: i })?;
-            match self.transfer(id, &record.vm, source, source_via, ranked).await {
+            match self
+                .transfer(id, &record.vm, source, source_via, ranked)
+                .await
+            {
                 Ok(()) => {
-                    self.update_migration(id, |m| m.phase = MigrationPhase::Committing { offer: i })?;
+                    self.update_migration(id, |m| {
+                        m.phase = MigrationPhase::Committing { offer: i }
+                    })?;
                     if let Err(e) = self.commit_destination_side(id, record, ranked).await {
                         // The destination could not activate the VM: nothing runs there, the
                         // source is still stopped. Discard this offer and try the next one.
                         tracing::warn!(migration.id = %id, offer = i, error = %e.message, "destination refused to activate");
                         let _ = self.abort_destination(id, &record.vm, ranked).await;
-                        self.update_migration(id, |m| m.phase = MigrationPhase::Transferring { offer: i })?;
+                        self.update_migration(id, |m| {
+                            m.phase = MigrationPhase::Transferring { offer: i }
+                        })?;
                         continue;
                     }
-                    self.commit_source_side(id, record, source, source_via).await?;
+                    self.commit_source_side(id, record, source, source_via)
+                        .await?;
                     // Unused offers: release their reservations, best effort.
                     for (j, other) in offers.iter().enumerate() {
                         if j != i {
@@ -306,11 +378,20 @@ impl<L: LocalSite> Roles<L> {
         }
         // Every offer failed: the source resumes the VM where it was.
         self.update_migration(id, |m| m.phase = MigrationPhase::Aborting)?;
-        self.abort_source(id, &record.vm, source, source_via).await?;
-        Err(ErrorReply::new(ErrorCode::TransferFailed, "every offer failed; the VM stays where it was"))
+        self.abort_source(id, &record.vm, source, source_via)
+            .await?;
+        Err(ErrorReply::new(
+            ErrorCode::TransferFailed,
+            "every offer failed; the VM stays where it was",
+        ))
     }
 
-    async fn collect_offers(&self, id: MigrationId, record: &VmRecord, trigger: &Trigger) -> Result<Vec<RankedOffer>, ErrorReply> {
+    async fn collect_offers(
+        &self,
+        id: MigrationId,
+        record: &VmRecord,
+        trigger: &Trigger,
+    ) -> Result<Vec<RankedOffer>, ErrorReply> {
         let request = MigrationRequest {
             request_id: RequestId::random(),
             migration_id: id,
@@ -326,7 +407,8 @@ impl<L: LocalSite> Roles<L> {
         if let Trigger::Eviction { from } = trigger {
             candidates.retain(|c| c != from);
         }
-        let local_wanted = !matches!(trigger, Trigger::Operator { to_site: Some(s) } if s != self.site());
+        let local_wanted =
+            !matches!(trigger, Trigger::Operator { to_site: Some(s) } if s != self.site());
         candidates.retain(|c| c != self.site());
 
         let me = self.site().clone();
@@ -345,7 +427,10 @@ impl<L: LocalSite> Roles<L> {
         let remote = join_all(candidates.iter().map(|p| {
             let request = &request;
             async move {
-                let r: Result<Offers, _> = self.fed.call(p, FederationOp::MigrationRequest, request).await;
+                let r: Result<Offers, _> = self
+                    .fed
+                    .call(p, FederationOp::MigrationRequest, request)
+                    .await;
                 (p.clone(), r)
             }
         }));
@@ -378,25 +463,42 @@ impl<L: LocalSite> Roles<L> {
     fn rank(&self, offers: &mut [RankedOffer]) {
         let preference = |o: &RankedOffer| match &o.via {
             NextHop::Host(_) => 0,
-            NextHop::Site(s) => self.config.partner(s).map(|p| p.preference).unwrap_or(i32::MIN),
+            NextHop::Site(s) => self
+                .config
+                .partner(s)
+                .map(|p| p.preference)
+                .unwrap_or(i32::MIN),
         };
         offers.sort_by(|a, b| {
             preference(b)
                 .cmp(&preference(a))
                 .then(a.offer.terms.price_milli.cmp(&b.offer.terms.price_milli))
                 .then(a.offer.terms.depth.cmp(&b.offer.terms.depth))
-                .then(b.offer.terms.capacity.map(|c| c as u8).cmp(&a.offer.terms.capacity.map(|c| c as u8)))
+                .then(
+                    b.offer
+                        .terms
+                        .capacity
+                        .map(|c| c as u8)
+                        .cmp(&a.offer.terms.capacity.map(|c| c as u8)),
+                )
         });
     }
 
-    async fn prepare_source(&self, id: MigrationId, record: &VmRecord) -> Result<(Endpoint, Option<NextHop>, u64), ErrorReply> {
+    async fn prepare_source(
+        &self,
+        id: MigrationId,
+        record: &VmRecord,
+    ) -> Result<(Endpoint, Option<NextHop>, u64), ErrorReply> {
         match &record.downstream {
             None => {
                 let p = self.local.image_source(id, &record.descriptor).await?;
                 Ok((p.endpoint, None, p.total_bytes))
             }
             Some(NextHop::Host(h)) => {
-                let p = self.local.prepare_source(id, &record.vm, h, PrepareMode::SaveState).await?;
+                let p = self
+                    .local
+                    .prepare_source(id, &record.vm, h, PrepareMode::SaveState)
+                    .await?;
                 Ok((p.endpoint, Some(NextHop::Host(h.clone())), p.total_bytes))
             }
             Some(NextHop::Site(s)) => {
@@ -447,7 +549,8 @@ impl<L: LocalSite> Roles<L> {
                     self.update_migration(id, |m| m.bytes_done = m.bytes_total.max(m.bytes_done))?;
                     return Ok(());
                 }
-                (Ok(TransferStatus::Failed { reason }), _) | (_, Ok(TransferStatus::Failed { reason })) => {
+                (Ok(TransferStatus::Failed { reason }), _)
+                | (_, Ok(TransferStatus::Failed { reason })) => {
                     failures += 1;
                     tracing::info!(migration.id = %id, failures, reason = %reason, "transfer failed");
                 }
@@ -456,7 +559,11 @@ impl<L: LocalSite> Roles<L> {
                     tracing::info!(migration.id = %id, failures, error = %e.message, "transfer round failed");
                 }
                 (Ok(d), Ok(_)) => {
-                    if let TransferStatus::Transferring { bytes_done, bytes_total } = d {
+                    if let TransferStatus::Transferring {
+                        bytes_done,
+                        bytes_total,
+                    } = d
+                    {
                         let (done, total) = (*bytes_done, *bytes_total);
                         if done > last_progress.0 {
                             last_progress = (done, std::time::Instant::now());
@@ -468,20 +575,30 @@ impl<L: LocalSite> Roles<L> {
                         })?;
                     }
                     if last_progress.1.elapsed() > STALL_LIMIT {
-                        return Err(ErrorReply::new(ErrorCode::Timeout, "transfer made no progress"));
+                        return Err(ErrorReply::new(
+                            ErrorCode::Timeout,
+                            "transfer made no progress",
+                        ));
                     }
                 }
             }
             self.check_cancelled(id)?;
             if failures >= MAX_FAILED_ROUNDS {
-                return Err(ErrorReply::new(ErrorCode::TransferFailed, "transfer failed repeatedly on this offer"));
+                return Err(ErrorReply::new(
+                    ErrorCode::TransferFailed,
+                    "transfer failed repeatedly on this offer",
+                ));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
     }
 
-    async fn initiate_via(&self, via: &NextHop, req: &InitiateTransfer) -> Result<TransferStatus, ErrorReply> {
+    async fn initiate_via(
+        &self,
+        via: &NextHop,
+        req: &InitiateTransfer,
+    ) -> Result<TransferStatus, ErrorReply> {
         match via {
             NextHop::Host(_) => {
                 let me = self.site().clone();
@@ -498,7 +615,13 @@ impl<L: LocalSite> Roles<L> {
         }
     }
 
-    async fn verify_via(&self, id: MigrationId, vm: &VmId, source: &Endpoint, via: Option<&NextHop>) -> Result<TransferStatus, ErrorReply> {
+    async fn verify_via(
+        &self,
+        id: MigrationId,
+        vm: &VmId,
+        source: &Endpoint,
+        via: Option<&NextHop>,
+    ) -> Result<TransferStatus, ErrorReply> {
         match via {
             None | Some(NextHop::Host(_)) => self.local.verify(id, &source.token).await,
             Some(NextHop::Site(s)) => {
@@ -520,7 +643,12 @@ impl<L: LocalSite> Roles<L> {
     /// The hand-over, first half: commit the destination chain (which activates the VM) and
     /// re-point this site's record. The VM is activated only after the source stopped it
     /// (prepare), so it is never active twice.
-    async fn commit_destination_side(&self, id: MigrationId, record: &VmRecord, ranked: &RankedOffer) -> Result<(), ErrorReply> {
+    async fn commit_destination_side(
+        &self,
+        id: MigrationId,
+        record: &VmRecord,
+        ranked: &RankedOffer,
+    ) -> Result<(), ErrorReply> {
         let me = self.site().clone();
         let dest = CommitMigration {
             migration_id: id,
@@ -541,7 +669,11 @@ impl<L: LocalSite> Roles<L> {
                     .call(s, FederationOp::MigrationCommit, &dest)
                     .await
                     .map_err(|e| e.to_reply())?;
-                let mut r = self.journal.vm(&record.vm).map_err(internal)?.unwrap_or_else(|| record.clone());
+                let mut r = self
+                    .journal
+                    .vm(&record.vm)
+                    .map_err(internal)?
+                    .unwrap_or_else(|| record.clone());
                 r.downstream = Some(NextHop::Site(s.clone()));
                 r.phase = VmPhase::Placed;
                 self.journal.put_vm(&r).map_err(internal)?;
@@ -565,8 +697,16 @@ impl<L: LocalSite> Roles<L> {
             endpoint: source.clone(),
         };
         let released = match source_via {
-            None => self.local.commit_source(&record.vm, None, &source.token).await,
-            Some(NextHop::Host(h)) => self.local.commit_source(&record.vm, Some(h), &source.token).await,
+            None => {
+                self.local
+                    .commit_source(&record.vm, None, &source.token)
+                    .await
+            }
+            Some(NextHop::Host(h)) => {
+                self.local
+                    .commit_source(&record.vm, Some(h), &source.token)
+                    .await
+            }
             Some(NextHop::Site(s)) => self
                 .fed
                 .call::<_, Committed>(s, FederationOp::MigrationCommit, &src)
@@ -583,7 +723,12 @@ impl<L: LocalSite> Roles<L> {
         Ok(())
     }
 
-    async fn abort_destination(&self, id: MigrationId, vm: &VmId, ranked: &RankedOffer) -> Result<(), ErrorReply> {
+    async fn abort_destination(
+        &self,
+        id: MigrationId,
+        vm: &VmId,
+        ranked: &RankedOffer,
+    ) -> Result<(), ErrorReply> {
         let req = AbortMigration {
             migration_id: id,
             vm: vm.clone(),
@@ -608,7 +753,13 @@ impl<L: LocalSite> Roles<L> {
         }
     }
 
-    async fn abort_source(&self, id: MigrationId, vm: &VmId, source: &Endpoint, via: Option<&NextHop>) -> Result<(), ErrorReply> {
+    async fn abort_source(
+        &self,
+        id: MigrationId,
+        vm: &VmId,
+        source: &Endpoint,
+        via: Option<&NextHop>,
+    ) -> Result<(), ErrorReply> {
         match via {
             None => self.local.abort_source(vm, None, &source.token).await,
             Some(NextHop::Host(h)) => self.local.abort_source(vm, Some(h), &source.token).await,

@@ -17,9 +17,9 @@ use crate::directory::{self, Directory};
 use crate::federation::{self, FederationClient};
 use crate::infrastructure::NatsLocalSite;
 use crate::journal::Journal;
+use crate::ops::{self, OpsContext};
 use crate::roles::Roles;
 use nubis_proxy::client::ProxyClient;
-use crate::ops::{self, OpsContext};
 
 /// Oldest nats-server release whose JetStream API the daemon can use.
 pub const MIN_NATS_SERVER: (u64, u64) = (2, 10);
@@ -159,9 +159,9 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         sealing_key: identity.public().sealing,
         proxies: vec![config.proxy.clone()],
         subjects: FederationOp::ALL
-        .into_iter()
-        .map(|op| Subject::federation(&site, op).as_str().to_string())
-        .collect(),
+            .into_iter()
+            .map(|op| Subject::federation(&site, op).as_str().to_string())
+            .collect(),
         heartbeat_ms: 0,
         started_ms,
     };
@@ -205,7 +205,12 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
     }
 
     let journal = Journal::open(&config.data_dir.join("journal")).map_err(SiteError::Journal)?;
-    let fed = FederationClient::new(client.clone(), identity.clone(), request_verifier.clone(), Duration::from_secs(10));
+    let fed = FederationClient::new(
+        client.clone(),
+        identity.clone(),
+        request_verifier.clone(),
+        Duration::from_secs(10),
+    );
     let proxy = ProxyClient::new(client.clone(), identity.clone(), request_verifier.clone());
     // Site-internal requests (to host agents) get replies on a site-internal inbox, which the
     // leaf connection never carries: their bodies name host paths. `_INBOX.>` replies do cross
@@ -214,7 +219,8 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         .name(format!("nubis-site-{site}-internal"))
         .custom_inbox_prefix(nubis_protocol::subject::Subject::site_inbox_prefix(&site));
     if let Some(auth) = &config.nats_auth {
-        internal_options = internal_options.user_and_password(auth.user.clone(), auth.password.clone());
+        internal_options =
+            internal_options.user_and_password(auth.user.clone(), auth.password.clone());
     }
     let internal = internal_options
         .connect(&config.nats_url)

@@ -143,8 +143,16 @@ impl Directory {
         let key = self.own_key.as_str();
         let expected = self.own_revision.lock().map(|g| *g).unwrap_or(None);
         let first: Result<u64, async_nats::Error> = match expected {
-            Some(rev) => self.kv.update(key, value.clone(), rev).await.map_err(|e| e.into()),
-            None => self.kv.create(key, value.clone()).await.map_err(|e| e.into()),
+            Some(rev) => self
+                .kv
+                .update(key, value.clone(), rev)
+                .await
+                .map_err(|e| e.into()),
+            None => self
+                .kv
+                .create(key, value.clone())
+                .await
+                .map_err(|e| e.into()),
         };
         let revision = match first {
             Ok(rev) => rev,
@@ -153,7 +161,10 @@ impl Directory {
                     .kv
                     .entry(key)
                     .await
-                    .map_err(|e| DirectoryError::Write { key: key.to_string(), source: e.into() })?;
+                    .map_err(|e| DirectoryError::Write {
+                        key: key.to_string(),
+                        source: e.into(),
+                    })?;
                 let found_rev = found.as_ref().map(|e| e.revision).unwrap_or(0);
                 if expected.is_some() {
                     tracing::warn!(
@@ -165,7 +176,10 @@ impl Directory {
                     );
                 }
                 let retry: Result<u64, async_nats::Error> = if found.is_some() {
-                    self.kv.update(key, value, found_rev).await.map_err(|e| e.into())
+                    self.kv
+                        .update(key, value, found_rev)
+                        .await
+                        .map_err(|e| e.into())
                 } else {
                     self.kv.create(key, value).await.map_err(|e| e.into())
                 };
@@ -203,10 +217,17 @@ impl Directory {
 
     /// Applies one KV change to the view.
     fn apply(&self, entry: kv::Entry) {
-        let Some(site) = entry.key.strip_prefix("site.").and_then(|s| SiteId::new(s).ok()) else {
+        let Some(site) = entry
+            .key
+            .strip_prefix("site.")
+            .and_then(|s| SiteId::new(s).ok())
+        else {
             return;
         };
-        if matches!(entry.operation, kv::Operation::Delete | kv::Operation::Purge) {
+        if matches!(
+            entry.operation,
+            kv::Operation::Delete | kv::Operation::Purge
+        ) {
             if let Ok(mut view) = self.view.write() {
                 view.remove(&site);
             }
@@ -245,7 +266,10 @@ impl Directory {
         };
         if let Ok(mut view) = self.view.write() {
             if let Some(held) = view.get(&site) {
-                if held.trusted && record.trusted && record.entry.heartbeat_ms < held.entry.heartbeat_ms {
+                if held.trusted
+                    && record.trusted
+                    && record.entry.heartbeat_ms < held.entry.heartbeat_ms
+                {
                     self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(site = %site, "older directory entry ignored");
                     return;

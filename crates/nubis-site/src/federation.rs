@@ -156,7 +156,8 @@ impl FederationClient {
         })?;
         let answer = tokio::time::timeout(
             timeout,
-            self.client.request(subject.as_str().to_string(), bytes.into()),
+            self.client
+                .request(subject.as_str().to_string(), bytes.into()),
         )
         .await
         .map_err(|_| CallError::Timeout {
@@ -221,7 +222,10 @@ fn sign_refusal(
 ) -> Option<Vec<u8>> {
     let reply = ErrorReply::new(ErrorCode::from_wire(error.code()), error.to_string());
     let decoded = envelope::SignedEnvelope::decode(raw).ok();
-    let to = decoded.as_ref().map(|e| e.from.clone()).unwrap_or_else(|| envelope::BROADCAST.to_string());
+    let to = decoded
+        .as_ref()
+        .map(|e| e.from.clone())
+        .unwrap_or_else(|| envelope::BROADCAST.to_string());
     let addressing = Addressing {
         to: &to,
         subject,

@@ -25,11 +25,25 @@ use crate::local::{LocalSite, PreparedSource};
 pub struct NatsTransport(pub async_nats::Client);
 
 impl HostTransport for NatsTransport {
-    async fn request(&self, subject: Subject, payload: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, TransportError> {
-        match tokio::time::timeout(timeout, self.0.request(subject.as_str().to_string(), payload.into())).await {
+    async fn request(
+        &self,
+        subject: Subject,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        match tokio::time::timeout(
+            timeout,
+            self.0.request(subject.as_str().to_string(), payload.into()),
+        )
+        .await
+        {
             Err(_) => Err(TransportError::Timeout(timeout)),
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Err(TransportError::NoResponders),
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => Err(TransportError::Timeout(timeout)),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                Err(TransportError::NoResponders)
+            }
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                Err(TransportError::Timeout(timeout))
+            }
             Ok(Err(e)) => Err(TransportError::Other(e.to_string())),
             Ok(Ok(m)) => Ok(m.payload.to_vec()),
         }
@@ -91,7 +105,12 @@ impl NatsLocalSite {
         HostClient::new(self.transport.clone(), self.site.clone(), host.clone())
     }
 
-    async fn release_token(&self, migration: MigrationId, token: &TransferToken, outcome: ReleaseOutcome) -> Result<(), ErrorReply> {
+    async fn release_token(
+        &self,
+        migration: MigrationId,
+        token: &TransferToken,
+        outcome: ReleaseOutcome,
+    ) -> Result<(), ErrorReply> {
         let req = ReleaseToken {
             migration_id: migration,
             token: *token,
@@ -157,7 +176,13 @@ impl LocalSite for NatsLocalSite {
                 }
             };
             let capacity = client.capacity().await.ok().map(|c| {
-                let share = |free: u64, total: u64| if total == 0 { 0.0 } else { free as f64 / total as f64 };
+                let share = |free: u64, total: u64| {
+                    if total == 0 {
+                        0.0
+                    } else {
+                        free as f64 / total as f64
+                    }
+                };
                 match share(c.free.memory_mib, c.total.memory_mib) {
                     f if f > 0.5 => CapacityHint::High,
                     f if f > 0.2 => CapacityHint::Medium,
@@ -179,17 +204,32 @@ impl LocalSite for NatsLocalSite {
             ));
         }
         if offers.is_empty() {
-            return Err(last_refusal.unwrap_or_else(|| ErrorReply::new(ErrorCode::NoCapacity, "no local host can take the VM")));
+            return Err(last_refusal.unwrap_or_else(|| {
+                ErrorReply::new(ErrorCode::NoCapacity, "no local host can take the VM")
+            }));
         }
         Ok(offers)
     }
 
-    async fn prepare_source(&self, migration: MigrationId, vm: &VmId, host: &HostId, mode: PrepareMode) -> Result<PreparedSource, ErrorReply> {
-        let prepared = self.host(host).prepare(vm, mode).await.map_err(host_error)?;
+    async fn prepare_source(
+        &self,
+        migration: MigrationId,
+        vm: &VmId,
+        host: &HostId,
+        mode: PrepareMode,
+    ) -> Result<PreparedSource, ErrorReply> {
+        let prepared = self
+            .host(host)
+            .prepare(vm, mode)
+            .await
+            .map_err(host_error)?;
         let files = prepared
             .files
             .into_iter()
-            .map(|f| LocalFile { name: f.name, path: f.path })
+            .map(|f| LocalFile {
+                name: f.name,
+                path: f.path,
+            })
             .collect();
         let minted = self
             .proxy
@@ -214,7 +254,11 @@ impl LocalSite for NatsLocalSite {
         })
     }
 
-    async fn image_source(&self, migration: MigrationId, descriptor: &VmDescriptor) -> Result<PreparedSource, ErrorReply> {
+    async fn image_source(
+        &self,
+        migration: MigrationId,
+        descriptor: &VmDescriptor,
+    ) -> Result<PreparedSource, ErrorReply> {
         let hw = &descriptor.hardware;
         let mut files = Vec::new();
         for disk in &hw.disks {
@@ -228,7 +272,11 @@ impl LocalSite for NatsLocalSite {
         if let Some(boot) = &hw.boot {
             files.push(LocalFile {
                 name: "kernel".into(),
-                path: self.image_store.join(&boot.kernel).to_string_lossy().into_owned(),
+                path: self
+                    .image_store
+                    .join(&boot.kernel)
+                    .to_string_lossy()
+                    .into_owned(),
             });
             if let Some(initrd) = &boot.initrd {
                 files.push(LocalFile {
@@ -245,7 +293,8 @@ impl LocalSite for NatsLocalSite {
                 ));
             }
         }
-        let store_host = HostId::new("image-store").map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+        let store_host = HostId::new("image-store")
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
         let minted = self
             .proxy
             .mint(
@@ -301,43 +350,85 @@ impl LocalSite for NatsLocalSite {
         }
     }
 
-    async fn verify(&self, migration: MigrationId, source: &TransferToken) -> Result<TransferStatus, ErrorReply> {
+    async fn verify(
+        &self,
+        migration: MigrationId,
+        source: &TransferToken,
+    ) -> Result<TransferStatus, ErrorReply> {
         self.proxy
             .status(&self.proxy_uri, migration, *source)
             .await
             .map_err(proxy_error)
     }
 
-    async fn commit_destination(&self, descriptor: &VmDescriptor, host: &HostId, token: &TransferToken) -> Result<DmtfState, ErrorReply> {
-        let status = self.host(host).activate(descriptor).await.map_err(host_error)?;
-        if let Err(e) = self.release_token(ANY_MIGRATION, token, ReleaseOutcome::Commit).await {
+    async fn commit_destination(
+        &self,
+        descriptor: &VmDescriptor,
+        host: &HostId,
+        token: &TransferToken,
+    ) -> Result<DmtfState, ErrorReply> {
+        let status = self
+            .host(host)
+            .activate(descriptor)
+            .await
+            .map_err(host_error)?;
+        if let Err(e) = self
+            .release_token(ANY_MIGRATION, token, ReleaseOutcome::Commit)
+            .await
+        {
             tracing::warn!(error = %e.message, "received files not released at the proxy");
         }
         Ok(status.state)
     }
 
-    async fn commit_source(&self, vm: &VmId, host: Option<&HostId>, token: &TransferToken) -> Result<(), ErrorReply> {
+    async fn commit_source(
+        &self,
+        vm: &VmId,
+        host: Option<&HostId>,
+        token: &TransferToken,
+    ) -> Result<(), ErrorReply> {
         if let Some(host) = host {
             self.host(host).release(vm).await.map_err(host_error)?;
         }
-        self.release_token(ANY_MIGRATION, token, ReleaseOutcome::Commit).await
+        self.release_token(ANY_MIGRATION, token, ReleaseOutcome::Commit)
+            .await
     }
 
-    async fn abort_destination(&self, vm: &VmId, host: &HostId, token: &TransferToken) -> Result<(), ErrorReply> {
-        self.release_token(ANY_MIGRATION, token, ReleaseOutcome::Abort).await?;
+    async fn abort_destination(
+        &self,
+        vm: &VmId,
+        host: &HostId,
+        token: &TransferToken,
+    ) -> Result<(), ErrorReply> {
+        self.release_token(ANY_MIGRATION, token, ReleaseOutcome::Abort)
+            .await?;
         self.host(host).release(vm).await.map_err(host_error)?;
         Ok(())
     }
 
-    async fn abort_source(&self, vm: &VmId, host: Option<&HostId>, token: &TransferToken) -> Result<(), ErrorReply> {
-        self.release_token(ANY_MIGRATION, token, ReleaseOutcome::Abort).await?;
+    async fn abort_source(
+        &self,
+        vm: &VmId,
+        host: Option<&HostId>,
+        token: &TransferToken,
+    ) -> Result<(), ErrorReply> {
+        self.release_token(ANY_MIGRATION, token, ReleaseOutcome::Abort)
+            .await?;
         if let Some(host) = host {
-            self.host(host).resume_after_abort(vm).await.map_err(host_error)?;
+            self.host(host)
+                .resume_after_abort(vm)
+                .await
+                .map_err(host_error)?;
         }
         Ok(())
     }
 
-    async fn control(&self, descriptor: &VmDescriptor, host: &HostId, change: &ControlChange) -> Result<ControlReply, ErrorReply> {
+    async fn control(
+        &self,
+        descriptor: &VmDescriptor,
+        host: &HostId,
+        change: &ControlChange,
+    ) -> Result<ControlReply, ErrorReply> {
         let client = self.host(host);
         let vm = descriptor.id.clone();
         let (state, version) = match change {
@@ -351,10 +442,16 @@ impl LocalSite for NatsLocalSite {
             }
             ControlChange::UpdateDescriptor { descriptor: new } => {
                 if new.id != vm {
-                    return Err(ErrorReply::new(ErrorCode::Malformed, "descriptor is for another VM"));
+                    return Err(ErrorReply::new(
+                        ErrorCode::Malformed,
+                        "descriptor is for another VM",
+                    ));
                 }
                 if new.version <= descriptor.version {
-                    return Err(ErrorReply::new(ErrorCode::Conflict, "descriptor version must increase"));
+                    return Err(ErrorReply::new(
+                        ErrorCode::Conflict,
+                        "descriptor version must increase",
+                    ));
                 }
                 let u = client.update(new).await.map_err(host_error)?;
                 let s = client.state(&vm).await.map_err(host_error)?;

@@ -219,7 +219,12 @@ impl Journal {
         })
     }
 
-    fn put<T: Serialize>(&self, tree: &sled::Tree, key: &[u8], value: &T) -> Result<(), JournalError> {
+    fn put<T: Serialize>(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), JournalError> {
         tree.insert(key, codec::to_vec(value)?)?;
         self.db.flush()?;
         Ok(())
@@ -292,7 +297,11 @@ impl Journal {
     pub fn first_sight(&self, id: &RequestId, now_ms: u64) -> Result<bool, JournalError> {
         let fresh = self
             .requests
-            .compare_and_swap(id.to_string().as_bytes(), None as Option<&[u8]>, Some(&now_ms.to_be_bytes()[..]))?
+            .compare_and_swap(
+                id.to_string().as_bytes(),
+                None as Option<&[u8]>,
+                Some(&now_ms.to_be_bytes()[..]),
+            )?
             .is_ok();
         if fresh {
             self.db.flush()?;
@@ -306,7 +315,11 @@ impl Journal {
             notice: notice.clone(),
             from: from.clone(),
         };
-        self.put(&self.evictions, notice.notice_id.to_string().as_bytes(), &pending)
+        self.put(
+            &self.evictions,
+            notice.notice_id.to_string().as_bytes(),
+            &pending,
+        )
     }
 
     /// Eviction notices not acted upon yet.
@@ -316,7 +329,10 @@ impl Journal {
 
     /// Forgets an eviction notice once its VM has moved.
     pub fn remove_eviction(&self, notice: &PendingEviction) -> Result<(), JournalError> {
-        self.remove(&self.evictions, notice.notice.notice_id.to_string().as_bytes())
+        self.remove(
+            &self.evictions,
+            notice.notice.notice_id.to_string().as_bytes(),
+        )
     }
 
     /// Records an eviction notice this site must deliver upstream (retried until accepted).
@@ -325,7 +341,11 @@ impl Journal {
             notice: notice.clone(),
             from: to.clone(),
         };
-        self.put(&self.outgoing, notice.notice_id.to_string().as_bytes(), &pending)
+        self.put(
+            &self.outgoing,
+            notice.notice_id.to_string().as_bytes(),
+            &pending,
+        )
     }
 
     /// Eviction notices not yet accepted upstream (`from` holds the addressee).
@@ -335,7 +355,10 @@ impl Journal {
 
     /// Forgets an outgoing notice once accepted.
     pub fn remove_outgoing(&self, notice: &PendingEviction) -> Result<(), JournalError> {
-        self.remove(&self.outgoing, notice.notice.notice_id.to_string().as_bytes())
+        self.remove(
+            &self.outgoing,
+            notice.notice.notice_id.to_string().as_bytes(),
+        )
     }
 
     /// Flushes everything to disk.

@@ -6,12 +6,12 @@
 
 pub mod config;
 pub mod controller;
+pub mod daemon;
 pub mod directory;
 pub mod federation;
 pub mod infrastructure;
 pub mod journal;
 pub mod local;
-pub mod daemon;
 pub mod ops;
 pub mod roles;
 pub mod vm_ops;

@@ -77,7 +77,6 @@ struct SitesReply {
     sites: Vec<SiteView>,
 }
 
-
 fn service_error(code: usize, status: impl Into<String>) -> service::error::Error {
     service::error::Error {
         status: status.into(),
@@ -99,7 +98,8 @@ fn refusal(e: nubis_protocol::message::ErrorReply) -> service::error::Error {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, service::error::Error> {
-    serde_json::from_slice(payload).map_err(|e| service_error(400, format!("malformed request: {e}")))
+    serde_json::from_slice(payload)
+        .map_err(|e| service_error(400, format!("malformed request: {e}")))
 }
 
 impl<L: LocalSite> OpsContext<L> {
@@ -135,8 +135,16 @@ impl<L: LocalSite> OpsContext<L> {
         out
     }
 
-    async fn answer(&self, endpoint: OpsEndpoint, payload: &[u8]) -> Result<Vec<u8>, service::error::Error> {
-        let payload: &[u8] = if payload.iter().all(u8::is_ascii_whitespace) { b"{}" } else { payload };
+    async fn answer(
+        &self,
+        endpoint: OpsEndpoint,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, service::error::Error> {
+        let payload: &[u8] = if payload.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            payload
+        };
         let to_json = |v: serde_json::Value| {
             serde_json::to_vec(&v).map_err(|e| service_error(500, format!("internal error: {e}")))
         };
@@ -144,13 +152,22 @@ impl<L: LocalSite> OpsContext<L> {
             OpsEndpoint::Deploy => {
                 let req: DeployRequest = parse(payload)?;
                 let (vm, migration) = self.roles.deploy(req).map_err(refusal)?;
-                return to_json(serde_json::json!({"vm": vm.as_str(), "migration": migration.to_string()}));
+                return to_json(
+                    serde_json::json!({"vm": vm.as_str(), "migration": migration.to_string()}),
+                );
             }
             OpsEndpoint::Migrate => {
                 let req: MigrateRequest = parse(payload)?;
-                let trigger = crate::controller::Trigger::Operator { to_site: req.to_site };
-                let id = self.roles.start_migration(req.vm.clone(), trigger).map_err(refusal)?;
-                return to_json(serde_json::json!({"vm": req.vm.as_str(), "migration": id.to_string()}));
+                let trigger = crate::controller::Trigger::Operator {
+                    to_site: req.to_site,
+                };
+                let id = self
+                    .roles
+                    .start_migration(req.vm.clone(), trigger)
+                    .map_err(refusal)?;
+                return to_json(
+                    serde_json::json!({"vm": req.vm.as_str(), "migration": id.to_string()}),
+                );
             }
             OpsEndpoint::Evict => {
                 let req: VmRef = parse(payload)?;
@@ -173,18 +190,23 @@ impl<L: LocalSite> OpsContext<L> {
                     migration: nubis_protocol::MigrationId,
                 }
                 let req: Cancel = parse(payload)?;
-                let phase = self.roles.cancel_migration(&req.migration).map_err(refusal)?;
-                return to_json(serde_json::json!({"migration": req.migration.to_string(), "cancelling_in_phase": format!("{phase:?}")}));
+                let phase = self
+                    .roles
+                    .cancel_migration(&req.migration)
+                    .map_err(refusal)?;
+                return to_json(
+                    serde_json::json!({"migration": req.migration.to_string(), "cancelling_in_phase": format!("{phase:?}")}),
+                );
             }
             _ => {}
         }
         {
-            serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(payload).map_err(|e| {
-                service::error::Error {
+            serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(payload).map_err(
+                |e| service::error::Error {
                     status: format!("malformed request: expected a JSON object ({e})"),
                     code: 400,
-                }
-            })?;
+                },
+            )?;
         }
         let now = now_ms();
         let json = match endpoint {
@@ -202,7 +224,9 @@ impl<L: LocalSite> OpsContext<L> {
                     vms: self.roles.journal.vms().map(|v| v.len()).unwrap_or(0),
                 })
             }
-            OpsEndpoint::Sites => serde_json::to_vec(&SitesReply { sites: self.sites(now) }),
+            OpsEndpoint::Sites => serde_json::to_vec(&SitesReply {
+                sites: self.sites(now),
+            }),
             OpsEndpoint::Vms => {
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]
@@ -223,7 +247,10 @@ impl<L: LocalSite> OpsContext<L> {
             }
             other => {
                 return Err(service::error::Error {
-                    status: format!("endpoint {} is not available in this version", other.as_str()),
+                    status: format!(
+                        "endpoint {} is not available in this version",
+                        other.as_str()
+                    ),
                     code: 501,
                 })
             }

@@ -12,10 +12,9 @@ use std::time::Duration;
 use futures::future::join_all;
 use nubis_protocol::envelope::{now_ms, Opened};
 use nubis_protocol::message::{
-    Aborted, AbortMigration, CommitMigration, Committed, ControlReply, ControlRequest,
-    ErrorCode, ErrorReply, EvictionAccepted, EvictionNotice, HandOverSide, InitiateTransfer,
-    MigrationRequest, Offer, Offers, PrepareMigration, Prepared, TransferStatusReply,
-    TransferVerification,
+    AbortMigration, Aborted, CommitMigration, Committed, ControlReply, ControlRequest, ErrorCode,
+    ErrorReply, EvictionAccepted, EvictionNotice, HandOverSide, InitiateTransfer, MigrationRequest,
+    Offer, Offers, PrepareMigration, Prepared, TransferStatusReply, TransferVerification,
 };
 use nubis_protocol::subject::FederationOp;
 use nubis_protocol::SiteId;
@@ -94,16 +93,25 @@ impl<L: LocalSite> Roles<L> {
     }
 
     fn vm_record(&self, vm: &nubis_protocol::VmId) -> Result<VmRecord, ErrorReply> {
-        self.journal
-            .vm(vm)
-            .map_err(internal)?
-            .ok_or_else(|| ErrorReply::new(ErrorCode::UnknownVm, format!("VM {vm} is not known at this site")))
+        self.journal.vm(vm).map_err(internal)?.ok_or_else(|| {
+            ErrorReply::new(
+                ErrorCode::UnknownVm,
+                format!("VM {vm} is not known at this site"),
+            )
+        })
     }
 
-    fn route(&self, token: &nubis_protocol::message::TransferToken, side: RouteSide) -> Result<Route, ErrorReply> {
+    fn route(
+        &self,
+        token: &nubis_protocol::message::TransferToken,
+        side: RouteSide,
+    ) -> Result<Route, ErrorReply> {
         match self.journal.route(token).map_err(internal)? {
             Some(r) if r.side == side => Ok(r),
-            _ => Err(ErrorReply::new(ErrorCode::UnknownToken, "no transfer with this token passes through this site")),
+            _ => Err(ErrorReply::new(
+                ErrorCode::UnknownToken,
+                "no transfer with this token passes through this site",
+            )),
         }
     }
 
@@ -120,30 +128,57 @@ impl<L: LocalSite> Roles<L> {
     }
 
     /// The Migration request handler (Destination), with delegation (Intermediary).
-    pub async fn migration_request(&self, from: &SiteId, req: MigrationRequest) -> Result<Offers, ErrorReply> {
+    pub async fn migration_request(
+        &self,
+        from: &SiteId,
+        req: MigrationRequest,
+    ) -> Result<Offers, ErrorReply> {
         let policy = &self.config.policy;
         if req.descriptor.id != req.vm {
             return Err(malformed("descriptor id differs from the VM id"));
         }
-        if !self.journal.first_sight(&req.request_id, now_ms()).map_err(internal)? {
-            return Err(ErrorReply::new(ErrorCode::LoopDetected, "this Migration request was seen here before"));
+        if !self
+            .journal
+            .first_sight(&req.request_id, now_ms())
+            .map_err(internal)?
+        {
+            return Err(ErrorReply::new(
+                ErrorCode::LoopDetected,
+                "this Migration request was seen here before",
+            ));
         }
         if req.depth > req.max_depth || req.depth > policy.delegation.max_depth {
-            return Err(ErrorReply::new(ErrorCode::DepthExceeded, "delegation chain too long for this site"));
+            return Err(ErrorReply::new(
+                ErrorCode::DepthExceeded,
+                "delegation chain too long for this site",
+            ));
         }
         if req.descriptor.primary_site != *self.site() && !policy.accept_foreign {
-            return Err(ErrorReply::new(ErrorCode::Refused, "this site does not accept foreign VMs"));
+            return Err(ErrorReply::new(
+                ErrorCode::Refused,
+                "this site does not accept foreign VMs",
+            ));
         }
         req.descriptor.validate().map_err(malformed)?;
 
         // Step 2: local hosts, except the one the VM already runs on (a local migration).
         let current_host = match self.journal.vm(&req.vm).map_err(internal)? {
-            Some(VmRecord { downstream: Some(NextHop::Host(h)), .. }) => Some(h),
+            Some(VmRecord {
+                downstream: Some(NextHop::Host(h)),
+                ..
+            }) => Some(h),
             _ => None,
         };
         let mut offers: Vec<(Offer, bool)> = Vec::new();
-        if from == self.site() || policy.accept_foreign || req.descriptor.primary_site == *self.site() {
-            match self.local.local_offers(req.migration_id, &req.descriptor, current_host.as_ref()).await {
+        if from == self.site()
+            || policy.accept_foreign
+            || req.descriptor.primary_site == *self.site()
+        {
+            match self
+                .local
+                .local_offers(req.migration_id, &req.descriptor, current_host.as_ref())
+                .await
+            {
                 Ok(local) => {
                     for (host, mut offer) in local {
                         offer.terms.depth = req.depth;
@@ -203,7 +238,11 @@ impl<L: LocalSite> Roles<L> {
     }
 
     /// Sends the Migration request on to every delegation partner except `from`, in parallel.
-    pub(crate) async fn delegate(&self, from: &SiteId, req: &MigrationRequest) -> Vec<(SiteId, Vec<Offer>)> {
+    pub(crate) async fn delegate(
+        &self,
+        from: &SiteId,
+        req: &MigrationRequest,
+    ) -> Vec<(SiteId, Vec<Offer>)> {
         let targets: Vec<SiteId> = self
             .delegation_targets()
             .into_iter()
@@ -218,7 +257,12 @@ impl<L: LocalSite> Roles<L> {
             async move {
                 let r: Result<Offers, _> = self
                     .fed
-                    .call_with_timeout(p, FederationOp::MigrationRequest, onward, DELEGATION_TIMEOUT)
+                    .call_with_timeout(
+                        p,
+                        FederationOp::MigrationRequest,
+                        onward,
+                        DELEGATION_TIMEOUT,
+                    )
                     .await;
                 (p.clone(), r)
             }
@@ -237,19 +281,30 @@ impl<L: LocalSite> Roles<L> {
     pub(crate) fn delegation_targets(&self) -> Vec<SiteId> {
         let d = &self.config.policy.delegation;
         if d.partners.is_empty() {
-            self.config.partners.iter().map(|p| p.site.clone()).collect()
+            self.config
+                .partners
+                .iter()
+                .map(|p| p.site.clone())
+                .collect()
         } else {
             d.partners.clone()
         }
     }
 
     /// The Forced migration handler (Source), forwarded down the chain by Intermediaries.
-    pub async fn prepare(&self, from: &SiteId, req: PrepareMigration) -> Result<Prepared, ErrorReply> {
+    pub async fn prepare(
+        &self,
+        from: &SiteId,
+        req: PrepareMigration,
+    ) -> Result<Prepared, ErrorReply> {
         let record = self.vm_record(&req.vm)?;
         self.check_upstream(from, &record)?;
         let (prepared, next) = match &record.downstream {
             Some(NextHop::Host(h)) => {
-                let p = self.local.prepare_source(req.migration_id, &req.vm, h, req.mode).await?;
+                let p = self
+                    .local
+                    .prepare_source(req.migration_id, &req.vm, h, req.mode)
+                    .await?;
                 (
                     Prepared {
                         migration_id: req.migration_id,
@@ -285,13 +340,23 @@ impl<L: LocalSite> Roles<L> {
     }
 
     /// The Initiate transfer handler (Destination), forwarded by Intermediaries by token.
-    pub async fn initiate(&self, _from: &SiteId, req: InitiateTransfer) -> Result<TransferStatusReply, ErrorReply> {
+    pub async fn initiate(
+        &self,
+        _from: &SiteId,
+        req: InitiateTransfer,
+    ) -> Result<TransferStatusReply, ErrorReply> {
         let route = self.route(&req.destination.token, RouteSide::Destination)?;
         match &route.next {
             NextHop::Host(_) => {
                 let status = self
                     .local
-                    .initiate(req.migration_id, &req.vm, &req.source, &req.destination.token, req.max_bytes_per_sec)
+                    .initiate(
+                        req.migration_id,
+                        &req.vm,
+                        &req.source,
+                        &req.destination.token,
+                        req.max_bytes_per_sec,
+                    )
                     .await?;
                 Ok(TransferStatusReply {
                     migration_id: req.migration_id,
@@ -307,12 +372,19 @@ impl<L: LocalSite> Roles<L> {
     }
 
     /// The Transfer verification handler (Source), forwarded by Intermediaries by token.
-    pub async fn verify(&self, _from: &SiteId, req: TransferVerification) -> Result<TransferStatusReply, ErrorReply> {
+    pub async fn verify(
+        &self,
+        _from: &SiteId,
+        req: TransferVerification,
+    ) -> Result<TransferStatusReply, ErrorReply> {
         let route = self.route(&req.source.token, RouteSide::Source)?;
         match &route.next {
             NextHop::Host(_) => Ok(TransferStatusReply {
                 migration_id: req.migration_id,
-                status: self.local.verify(req.migration_id, &req.source.token).await?,
+                status: self
+                    .local
+                    .verify(req.migration_id, &req.source.token)
+                    .await?,
             }),
             NextHop::Site(s) => self
                 .fed
@@ -325,7 +397,11 @@ impl<L: LocalSite> Roles<L> {
     /// Commit at one end: the destination chain takes over responsibility for the VM, the
     /// source chain lets go of it. Idempotent: a repeated commit finds no route and succeeds if
     /// the record already reflects it.
-    pub async fn commit(&self, from: &SiteId, req: CommitMigration) -> Result<Committed, ErrorReply> {
+    pub async fn commit(
+        &self,
+        from: &SiteId,
+        req: CommitMigration,
+    ) -> Result<Committed, ErrorReply> {
         let done = Committed {
             migration_id: req.migration_id,
             side: req.side,
@@ -346,12 +422,18 @@ impl<L: LocalSite> Roles<L> {
                 return if already {
                     Ok(done)
                 } else {
-                    Err(ErrorReply::new(ErrorCode::UnknownToken, "no transfer with this token passes through this site"))
+                    Err(ErrorReply::new(
+                        ErrorCode::UnknownToken,
+                        "no transfer with this token passes through this site",
+                    ))
                 };
             }
         };
         if &route.upstream != from && from != self.site() {
-            return Err(ErrorReply::new(ErrorCode::Refused, "commit from a site that is not on this transfer's path"));
+            return Err(ErrorReply::new(
+                ErrorCode::Refused,
+                "commit from a site that is not on this transfer's path",
+            ));
         }
         match req.side {
             HandOverSide::Destination => {
@@ -361,7 +443,9 @@ impl<L: LocalSite> Roles<L> {
                     .ok_or_else(|| internal("destination route without descriptor"))?;
                 match &route.next {
                     NextHop::Host(h) => {
-                        self.local.commit_destination(&descriptor, h, &req.endpoint.token).await?;
+                        self.local
+                            .commit_destination(&descriptor, h, &req.endpoint.token)
+                            .await?;
                     }
                     NextHop::Site(s) => {
                         let _: Committed = self
@@ -390,7 +474,11 @@ impl<L: LocalSite> Roles<L> {
             }
             HandOverSide::Source => {
                 match &route.next {
-                    NextHop::Host(h) => self.local.commit_source(&req.vm, Some(h), &req.endpoint.token).await?,
+                    NextHop::Host(h) => {
+                        self.local
+                            .commit_source(&req.vm, Some(h), &req.endpoint.token)
+                            .await?
+                    }
                     NextHop::Site(s) => {
                         let _: Committed = self
                             .fed
@@ -407,7 +495,9 @@ impl<L: LocalSite> Roles<L> {
                 }
             }
         }
-        self.journal.remove_route(&req.endpoint.token).map_err(internal)?;
+        self.journal
+            .remove_route(&req.endpoint.token)
+            .map_err(internal)?;
         Ok(done)
     }
 
@@ -425,17 +515,27 @@ impl<L: LocalSite> Roles<L> {
             return Ok(done);
         };
         if route.side != side {
-            return Err(ErrorReply::new(ErrorCode::UnknownToken, "token belongs to the other end"));
+            return Err(ErrorReply::new(
+                ErrorCode::UnknownToken,
+                "token belongs to the other end",
+            ));
         }
         if &route.upstream != from && from != self.site() {
-            return Err(ErrorReply::new(ErrorCode::Refused, "abort from a site that is not on this transfer's path"));
+            return Err(ErrorReply::new(
+                ErrorCode::Refused,
+                "abort from a site that is not on this transfer's path",
+            ));
         }
         match (&route.next, req.side) {
             (NextHop::Host(h), HandOverSide::Destination) => {
-                self.local.abort_destination(&req.vm, h, &req.endpoint.token).await?
+                self.local
+                    .abort_destination(&req.vm, h, &req.endpoint.token)
+                    .await?
             }
             (NextHop::Host(h), HandOverSide::Source) => {
-                self.local.abort_source(&req.vm, Some(h), &req.endpoint.token).await?
+                self.local
+                    .abort_source(&req.vm, Some(h), &req.endpoint.token)
+                    .await?
             }
             (NextHop::Site(s), _) => {
                 let _: Aborted = self
@@ -451,13 +551,19 @@ impl<L: LocalSite> Roles<L> {
                 self.journal.put_vm(&record).map_err(internal)?;
             }
         }
-        self.journal.remove_route(&req.endpoint.token).map_err(internal)?;
+        self.journal
+            .remove_route(&req.endpoint.token)
+            .map_err(internal)?;
         Ok(done)
     }
 
     /// Eviction notice from the downstream site (Forced migration up the chain): accepted and
     /// acted upon by starting a migration with this site as Controller.
-    pub async fn eviction(&self, from: &SiteId, notice: EvictionNotice) -> Result<EvictionAccepted, ErrorReply> {
+    pub async fn eviction(
+        &self,
+        from: &SiteId,
+        notice: EvictionNotice,
+    ) -> Result<EvictionAccepted, ErrorReply> {
         let record = self.vm_record(&notice.vm)?;
         if record.downstream != Some(NextHop::Site(from.clone())) {
             return Err(ErrorReply::new(
@@ -465,9 +571,7 @@ impl<L: LocalSite> Roles<L> {
                 format!("VM {} is not delegated to site {from}", notice.vm),
             ));
         }
-        self.journal
-            .put_eviction(&notice, from)
-            .map_err(internal)?;
+        self.journal.put_eviction(&notice, from).map_err(internal)?;
         Ok(EvictionAccepted {
             notice_id: notice.notice_id,
             vm: notice.vm,
@@ -475,11 +579,19 @@ impl<L: LocalSite> Roles<L> {
     }
 
     /// The Control interface, forwarded down the chain to the host that runs the VM.
-    pub async fn control(&self, from: &SiteId, req: ControlRequest) -> Result<ControlReply, ErrorReply> {
+    pub async fn control(
+        &self,
+        from: &SiteId,
+        req: ControlRequest,
+    ) -> Result<ControlReply, ErrorReply> {
         let mut record = self.vm_record(&req.vm)?;
         self.check_upstream(from, &record)?;
         let reply = match &record.downstream {
-            Some(NextHop::Host(h)) => self.local.control(&record.descriptor, h, &req.change).await?,
+            Some(NextHop::Host(h)) => {
+                self.local
+                    .control(&record.descriptor, h, &req.change)
+                    .await?
+            }
             Some(NextHop::Site(s)) => self
                 .fed
                 .call(s, FederationOp::VmControl, &req)
@@ -495,7 +607,8 @@ impl<L: LocalSite> Roles<L> {
             }
             nubis_protocol::message::ControlChange::SetMonitoring { monitoring } => {
                 record.descriptor.monitoring = monitoring.clone();
-                record.descriptor.version = reply.descriptor_version.max(record.descriptor.version + 1);
+                record.descriptor.version =
+                    reply.descriptor_version.max(record.descriptor.version + 1);
                 self.journal.put_vm(&record).map_err(internal)?;
             }
             _ => {}

@@ -138,12 +138,19 @@ impl<L: LocalSite> Roles<L> {
     /// migration algorithm, its source being this site's image store.
     pub fn deploy(self: &Arc<Self>, req: DeployRequest) -> Result<(VmId, MigrationId), ErrorReply> {
         if self.journal.vm(&req.vm).map_err(internal)?.is_some() {
-            return Err(ErrorReply::new(ErrorCode::Conflict, format!("VM {} already exists", req.vm)));
+            return Err(ErrorReply::new(
+                ErrorCode::Conflict,
+                format!("VM {} already exists", req.vm),
+            ));
         }
         let public = self.config.identity.public();
         let descriptor = VmDescriptor {
             id: req.vm.clone(),
-            name: if req.name.is_empty() { req.vm.to_string() } else { req.name },
+            name: if req.name.is_empty() {
+                req.vm.to_string()
+            } else {
+                req.name
+            },
             version: 1,
             primary_site: self.site().clone(),
             primary_keys: PrimaryKeys {
@@ -154,9 +161,9 @@ impl<L: LocalSite> Roles<L> {
             monitoring: req.monitoring,
             properties: req.properties,
         };
-        descriptor
-            .validate()
-            .map_err(|e| ErrorReply::new(ErrorCode::Malformed, format!("invalid VM descriptor: {e}")))?;
+        descriptor.validate().map_err(|e| {
+            ErrorReply::new(ErrorCode::Malformed, format!("invalid VM descriptor: {e}"))
+        })?;
         self.journal
             .put_vm(&VmRecord {
                 vm: req.vm.clone(),
@@ -174,11 +181,12 @@ impl<L: LocalSite> Roles<L> {
     /// Forced migration up the chain, started here: the VM must leave this site. The site that
     /// delegated it is told (and must act); at the primary this site acts itself.
     pub fn evict(self: &Arc<Self>, vm: &VmId) -> Result<serde_json::Value, ErrorReply> {
-        let record = self
-            .journal
-            .vm(vm)
-            .map_err(internal)?
-            .ok_or_else(|| ErrorReply::new(ErrorCode::UnknownVm, format!("VM {vm} is not known at this site")))?;
+        let record = self.journal.vm(vm).map_err(internal)?.ok_or_else(|| {
+            ErrorReply::new(
+                ErrorCode::UnknownVm,
+                format!("VM {vm} is not known at this site"),
+            )
+        })?;
         match &record.upstream {
             Some(up) => {
                 let notice = EvictionNotice {
@@ -188,10 +196,17 @@ impl<L: LocalSite> Roles<L> {
                     deadline_ms: now_ms() + EVICTION_DEADLINE.as_millis() as u64,
                 };
                 self.journal.put_outgoing(&notice, up).map_err(internal)?;
-                Ok(serde_json::json!({"vm": vm.as_str(), "notice": notice.notice_id.to_string(), "sent_to": up.as_str()}))
+                Ok(
+                    serde_json::json!({"vm": vm.as_str(), "notice": notice.notice_id.to_string(), "sent_to": up.as_str()}),
+                )
             }
             None => {
-                let id = self.start_migration(vm.clone(), Trigger::Eviction { from: self.site().clone() })?;
+                let id = self.start_migration(
+                    vm.clone(),
+                    Trigger::Eviction {
+                        from: self.site().clone(),
+                    },
+                )?;
                 Ok(serde_json::json!({"vm": vm.as_str(), "migration": id.to_string()}))
             }
         }
@@ -199,15 +214,22 @@ impl<L: LocalSite> Roles<L> {
 
     /// Delivers pending outgoing eviction notices; each stays journaled until accepted.
     pub async fn deliver_evictions(&self) {
-        let Ok(pending) = self.journal.outgoing() else { return };
+        let Ok(pending) = self.journal.outgoing() else {
+            return;
+        };
         for p in pending {
-            let r: Result<EvictionAccepted, _> = self.fed.call(&p.from, FederationOp::MigrationEvict, &p.notice).await;
+            let r: Result<EvictionAccepted, _> = self
+                .fed
+                .call(&p.from, FederationOp::MigrationEvict, &p.notice)
+                .await;
             match r {
                 Ok(_) => {
                     tracing::info!(vm.id = %p.notice.vm, to = %p.from, "eviction notice accepted");
                     let _ = self.journal.remove_outgoing(&p);
                 }
-                Err(e) => tracing::warn!(vm.id = %p.notice.vm, to = %p.from, error = %e, "eviction notice not accepted yet; will retry"),
+                Err(e) => {
+                    tracing::warn!(vm.id = %p.notice.vm, to = %p.from, error = %e, "eviction notice not accepted yet; will retry")
+                }
             }
         }
     }
@@ -215,7 +237,9 @@ impl<L: LocalSite> Roles<L> {
     /// Acts on accepted eviction notices: starts a migration for each VM still delegated to the
     /// evicting site, and forgets notices whose VM has moved.
     pub fn act_on_evictions(self: &Arc<Self>) {
-        let Ok(pending) = self.journal.evictions() else { return };
+        let Ok(pending) = self.journal.evictions() else {
+            return;
+        };
         for p in pending {
             let record = match self.journal.vm(&p.notice.vm) {
                 Ok(Some(r)) => r,
@@ -231,9 +255,18 @@ impl<L: LocalSite> Roles<L> {
             if record.phase == VmPhase::Migrating {
                 continue;
             }
-            match self.start_migration(p.notice.vm.clone(), Trigger::Eviction { from: p.from.clone() }) {
-                Ok(id) => tracing::info!(vm.id = %p.notice.vm, migration.id = %id, "acting on eviction notice"),
-                Err(e) => tracing::warn!(vm.id = %p.notice.vm, error = %e.message, "cannot act on eviction notice yet"),
+            match self.start_migration(
+                p.notice.vm.clone(),
+                Trigger::Eviction {
+                    from: p.from.clone(),
+                },
+            ) {
+                Ok(id) => {
+                    tracing::info!(vm.id = %p.notice.vm, migration.id = %id, "acting on eviction notice")
+                }
+                Err(e) => {
+                    tracing::warn!(vm.id = %p.notice.vm, error = %e.message, "cannot act on eviction notice yet")
+                }
             }
         }
     }
@@ -241,10 +274,21 @@ impl<L: LocalSite> Roles<L> {
     /// The Control interface from this site's operator.
     pub async fn control_vm(&self, op: ControlOp) -> Result<ControlReply, ErrorReply> {
         let me = self.site().clone();
-        self.control(&me, ControlRequest { vm: op.vm, change: op.change }).await
+        self.control(
+            &me,
+            ControlRequest {
+                vm: op.vm,
+                change: op.change,
+            },
+        )
+        .await
     }
 
-    fn migration_view(&self, m: &crate::journal::MigrationRecord, queue_position: usize) -> MigrationView {
+    fn migration_view(
+        &self,
+        m: &crate::journal::MigrationRecord,
+        queue_position: usize,
+    ) -> MigrationView {
         let (phase, reason) = phase_name(&m.phase);
         MigrationView {
             migration: m.id.to_string(),
@@ -279,12 +323,19 @@ impl<L: LocalSite> Roles<L> {
                 }
                 .into(),
                 descriptor_version: r.descriptor.version,
-                migrations: migrations.iter().filter(|m| m.vm == r.vm).map(|m| self.migration_view(m, 0)).collect(),
+                migrations: migrations
+                    .iter()
+                    .filter(|m| m.vm == r.vm)
+                    .map(|m| self.migration_view(m, 0))
+                    .collect(),
             });
         }
         if let Some(vm) = only {
             if out.is_empty() {
-                return Err(ErrorReply::new(ErrorCode::UnknownVm, format!("VM {vm} is not known at this site")));
+                return Err(ErrorReply::new(
+                    ErrorCode::UnknownVm,
+                    format!("VM {vm} is not known at this site"),
+                ));
             }
         }
         Ok(out)
@@ -294,6 +345,11 @@ impl<L: LocalSite> Roles<L> {
     pub fn migration_view_of(&self, id: &MigrationId) -> Result<MigrationView, ErrorReply> {
         self.migration_status(id)?
             .map(|m| self.migration_view(&m, 0))
-            .ok_or_else(|| ErrorReply::new(ErrorCode::UnknownVm, format!("no migration {id} at this site")))
+            .ok_or_else(|| {
+                ErrorReply::new(
+                    ErrorCode::UnknownVm,
+                    format!("no migration {id} at this site"),
+                )
+            })
     }
 }

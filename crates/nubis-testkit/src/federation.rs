@@ -320,13 +320,10 @@ impl Server {
         if self.is_hub() || matches!(role, Role::Site | Role::Admin) {
             options = options.custom_inbox_prefix(format!("nubis.reply.{}", self.name));
         }
-        options
-            .connect(url)
-            .await
-            .map_err(|source| Error::Connect {
-                server: self.name.clone(),
-                source,
-            })
+        options.connect(url).await.map_err(|source| Error::Connect {
+            server: self.name.clone(),
+            source,
+        })
     }
 
     fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
