@@ -36,7 +36,10 @@ fn signed_probe(a: &SiteIdentity) -> Vec<u8> {
     let env = envelope::sign(
         a,
         Addressing::request(&b, SUBJECT),
-        &Probe { text: "restart me".into(), n: 1 },
+        &Probe {
+            text: "restart me".into(),
+            n: 1,
+        },
         now_ms(),
     )
     .unwrap();
@@ -96,7 +99,12 @@ fn python_with_libsodium() -> Option<&'static str> {
 }
 
 fn python(py: &str, script: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(py).arg("-c").arg(script).args(args).output().unwrap();
+    let out = Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -107,7 +115,9 @@ fn python(py: &str, script: &str, args: &[&str]) -> (bool, String) {
 
 #[test]
 fn libsodium_opens_what_we_seal_and_we_open_what_it_seals() {
-    let Some(py) = python_with_libsodium() else { return };
+    let Some(py) = python_with_libsodium() else {
+        return;
+    };
     let a = SiteIdentity::generate(SiteId::new("a").unwrap());
     let sk_hex = hex_encode(&a.sealing_key().to_bytes());
     let pk = a.public().sealing;
@@ -133,15 +143,23 @@ print(SealedBox(PublicKey(bytes.fromhex(sys.argv[1]))).encrypt(b"sealed by libso
     let (ok, out) = python(py, script, &[&hex_encode(&pk)]);
     assert!(ok, "{out}");
     let mut boxed = hex_decode(&out);
-    assert_eq!(seal::open(a.sealing_key(), &boxed).unwrap(), b"sealed by libsodium");
+    assert_eq!(
+        seal::open(a.sealing_key(), &boxed).unwrap(),
+        b"sealed by libsodium"
+    );
     let last = boxed.len() - 1;
     boxed[last] ^= 1;
-    assert_eq!(seal::open(a.sealing_key(), &boxed), Err(seal::SealError::Open));
+    assert_eq!(
+        seal::open(a.sealing_key(), &boxed),
+        Err(seal::SealError::Open)
+    );
 }
 
 #[test]
 fn another_language_verifies_an_envelope_from_the_subjects_md_rules() {
-    let Some(py) = python_with_libsodium() else { return };
+    let Some(py) = python_with_libsodium() else {
+        return;
+    };
     let a = SiteIdentity::generate(SiteId::new("a").unwrap());
     let raw = signed_probe(&a);
     // The signed bytes rebuilt from the decoded map exactly as subjects.md describes them.

@@ -67,7 +67,7 @@ fn start_agent(fed: &Federation, dir: &Path, host: &str, extra: &str) -> Agent {
 const SMALL_HOST: &str = "[capacity]\nvcpus = 4\nmemory_mib = 4096\ndisk_bytes = 10737418240\n";
 
 async fn client(fed: &Federation, host: &str) -> HostClient<NatsTransport> {
-    let nats = fed.connect("a").await.unwrap();
+    let nats = fed.connect_site_internal("a").await.unwrap();
     let client = host_client(nats, SiteId::new("a").unwrap(), HostId::new(host).unwrap());
     wait_until(DEFAULT_TIMEOUT, "the host agent answers", || {
         let c = client.clone();
@@ -238,7 +238,7 @@ async fn host_agent_refuses_what_does_not_fit_and_frees_on_release() {
     let c = client(&fed, "h-cap").await;
 
     // The capacity report arrives without asking.
-    let nats = fed.connect("a").await.unwrap();
+    let nats = fed.connect_site_internal("a").await.unwrap();
     let subject =
         capacity_report_subject(&SiteId::new("a").unwrap(), &HostId::new("h-cap").unwrap());
     let mut reports = nats.subscribe(String::from(subject)).await.unwrap();
@@ -358,7 +358,7 @@ async fn host_agent_answers_bad_requests_and_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let agent = start_agent(&fed, dir.path(), "h-bad", SMALL_HOST);
     let c = client(&fed, "h-bad").await;
-    let nats = fed.connect("a").await.unwrap();
+    let nats = fed.connect_site_internal("a").await.unwrap();
     let site = SiteId::new("a").unwrap();
     let host = HostId::new("h-bad").unwrap();
 

@@ -429,7 +429,7 @@ async fn vm_files_move_between_sites_verified_sparse_and_without_locations_on_th
     // (bodies are raw bytes inside the envelope, so a substring search covers them).
     hub.flush().await.unwrap();
     sniffer.abort();
-    let seen = seen.lock().unwrap();
+    let seen: Vec<(String, Bytes)> = seen.lock().unwrap().clone();
     assert!(seen.iter().any(|(s, _)| s.starts_with("nubis.proxy.")));
     for (subject, payload) in seen.iter() {
         for needle in [tmp_path.as_bytes(), HOST.as_bytes(), b"/tmp/"] {

@@ -42,7 +42,9 @@ impl Sites {
             .iter()
             .map(|id| {
                 let identity = SiteIdentity::generate(SiteId::new(*id).unwrap());
-                identity.save(&dir.path().join(format!("{id}.key")), false).unwrap();
+                identity
+                    .save(&dir.path().join(format!("{id}.key")), false)
+                    .unwrap();
                 Arc::new(identity)
             })
             .collect();
@@ -50,11 +52,20 @@ impl Sites {
     }
 
     fn identity(&self, id: &str) -> &SiteIdentity {
-        self.identities.iter().find(|i| i.site().as_str() == id).unwrap()
+        self.identities
+            .iter()
+            .find(|i| i.site().as_str() == id)
+            .unwrap()
     }
 
     /// The configuration text of `id`, logging in as `user`, pinning every site in `partners`.
-    fn config_text(&self, id: &str, url: &str, user: &(String, String), partners: &[&str]) -> String {
+    fn config_text(
+        &self,
+        id: &str,
+        url: &str,
+        user: &(String, String),
+        partners: &[&str],
+    ) -> String {
         let (user, password) = user;
         let mut text = format!(
             "site = \"{id}\"\nkey_file = \"{id}.key\"\nnats_url = \"{url}\"\ndata_dir = \"{id}-data\"\n\
@@ -68,7 +79,13 @@ impl Sites {
         text
     }
 
-    fn config(&self, id: &str, url: &str, user: &(String, String), partners: &[&str]) -> SiteConfig {
+    fn config(
+        &self,
+        id: &str,
+        url: &str,
+        user: &(String, String),
+        partners: &[&str],
+    ) -> SiteConfig {
         let path = self.dir.path().join(format!("{id}.toml"));
         let text = self.config_text(id, url, user, partners);
         std::fs::write(&path, &text).unwrap();
@@ -76,7 +93,10 @@ impl Sites {
     }
 
     fn start(&self, fed: &Federation, id: &str, partners: &[&str]) -> RunningSite {
-        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("info")
+            .try_init();
         let user = fed.credentials(id, Role::Site).unwrap();
         let config = self.config(id, &fed.site_url(id).unwrap(), &user, partners);
         let token = CancellationToken::new();
@@ -94,10 +114,16 @@ impl Sites {
 }
 
 /// One operator client per site: a site's operator API answers only its own operators.
-async fn operators(fed: &Federation, ids: &[&str]) -> std::collections::HashMap<String, async_nats::Client> {
+async fn operators(
+    fed: &Federation,
+    ids: &[&str],
+) -> std::collections::HashMap<String, async_nats::Client> {
     let mut clients = std::collections::HashMap::new();
     for id in ids {
-        clients.insert((*id).to_owned(), fed.connect_as(id, Role::Operator).await.unwrap());
+        clients.insert(
+            (*id).to_owned(),
+            fed.connect_as(id, Role::Operator).await.unwrap(),
+        );
     }
     clients
 }
@@ -111,7 +137,10 @@ async fn ops(client: &async_nats::Client, site: &str, endpoint: &str) -> serde_j
 }
 
 /// The `sites` view of `site` as (site, trusted, reachable) triples, when the site answers.
-async fn view(client: &async_nats::Client, site: &str) -> Result<Vec<(String, bool, bool)>, String> {
+async fn view(
+    client: &async_nats::Client,
+    site: &str,
+) -> Result<Vec<(String, bool, bool)>, String> {
     let msg = tokio::time::timeout(
         Duration::from_secs(2),
         client.request(format!("nubis.ops.{site}.sites"), "{}".into()),
@@ -153,13 +182,18 @@ async fn wait_view(
 }
 
 fn has(v: &[(String, bool, bool)], site: &str, trusted: bool, reachable: bool) -> bool {
-    v.iter().any(|(s, t, r)| s == site && *t == trusted && *r == reachable)
+    v.iter()
+        .any(|(s, t, r)| s == site && *t == trusted && *r == reachable)
 }
 
 #[tokio::test]
 async fn sites_appear_go_unreachable_and_come_back() {
-    let Some(binary) = require_nats_server() else { return };
-    let fed = Federation::start_with(&binary, &["a", "b", "c"]).await.unwrap();
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let fed = Federation::start_with(&binary, &["a", "b", "c"])
+        .await
+        .unwrap();
     let sites = Sites::new(&["a", "b", "c"]);
     let a = sites.start(&fed, "a", &["b", "c"]);
     let b = sites.start(&fed, "b", &["a", "c"]);
@@ -174,17 +208,29 @@ async fn sites_appear_go_unreachable_and_come_back() {
     }
 
     c.stop().await;
-    wait_view(&op["a"], "a", "c marked unreachable", |v| has(v, "c", true, false)).await;
-    wait_view(&op["b"], "b", "c marked unreachable", |v| has(v, "c", true, false)).await;
+    wait_view(&op["a"], "a", "c marked unreachable", |v| {
+        has(v, "c", true, false)
+    })
+    .await;
+    wait_view(&op["b"], "b", "c marked unreachable", |v| {
+        has(v, "c", true, false)
+    })
+    .await;
 
     let c = sites.start(&fed, "c", &["a", "b"]);
-    wait_view(&op["a"], "a", "c reachable again", |v| has(v, "c", true, true)).await;
+    wait_view(&op["a"], "a", "c reachable again", |v| {
+        has(v, "c", true, true)
+    })
+    .await;
 
     let status = ops(&op["a"], "a", "status").await;
     assert_eq!(status["site"], "a");
     assert_eq!(status["partners"], 2);
     assert_eq!(status["partners_reachable"], 2);
-    assert_eq!(ops(&op["a"], "a", "vms").await["vms"], serde_json::json!([]));
+    assert_eq!(
+        ops(&op["a"], "a", "vms").await["vms"],
+        serde_json::json!([])
+    );
     for s in [a, b, c] {
         s.stop().await;
     }
@@ -192,8 +238,12 @@ async fn sites_appear_go_unreachable_and_come_back() {
 
 #[tokio::test]
 async fn forged_entries_are_ignored_and_strangers_are_not_trusted() {
-    let Some(binary) = require_nats_server() else { return };
-    let fed = Federation::start_with(&binary, &["a", "b", "c"]).await.unwrap();
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let fed = Federation::start_with(&binary, &["a", "b", "c"])
+        .await
+        .unwrap();
     let sites = Sites::new(&["a", "b", "c"]);
     // a and b are partners; c is a stranger to a.
     let a = sites.start(&fed, "a", &["b"]);
@@ -218,18 +268,28 @@ async fn forged_entries_are_ignored_and_strangers_are_not_trusted() {
         heartbeat_ms: now_ms() + 3_600_000,
         started_ms: now_ms(),
     };
-    let env = envelope::sign(&impostor, Addressing::broadcast(key.subject().as_str()), &forged, now_ms())
-        .unwrap();
+    let env = envelope::sign(
+        &impostor,
+        Addressing::broadcast(key.subject().as_str()),
+        &forged,
+        now_ms(),
+    )
+    .unwrap();
     // Only b's own leaf connection may write b's entry, so the forger is the hub's operator.
     let kv = jetstream::with_domain(fed.connect(HUB).await.unwrap(), "hub")
         .get_key_value(DIRECTORY_BUCKET)
         .await
         .unwrap();
-    kv.put(key.as_str(), env.encode().unwrap().into()).await.unwrap();
+    kv.put(key.as_str(), env.encode().unwrap().into())
+        .await
+        .unwrap();
 
     // The forgery must not make b look alive: a still sees b as trusted (last good entry) and,
     // once its real heartbeat is old, unreachable.
-    wait_view(&client, "a", "forged b ignored", |v| has(v, "b", true, false)).await;
+    wait_view(&client, "a", "forged b ignored", |v| {
+        has(v, "b", true, false)
+    })
+    .await;
 
     a.stop().await;
     c.stop().await;
@@ -237,14 +297,19 @@ async fn forged_entries_are_ignored_and_strangers_are_not_trusted() {
 
 #[tokio::test]
 async fn the_operator_api_is_a_nats_micro_service() {
-    let Some(binary) = require_nats_server() else { return };
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
     let fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
     let sites = Sites::new(&["a", "b"]);
     let a = sites.start(&fed, "a", &["b"]);
     let client = fed.connect_as("a", Role::Operator).await.unwrap();
     wait_view(&client, "a", "a answers", |_| true).await;
 
-    let ping = client.request("$SRV.PING.nubis-site", "".into()).await.unwrap();
+    let ping = client
+        .request("$SRV.PING.nubis-site", "".into())
+        .await
+        .unwrap();
     let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
     assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");
     assert_eq!(ping["name"], "nubis-site");
@@ -252,12 +317,20 @@ async fn the_operator_api_is_a_nats_micro_service() {
     assert!(ping["version"].as_str().is_some());
     assert_eq!(ping["metadata"]["site"], "a");
 
-    let info = client.request("$SRV.INFO.nubis-site", "".into()).await.unwrap();
+    let info = client
+        .request("$SRV.INFO.nubis-site", "".into())
+        .await
+        .unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
     assert_eq!(info["type"], "io.nats.micro.v1.info_response");
     let endpoints = info["endpoints"].as_array().unwrap();
-    let names: Vec<&str> = endpoints.iter().filter_map(|e| e["name"].as_str()).collect();
-    let all = ["status", "sites", "vms", "deploy", "migrate", "evict", "control", "cancel"];
+    let names: Vec<&str> = endpoints
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    let all = [
+        "status", "sites", "vms", "deploy", "migrate", "evict", "control", "cancel",
+    ];
     assert_eq!(names.len(), all.len(), "{info}");
     for name in all {
         assert!(names.contains(&name), "{info}");
@@ -267,12 +340,25 @@ async fn the_operator_api_is_a_nats_micro_service() {
 
     // One good request and one malformed request, then the counts in STATS.
     ops(&client, "a", "status").await;
-    let bad = client.request("nubis.ops.a.status", "[1,2".into()).await.unwrap();
+    let bad = client
+        .request("nubis.ops.a.status", "[1,2".into())
+        .await
+        .unwrap();
     let headers = bad.headers.unwrap();
-    assert_eq!(headers.get("Nats-Service-Error-Code").unwrap().as_str(), "400");
-    assert!(headers.get("Nats-Service-Error").unwrap().as_str().contains("malformed request"));
+    assert_eq!(
+        headers.get("Nats-Service-Error-Code").unwrap().as_str(),
+        "400"
+    );
+    assert!(headers
+        .get("Nats-Service-Error")
+        .unwrap()
+        .as_str()
+        .contains("malformed request"));
 
-    let stats = client.request("$SRV.STATS.nubis-site", "".into()).await.unwrap();
+    let stats = client
+        .request("$SRV.STATS.nubis-site", "".into())
+        .await
+        .unwrap();
     let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
     assert_eq!(stats["type"], "io.nats.micro.v1.stats_response");
     let status = stats["endpoints"]
@@ -283,6 +369,9 @@ async fn the_operator_api_is_a_nats_micro_service() {
         .unwrap();
     assert_eq!(status["num_requests"], 2, "{stats}");
     assert_eq!(status["num_errors"], 1, "{stats}");
-    assert!(status["last_error"].as_str().unwrap().contains("malformed"), "{stats}");
+    assert!(
+        status["last_error"].as_str().unwrap().contains("malformed"),
+        "{stats}"
+    );
     a.stop().await;
 }

@@ -98,7 +98,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("nubis-proxy-{}-{}", config.site, config.proxy))
-        .custom_inbox_prefix(nubis_protocol::subject::Subject::reply_inbox_prefix(&config.site));
+        .custom_inbox_prefix(nubis_protocol::subject::Subject::reply_inbox_prefix(
+            &config.site,
+        ));
     if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
         options = options.user_and_password(user.clone(), password.clone());
     }

@@ -13,9 +13,10 @@
 //! whole-file SHA-256 (holes as zeros).
 //!
 //! [`ObjectFollower`] reads an object while it is still being written: the nuid is derived from
-//! the token (see [`crate::naming`]), so the reader follows the chunk subject and the info
-//! subject with one ordered consumer and knows the object is complete when the info message
-//! arrives (it is always written after the last chunk was acknowledged).
+//! the token (see [`crate::naming`]), so the reader follows the chunk subject with an ordered
+//! consumer before the info message exists, and knows the object is complete when an info
+//! message written after those chunks counts them all (it is always written after the last
+//! chunk was acknowledged).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::consumer::push::{Ordered, OrderedConfig};
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::object_store::ObjectInfo;
-use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use async_nats::jetstream::{self, ErrorCode as JsErrorCode};
 use async_nats::HeaderMap;
 use base64::engine::general_purpose::URL_SAFE;
@@ -237,40 +238,74 @@ pub enum Incoming {
     Done(Box<ObjectInfo>),
 }
 
-/// Reads one object's chunks and info message in stream order, waiting for them as needed.
+/// First pause before the info message is looked up again while no chunk arrives.
+const INFO_POLL_MIN: Duration = Duration::from_millis(20);
+/// Longest pause between two looks at the info message.
+const INFO_POLL_MAX: Duration = Duration::from_millis(500);
+
+/// Reads one object's chunks in stream order while they are being written, and tells when the
+/// object is complete.
+///
+/// The consumer filters on the chunk subject alone. The info message is fetched on its own
+/// (a stored-message get of the last message on its subject) instead of through the same
+/// consumer: the writer publishes it with `Nats-Rollup: sub`, and nats-server applies that
+/// rollup to every consumer whose filters match the info subject by moving the consumer's
+/// delivery cursor past the rollup message. A consumer that also filtered on the chunk subject
+/// and was behind the writer (flow control holds back a reader on the far side of the leaf
+/// connections) silently skipped the chunks it had not yet delivered, and waited for them
+/// until it stalled. A consumer filtering on chunks only is not moved by the rollup.
 pub struct ObjectFollower {
     messages: Ordered,
+    stream: Stream,
     chunk_subject: String,
+    meta_subject: String,
+    nuid: String,
+    expected_bytes: Option<u64>,
     stall: Duration,
+    /// Chunks and bytes received since the last chunk 0 (the writer starts over with one).
+    chunks: u64,
+    bytes: u64,
+    /// Stream sequence of the last chunk received; an info message stored before it belongs
+    /// to an earlier attempt of the writer.
+    last_seq: u64,
+    check_info: bool,
 }
 
 impl std::fmt::Debug for ObjectFollower {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ObjectFollower")
             .field("chunk_subject", &self.chunk_subject)
+            .field("chunks", &self.chunks)
+            .field("bytes", &self.bytes)
             .field("stall", &self.stall)
             .finish_non_exhaustive()
     }
 }
 
 impl ObjectFollower {
-    /// Follows the chunks on `chunk_subject` and the info message of `name` in `stream`
-    /// through `client` (whose inbox receives the push deliveries; the server's flow control
-    /// bounds what is in flight).
+    /// Follows the chunks on `chunk_subject` of object `name` in `stream` through `client`
+    /// (whose inbox receives the push deliveries; the server's flow control bounds what is in
+    /// flight). `expected_bytes`, when the reader knows the object's size (from a signed
+    /// manifest), lets it ask for the info message as soon as the last chunk is in.
     pub async fn open(
         client: &async_nats::Client,
         stream: &Stream,
         chunk_subject: String,
         name: &str,
+        expected_bytes: Option<u64>,
         stall: Duration,
     ) -> Result<Self, ObjectError> {
-        let meta_subject = format!("$O.{BUCKET}.M.{}", URL_SAFE.encode(name));
+        let nuid = chunk_subject
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         // A push consumer, as the stock object-store reader uses: it is the kind that is known
         // to deliver across leaf connections from another JetStream domain.
         let consumer = stream
             .create_consumer(OrderedConfig {
                 deliver_subject: client.new_inbox(),
-                filter_subjects: vec![chunk_subject.clone(), meta_subject],
+                filter_subject: chunk_subject.clone(),
                 ..Default::default()
             })
             .await
@@ -281,18 +316,45 @@ impl ObjectFollower {
             .map_err(|e| ObjectError::Read(e.to_string()))?;
         Ok(Self {
             messages,
+            stream: stream.clone(),
             chunk_subject,
+            meta_subject: format!("$O.{BUCKET}.M.{}", URL_SAFE.encode(name)),
+            nuid,
+            expected_bytes,
             stall,
+            chunks: 0,
+            bytes: 0,
+            last_seq: 0,
+            // An object without chunks is complete as soon as its info message exists.
+            check_info: expected_bytes == Some(0),
         })
     }
 
-    /// The next chunk or the info message.
+    /// The next chunk, or the info message once every chunk it counts has been yielded.
     pub async fn next(&mut self) -> Result<Incoming, ObjectError> {
         let deadline = tokio::time::Instant::now() + self.stall;
+        let mut poll = INFO_POLL_MIN;
         loop {
-            let item = tokio::time::timeout_at(deadline, self.messages.next())
-                .await
-                .map_err(|_| ObjectError::Stalled(self.stall))?;
+            if std::mem::take(&mut self.check_info) {
+                if let Some(info) = self.complete_info().await? {
+                    return Ok(Incoming::Done(info));
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(ObjectError::Stalled(self.stall));
+            }
+            let wait = poll.min(deadline - now);
+            let item = match tokio::time::timeout(wait, self.messages.next()).await {
+                Ok(item) => item,
+                Err(_) => {
+                    // Nothing new: the writer may be done (its info message comes after the
+                    // last acknowledgement) or merely slow.
+                    self.check_info = true;
+                    poll = (poll * 2).min(INFO_POLL_MAX);
+                    continue;
+                }
+            };
             let msg = match item {
                 Some(Ok(m)) => m,
                 // The ordered consumer recreates itself after a server restart; errors in
@@ -303,29 +365,73 @@ impl ObjectFollower {
                 }
                 None => return Err(ObjectError::Read("consumer ended".to_string())),
             };
-            if msg.subject.as_str() == self.chunk_subject {
-                let header = |name: &str| -> Result<u64, ObjectError> {
-                    msg.headers
-                        .as_ref()
-                        .and_then(|h| h.get(name))
-                        .and_then(|v| v.as_str().parse().ok())
-                        .ok_or_else(|| ObjectError::Malformed(format!("chunk without {name}")))
-                };
-                let index = header(CHUNK_HEADER)?;
-                let offset = header(OFFSET_HEADER)?;
-                return Ok(Incoming::Chunk {
-                    index,
-                    offset,
-                    data: msg.payload.clone(),
-                });
+            if msg.subject.as_str() != self.chunk_subject {
+                continue;
             }
-            let info: ObjectInfo = serde_json::from_slice(&msg.payload)
-                .map_err(|e| ObjectError::Malformed(e.to_string()))?;
-            if info.deleted {
-                return Err(ObjectError::Deleted);
+            let header = |name: &str| -> Result<u64, ObjectError> {
+                msg.headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .and_then(|v| v.as_str().parse().ok())
+                    .ok_or_else(|| ObjectError::Malformed(format!("chunk without {name}")))
+            };
+            let index = header(CHUNK_HEADER)?;
+            let offset = header(OFFSET_HEADER)?;
+            let seq = msg
+                .info()
+                .map_err(|e| ObjectError::Malformed(e.to_string()))?
+                .stream_sequence;
+            if index == 0 {
+                self.chunks = 0;
+                self.bytes = 0;
             }
-            return Ok(Incoming::Done(Box::new(info)));
+            self.chunks += 1;
+            self.bytes += msg.payload.len() as u64;
+            self.last_seq = seq;
+            self.check_info = self.expected_bytes.is_none_or(|e| self.bytes >= e);
+            return Ok(Incoming::Chunk {
+                index,
+                offset,
+                data: msg.payload.clone(),
+            });
         }
+    }
+
+    /// The object's info message if it was written after the chunks received so far and
+    /// counts no more chunks than were received.
+    async fn complete_info(&mut self) -> Result<Option<Box<ObjectInfo>>, ObjectError> {
+        let msg = match self
+            .stream
+            .get_last_raw_message_by_subject(&self.meta_subject)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                // Not written yet, or the source site's server is restarting: look again
+                // later; the stall deadline bounds the wait.
+                if e.kind() != LastRawMessageErrorKind::NoMessageFound {
+                    tracing::debug!(error = %e, "info message lookup failed");
+                }
+                return Ok(None);
+            }
+        };
+        if msg.sequence < self.last_seq {
+            return Ok(None);
+        }
+        let info: ObjectInfo = serde_json::from_slice(&msg.payload)
+            .map_err(|e| ObjectError::Malformed(e.to_string()))?;
+        if info.deleted {
+            return Err(ObjectError::Deleted);
+        }
+        if info.nuid != self.nuid {
+            return Err(ObjectError::Malformed(
+                "info message names other chunks".to_string(),
+            ));
+        }
+        if info.chunks as u64 > self.chunks {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(info)))
     }
 }
 

@@ -754,6 +754,23 @@ impl Federation {
         self.server(name)?.connect_as(role).await
     }
 
+    /// A client of a site's daemon user for site-internal requests (to host agents): its
+    /// replies arrive on `nubis.site.<site>.inbox.…`, which never leaves the site, as the site
+    /// daemon's own site-internal connection does.
+    pub async fn connect_site_internal(&self, site: &str) -> Result<async_nats::Client, Error> {
+        let server = self.server(site)?;
+        let (user, password) = server.credentials(Role::Site)?;
+        async_nats::ConnectOptions::with_user_and_password(user, password)
+            .name(format!("nubis-testkit-{site}-internal"))
+            .custom_inbox_prefix(format!("nubis.site.{site}.inbox"))
+            .connect(server.url()?)
+            .await
+            .map_err(|source| Error::Connect {
+                server: site.to_string(),
+                source,
+            })
+    }
+
     /// User name and password of `role` on a site's server (or the hub's), for a process that
     /// connects by itself, such as a site daemon from its configuration file. They stay the
     /// same across restarts.

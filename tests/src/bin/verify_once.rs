@@ -24,8 +24,12 @@ fn main() -> ExitCode {
         let own = SiteId::new(&args[2]).map_err(|e| e.to_string())?;
         let partner = SiteId::new(&args[3]).map_err(|e| e.to_string())?;
         let key = parse_signing_key(&args[4], "partner key").map_err(|e| e.to_string())?;
-        let cache = ReplayCache::open(Path::new(&args[1]), 2 * DEFAULT_FRESHNESS_MS, Durability::Sync)
-            .map_err(|e| e.to_string())?;
+        let cache = ReplayCache::open(
+            Path::new(&args[1]),
+            2 * DEFAULT_FRESHNESS_MS,
+            Durability::Sync,
+        )
+        .map_err(|e| e.to_string())?;
         let verifier = Verifier::new(own, [(partner, key)], cache);
         let raw = std::fs::read(&args[6]).map_err(|e| e.to_string())?;
         Ok(verifier

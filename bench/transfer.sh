@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Transfer proxy benchmark: source host file -> verified destination file across two leaf sites
+# (hub + sites a and b, real nats-server processes), side by side with `cp` on the same disk and
+# `scp` over loopback to a throwaway sshd.
+#
+# Usage: bench/transfer.sh [dense MiB] [sparse MiB] [sparse allocated MiB]
+# Defaults: 1024 4096 1024. Needs nats-server, and openssh-server/client for the scp baseline.
+set -euo pipefail
+DENSE_MIB=${1:-1024}
+SPARSE_MIB=${2:-4096}
+SPARSE_ALLOC_MIB=${3:-1024}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/nubis-xfer-bench.XXXXXX")
+SSHD_PID=
+cleanup() { [ -n "$SSHD_PID" ] && kill "$SSHD_PID" 2>/dev/null; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+cargo build --release -q -p nubis-proxy --example transfer_bench
+BENCH="$ROOT/target/release/examples/transfer_bench"
+
+now() { date +%s.%N; }
+rate() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / s / 1048576 }'; }
+
+echo "# generating files in $WORK"
+head -c $((DENSE_MIB << 20)) /dev/urandom > "$WORK/dense.img"
+truncate -s $((SPARSE_MIB << 20)) "$WORK/sparse.img"
+# Allocated data spread over the image in 64 MiB runs.
+runs=$((SPARSE_ALLOC_MIB / 64)); stride=$((SPARSE_MIB / runs))
+for i in $(seq 0 $((runs - 1))); do
+  dd if=/dev/urandom of="$WORK/sparse.img" bs=1M count=64 seek=$((i * stride)) conv=notrunc status=none
+done
+sync
+
+# Throwaway sshd on a loopback port, with a temporary host key and authorized key.
+SCP_OK=0
+if command -v /usr/sbin/sshd >/dev/null && command -v scp >/dev/null; then
+  mkdir -p "$WORK/ssh" /run/sshd  # sshd refuses to start without its privilege-separation dir
+  ssh-keygen -q -t ed25519 -N '' -f "$WORK/ssh/host" && ssh-keygen -q -t ed25519 -N '' -f "$WORK/ssh/id"
+  cp "$WORK/ssh/id.pub" "$WORK/ssh/authorized_keys"; chmod 600 "$WORK/ssh/authorized_keys"
+  PORT=$((20000 + RANDOM % 20000))
+  /usr/sbin/sshd -D -p "$PORT" -h "$WORK/ssh/host" -o ListenAddress=127.0.0.1 \
+    -o AuthorizedKeysFile="$WORK/ssh/authorized_keys" -o StrictModes=no -o PidFile=none \
+    -o PasswordAuthentication=no -e 2>"$WORK/ssh/log" & SSHD_PID=$!
+  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
+  SCP=(scp -q -P "$PORT" -i "$WORK/ssh/id" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes)
+  SCP_OK=1
+fi
+
+run_one() { # name file
+  local name=$1 file=$2 size t0 t1 cp_s scp_s out
+  size=$(stat -c %s "$file")
+  t0=$(now); cp "$file" "$WORK/cp.out"; sync "$WORK/cp.out"; t1=$(now)
+  cp_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }'); rm -f "$WORK/cp.out"
+  scp_s=NaN
+  if [ "$SCP_OK" = 1 ]; then
+    t0=$(now); "${SCP[@]}" "$file" "127.0.0.1:$WORK/scp.out"; sync "$WORK/scp.out"; t1=$(now)
+    scp_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }'); rm -f "$WORK/scp.out"
+  fi
+  rm -rf "$WORK/dst"
+  out=$("$BENCH" "$file" "$WORK/dst" 1024 32)
+  local px_s published hwm
+  px_s=$(sed -E 's/.*seconds=([0-9.]+).*/\1/' <<<"$out")
+  published=$(sed -E 's/.*published=([0-9]+).*/\1/' <<<"$out")
+  hwm=$(sed -E 's/.*vmhwm_kib=([0-9]+).*/\1/' <<<"$out")
+  cmp -s "$file" "$WORK/dst/disk.img" || { echo "MISMATCH for $name"; exit 1; }
+  printf '| %s | %d MiB | %.2f s (%s MiB/s) | %.2f s (%s MiB/s) | %s | %.2f | %s | %d MiB | %d MiB |\n' \
+    "$name" $((size >> 20)) "$px_s" "$(rate "$size" "$px_s")" "$cp_s" "$(rate "$size" "$cp_s")" \
+    "$( [ "$scp_s" = NaN ] && echo n/a || printf '%.2f s (%s MiB/s)' "$scp_s" "$(rate "$size" "$scp_s")")" \
+    "$(awk -v a="$cp_s" -v b="$px_s" 'BEGIN { print a / b }')" \
+    "$( [ "$scp_s" = NaN ] && echo n/a || awk -v a="$scp_s" -v b="$px_s" 'BEGIN { printf "%.2f", a / b }')" \
+    $((published >> 20)) $((hwm >> 10))
+  rm -rf "$WORK/dst"
+}
+
+echo "| image | size | nubis proxies | cp | scp (loopback) | ×cp rate | ×scp rate | bytes published | peak RSS (both proxies) |"
+echo "|---|---|---|---|---|---|---|---|---|"
+run_one "dense (random)" "$WORK/dense.img"
+run_one "sparse ($SPARSE_ALLOC_MIB MiB allocated)" "$WORK/sparse.img"
