@@ -34,6 +34,7 @@ step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
 step tests cargo test --workspace --all-targets
 step doctests cargo test --workspace --doc
+step readme ./scripts/readme-check.sh
 
 echo
 if [ "${#failed[@]}" -eq 0 ]; then
