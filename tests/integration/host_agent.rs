@@ -584,6 +584,7 @@ async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 #[tokio::test]
 async fn host_agent_moves_a_real_guest_between_hosts() {
     use nubis_host::test_guest::{GuestImage, SerialLog, DISK_BYTES, READY_MARKER};
+    let _qemu = crate::QEMU.lock().await;
 
     let guest = match GuestImage::locate(&GuestImage::default_dir()) {
         Ok(g) => g,

@@ -10,7 +10,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nubis_host::hypervisor::HostInfo;
@@ -312,17 +311,14 @@ fn test_driver_statistics_become_rates() {
 // ---------------------------------------------------------------------------------------------
 // Real QEMU guests (TCG) under qemu:///system.
 
-/// The real-guest tests share libvirtd (one of them restarts it) and two cores: one at a time.
-static QEMU: Mutex<()> = Mutex::new(());
-
 struct Qemu {
     hv: LibvirtHypervisor,
     guest: GuestImage,
-    _lock: std::sync::MutexGuard<'static, ()>,
+    _lock: tokio::sync::MutexGuard<'static, ()>,
 }
 
 fn qemu() -> Option<Qemu> {
-    let lock = QEMU.lock().unwrap_or_else(|p| p.into_inner());
+    let lock = crate::QEMU.blocking_lock();
     let guest =
         prerequisite(GuestImage::locate(&GuestImage::default_dir()).map_err(|e| e.to_string()))?;
     let mut config = LibvirtConfig::new("qemu:///system");

@@ -13,3 +13,7 @@ mod proxy;
 mod python_subscriber;
 mod site;
 mod stack;
+
+/// Tests that use libvirtd's `qemu:///system` share it (one of them restarts it) and two cores:
+/// they run one at a time, across modules.
+pub static QEMU: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
