@@ -375,3 +375,118 @@ async fn the_operator_api_is_a_nats_micro_service() {
     );
     a.stop().await;
 }
+
+/// The GMA directory: producers and consumers of a VM's monitoring register in the directory;
+/// a consumer finds the producer by VM id alone (an opaque producer id and a subject, no host);
+/// a registration signed by a non-partner is visible but not trusted, a forged one is dropped.
+#[tokio::test]
+async fn gma_registrations_are_found_by_vm_id_and_trusted_only_from_partners() {
+    use nubis_protocol::descriptor::DataPoint;
+    use nubis_protocol::envelope::Verifier;
+    use nubis_protocol::message::{ConsumerRegistration, ProducerId, ProducerRegistration};
+    use nubis_protocol::replay::ReplayCache;
+    use nubis_protocol::VmId;
+    use nubis_site::directory::{open_bucket, Directory};
+
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let fed = Federation::start_with(&binary, &["a", "b", "c"])
+        .await
+        .unwrap();
+    let ids: Vec<Arc<SiteIdentity>> = ["a", "b", "c"]
+        .iter()
+        .map(|s| Arc::new(SiteIdentity::generate(SiteId::new(*s).unwrap())))
+        .collect();
+    let directory = |me: usize, pinned: &[usize]| {
+        let ids = ids.clone();
+        let pinned: Vec<usize> = pinned.to_vec();
+        let fed = &fed;
+        async move {
+            let site = ["a", "b", "c"][me];
+            let js = jetstream::with_domain(fed.connect(site).await.unwrap(), "hub");
+            let kv = open_bucket(&js).await.unwrap();
+            let keys = pinned
+                .iter()
+                .map(|i| (ids[*i].site().clone(), ids[*i].public().signing));
+            let verifier = Verifier::new(
+                ids[me].site().clone(),
+                keys,
+                ReplayCache::temporary(0).unwrap(),
+            );
+            Directory::new(kv, ids[me].clone(), verifier)
+        }
+    };
+    let dir_a = directory(0, &[0, 1]).await;
+    let dir_b = directory(1, &[0, 1]).await;
+    let dir_c = directory(2, &[2]).await;
+    let vm = VmId::new("web-1").unwrap();
+    let producer = |id: &str| ProducerRegistration {
+        vm: vm.clone(),
+        primary_site: SiteId::new("a").unwrap(),
+        producer: ProducerId::new(id).unwrap(),
+        data_points: vec![DataPoint::new("cpu.utilisation").unwrap()],
+        subject: "nubis.mon.a.web-1.>".into(),
+        heartbeat_ms: now_ms(),
+    };
+    dir_b.register_producer(&producer("p-7f3a")).await.unwrap();
+    dir_c
+        .register_producer(&producer("p-stranger"))
+        .await
+        .unwrap();
+    dir_a
+        .register_consumer(&ConsumerRegistration {
+            consumer_site: SiteId::new("a").unwrap(),
+            vm: vm.clone(),
+            data_points: vec![DataPoint::new("cpu.utilisation").unwrap()],
+            heartbeat_ms: now_ms(),
+        })
+        .await
+        .unwrap();
+    // A forgery: c writes a producer entry that claims to be signed by b.
+    let impostor = SiteIdentity::generate(SiteId::new("b").unwrap());
+    let key = DirectoryKey::producer(&vm, &ProducerId::new("p-forged").unwrap());
+    let env = envelope::sign(
+        &impostor,
+        Addressing::broadcast(key.subject().as_str()),
+        &producer("p-forged"),
+        now_ms(),
+    )
+    .unwrap();
+    let kv_c = jetstream::with_domain(fed.connect("c").await.unwrap(), "hub")
+        .get_key_value(DIRECTORY_BUCKET)
+        .await
+        .unwrap();
+    kv_c.put(key.as_str(), env.encode().unwrap().into())
+        .await
+        .unwrap();
+
+    let found = dir_a.producers_of(&vm).await.unwrap();
+    let trusted: Vec<_> = found.iter().filter(|r| r.trusted).collect();
+    assert_eq!(trusted.len(), 1, "{found:?}");
+    assert_eq!(trusted[0].signer.as_str(), "b");
+    assert_eq!(trusted[0].body.producer.as_str(), "p-7f3a");
+    assert_eq!(trusted[0].body.subject, "nubis.mon.a.web-1.>");
+    let strangers: Vec<_> = found.iter().filter(|r| !r.trusted).collect();
+    assert_eq!(strangers.len(), 1, "{found:?}");
+    assert_eq!(strangers[0].signer.as_str(), "c");
+    assert!(found.iter().all(|r| r.body.producer.as_str() != "p-forged"));
+    assert_eq!(
+        dir_a
+            .counters()
+            .forged
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    let consumers = dir_b.consumers_of(&vm).await.unwrap();
+    assert_eq!(consumers.len(), 1);
+    assert!(consumers[0].trusted);
+    assert_eq!(consumers[0].body.consumer_site.as_str(), "a");
+    // Nothing for a VM nobody registered.
+    assert!(dir_a
+        .producers_of(&VmId::new("other").unwrap())
+        .await
+        .unwrap()
+        .is_empty());
+}

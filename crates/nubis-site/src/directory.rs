@@ -15,9 +15,9 @@ use async_nats::jetstream::{self, kv};
 use futures::StreamExt as _;
 use nubis_protocol::envelope::{self, Addressing, SignedEnvelope, Verifier};
 use nubis_protocol::identity::SiteIdentity;
-use nubis_protocol::message::SiteEntry;
+use nubis_protocol::message::{ConsumerRegistration, ProducerRegistration, SiteEntry};
 use nubis_protocol::subject::{DirectoryKey, DIRECTORY_BUCKET};
-use nubis_protocol::SiteId;
+use nubis_protocol::{SiteId, VmId};
 use tokio_util::sync::CancellationToken;
 
 /// Largest directory value accepted by the bucket.
@@ -62,6 +62,17 @@ impl SiteRecord {
     pub fn reachable(&self, now_ms: u64, liveness_timeout_ms: u64) -> bool {
         now_ms.saturating_sub(self.entry.heartbeat_ms) <= liveness_timeout_ms
     }
+}
+
+/// A GMA registration read from the directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration<B> {
+    /// The site that signed it.
+    pub signer: SiteId,
+    /// Whether the signature verified against a key pinned here.
+    pub trusted: bool,
+    /// The registration.
+    pub body: B,
 }
 
 /// Counters of what the watcher refused.
@@ -295,6 +306,123 @@ impl Directory {
             self.counters.malformed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(site = %site, revision, "malformed directory entry ignored");
         }
+    }
+
+    /// Writes a signed GMA registration under `key` (this site's own producer or consumer key;
+    /// the hub's permissions let a site write no other).
+    async fn put_registration<B: nubis_protocol::message::Body>(
+        &self,
+        key: &DirectoryKey,
+        body: &B,
+    ) -> Result<u64, DirectoryError> {
+        let env = envelope::sign(
+            &self.identity,
+            Addressing::broadcast(key.subject().as_str()),
+            body,
+            envelope::now_ms(),
+        )
+        .map_err(DirectoryError::Sign)?;
+        let value: bytes::Bytes = env.encode().map_err(DirectoryError::Sign)?.into();
+        self.kv
+            .put(key.as_str(), value)
+            .await
+            .map_err(|e| DirectoryError::Write {
+                key: key.as_str().to_string(),
+                source: e.into(),
+            })
+    }
+
+    /// Registers this site as a GMA Consumer of `vm`'s monitoring.
+    pub async fn register_consumer(
+        &self,
+        reg: &ConsumerRegistration,
+    ) -> Result<u64, DirectoryError> {
+        self.put_registration(&DirectoryKey::consumer(&reg.vm, &reg.consumer_site), reg)
+            .await
+    }
+
+    /// Registers a GMA Producer (run by this site's hosts) of `vm`'s monitoring.
+    pub async fn register_producer(
+        &self,
+        reg: &ProducerRegistration,
+    ) -> Result<u64, DirectoryError> {
+        self.put_registration(&DirectoryKey::producer(&reg.vm, &reg.producer), reg)
+            .await
+    }
+
+    /// Every registration under `prefix`, with the site that signed it and whether that
+    /// signature verified against a pinned key (a non-partner's entry is shown, never trusted;
+    /// one that fails verification against a pinned key is dropped and counted as forged).
+    async fn registrations<B: nubis_protocol::message::Body>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<Registration<B>>, DirectoryError> {
+        let mut keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| DirectoryError::Watch(e.into()))?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| DirectoryError::Watch(e.into()))?;
+            if !key.starts_with(prefix) {
+                continue;
+            }
+            let Some(entry) = self
+                .kv
+                .entry(key.clone())
+                .await
+                .map_err(|e| DirectoryError::Watch(e.into()))?
+            else {
+                continue;
+            };
+            let subject = format!("$KV.{DIRECTORY_BUCKET}.{key}");
+            match self.verifier.open_record(&entry.value, &subject) {
+                Ok(opened) => {
+                    if let Ok(body) = opened.body::<B>() {
+                        out.push(Registration {
+                            signer: opened.from,
+                            trusted: true,
+                            body,
+                        });
+                    }
+                }
+                Err(envelope::EnvelopeError::UnknownSender(_)) => {
+                    let decoded = SignedEnvelope::decode(&entry.value).ok().and_then(|env| {
+                        let signer = SiteId::new(env.from).ok()?;
+                        let body = nubis_protocol::codec::from_slice::<B>(&env.body).ok()?;
+                        Some(Registration {
+                            signer,
+                            trusted: false,
+                            body,
+                        })
+                    });
+                    out.extend(decoded);
+                }
+                Err(_) => {
+                    self.counters.forged.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key, "directory registration does not verify; ignored");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The GMA Producers of `vm`'s monitoring: found by VM id; they name an opaque producer
+    /// and a subject, never a host.
+    pub async fn producers_of(
+        &self,
+        vm: &VmId,
+    ) -> Result<Vec<Registration<ProducerRegistration>>, DirectoryError> {
+        self.registrations(&format!("producer.{vm}.")).await
+    }
+
+    /// The GMA Consumers of `vm`'s monitoring.
+    pub async fn consumers_of(
+        &self,
+        vm: &VmId,
+    ) -> Result<Vec<Registration<ConsumerRegistration>>, DirectoryError> {
+        self.registrations(&format!("consumer.{vm}.")).await
     }
 
     /// A copy of the current view.
