@@ -163,6 +163,9 @@ macro_rules! random_id {
     };
 }
 
+// Shared with the other 128-bit random names (transfer tokens, notice ids).
+pub(crate) use random_id;
+
 random_id!(
     /// One migration (or placement), the key of every journal record about it.
     MigrationId

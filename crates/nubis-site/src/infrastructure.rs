@@ -105,6 +105,37 @@ impl NatsLocalSite {
         HostClient::new(self.transport.clone(), self.site.clone(), host.clone())
     }
 
+    /// Mints a serving token for `files` at the site's proxy.
+    async fn mint_serve(
+        &self,
+        migration: MigrationId,
+        vm: &VmId,
+        host: HostId,
+        files: Vec<LocalFile>,
+    ) -> Result<PreparedSource, ErrorReply> {
+        let minted = self
+            .proxy
+            .mint(
+                &self.proxy_uri,
+                &MintToken {
+                    migration_id: migration,
+                    vm: vm.clone(),
+                    host,
+                    ttl_ms: None,
+                    purpose: TokenPurpose::Serve { files },
+                },
+            )
+            .await
+            .map_err(proxy_error)?;
+        Ok(PreparedSource {
+            endpoint: Endpoint {
+                proxy: minted.proxy,
+                token: minted.token,
+            },
+            total_bytes: minted.total_bytes,
+        })
+    }
+
     async fn release_token(
         &self,
         migration: MigrationId,
@@ -231,27 +262,7 @@ impl LocalSite for NatsLocalSite {
                 path: f.path,
             })
             .collect();
-        let minted = self
-            .proxy
-            .mint(
-                &self.proxy_uri,
-                &MintToken {
-                    migration_id: migration,
-                    vm: vm.clone(),
-                    host: host.clone(),
-                    ttl_ms: None,
-                    purpose: TokenPurpose::Serve { files },
-                },
-            )
-            .await
-            .map_err(proxy_error)?;
-        Ok(PreparedSource {
-            endpoint: Endpoint {
-                proxy: minted.proxy,
-                token: minted.token,
-            },
-            total_bytes: minted.total_bytes,
-        })
+        self.mint_serve(migration, vm, host.clone(), files).await
     }
 
     async fn image_source(
@@ -295,27 +306,8 @@ impl LocalSite for NatsLocalSite {
         }
         let store_host = HostId::new("image-store")
             .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
-        let minted = self
-            .proxy
-            .mint(
-                &self.proxy_uri,
-                &MintToken {
-                    migration_id: migration,
-                    vm: descriptor.id.clone(),
-                    host: store_host,
-                    ttl_ms: None,
-                    purpose: TokenPurpose::Serve { files },
-                },
-            )
+        self.mint_serve(migration, &descriptor.id, store_host, files)
             .await
-            .map_err(proxy_error)?;
-        Ok(PreparedSource {
-            endpoint: Endpoint {
-                proxy: minted.proxy,
-                token: minted.token,
-            },
-            total_bytes: minted.total_bytes,
-        })
     }
 
     async fn initiate(

@@ -76,51 +76,9 @@ token_name!(
     HostId
 );
 
-/// 128 random bits written as 32 lower-case hex digits on the wire.
-macro_rules! random_hex {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(pub [u8; 16]);
-
-        impl $name {
-            /// A fresh value from the operating system's generator.
-            pub fn random() -> Self {
-                let mut b = [0u8; 16];
-                rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
-                Self(b)
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&hex::encode(self.0))
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = hex::FromHexError;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                let mut b = [0u8; 16];
-                hex::decode_to_slice(s, &mut b)?;
-                Ok(Self(b))
-            }
-        }
-
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&hex::encode(self.0))
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
-            }
-        }
-    };
-}
+/// 128 random bits written as 32 lower-case hex digits on the wire, like the ids in
+/// [`crate::ids`].
+use crate::ids::random_id as random_hex;
 
 random_hex!(
     /// The paper's Transfer token: a mapping, known only to the Transfer proxy that minted it,
