@@ -37,7 +37,10 @@ fn chain(intermediaries: usize) -> Vec<SiteSpec> {
             SiteSpec {
                 id: NAMES[i],
                 partners,
-                hosts: vec![(if i == last { "room" } else { "full" }, if i == last { 1 << 20 } else { 128 })],
+                hosts: vec![(
+                    if i == last { "room" } else { "full" },
+                    if i == last { 1 << 20 } else { 128 },
+                )],
                 policy: "",
             }
         })
@@ -51,12 +54,20 @@ struct Tally {
     bytes: u64,
 }
 
-async fn run(binary: &nubis_testkit::NatsServerBinary, intermediaries: usize, placements: usize) -> (f64, f64, Vec<f64>) {
+async fn run(
+    binary: &nubis_testkit::NatsServerBinary,
+    intermediaries: usize,
+    placements: usize,
+) -> (f64, f64, Vec<f64>) {
     let stack = Stack::start(binary, chain(intermediaries)).await;
     std::fs::write(stack.image_store("s0").join("tiny.qcow2"), vec![1u8; 1024]).unwrap();
     // Everything that crosses a site boundary passes the hub: count the federation requests,
     // the Transfer proxies' cross-site calls, and the replies to exactly those.
-    let observer = stack.fed.connect_as("hub", nubis_testkit::Role::Operator).await.unwrap();
+    let observer = stack
+        .fed
+        .connect_as("hub", nubis_testkit::Role::Operator)
+        .await
+        .unwrap();
     let mut sub = observer.subscribe("nubis.>").await.unwrap();
     observer.flush().await.unwrap();
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -65,7 +76,8 @@ async fn run(binary: &nubis_testkit::NatsServerBinary, intermediaries: usize, pl
         while let Some(m) = sub.next().await {
             let s = m.subject.as_str();
             let control_request = s.starts_with("nubis.fed.")
-                || (s.starts_with("nubis.proxy.") && (s.ends_with(".fetch") || s.ends_with(".status")));
+                || (s.starts_with("nubis.proxy.")
+                    && (s.ends_with(".fetch") || s.ends_with(".status")));
             let mut t = t2.lock().unwrap();
             if control_request {
                 t.messages += 1;
@@ -97,7 +109,9 @@ async fn run(binary: &nubis_testkit::NatsServerBinary, intermediaries: usize, pl
         let r = ops(&op, "s0", "deploy", body).await.unwrap();
         let id = r["migration"].as_str().unwrap().to_string();
         let v = loop {
-            let v = ops(&op, "s0", "vms", json!({"migration": id})).await.unwrap();
+            let v = ops(&op, "s0", "vms", json!({"migration": id}))
+                .await
+                .unwrap();
             match v["phase"].as_str() {
                 Some("committed") => break v,
                 Some("aborted") => panic!("placement aborted: {v}"),
@@ -118,9 +132,15 @@ async fn run(binary: &nubis_testkit::NatsServerBinary, intermediaries: usize, pl
 
 #[tokio::main]
 async fn main() {
-    let Some(binary) = nubis_testkit::require_nats_server() else { return };
+    let Some(binary) = nubis_testkit::require_nats_server() else {
+        return;
+    };
     let bench = std::env::args().any(|a| a == "--bench");
-    let (chains, placements): (Vec<usize>, usize) = if bench { (vec![0, 1, 2, 3], 21) } else { (vec![1], 1) };
+    let (chains, placements): (Vec<usize>, usize) = if bench {
+        (vec![0, 1, 2, 3], 21)
+    } else {
+        (vec![1], 1)
+    };
     println!("| Intermediaries | control messages | control bytes | p50 | p90 | max |");
     println!("|---|---|---|---|---|---|");
     for k in chains {

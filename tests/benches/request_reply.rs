@@ -104,7 +104,9 @@ async fn main() {
         });
     }
     // Raw responder at b: echo fixed reply bytes, no signature.
-    let raw_subject = "bench.raw.b";
+    // Same subject space as the signed requests (the hub carries only `nubis.fed.<site>.>` to
+    // a site), without the envelope.
+    let raw_subject = "nubis.fed.b.raw-bench";
     let raw_reply = codec::to_vec(&reply).expect("encode");
     let mut raw_sub = client_b.subscribe(raw_subject).await.expect("subscribe");
     {
