@@ -22,6 +22,7 @@ use stack::{ops, SiteSpec, Stack};
 
 const NAMES: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
 
+/// (Each host offers 8 vCPUs, so a chain takes 8 one-vCPU placements.)
 /// Sites s0 (Controller, primary, no room) → s1 → … → s(k+1) (room); each delegates only onward.
 fn chain(intermediaries: usize) -> Vec<SiteSpec> {
     let last = intermediaries + 1;
@@ -137,7 +138,7 @@ async fn main() {
     };
     let bench = std::env::args().any(|a| a == "--bench");
     let (chains, placements): (Vec<usize>, usize) = if bench {
-        (vec![0, 1, 2, 3], 21)
+        (vec![0, 1, 2, 3], 8)
     } else {
         (vec![1], 1)
     };

@@ -539,7 +539,8 @@ impl<L: LocalSite> Roles<L> {
             max_bytes_per_sec: None,
         };
         let mut failures = 0;
-        let mut pause = Duration::from_millis(50);
+        // Short at first: a small transfer is over after a round trip or two.
+        let mut pause = Duration::from_millis(5);
         let mut last_progress = (0u64, std::time::Instant::now());
         loop {
             let d_stat = self.initiate_via(&ranked.via, &initiate).await;
