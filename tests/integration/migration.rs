@@ -470,3 +470,107 @@ async fn refused_and_unreachable_migrations_leave_the_vm_in_place() {
     assert_eq!(view["phase"], "placed", "{view}");
     stack.shutdown().await;
 }
+
+/// Every federation handler refuses forged, stale, replayed, misdirected and malformed requests
+/// with a signed error reply carrying the envelope layer's code, before any role acts.
+#[tokio::test]
+async fn every_handler_refuses_what_the_envelope_layer_refuses() {
+    use nubis_protocol::envelope::{self, now_ms, Addressing, SignedEnvelope};
+    use nubis_protocol::identity::SiteIdentity;
+    use nubis_protocol::message::{ErrorReply, TransferToken, TransferVerification};
+    use nubis_protocol::subject::{FederationOp, Subject};
+    use nubis_protocol::{codec, MigrationId, SiteId, VmId};
+
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let stack = Stack::start(
+        &binary,
+        vec![
+            SiteSpec {
+                id: "a",
+                partners: vec![("b", 0)],
+                hosts: vec![],
+                policy: "",
+            },
+            SiteSpec {
+                id: "b",
+                partners: vec![("a", 0)],
+                hosts: vec![],
+                policy: "",
+            },
+        ],
+    )
+    .await;
+    let a = stack.identities["a"].clone();
+    let b = SiteId::new("b").unwrap();
+    let client = stack.fed.connect("a").await.unwrap();
+    let body = TransferVerification {
+        migration_id: MigrationId::random(),
+        vm: VmId::new("x").unwrap(),
+        source: nubis_protocol::message::Endpoint {
+            proxy: "nats://b/proxy/p1".parse().unwrap(),
+            token: TransferToken::random(),
+        },
+    };
+    let code_of = |payload: &[u8]| -> String {
+        let env = SignedEnvelope::decode(payload).unwrap();
+        assert_eq!(env.from, "b", "the refusal is signed by the refusing site");
+        assert_eq!(env.body_type, "ErrorReply");
+        codec::from_slice::<ErrorReply>(&env.body)
+            .unwrap()
+            .code
+            .as_str()
+            .to_string()
+    };
+    let send = |subject: String, bytes: Vec<u8>| {
+        let client = client.clone();
+        async move {
+            client
+                .request(subject, bytes.into())
+                .await
+                .unwrap()
+                .payload
+                .to_vec()
+        }
+    };
+    let impostor = SiteIdentity::generate(SiteId::new("a").unwrap());
+    for op in FederationOp::ALL {
+        let subject = Subject::federation(&b, op).as_str().to_string();
+        let sign = |who: &SiteIdentity, subj: &str, ts: u64| {
+            envelope::sign(who, Addressing::request(&b, subj), &body, ts)
+                .unwrap()
+                .encode()
+                .unwrap()
+        };
+        let forged = send(subject.clone(), sign(&impostor, &subject, now_ms())).await;
+        assert_eq!(code_of(&forged), "bad_signature", "{subject}");
+        let stale = send(subject.clone(), sign(&a, &subject, now_ms() - 600_000)).await;
+        assert_eq!(code_of(&stale), "stale", "{subject}");
+        let elsewhere = "nubis.fed.b.somewhere.else";
+        let misdirected = send(subject.clone(), sign(&a, elsewhere, now_ms())).await;
+        assert_eq!(code_of(&misdirected), "wrong_subject", "{subject}");
+        let garbage = send(subject.clone(), b"\xc1not msgpack".to_vec()).await;
+        assert_eq!(code_of(&garbage), "malformed", "{subject}");
+        // A valid request reaches the role (which answers in its own terms) once, not twice.
+        let valid = sign(&a, &subject, now_ms());
+        let first = send(subject.clone(), valid.clone()).await;
+        assert_ne!(code_of_or_ok(&first), "replayed", "{subject}");
+        let again = send(subject.clone(), valid).await;
+        assert_eq!(code_of(&again), "replayed", "{subject}");
+    }
+    stack.shutdown().await;
+
+    fn code_of_or_ok(payload: &[u8]) -> String {
+        let env = SignedEnvelope::decode(payload).unwrap();
+        if env.body_type == "ErrorReply" {
+            codec::from_slice::<ErrorReply>(&env.body)
+                .unwrap()
+                .code
+                .as_str()
+                .to_string()
+        } else {
+            "ok".into()
+        }
+    }
+}
