@@ -43,6 +43,7 @@ fn chain(intermediaries: usize) -> Vec<SiteSpec> {
                     if i == last { 1 << 20 } else { 128 },
                 )],
                 policy: "",
+                top: "",
             }
         })
         .collect()

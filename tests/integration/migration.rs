@@ -59,18 +59,21 @@ async fn scenario_1_placement_is_delegated_a_b_c() {
                 partners: vec![("b", 10)],
                 hosts: vec![],
                 policy: "",
+                top: "",
             },
             SiteSpec {
                 id: "b",
                 partners: vec![("a", 0), ("c", 10)],
                 hosts: vec![("rack9-full", 128)],
                 policy: "",
+                top: "",
             },
             SiteSpec {
                 id: "c",
                 partners: vec![("b", 0)],
                 hosts: vec![("rack7-node3", 4096)],
                 policy: "",
+                top: "",
             },
         ],
     )
@@ -210,24 +213,28 @@ async fn scenario_2_eviction_replaces_the_vm_elsewhere() {
                 partners: vec![("b", 10)],
                 hosts: vec![],
                 policy: "",
+                top: "",
             },
             SiteSpec {
                 id: "b",
                 partners: vec![("a", 0), ("c", 10), ("d", 5)],
                 hosts: vec![],
                 policy: "",
+                top: "",
             },
             SiteSpec {
                 id: "c",
                 partners: vec![("b", 0)],
                 hosts: vec![("c1", 4096)],
                 policy: "",
+                top: "",
             },
             SiteSpec {
                 id: "d",
                 partners: vec![("b", 0)],
                 hosts: vec![("d1", 4096)],
                 policy: "",
+                top: "",
             },
         ],
     )
@@ -313,6 +320,7 @@ async fn scenario_3_local_migration_between_hosts() {
             partners: vec![],
             hosts: vec![("n1", 4096), ("n2", 4096)],
             policy: "",
+            top: "",
         }],
     )
     .await;
@@ -389,18 +397,21 @@ async fn refused_and_unreachable_migrations_leave_the_vm_in_place() {
                 partners: vec![("b", 10), ("c", 5)],
                 hosts: vec![],
                 policy: "",
+                top: "",
             },
             SiteSpec {
                 id: "b",
                 partners: vec![("a", 0)],
                 hosts: vec![("b1", 4096)],
                 policy: "",
+                top: "",
             },
             SiteSpec {
                 id: "c",
                 partners: vec![("a", 0)],
                 hosts: vec![("c1", 128)],
                 policy: "",
+                top: "",
             },
         ],
     )
@@ -492,12 +503,14 @@ async fn every_handler_refuses_what_the_envelope_layer_refuses() {
                 partners: vec![("b", 0)],
                 hosts: vec![],
                 policy: "",
+                top: "",
             },
             SiteSpec {
                 id: "b",
                 partners: vec![("a", 0)],
                 hosts: vec![],
                 policy: "",
+                top: "",
             },
         ],
     )
@@ -573,4 +586,54 @@ async fn every_handler_refuses_what_the_envelope_layer_refuses() {
             "ok".into()
         }
     }
+}
+
+/// Beyond the site's limit of concurrent migrations, placements wait in a queue whose position
+/// the status shows, and every one of them completes.
+#[tokio::test]
+async fn migrations_beyond_the_limit_queue_and_complete() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let stack = Stack::start(
+        &binary,
+        vec![SiteSpec {
+            id: "a",
+            partners: vec![],
+            hosts: vec![("n1", 8192)],
+            policy: "",
+            top: "max_concurrent_migrations = 1",
+        }],
+    )
+    .await;
+    // Large enough that the first placement is still moving when the others are asked for.
+    std::fs::write(
+        stack.image_store("a").join("big.qcow2"),
+        vec![6u8; 24 << 20],
+    )
+    .unwrap();
+    let op_a = stack.operator("a").await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = ops(
+            &op_a,
+            "a",
+            "deploy",
+            deploy_body(&format!("q-{i}"), Some("big.qcow2")),
+        )
+        .await
+        .unwrap();
+        ids.push(r["migration"].as_str().unwrap().to_string());
+    }
+    let last = ops(&op_a, "a", "vms", json!({"migration": ids[2]}))
+        .await
+        .unwrap();
+    assert_eq!(last["phase"], "queued", "{last}");
+    assert!(last["queue_position"].as_u64().unwrap() >= 1, "{last}");
+    for id in &ids {
+        let m = wait_migration(&op_a, "a", id).await;
+        assert_eq!(m["phase"], "committed", "{m}");
+        assert_eq!(m["queue_position"], 0, "{m}");
+    }
+    stack.shutdown().await;
 }

@@ -23,6 +23,8 @@ pub struct SiteSpec {
     pub hosts: Vec<(&'static str, u64)>,
     /// Extra TOML for the `[policy]` table.
     pub policy: &'static str,
+    /// Extra top-level TOML keys of the site configuration.
+    pub top: &'static str,
 }
 
 /// One running daemon.
@@ -175,8 +177,9 @@ impl Stack {
             .collect();
         let site_toml = format!(
             "site = \"{site}\"\nkey_file = \"{site}.key\"\nnats_url = \"{url}\"\nnats_user = \"{user}\"\nnats_password = \"{password}\"\n\
-             data_dir = \"{site}-data\"\nproxy = \"p1\"\nimage_store = \"{site}-images\"\n\n\
+             data_dir = \"{site}-data\"\nproxy = \"p1\"\nimage_store = \"{site}-images\"\n{}\n\n\
              [directory]\nheartbeat_ms = 300\nliveness_timeout_ms = 2000\n\n[policy]\n{}\n\n{hosts}\n{}",
+            spec.top,
             spec.policy,
             self.partner_blocks(&spec, true)
         );

@@ -74,7 +74,7 @@ impl<L: LocalSite> Roles<L> {
                 id,
                 vm: vm.clone(),
                 reason: format!("{trigger:?}"),
-                phase: MigrationPhase::Requesting,
+                phase: MigrationPhase::Queued,
                 offers: Vec::new(),
                 source: None,
                 source_via: None,
@@ -271,7 +271,16 @@ impl<L: LocalSite> Roles<L> {
     }
 
     async fn run_migration(&self, id: MigrationId, trigger: Trigger) -> Result<(), ErrorReply> {
-        let result = self.run_steps(id, &trigger).await;
+        // Beyond the site's limit, a migration waits in the queue (its position is in status).
+        let permit = self.slots.clone().acquire_owned().await.map_err(internal)?;
+        let result = match self.check_cancelled(id) {
+            Ok(()) => {
+                self.update_migration(id, |m| m.phase = MigrationPhase::Requesting)?;
+                self.run_steps(id, &trigger).await
+            }
+            Err(e) => Err(e),
+        };
+        drop(permit);
         if let Err(e) = &result {
             let reason = format!("{} ({})", e.message, e.code.as_str());
             self.update_migration(id, |m| m.phase = MigrationPhase::Aborted { reason })?;

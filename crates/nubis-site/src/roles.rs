@@ -43,6 +43,8 @@ pub struct Roles<L> {
     pub local: L,
     /// Migrations an operator asked to cancel.
     pub cancelled: std::sync::Mutex<std::collections::HashSet<nubis_protocol::MigrationId>>,
+    /// Slots for migrations this site runs as Controller at the same time; the rest queue.
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 pub(crate) fn internal(e: impl std::fmt::Display) -> ErrorReply {
@@ -56,7 +58,11 @@ fn malformed(e: impl std::fmt::Display) -> ErrorReply {
 impl<L: LocalSite> Roles<L> {
     /// Roles over `journal`, `fed` and `local` with `config`'s policies.
     pub fn new(config: Arc<SiteConfig>, journal: Journal, fed: FederationClient, local: L) -> Self {
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            config.max_concurrent_migrations,
+        ));
         Self {
+            slots,
             config,
             journal,
             fed,

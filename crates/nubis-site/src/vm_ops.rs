@@ -133,6 +133,20 @@ fn phase_name(p: &MigrationPhase) -> (String, Option<String>) {
     }
 }
 
+/// 1-based position of a queued migration among the queued ones (oldest first); 0 when running
+/// or over.
+fn queue_position(
+    all: &[crate::journal::MigrationRecord],
+    m: &crate::journal::MigrationRecord,
+) -> usize {
+    if m.phase != MigrationPhase::Queued {
+        return 0;
+    }
+    all.iter()
+        .filter(|o| o.phase == MigrationPhase::Queued && o.started_ms <= m.started_ms)
+        .count()
+}
+
 impl<L: LocalSite> Roles<L> {
     /// Primary placement: records the VM as this site's own and places it with the Main
     /// migration algorithm, its source being this site's image store.
@@ -326,7 +340,7 @@ impl<L: LocalSite> Roles<L> {
                 migrations: migrations
                     .iter()
                     .filter(|m| m.vm == r.vm)
-                    .map(|m| self.migration_view(m, 0))
+                    .map(|m| self.migration_view(m, queue_position(&migrations, m)))
                     .collect(),
             });
         }
@@ -343,8 +357,10 @@ impl<L: LocalSite> Roles<L> {
 
     /// One migration.
     pub fn migration_view_of(&self, id: &MigrationId) -> Result<MigrationView, ErrorReply> {
-        self.migration_status(id)?
-            .map(|m| self.migration_view(&m, 0))
+        let all = self.journal.migrations().map_err(internal)?;
+        all.iter()
+            .find(|m| m.id == *id)
+            .map(|m| self.migration_view(m, queue_position(&all, m)))
             .ok_or_else(|| {
                 ErrorReply::new(
                     ErrorCode::UnknownVm,

@@ -224,24 +224,28 @@ async fn main() -> ExitCode {
                 partners: vec![("b", 10)],
                 hosts: vec![("a-host", 128)],
                 policy: "",
+                top: "",
             },
             SiteSpec {
                 id: "b",
                 partners: vec![("a", 0), ("c", 10), ("d", 5)],
                 hosts: vec![("b-host", 128)],
                 policy: "",
+                top: "",
             },
             SiteSpec {
                 id: "c",
                 partners: vec![("b", 0)],
                 hosts: vec![("c-host", 4096)],
                 policy: "",
+                top: "",
             },
             SiteSpec {
                 id: "d",
                 partners: vec![("b", 0)],
                 hosts: vec![("d-host", 4096)],
                 policy: "",
+                top: "",
             },
         ],
     )
