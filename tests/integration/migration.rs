@@ -150,6 +150,25 @@ async fn scenario_1_placement_is_delegated_a_b_c() {
     .unwrap();
     assert_eq!(p["state"], "enabled", "{p}");
 
+    // A monitoring specifier changed at the primary reaches the host; every site on the chain
+    // keeps the new descriptor version.
+    let spec = json!([{"data_point": "cpu.utilisation", "monitoring_interval_ms": 500,
+        "delivery_interval_ms": 5000, "format": {"kind": "processed", "aggregate": "max"}}]);
+    let change = json!({"vm": "web-1", "change": {"kind": "set_monitoring", "monitoring": spec}});
+    let c1 = ops(&op_a, "a", "control", change).await.unwrap();
+    assert_eq!(c1["descriptor_version"], 2, "{c1}");
+    for (op, site) in [(&op_a, "a"), (&op_b, "b"), (&op_c, "c")] {
+        let v = vm_view(op, site, "web-1").await.unwrap();
+        assert_eq!(v["descriptor_version"], 2, "at {site}: {v}");
+    }
+    // Shut down and start again through the chain, in DMTF terms.
+    let state = |t: &str| json!({"vm": "web-1", "change": {"kind": "set_state", "transition": t}});
+    let off = ops(&op_a, "a", "control", state("shutdown")).await.unwrap();
+    assert_eq!(off["state"], "disabled", "{off}");
+    assert_eq!(off["cim_enabled_state"], 3);
+    let on = ops(&op_a, "a", "control", state("start")).await.unwrap();
+    assert_eq!(on["state"], "enabled", "{on}");
+
     // An unknown VM is a clear refusal.
     let e = ops(
         &op_a,
