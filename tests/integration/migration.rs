@@ -656,3 +656,103 @@ async fn migrations_beyond_the_limit_queue_and_complete() {
     }
     stack.shutdown().await;
 }
+
+/// The Controller is killed with SIGKILL in the middle of a transfer and started again: it
+/// resumes the migration from its journal, and afterwards the VM is active exactly once, at the
+/// destination, with its disk intact; the source released it.
+#[tokio::test]
+async fn a_controller_killed_mid_transfer_resumes_from_its_journal() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let mut stack = Stack::start(
+        &binary,
+        vec![
+            SiteSpec {
+                id: "a",
+                partners: vec![("b", 10), ("c", 5)],
+                hosts: vec![],
+                policy: "",
+                top: "",
+            },
+            SiteSpec {
+                id: "b",
+                partners: vec![("a", 0)],
+                hosts: vec![("b1", 4096)],
+                policy: "",
+                top: "",
+            },
+            SiteSpec {
+                id: "c",
+                partners: vec![("a", 0)],
+                hosts: vec![("c1", 4096)],
+                policy: "",
+                top: "",
+            },
+        ],
+    )
+    .await;
+    let image: Vec<u8> = (0..96u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(stack.image_store("a").join("big.qcow2"), &image).unwrap();
+    let op_a = stack.operator("a").await;
+    let r = ops(&op_a, "a", "deploy", deploy_body("db-9", Some("big.qcow2")))
+        .await
+        .unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    assert_eq!(next_hop(&op_a, "a", "db-9").await.unwrap(), "site:b");
+
+    let mut site_a = stack.site_daemon_as_process("a").await;
+    stack.wait_ready("a").await;
+    let r = ops(&op_a, "a", "migrate", json!({"vm": "db-9", "to_site": "c"}))
+        .await
+        .unwrap();
+    let id = r["migration"].as_str().unwrap().to_string();
+    wait_until(LONG, "the transfer under way", || async {
+        let v = ops(&op_a, "a", "vms", json!({"migration": id})).await?;
+        if v["phase"] == "transferring" {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    })
+    .await
+    .unwrap();
+    site_a.kill().unwrap(); // SIGKILL
+    site_a.wait().unwrap();
+
+    let mut site_a = stack.spawn_site_process("a");
+    let m = wait_migration(&op_a, "a", &id).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    let log = std::fs::read_to_string(stack.root().join("a-site.log")).unwrap();
+    assert!(log.contains("resuming migration from the journal"), "{log}");
+
+    // Active exactly once: at c, running, disk intact; b forgot it and freed its files.
+    assert_eq!(next_hop(&op_a, "a", "db-9").await.unwrap(), "site:c");
+    let q = ops(
+        &op_a,
+        "a",
+        "control",
+        json!({"vm": "db-9", "change": {"kind": "query"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(q["state"], "enabled", "{q}");
+    let op_b = stack.operator("b").await;
+    wait_until(LONG, "b released the VM", || async {
+        let v = ops(&op_b, "b", "vms", json!({})).await?;
+        if v["vms"].as_array().is_some_and(|a| a.is_empty()) {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!stack.vm_root("b", "b1").join("db-9").exists());
+    let disk = std::fs::read(stack.vm_root("c", "c1").join("db-9").join("disk-vda.qcow2")).unwrap();
+    assert!(disk == image, "the disk changed on the way");
+    site_a.kill().unwrap();
+    site_a.wait().unwrap();
+    stack.shutdown().await;
+}

@@ -248,6 +248,34 @@ impl Stack {
         }
     }
 
+    /// Replaces the in-process site daemon of `site` by a process of its own (same
+    /// configuration file), which a test may kill with SIGKILL and start again.
+    pub async fn site_daemon_as_process(&mut self, site: &str) -> std::process::Child {
+        let name = format!("{site}/site");
+        if let Some(i) = self.daemons.iter().position(|d| d.name == name) {
+            let d = self.daemons.remove(i);
+            d.token.cancel();
+            let _ = d.handle.await;
+        }
+        self.spawn_site_process(site)
+    }
+
+    /// Starts the site daemon of `site` as a process (see [`Stack::site_daemon_as_process`]).
+    pub fn spawn_site_process(&self, site: &str) -> std::process::Child {
+        let log = std::fs::File::create(self.path(&format!("{site}-site.log"))).unwrap();
+        // Defined for the integration tests; this file is also compiled into the demo and the
+        // benchmarks, which do not run site daemons as processes.
+        let binary =
+            option_env!("CARGO_BIN_EXE_nubis-test-site").expect("built for integration tests only");
+        std::process::Command::new(binary)
+            .arg("--config")
+            .arg(self.path(&format!("{site}.toml")))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
     /// A client of `site` allowed to call its operator API.
     pub async fn operator(&self, site: &str) -> async_nats::Client {
         self.fed.connect_as(site, Role::Operator).await.unwrap()
