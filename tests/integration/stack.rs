@@ -265,8 +265,9 @@ impl Stack {
         let log = std::fs::File::create(self.path(&format!("{site}-site.log"))).unwrap();
         // Defined for the integration tests; this file is also compiled into the demo and the
         // benchmarks, which do not run site daemons as processes.
-        let binary =
-            option_env!("CARGO_BIN_EXE_nubis-test-site").expect("built for integration tests only");
+        let Some(binary) = option_env!("CARGO_BIN_EXE_nubis-test-site") else {
+            panic!("site daemons run as processes in the integration tests only");
+        };
         std::process::Command::new(binary)
             .arg("--config")
             .arg(self.path(&format!("{site}.toml")))
