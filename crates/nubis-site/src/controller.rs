@@ -240,11 +240,27 @@ impl<L: LocalSite> Roles<L> {
                 ))
             }
             _ => {
-                // Before the source was prepared (or its answer was lost): nothing moved. Release
-                // the offers; a source prepared without a journaled answer is resumed by its own
-                // site when its token expires.
+                // Before the transfer started: nothing moved. Release the offers. If the crash
+                // came while the source was being prepared, the source may have stopped the VM
+                // without this site journaling its answer: prepare again (idempotent at the
+                // host) to learn its token, and abort it, which runs the VM again.
                 for other in &m.offers {
                     let _ = self.abort_destination(m.id, &record.vm, other).await;
+                }
+                if m.phase == MigrationPhase::Preparing && record.downstream.is_some() {
+                    match self.prepare_source(m.id, &record).await {
+                        Ok((source, via, _)) => {
+                            if let Err(e) = self
+                                .abort_source(m.id, &record.vm, &source, via.as_ref())
+                                .await
+                            {
+                                tracing::warn!(error = %e.message, "cannot resume the source after an interrupted prepare");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e.message, "cannot reach the source after an interrupted prepare")
+                        }
+                    }
                 }
                 Err(ErrorReply::new(
                     ErrorCode::Internal,
