@@ -28,7 +28,7 @@ pub enum IdError {
     BadStart,
 }
 
-fn validate(s: &str) -> Result<(), IdError> {
+pub(crate) fn validate(s: &str) -> Result<(), IdError> {
     if s.is_empty() {
         return Err(IdError::Empty);
     }
@@ -57,7 +57,7 @@ macro_rules! subject_safe_id {
             /// Validates and wraps `s`.
             pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
                 let s = s.into();
-                validate(&s)?;
+                $crate::ids::validate(&s)?;
                 Ok(Self(s))
             }
 
@@ -107,6 +107,9 @@ macro_rules! subject_safe_id {
         }
     };
 }
+
+// Shared with the other subject-token names (proxy, producer and host ids).
+pub(crate) use subject_safe_id;
 
 subject_safe_id!(
     /// A site of the federation; also its JetStream domain and its subject token.

@@ -11,56 +11,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::ids::{IdError, SiteId};
 
-/// A string with the alphabet of site ids (`[a-z0-9_-]`, starting with a letter or digit, at
-/// most [`crate::ids::MAX_ID_LEN`] bytes), so that it can be a subject token or a key token.
-macro_rules! token_name {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
-
-        impl $name {
-            /// Validates and wraps `s` (same alphabet and length as a site id).
-            pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
-                let s = s.into();
-                // The site id rules are the subject-token rules; reuse them rather than copy them.
-                SiteId::new(s.as_str())?;
-                Ok(Self(s))
-            }
-
-            /// The name as a string slice.
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = IdError;
-            fn from_str(s: &str) -> Result<Self, IdError> {
-                Self::new(s)
-            }
-        }
-
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.0)
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                Self::new(s).map_err(serde::de::Error::custom)
-            }
-        }
-    };
-}
+/// Names with the alphabet and length of site ids (`[a-z0-9_-]`, starting with a letter or
+/// digit), so that they can be subject and key tokens.
+use crate::ids::subject_safe_id as token_name;
 
 token_name!(
     /// One Transfer proxy of a site, unique within that site.
