@@ -805,7 +805,15 @@ impl TransferProxy {
                 .await?;
             current = self.store_update(&current.token, |r| r.digests.push(digest.clone()))?;
         }
-        self.store_update(&current.token, |r| {
+        self.mark_all_published(&current.token, total)?;
+        info!(bytes = total, "all files published");
+        Ok(())
+    }
+
+    /// Records that every file of a serving (or relaying) token is in the bucket; the status
+    /// turns `Succeeded` only when the destination acknowledges the digests.
+    fn mark_all_published(&self, token: &TransferToken, total: u64) -> Result<(), TaskError> {
+        self.store_update(token, |r| {
             r.complete = true;
             r.digests = sorted(std::mem::take(&mut r.digests));
             r.status = TransferStatus::Transferring {
@@ -813,7 +821,6 @@ impl TransferProxy {
                 bytes_total: total,
             };
         })?;
-        info!(bytes = total, "all files published");
         Ok(())
     }
 
@@ -1220,14 +1227,7 @@ impl TransferProxy {
                 .await?;
             current = self.store_update(&current.token, |r| r.digests.push(digest.clone()))?;
         }
-        self.store_update(&current.token, |r| {
-            r.complete = true;
-            r.digests = sorted(std::mem::take(&mut r.digests));
-            r.status = TransferStatus::Transferring {
-                bytes_done: total,
-                bytes_total: total,
-            };
-        })?;
+        self.mark_all_published(&current.token, total)?;
         info!(bytes = total, "all files relayed");
         Ok(())
     }

@@ -262,9 +262,6 @@ impl<L: LocalSite> OpsContext<L> {
     }
 }
 
-/// The endpoints served.
-const SERVED: [OpsEndpoint; 8] = OpsEndpoint::ALL;
-
 /// Starts the operator API on `client`; its handlers run on `tracker` until `cancel`.
 pub async fn serve<L: LocalSite>(
     client: async_nats::Client,
@@ -280,7 +277,7 @@ pub async fn serve<L: LocalSite>(
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| OpsError::Register(SERVICE_NAME.into(), e))?;
-    for endpoint in SERVED {
+    for endpoint in OpsEndpoint::ALL {
         let subject = Subject::ops(&site, endpoint);
         let mut requests = service
             .endpoint_builder()
