@@ -26,6 +26,10 @@ use crate::message::{
 /// Name of the directory KV bucket, in the hub's JetStream domain.
 pub const DIRECTORY_BUCKET: &str = "nubis-directory";
 
+/// The JetStream stream (in each site's own domain) where a site keeps the monitoring batches
+/// of the VMs it is responsible for: the accounting record of the paper's billing purpose.
+pub const ACCOUNTING_STREAM: &str = "NUBIS_ACCOUNTING";
+
 /// Longest accepted operation name on a host-agent subject, in bytes.
 pub const MAX_OP_LEN: usize = 128;
 
@@ -338,6 +342,44 @@ impl Subject {
     /// `nubis.mon.<primary>.>`: all monitoring of the VMs `primary` is primary site for.
     pub fn monitoring_primary(primary: &SiteId) -> Self {
         Self(format!("nubis.mon.{primary}.>"))
+    }
+
+    /// `nubis.relay.<to>.<primary>.<vm>.infra.<dp>` (or `….kpi.…`): relay delivery of a
+    /// monitoring batch to `to`, the next site up the VM's chain, which verifies it with its
+    /// pinned partner key and passes it on under its own signature.
+    pub fn monitoring_relay(
+        to: &SiteId,
+        primary: &SiteId,
+        vm: &VmId,
+        data_point: &DataPoint,
+    ) -> Self {
+        let tail = Self::monitoring(primary, vm, data_point);
+        let tail = tail
+            .as_str()
+            .strip_prefix("nubis.mon.")
+            .unwrap_or(tail.as_str());
+        Self(format!("nubis.relay.{to}.{tail}"))
+    }
+
+    /// `nubis.relay.<site>.>`: the relay deliveries addressed to `site` (its subscription).
+    pub fn monitoring_relay_all(site: &SiteId) -> Self {
+        Self(format!("nubis.relay.{site}.>"))
+    }
+
+    /// `nubis.site.<site>.mon.intake`: host agents hand their batches to the site here.
+    pub fn monitoring_intake(site: &SiteId) -> Self {
+        Self(format!("nubis.site.{site}.mon.intake"))
+    }
+
+    /// `nubis.acct.<site>.<vm>`: the subject of `site`'s accounting stream for one VM (in the
+    /// site's own JetStream domain; never leaves the site).
+    pub fn accounting(site: &SiteId, vm: &VmId) -> Self {
+        Self(format!("nubis.acct.{site}.{vm}"))
+    }
+
+    /// `nubis.acct.<site>.>`: all of `site`'s accounting stream.
+    pub fn accounting_all(site: &SiteId) -> Self {
+        Self(format!("nubis.acct.{site}.>"))
     }
 
     /// `nubis.site.<site>.host.<host>.<op>`: a site-internal request to a host agent. `op` is

@@ -34,7 +34,8 @@ pub use migration::{
     TransferStatusReply, TransferVerification,
 };
 pub use monitoring::{
-    BatchPayload, ClearPayload, EncryptedKpi, MonitoringBatch, ProcessedValue, Sample, Value,
+    BatchPayload, BatchStored, ClearPayload, EncryptedKpi, MonitoringBatch, ProcessedValue,
+    ProducedBatch, Sample, Value,
 };
 pub use names::{HostId, NoticeId, ProducerId, ProxyId, ProxyUri, ProxyUriError, TransferToken};
 pub use proxy::{

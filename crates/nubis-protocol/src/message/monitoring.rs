@@ -41,6 +41,42 @@ impl Body for MonitoringBatch {
     const TYPE: &'static str = "MonitoringBatch";
 }
 
+/// Site-internal: a host agent hands one batch to its site daemon, which signs it and delivers
+/// it (bus or relay) and stores it in its accounting stream.
+///
+/// A request on [`crate::subject::Subject::monitoring_intake`], not signed (it never leaves the
+/// site); the reply is a [`super::HostReply`] of [`BatchStored`], sent only once the batch is in
+/// the site's accounting stream. Until then the host agent keeps the batch and sends it again
+/// with the same (`producer`, `epoch_ms`, `seq`), which the stream de-duplicates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProducedBatch {
+    /// The data point the batch carries values of (it names the monitoring subject).
+    pub data_point: DataPoint,
+    /// The batch, payload already sealed when the specifier asks for it.
+    pub batch: MonitoringBatch,
+}
+
+/// The site's acknowledgement of a [`ProducedBatch`]: stored (or found already stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchStored {
+    /// The Producer of the batch.
+    pub producer: ProducerId,
+    /// Its epoch.
+    pub epoch_ms: u64,
+    /// Its sequence number.
+    pub seq: u64,
+    /// True when the accounting stream already held it (a retry).
+    pub duplicate: bool,
+}
+
+impl MonitoringBatch {
+    /// `<producer>.<epoch_ms>.<seq>`: names the batch uniquely; the JetStream message id
+    /// (`Nats-Msg-Id`) under which every site stores it, so retries are de-duplicated.
+    pub fn message_id(&self) -> String {
+        format!("{}.{}.{}", self.producer, self.epoch_ms, self.seq)
+    }
+}
+
 /// The values of a batch. On the wire a map tagged by `kind`: `{"kind":"clear","samples":[…],
 /// "processed":[…],"encrypted_kpi":[…]}` or `{"kind":"sealed","ciphertext":<bin>}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
