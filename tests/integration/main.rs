@@ -8,6 +8,7 @@ mod host_agent;
 mod hypervisor;
 mod kpifs;
 mod migration;
+mod monitoring;
 mod permissions;
 mod proxy;
 mod python_subscriber;

@@ -135,6 +135,11 @@ impl Stack {
         self.path(&format!("{site}-{host}-vms"))
     }
 
+    /// Where a host agent mounts the KPI filesystems of its VMs (`<kpi root>/<vm>`).
+    pub fn kpi_root(&self, site: &str, host: &str) -> PathBuf {
+        self.path(&format!("{site}-{host}-kpi"))
+    }
+
     fn spec(&self, site: &str) -> SiteSpec {
         self.specs.iter().find(|s| s.id == site).unwrap().clone()
     }
@@ -219,9 +224,10 @@ impl Stack {
             );
             let host_toml = format!(
                 "site = \"{site}\"\nhost = \"{host}\"\nnats_url = \"{url}\"\nnats_user = \"{host_user}\"\nnats_password = \"{host_password}\"\n\
-                 libvirt_uri = \"test://{}\"\nvm_root = \"{}\"\n\n[capacity]\nvcpus = 8\nmemory_mib = {memory}\ndisk_bytes = 107374182400\n",
+                 libvirt_uri = \"test://{}\"\nvm_root = \"{}\"\nkpi_root = \"{}\"\nmonitor_tick_ms = 100\n\n[capacity]\nvcpus = 8\nmemory_mib = {memory}\ndisk_bytes = 107374182400\n",
                 node.display(),
-                self.vm_root(site, host).display()
+                self.vm_root(site, host).display(),
+                self.kpi_root(site, host).display()
             );
             let host_path = self.write(&format!("{site}-{host}.toml"), &host_toml);
             let host_config = nubis_host::config::HostConfig::load(&host_path).unwrap();

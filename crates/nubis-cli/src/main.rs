@@ -4,6 +4,8 @@
 //! configuration), 3 refusal by a peer, 4 internal failure, 5 site unreachable. Every error
 //! message says what to do next.
 
+mod image;
+mod monitor;
 mod ops_client;
 mod vm;
 
@@ -60,6 +62,13 @@ enum Command {
     /// Deploy, migrate, evict, control and follow VMs.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Upload and list disk images of the site's image store.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Print a VM's monitoring as it arrives (verified; sealed batches opened with --key).
+    Watch(monitor::WatchArgs),
+    /// Report a VM's resource usage (CPU-hours, GiB-hours, bytes) from the site's accounting.
+    Usage(monitor::UsageArgs),
     /// Run a Transfer proxy (`nubis proxy --config proxy.toml`).
     Proxy {
         /// The proxy's configuration file.
@@ -303,6 +312,34 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .block_on(vm::run(cmd, cli.json))
                 .map_err(ops_failure)?;
             print_value(cli.json, &v);
+            Ok(())
+        }
+        Command::Image(cmd) => {
+            let list = matches!(cmd, image::ImageCommand::List { .. });
+            let v = runtime()?
+                .block_on(image::run(cmd, cli.json))
+                .map_err(ops_failure)?;
+            if list && !cli.json {
+                image::print_list(&v);
+            } else {
+                print_value(cli.json, &v);
+            }
+            Ok(())
+        }
+        Command::Watch(args) => {
+            let v = runtime()?
+                .block_on(monitor::watch(args, cli.json))
+                .map_err(ops_failure)?;
+            if !cli.json {
+                eprintln!("{} batches shown, {} dropped", v["batches"], v["dropped"]);
+            }
+            Ok(())
+        }
+        Command::Usage(args) => {
+            let v = runtime()?
+                .block_on(monitor::usage(args))
+                .map_err(ops_failure)?;
+            print_json_or(cli.json, &v, monitor::print_usage);
             Ok(())
         }
         Command::Proxy { config } => {

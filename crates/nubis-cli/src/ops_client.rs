@@ -45,6 +45,20 @@ pub enum OpsFailure {
     Internal(String),
 }
 
+/// Connects to the NATS server named by `conn`, with its credentials.
+pub async fn connect(conn: &Connection) -> Result<async_nats::Client, OpsFailure> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name("nubis-cli")
+        .connection_timeout(Duration::from_secs(conn.timeout.max(1)));
+    if let (Some(user), Some(password)) = (&conn.user, &conn.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    options
+        .connect(&conn.nats_url)
+        .await
+        .map_err(|e| OpsFailure::Unreachable(format!("cannot connect to {}: {e}", conn.nats_url)))
+}
+
 /// Sends `request` (JSON) to `endpoint` of the site and returns the JSON answer.
 pub async fn call(
     conn: &Connection,
@@ -57,15 +71,7 @@ pub async fn call(
             conn.site
         ))
     })?;
-    let mut options = async_nats::ConnectOptions::new()
-        .name("nubis-cli")
-        .connection_timeout(Duration::from_secs(conn.timeout.max(1)));
-    if let (Some(user), Some(password)) = (&conn.user, &conn.password) {
-        options = options.user_and_password(user.clone(), password.clone());
-    }
-    let client = options.connect(&conn.nats_url).await.map_err(|e| {
-        OpsFailure::Unreachable(format!("cannot connect to {}: {e}", conn.nats_url))
-    })?;
+    let client = connect(conn).await?;
     let subject = Subject::ops(&site, endpoint);
     let payload = serde_json::to_vec(&request).map_err(|e| OpsFailure::Internal(e.to_string()))?;
     let answer = tokio::time::timeout(

@@ -8,6 +8,9 @@
 //! publishes the encoded reply. Requests and replies are not signed: the subjects stay inside the
 //! site, protected by its NATS permissions (see `subjects.md`, section 11).
 //!
+//! Alongside, the monitoring task ([`crate::monitor`]) asks the engine thread at every tick for
+//! the VMs it holds and their statistics, and hands monitoring batches to the site.
+//!
 //! Shutdown on the [`CancellationToken`]: stop taking requests, let the ones in flight finish
 //! within the grace period, drain the NATS connection. The VMs keep running; a restarted agent
 //! finds them again from its VM directories.
@@ -34,9 +37,10 @@ use tracing::Instrument as _;
 
 use crate::capacity::Resources;
 use crate::config::HostConfig;
-use crate::engine::{Engine, OpError};
+use crate::engine::{Engine, MonitorQuery, MonitoredVm, OpError};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::libvirt::{LibvirtConfig, LibvirtHypervisor};
+use crate::monitor::{self, MonitorSettings};
 use crate::vm_files::{VmFiles, VmFilesError};
 
 /// Requests waiting for the engine beyond this are refused with `busy`.
@@ -151,6 +155,11 @@ enum Command {
     Handle(Request, oneshot::Sender<Bytes>),
     /// Report the capacity.
     Capacity(oneshot::Sender<HostCapacity>),
+    /// The VMs held, for the monitoring task.
+    Monitor(
+        MonitorQuery,
+        oneshot::Sender<Result<Vec<MonitoredVm>, HypervisorError>>,
+    ),
 }
 
 fn encode_reply<T: Serialize>(reply: &HostReply<T>) -> Bytes {
@@ -231,6 +240,9 @@ fn engine_loop<H: Hypervisor>(mut engine: Engine<H>, mut commands: mpsc::Receive
             }
             Command::Capacity(reply) => {
                 let _ = reply.send(engine.capacity());
+            }
+            Command::Monitor(query, reply) => {
+                let _ = reply.send(engine.monitored(&query));
             }
         }
     }
@@ -344,6 +356,23 @@ async fn run_inner(config: HostConfig, shutdown: CancellationToken) -> Result<()
             commands.clone(),
             capacity_changed.clone(),
             config.capacity_report_interval,
+            stop_reports.clone(),
+        )
+        .in_current_span(),
+    );
+    let monitor_commands = commands.clone();
+    tracker.spawn(
+        monitor::run(
+            client.clone(),
+            MonitorSettings::from_config(&config),
+            Box::new(move |query| {
+                let (tx, rx) = oneshot::channel();
+                // A full queue skips a tick rather than delaying the site's requests.
+                monitor_commands
+                    .try_send(Command::Monitor(query, tx))
+                    .ok()
+                    .map(|()| rx)
+            }),
             stop_reports.clone(),
         )
         .in_current_span(),

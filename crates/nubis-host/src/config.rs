@@ -14,6 +14,9 @@
 //! shutdown_timeout_ms = 30000           # graceful guest shutdown before it is destroyed
 //! grace_period_ms = 30000               # requests in flight may finish when the agent stops
 //! capacity_report_interval_ms = 5000    # how often the capacity report is published
+//! monitor_tick_ms = 250                 # how often the monitoring Producer measures and sends
+//! monitor_outbox = 10000                # batches kept until the site acknowledges them
+//! kpi_root = "/var/lib/nubis/vms-kpi"   # KPI filesystems; default: `<vm_root>-kpi` beside vm_root
 //!
 //! [capacity]                            # optional overrides; default from libvirt and the
 //! vcpus = 8                             # file system of `vm_root`
@@ -32,6 +35,12 @@ use crate::domain_xml::Accelerator;
 
 /// Default directory under which each VM gets its own directory.
 pub const DEFAULT_VM_ROOT: &str = "/var/lib/nubis/vms";
+
+/// Default of `monitor_tick_ms`.
+pub const DEFAULT_MONITOR_TICK_MS: u64 = 250;
+
+/// Default of `monitor_outbox`.
+pub const DEFAULT_MONITOR_OUTBOX: usize = 10_000;
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +129,15 @@ pub struct HostConfig {
     pub capacity_report_interval: Duration,
     /// Capacity figures given by the operator.
     pub capacity: CapacityOverrides,
+    /// How often the monitoring Producer measures, polls and sends.
+    pub monitor_tick: Duration,
+    /// Most monitoring batches kept while the site has not acknowledged them.
+    pub monitor_outbox: usize,
+    /// The directory of the VMs' KPI filesystems: `<kpi_root>/<vm>` is the mount,
+    /// `<kpi_root>/<vm>.sqlite` its database. By default the sibling `<vm_root>-kpi` of the VM
+    /// root, so that two agents whose VM roots share a parent never share KPI mounts, and never
+    /// inside the VM root, where it would be taken for a VM directory.
+    pub kpi_root: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +161,20 @@ struct RawConfig {
     capacity_report_interval_ms: u64,
     #[serde(default)]
     capacity: CapacityOverrides,
+    #[serde(default = "default_monitor_tick_ms")]
+    monitor_tick_ms: u64,
+    #[serde(default = "default_monitor_outbox")]
+    monitor_outbox: usize,
+    #[serde(default)]
+    kpi_root: Option<PathBuf>,
+}
+
+fn default_monitor_tick_ms() -> u64 {
+    DEFAULT_MONITOR_TICK_MS
+}
+
+fn default_monitor_outbox() -> usize {
+    DEFAULT_MONITOR_OUTBOX
 }
 
 fn default_shutdown_timeout_ms() -> u64 {
@@ -225,18 +257,51 @@ impl HostConfig {
         let vm_root = raw
             .vm_root
             .unwrap_or_else(|| PathBuf::from(DEFAULT_VM_ROOT));
-        let vm_root = if vm_root.is_absolute() {
-            vm_root
-        } else {
-            path.parent().unwrap_or(Path::new(".")).join(vm_root)
+        let resolve = |p: PathBuf| {
+            if p.is_absolute() {
+                p
+            } else {
+                path.parent().unwrap_or(Path::new(".")).join(p)
+            }
         };
-        if vm_root
-            .to_str()
-            .is_none_or(|s| s.chars().any(char::is_control))
-        {
+        let usable = |p: &Path| p.to_str().is_some_and(|s| !s.chars().any(char::is_control));
+        let vm_root = resolve(vm_root);
+        if !usable(&vm_root) {
             return Err(invalid(
                 "vm_root",
                 "must be a UTF-8 path without control characters".into(),
+            ));
+        }
+        let kpi_root = match raw.kpi_root {
+            Some(p) => resolve(p),
+            None => {
+                let mut name = vm_root.file_name().unwrap_or_default().to_os_string();
+                name.push("-kpi");
+                vm_root.with_file_name(name)
+            }
+        };
+        if !usable(&kpi_root) {
+            return Err(invalid(
+                "kpi_root",
+                "must be a UTF-8 path without control characters".into(),
+            ));
+        }
+        if kpi_root.starts_with(&vm_root) || vm_root.starts_with(&kpi_root) {
+            return Err(invalid(
+                "kpi_root",
+                "must be outside vm_root (and not contain it)".into(),
+            ));
+        }
+        if raw.monitor_tick_ms == 0 || raw.monitor_tick_ms > 60_000 {
+            return Err(invalid(
+                "monitor_tick_ms",
+                "must be between 1 and 60000".into(),
+            ));
+        }
+        if raw.monitor_outbox == 0 {
+            return Err(invalid(
+                "monitor_outbox",
+                "must be greater than zero".into(),
             ));
         }
         if raw.capacity_report_interval_ms == 0 {
@@ -269,6 +334,9 @@ impl HostConfig {
             grace_period: Duration::from_millis(raw.grace_period_ms),
             capacity_report_interval: Duration::from_millis(raw.capacity_report_interval_ms),
             capacity: raw.capacity,
+            monitor_tick: Duration::from_millis(raw.monitor_tick_ms),
+            monitor_outbox: raw.monitor_outbox,
+            kpi_root,
         })
     }
 }
@@ -350,6 +418,60 @@ vm_root = "vms"
             invalid_key(&format!("{GOOD}[capacity]\nvcpus = 0\n")),
             "capacity.vcpus"
         );
+    }
+
+    #[test]
+    fn monitoring_keys_have_defaults_and_are_read() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            c.monitor_tick,
+            Duration::from_millis(DEFAULT_MONITOR_TICK_MS)
+        );
+        assert_eq!(c.monitor_outbox, DEFAULT_MONITOR_OUTBOX);
+        assert_eq!(c.kpi_root, PathBuf::from("/etc/nubis/vms-kpi"));
+        let c = parse(&GOOD.replace("vm_root = \"vms\"\n", "")).unwrap();
+        assert_eq!(c.kpi_root, PathBuf::from("/var/lib/nubis/vms-kpi"));
+        let c = parse(&format!(
+            "{GOOD}monitor_tick_ms = 100\nmonitor_outbox = 5\nkpi_root = \"/srv/kpi\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.monitor_tick, Duration::from_millis(100));
+        assert_eq!(c.monitor_outbox, 5);
+        assert_eq!(c.kpi_root, PathBuf::from("/srv/kpi"));
+        let c = parse(&format!("{GOOD}kpi_root = \"kpi\"\n")).unwrap();
+        assert_eq!(c.kpi_root, PathBuf::from("/etc/nubis/kpi"));
+    }
+
+    #[test]
+    fn bad_monitoring_values_name_their_key() {
+        assert_eq!(
+            invalid_key(&format!("{GOOD}monitor_tick_ms = 0\n")),
+            "monitor_tick_ms"
+        );
+        assert_eq!(
+            invalid_key(&format!("{GOOD}monitor_tick_ms = 3600000\n")),
+            "monitor_tick_ms"
+        );
+        assert_eq!(
+            invalid_key(&format!("{GOOD}monitor_outbox = 0\n")),
+            "monitor_outbox"
+        );
+        assert_eq!(
+            invalid_key(&format!("{GOOD}kpi_root = \"vms/kpi\"\n")),
+            "kpi_root"
+        );
+        assert_eq!(
+            invalid_key(&format!("{GOOD}kpi_root = \"/etc\"\n")),
+            "kpi_root"
+        );
+        assert_eq!(
+            invalid_key(&format!("{GOOD}kpi_root = \"/tmp/a\\u0007b\"\n")),
+            "kpi_root"
+        );
+        assert!(matches!(
+            parse(&format!("{GOOD}monitor_outbox = -1\n")),
+            Err(ConfigError::Parse { message, .. }) if message.contains("monitor_outbox")
+        ));
     }
 
     #[test]

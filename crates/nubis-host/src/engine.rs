@@ -5,7 +5,7 @@
 //! reserved VM returns the same slots, activating a running VM reports its state, releasing an
 //! unknown VM succeeds. The [`Engine`] is synchronous; the agent runs it on a thread of its own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::capacity::{Capacity, CapacityError, Resources};
 use crate::dmtf::DmtfState;
-use crate::hypervisor::{Hypervisor, HypervisorError};
+use crate::hypervisor::{DomainStats, Hypervisor, HypervisorError};
 use crate::spec::{DiskFormat, DiskSpec, DomainSpec, InterfaceSpec, KernelBoot};
 use crate::vm_files::{self, Found, VmFiles, VmFilesError};
 
@@ -215,6 +215,31 @@ fn wire_resources(r: Resources) -> HostResources {
         memory_mib: r.memory_mib,
         disk_bytes: r.disk_bytes,
     }
+}
+
+/// What the monitor asks the engine at each tick.
+#[derive(Debug, Clone, Default)]
+pub struct MonitorQuery {
+    /// The descriptor version the monitor holds for each VM; a VM whose held version differs
+    /// (or that is missing here) is answered with its descriptor.
+    pub known: HashMap<VmId, u64>,
+    /// Active VMs whose statistics are not needed at this tick.
+    pub skip_stats: HashSet<VmId>,
+}
+
+/// One VM held by this host, as the monitor sees it.
+#[derive(Debug, Clone)]
+pub struct MonitoredVm {
+    /// The VM.
+    pub vm: VmId,
+    /// Its descriptor version.
+    pub version: u64,
+    /// Its descriptor, when the monitor's version is not this one.
+    pub descriptor: Option<VmDescriptor>,
+    /// Whether its domain runs (or is paused) on this host.
+    pub active: bool,
+    /// A statistics snapshot, for an active VM not in [`MonitorQuery::skip_stats`].
+    pub stats: Option<DomainStats>,
 }
 
 /// The host agent's operations over a hypervisor.
@@ -686,6 +711,45 @@ impl<H: Hypervisor> Engine<H> {
     /// `vm.state`
     pub fn state(&self, vm: &VmId) -> Result<HostVmStatus, OpError> {
         self.status(vm)
+    }
+
+    /// The VMs held by this host for the monitor: every held VM, whether its domain is active,
+    /// and the statistics the query asks for. One hypervisor listing for all states; a VM whose
+    /// statistics cannot be read is reported without them.
+    pub fn monitored(&self, query: &MonitorQuery) -> Result<Vec<MonitoredVm>, HypervisorError> {
+        let states: HashMap<String, DmtfState> = self
+            .hv
+            .list()?
+            .into_iter()
+            .map(|d| (d.handle.name, d.state))
+            .collect();
+        let mut out = Vec::with_capacity(self.vms.len());
+        for (vm, d) in &self.vms {
+            let active = states.get(vm.as_str()).is_some_and(|s| s.is_active());
+            let stats = if active && !query.skip_stats.contains(vm) {
+                match self.hv.stats(vm.as_str()) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::debug!(vm.id = %vm, error = %e, "no statistics for the monitor");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let descriptor = match query.known.get(vm) {
+                Some(v) if *v == d.version => None,
+                _ => Some(d.clone()),
+            };
+            out.push(MonitoredVm {
+                vm: vm.clone(),
+                version: d.version,
+                descriptor,
+                active,
+                stats,
+            });
+        }
+        Ok(out)
     }
 
     /// `vm.list`

@@ -20,6 +20,10 @@
 //! - [`engine`]: the operations themselves (reserve, activate, prepare, resume after abort,
 //!   release, control, update, state, list), idempotent and run one at a time.
 //! - [`vm_files`]: the per-VM directories under the VM root.
+//! - [`producer`]: the monitoring [`Producer`] of one VM (paper section IV): monitoring and
+//!   delivery intervals, raw and processed formats, predicates; pure and synchronous.
+//! - [`monitor`]: the task that feeds the Producers with measurements and KPI rows, mounts the
+//!   VMs' KPI filesystems and hands every batch to the site until it is stored.
 //! - [`client`]: the NATS transport for the protocol crate's typed
 //!   [`HostClient`](nubis_protocol::message::HostClient).
 
@@ -32,6 +36,8 @@ pub mod domain_xml;
 pub mod engine;
 pub mod hypervisor;
 pub mod libvirt;
+pub mod monitor;
+pub mod producer;
 pub mod sampling;
 pub mod spec;
 pub mod test_guest;
@@ -47,5 +53,6 @@ pub use hypervisor::{
     ShutdownOutcome,
 };
 pub use libvirt::{LibvirtConfig, LibvirtHypervisor};
+pub use producer::{Delivery, Producer};
 pub use sampling::{Rates, SampleError, Sampler};
 pub use spec::{DomainSpec, SpecError};

@@ -398,7 +398,7 @@ impl Verifier {
         subject: &str,
         now_ms: u64,
     ) -> Result<Opened, EnvelopeError> {
-        self.open_inner(raw, subject, now_ms, false, None)
+        self.open_inner(raw, subject, now_ms, false, None, None)
     }
 
     /// Verifies a monitoring event that arrived on `subject`, addressed to this site or to all.
@@ -408,7 +408,22 @@ impl Verifier {
         subject: &str,
         now_ms: u64,
     ) -> Result<Opened, EnvelopeError> {
-        self.open_inner(raw, subject, now_ms, true, None)
+        self.open_inner(raw, subject, now_ms, true, None, None)
+    }
+
+    /// Verifies a monitoring event like [`Verifier::open_event`], but against `key` given by the
+    /// caller for `sender` instead of a pinned partner key: for sites outside the bilateral
+    /// contracts whose key the caller took from another authority (the federation directory).
+    /// An envelope from any other sender is refused as [`EnvelopeError::UnknownSender`].
+    pub fn open_event_with_key(
+        &self,
+        raw: &[u8],
+        subject: &str,
+        now_ms: u64,
+        sender: &SiteId,
+        key: &VerifyingKey,
+    ) -> Result<Opened, EnvelopeError> {
+        self.open_inner(raw, subject, now_ms, true, None, Some((sender, key)))
     }
 
     /// Verifies a signed record that is state rather than a message, such as a directory entry
@@ -445,7 +460,14 @@ impl Verifier {
         request_nonce: &Nonce,
         now_ms: u64,
     ) -> Result<Opened, EnvelopeError> {
-        self.open_inner(raw, request_subject, now_ms, false, Some(request_nonce))
+        self.open_inner(
+            raw,
+            request_subject,
+            now_ms,
+            false,
+            Some(request_nonce),
+            None,
+        )
     }
 
     fn open_inner(
@@ -455,8 +477,9 @@ impl Verifier {
         now_ms: u64,
         broadcast_ok: bool,
         reply_to: Option<&Nonce>,
+        key: Option<(&SiteId, &VerifyingKey)>,
     ) -> Result<Opened, EnvelopeError> {
-        let (env, from) = self.check_signed(raw)?;
+        let (env, from) = self.check_signed_by(raw, key)?;
         let to_me = env.to == self.own.as_str();
         if !(to_me || (broadcast_ok && env.to == BROADCAST)) {
             return Err(EnvelopeError::WrongRecipient(env.to.clone()));
@@ -488,6 +511,15 @@ impl Verifier {
 
     /// Decodes `raw` and checks size, version, sender and signature.
     fn check_signed(&self, raw: &[u8]) -> Result<(SignedEnvelope, SiteId), EnvelopeError> {
+        self.check_signed_by(raw, None)
+    }
+
+    /// Like [`Self::check_signed`], against `key` when given instead of the pinned keys.
+    fn check_signed_by(
+        &self,
+        raw: &[u8],
+        key: Option<(&SiteId, &VerifyingKey)>,
+    ) -> Result<(SignedEnvelope, SiteId), EnvelopeError> {
         let env = SignedEnvelope::decode(raw)?;
         if env.body.len() > MAX_BODY_LEN {
             return Err(EnvelopeError::Oversize {
@@ -498,10 +530,14 @@ impl Verifier {
         if !version::is_supported(env.v) {
             return Err(EnvelopeError::UnsupportedVersion(env.v));
         }
-        let (from, key) = self
-            .partners
-            .get_key_value(env.from.as_str())
-            .ok_or_else(|| EnvelopeError::UnknownSender(env.from.clone()))?;
+        let (from, key) = match key {
+            Some((sender, key)) if sender.as_str() == env.from => (sender, key),
+            Some(_) => return Err(EnvelopeError::UnknownSender(env.from.clone())),
+            None => self
+                .partners
+                .get_key_value(env.from.as_str())
+                .ok_or_else(|| EnvelopeError::UnknownSender(env.from.clone()))?,
+        };
         let sig = Signature::from_bytes(&env.sig);
         key.verify_strict(&env.signed_bytes(), &sig)
             .map_err(|_| EnvelopeError::BadSignature)?;
@@ -882,6 +918,53 @@ mod tests {
         assert!(matches!(
             w.verifier_b.open_record(&to_b, SUBJ),
             Err(EnvelopeError::WrongRecipient(_))
+        ));
+    }
+
+    #[test]
+    fn events_verify_against_an_explicit_key() {
+        let w = world();
+        let c = SiteIdentity::generate(site("c"));
+        let subj = "nubis.mon.c.vm-1.infra.cpu";
+        let raw = sign(&c, Addressing::broadcast(subj), &ping(), NOW)
+            .unwrap()
+            .encode()
+            .unwrap();
+        // Not pinned: refused by the ordinary check, accepted with c's key given explicitly.
+        assert!(matches!(
+            w.verifier_b.open_event(&raw, subj, NOW),
+            Err(EnvelopeError::UnknownSender(_))
+        ));
+        assert!(matches!(
+            w.verifier_b
+                .open_event_with_key(&raw, subj, NOW, &site("c"), &w.a.public().signing),
+            Err(EnvelopeError::BadSignature)
+        ));
+        assert!(matches!(
+            w.verifier_b
+                .open_event_with_key(&raw, subj, NOW, &site("d"), &c.public().signing),
+            Err(EnvelopeError::UnknownSender(s)) if s == "c"
+        ));
+        let opened = w
+            .verifier_b
+            .open_event_with_key(&raw, subj, NOW, &site("c"), &c.public().signing)
+            .unwrap();
+        assert_eq!(opened.from, site("c"));
+        // The freshness window and the replay cache still apply.
+        assert!(matches!(
+            w.verifier_b
+                .open_event_with_key(&raw, subj, NOW, &site("c"), &c.public().signing),
+            Err(EnvelopeError::Replayed)
+        ));
+        assert!(matches!(
+            w.verifier_b.open_event_with_key(
+                &raw,
+                subj,
+                NOW + DEFAULT_FRESHNESS_MS + 1,
+                &site("c"),
+                &c.public().signing
+            ),
+            Err(EnvelopeError::Stale { .. })
         ));
     }
 

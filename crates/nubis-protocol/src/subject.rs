@@ -202,11 +202,19 @@ pub enum OpsEndpoint {
     Control,
     /// Cancel a migration. (planned)
     Cancel,
+    /// Resource usage of a VM over a time range, computed from the site's accounting stream.
+    Usage,
+    /// List the images of the site's image store.
+    Images,
+    /// Import an uploaded image into the site's image store.
+    ImagePut,
+    /// Counters of the site's monitoring delivery (received, delivered, stored, dropped).
+    Monitoring,
 }
 
 impl OpsEndpoint {
     /// Every endpoint.
-    pub const ALL: [OpsEndpoint; 8] = [
+    pub const ALL: [OpsEndpoint; 12] = [
         Self::Status,
         Self::Sites,
         Self::Vms,
@@ -215,6 +223,10 @@ impl OpsEndpoint {
         Self::Evict,
         Self::Control,
         Self::Cancel,
+        Self::Usage,
+        Self::Monitoring,
+        Self::Images,
+        Self::ImagePut,
     ];
 
     /// The subject token.
@@ -228,6 +240,10 @@ impl OpsEndpoint {
             Self::Evict => "evict",
             Self::Control => "control",
             Self::Cancel => "cancel",
+            Self::Usage => "usage",
+            Self::Images => "images",
+            Self::ImagePut => "image_put",
+            Self::Monitoring => "monitoring",
         }
     }
 }

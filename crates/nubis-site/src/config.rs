@@ -6,10 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
+use nubis_protocol::descriptor::{DataPoint, Predicate, PredicateOp};
 use nubis_protocol::identity::{parse_sealing_key, parse_signing_key, KeyError, SiteIdentity};
 use nubis_protocol::message::{HostId, ProxyId, ProxyUri};
-use nubis_protocol::SiteId;
-use serde::Deserialize;
+use nubis_protocol::{SiteId, VmId};
+use serde::{Deserialize, Serialize};
+
+/// Longest accounting retention accepted, in seconds (100 years).
+pub const MAX_ACCOUNTING_AGE_S: u64 = 100 * 365 * 24 * 3600;
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +141,98 @@ impl Default for DirectoryTiming {
     }
 }
 
+/// How a site delivers the monitoring batches of the VMs it runs (and passes on those relayed to
+/// it) to the other sites on each VM's responsibility chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Publish once on the public monitoring subject; every site on the chain receives it from
+    /// the bus. The chain learns which site produces the batches (never which host).
+    Bus,
+    /// Hand each batch to the upstream site only, which passes it on under its own signature;
+    /// the producing site stays hidden from everyone but its upstream.
+    #[default]
+    Relay,
+}
+
+impl Delivery {
+    /// The policy's name in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bus => "bus",
+            Self::Relay => "relay",
+        }
+    }
+}
+
+/// The `[monitoring]` section: delivery policy and accounting retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitoringConfig {
+    /// How batches travel up the chain.
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// How long the accounting stream keeps a batch, in seconds.
+    #[serde(default = "default_accounting_max_age_s")]
+    pub accounting_max_age_s: u64,
+}
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        Self {
+            delivery: Delivery::default(),
+            accounting_max_age_s: default_accounting_max_age_s(),
+        }
+    }
+}
+
+/// What a site does when an SLA rule's condition has held long enough.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SlaAction {
+    /// Publish an event on the site's SLA event subject only.
+    #[default]
+    Event,
+    /// Publish the event and ask the Controller to migrate the VM.
+    Migrate,
+}
+
+/// One `[[sla]]` rule: `data_point op threshold`, holding continuously for `for_ms`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlaRule {
+    /// The rule's name, unique in the file (it names the rule in events).
+    pub name: String,
+    /// The measured data point, e.g. `kpi.web.current_users`.
+    pub data_point: DataPoint,
+    /// The comparison.
+    pub op: PredicateOp,
+    /// The right-hand side of the comparison.
+    pub threshold: f64,
+    /// How long the condition must hold without interruption before the rule fires.
+    #[serde(default)]
+    pub for_ms: u64,
+    /// The only VM the rule applies to; every VM when absent.
+    #[serde(default)]
+    pub vm: Option<VmId>,
+    /// What to do when it fires.
+    #[serde(default)]
+    pub action: SlaAction,
+}
+
+impl SlaRule {
+    /// The rule's condition as a descriptor predicate.
+    pub fn predicate(&self) -> Predicate {
+        Predicate {
+            op: self.op,
+            threshold: self.threshold,
+        }
+    }
+}
+
+fn default_accounting_max_age_s() -> u64 {
+    30 * 24 * 3600
+}
 fn yes() -> bool {
     true
 }
@@ -200,6 +296,10 @@ struct RawConfig {
     image_store: Option<PathBuf>,
     #[serde(default = "default_max_concurrent")]
     max_concurrent_migrations: usize,
+    #[serde(default)]
+    monitoring: MonitoringConfig,
+    #[serde(default)]
+    sla: Vec<SlaRule>,
 }
 
 fn default_proxy() -> String {
@@ -264,6 +364,10 @@ pub struct SiteConfig {
     pub image_store: PathBuf,
     /// Migrations this site runs as Controller at the same time; more wait in a queue.
     pub max_concurrent_migrations: usize,
+    /// Monitoring delivery and accounting.
+    pub monitoring: MonitoringConfig,
+    /// SLA rules evaluated on the monitoring data this site can read.
+    pub sla: Vec<SlaRule>,
 }
 
 impl SiteConfig {
@@ -405,8 +509,44 @@ impl SiteConfig {
                 "must be at least 1".into(),
             ));
         }
+        if raw.monitoring.accounting_max_age_s == 0 {
+            return Err(invalid(
+                "monitoring.accounting_max_age_s".into(),
+                "must be positive".into(),
+            ));
+        }
+        // Far beyond any retention anyone wants; keeps the conversion to nanoseconds exact.
+        if raw.monitoring.accounting_max_age_s > MAX_ACCOUNTING_AGE_S {
+            return Err(invalid(
+                "monitoring.accounting_max_age_s".into(),
+                format!("must be at most {MAX_ACCOUNTING_AGE_S}"),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, rule) in raw.sla.iter().enumerate() {
+            if rule.name.is_empty() || rule.name.chars().any(char::is_control) {
+                return Err(invalid(
+                    format!("sla[{i}].name"),
+                    "must be non-empty text".into(),
+                ));
+            }
+            if !names.insert(rule.name.as_str()) {
+                return Err(invalid(
+                    format!("sla[{i}].name"),
+                    format!("repeats rule {:?}", rule.name),
+                ));
+            }
+            if !rule.threshold.is_finite() {
+                return Err(invalid(
+                    format!("sla[{i}].threshold"),
+                    "must be a finite number".into(),
+                ));
+            }
+        }
         let data_dir = resolve(&raw.data_dir);
         Ok(Self {
+            monitoring: raw.monitoring,
+            sla: raw.sla,
             proxy: ProxyUri::new(raw.site.clone(), proxy),
             image_store: raw
                 .image_store
@@ -551,6 +691,110 @@ mod tests {
             matches!(&err, ConfigError::Invalid { key, .. } if key == "policy.delegation.partners[0]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn monitoring_defaults_to_relay_and_thirty_days() {
+        let f = fixture();
+        let c = parse(&f, &good(&f)).unwrap();
+        assert_eq!(c.monitoring.delivery, Delivery::Relay);
+        assert_eq!(c.monitoring.accounting_max_age_s, 30 * 24 * 3600);
+        assert!(c.sla.is_empty());
+    }
+
+    fn with_sections(f: &Fixture, sections: &str) -> String {
+        format!(
+            "site = \"a\"\nkey_file = \"a.key\"\nnats_url = \"nats://127.0.0.1:4222\"\ndata_dir = \"d\"\n{sections}\n{}",
+            f.partner.public().partner_snippet()
+        )
+    }
+
+    #[test]
+    fn monitoring_and_sla_sections_load() {
+        let f = fixture();
+        let text = with_sections(
+            &f,
+            "[monitoring]\ndelivery = \"bus\"\naccounting_max_age_s = 3600\n\
+             [[sla]]\nname = \"busy\"\ndata_point = \"kpi.web.current_users\"\nop = \"gt\"\n\
+             threshold = 1000.0\nfor_ms = 60000\nvm = \"web-1\"\naction = \"migrate\"\n\
+             [[sla]]\nname = \"idle\"\ndata_point = \"cpu.cores\"\nop = \"le\"\nthreshold = 0.5\n",
+        );
+        let c = parse(&f, &text).unwrap();
+        assert_eq!(c.monitoring.delivery, Delivery::Bus);
+        assert_eq!(c.monitoring.accounting_max_age_s, 3600);
+        assert_eq!(c.sla.len(), 2);
+        let busy = &c.sla[0];
+        assert_eq!(busy.data_point.as_str(), "kpi.web.current_users");
+        assert_eq!(busy.op, PredicateOp::Gt);
+        assert_eq!(busy.for_ms, 60_000);
+        assert_eq!(busy.vm.as_ref().map(|v| v.as_str()), Some("web-1"));
+        assert_eq!(busy.action, SlaAction::Migrate);
+        assert!(busy.predicate().holds(1001.0) && !busy.predicate().holds(1000.0));
+        let idle = &c.sla[1];
+        assert_eq!(
+            (idle.for_ms, idle.vm.clone(), idle.action),
+            (0, None, SlaAction::Event)
+        );
+    }
+
+    #[test]
+    fn bad_monitoring_and_sla_keys_are_named() {
+        let f = fixture();
+        let cases = [
+            (
+                "[monitoring]\naccounting_max_age_s = 0\n",
+                "monitoring.accounting_max_age_s",
+            ),
+            (
+                "[monitoring]\naccounting_max_age_s = 99999999999\n",
+                "monitoring.accounting_max_age_s",
+            ),
+            (
+                "[[sla]]\nname = \"\"\ndata_point = \"cpu.cores\"\nop = \"gt\"\nthreshold = 1.0\n",
+                "sla[0].name",
+            ),
+            (
+                "[[sla]]\nname = \"x\"\ndata_point = \"cpu.cores\"\nop = \"gt\"\nthreshold = 1.0\n\
+                 [[sla]]\nname = \"x\"\ndata_point = \"cpu.cores\"\nop = \"lt\"\nthreshold = 1.0\n",
+                "sla[1].name",
+            ),
+            (
+                "[[sla]]\nname = \"x\"\ndata_point = \"cpu.cores\"\nop = \"gt\"\nthreshold = nan\n",
+                "sla[0].threshold",
+            ),
+        ];
+        for (section, key) in cases {
+            let err = parse(&f, &with_sections(&f, section)).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { key: k, .. } if k == key),
+                "{section}: {err}"
+            );
+        }
+        // Shape errors come from the TOML parser, which names the key.
+        let cases = [
+            ("[monitoring]\ndelivery = \"pigeon\"\n", "delivery"),
+            ("[monitoring]\ncolour = 1\n", "colour"),
+            (
+                "[[sla]]\nname = \"x\"\ndata_point = \"cpu.*\"\nop = \"gt\"\nthreshold = 1.0\n",
+                "data_point",
+            ),
+            (
+                "[[sla]]\nname = \"x\"\ndata_point = \"cpu\"\nop = \"about\"\nthreshold = 1.0\n",
+                "op",
+            ),
+            (
+                "[[sla]]\nname = \"x\"\ndata_point = \"cpu\"\nop = \"gt\"\nthreshold = 1.0\naction = \"panic\"\n",
+                "action",
+            ),
+            ("[[sla]]\nname = \"x\"\ndata_point = \"cpu\"\nop = \"gt\"\n", "threshold"),
+        ];
+        for (section, key) in cases {
+            let err = parse(&f, &with_sections(&f, section)).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Parse { message, .. } if message.contains(key)),
+                "{section}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The site daemon's life cycle: connect, check the server, join the directory, serve the
-//! operator API, and on shutdown stop serving, drain the connection and flush local state.
+//! federation roles, monitoring and the operator API, and on shutdown stop serving, drain the
+//! connections and flush local state.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,11 +13,14 @@ use nubis_protocol::subject::{FederationOp, Subject};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accounting::Accounting;
 use crate::config::SiteConfig;
+use crate::controller::Trigger;
 use crate::directory::{self, Directory};
 use crate::federation::{self, FederationClient};
 use crate::infrastructure::NatsLocalSite;
 use crate::journal::Journal;
+use crate::monitoring::{MigrateFn, Monitoring, MonitoringDeps};
 use crate::ops::{self, OpsContext};
 use crate::roles::Roles;
 use nubis_proxy::client::ProxyClient;
@@ -57,6 +61,9 @@ pub enum SiteError {
     /// The federation subjects could not be subscribed.
     #[error("cannot subscribe to the federation subjects")]
     Subscribe(#[source] async_nats::Error),
+    /// The monitoring service could not start.
+    #[error("monitoring")]
+    Monitoring(#[from] crate::monitoring::MonitoringError),
     /// Local state could not be opened.
     #[error("local state in {path}")]
     State {
@@ -217,7 +224,8 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
     // the hub (federation replies need them), so they must not carry anything site-internal.
     let mut internal_options = async_nats::ConnectOptions::new()
         .name(format!("nubis-site-{site}-internal"))
-        .custom_inbox_prefix(nubis_protocol::subject::Subject::site_inbox_prefix(&site));
+        .custom_inbox_prefix(nubis_protocol::subject::Subject::site_inbox_prefix(&site))
+        .max_reconnects(None);
     if let Some(auth) = &config.nats_auth {
         internal_options =
             internal_options.user_and_password(auth.user.clone(), auth.password.clone());
@@ -274,7 +282,55 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         });
     }
 
+    // Monitoring: the accounting stream in this site's own domain (never the hub's), then
+    // intake from the hosts, relay and bus delivery, and the SLA rules.
+    let accounting = Accounting::start(
+        internal.clone(),
+        site.clone(),
+        Duration::from_secs(config.monitoring.accounting_max_age_s),
+        &tracker,
+        cancel.clone(),
+    )
+    .await;
+    let monitoring_replay = ReplayCache::open(
+        &config.data_dir.join("monitoring-replay"),
+        2 * DEFAULT_FRESHNESS_MS,
+        Durability::Background,
+    )
+    .map_err(|source| SiteError::State {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let partner_keys = config
+        .partners
+        .iter()
+        .map(|p| (p.site.clone(), p.signing_key));
+    let migrate: MigrateFn = {
+        let roles = roles.clone();
+        Arc::new(move |vm| {
+            roles
+                .start_migration(vm, Trigger::Operator { to_site: None })
+                .map(|id| id.to_string())
+        })
+    };
+    let monitoring = Monitoring::new(
+        MonitoringDeps {
+            config: config.clone(),
+            journal: roles.journal.clone(),
+            directory: directory.clone(),
+            accounting,
+            public: client.clone(),
+            internal: internal.clone(),
+            verifier: Verifier::new(site.clone(), partner_keys, monitoring_replay),
+            migrate,
+        },
+        tracker.clone(),
+    );
+    monitoring.serve(cancel.clone()).await?;
+
     let ctx = Arc::new(OpsContext {
+        monitoring: monitoring.clone(),
+        local_js: jetstream::new(internal.clone()),
         roles: roles.clone(),
         config: config.clone(),
         directory: directory.clone(),

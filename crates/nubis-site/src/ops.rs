@@ -19,6 +19,7 @@ use tracing::Instrument as _;
 use crate::config::SiteConfig;
 use crate::directory::Directory;
 use crate::local::LocalSite;
+use crate::monitoring::Monitoring;
 use crate::roles::Roles;
 use crate::vm_ops::{ControlOp, DeployRequest, MigrateRequest, VmRef};
 
@@ -46,6 +47,10 @@ pub struct OpsContext<L> {
     pub started_ms: u64,
     /// Version of the nats-server the site is connected to.
     pub nats_server_version: String,
+    /// The monitoring service (counters, accounting stream).
+    pub monitoring: Arc<Monitoring>,
+    /// JetStream of the site's own domain (image uploads).
+    pub local_js: async_nats::jetstream::Context,
 }
 
 #[derive(Debug, Serialize)]
@@ -197,6 +202,78 @@ impl<L: LocalSite> OpsContext<L> {
                 return to_json(
                     serde_json::json!({"migration": req.migration.to_string(), "cancelling_in_phase": format!("{phase:?}")}),
                 );
+            }
+            OpsEndpoint::Usage => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Query {
+                    vm: nubis_protocol::VmId,
+                    #[serde(default)]
+                    from_ms: u64,
+                    #[serde(default)]
+                    to_ms: Option<u64>,
+                }
+                let q: Query = parse(payload)?;
+                let to_ms = q.to_ms.unwrap_or_else(now_ms);
+                if q.from_ms > to_ms {
+                    return Err(service_error(
+                        400,
+                        "malformed request: from_ms is later than to_ms",
+                    ));
+                }
+                let report = self
+                    .monitoring
+                    .usage(&q.vm, q.from_ms, to_ms)
+                    .await
+                    .map_err(refusal)?;
+                return serde_json::to_vec(&report)
+                    .map_err(|e| service_error(500, format!("internal error: {e}")));
+            }
+            OpsEndpoint::Images => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Query {}
+                if !payload.is_empty() {
+                    let _: Query = parse(payload)?;
+                }
+                let images = crate::images::list(&self.config.image_store)
+                    .map_err(|e| service_error(500, format!("internal error: {e}")))?;
+                return to_json(serde_json::json!({"images": images}));
+            }
+            OpsEndpoint::ImagePut => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Put {
+                    name: String,
+                    #[serde(default)]
+                    replace: bool,
+                }
+                let q: Put = parse(payload)?;
+                use crate::images::ImageError as E;
+                let info = crate::images::import(
+                    &self.local_js,
+                    &self.config.image_store,
+                    &q.name,
+                    q.replace,
+                )
+                .await
+                .map_err(|e| match e {
+                    E::Name(_) | E::NoUpload(_) => service_error(400, format!("{e} (malformed)")),
+                    E::Exists(_) => service_error(409, format!("{e} (conflict)")),
+                    E::Digest { .. } => service_error(422, format!("{e} (transfer_failed)")),
+                    E::Bucket(_) | E::Io { .. } => service_error(500, format!("{e} (internal)")),
+                })?;
+                return to_json(serde_json::json!({"image": info}));
+            }
+            OpsEndpoint::Monitoring => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Query {
+                    #[serde(default)]
+                    vm: Option<nubis_protocol::VmId>,
+                }
+                let q: Query = parse(payload)?;
+                return to_json(self.monitoring.report(q.vm.as_ref()));
             }
             _ => {}
         }

@@ -5,9 +5,12 @@
 //! 1. a VM described by an OVF envelope is deployed at site a, which has no room; a delegates
 //!    through b, which has none either, to c or d (usage scenario 1);
 //! 2. the primary pauses and resumes it through the chain (the Control interface, DMTF states);
-//! 3. the site running it evicts it (host maintenance); b, which delegated it, becomes the
+//! 3. monitoring: the host agent measures the VM and reads the KPI files the application writes
+//!    into its FUSE mount; the batches (one sealed for a) reach a through b;
+//! 4. the site running it evicts it (host maintenance); b, which delegated it, becomes the
 //!    Controller and moves it to the other site, files going site to site directly (usage
-//!    scenario 2).
+//!    scenario 2), and the monitoring follows it on the same subjects;
+//! 5. a reports the VM's usage from its accounting stream.
 //!
 //! Then it prints a cheat-sheet and keeps the federation running until Ctrl-C. With `--ci` it
 //! exits after the walk: 0 when every step held, 1 otherwise.
@@ -21,7 +24,13 @@ mod stack;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use futures::StreamExt as _;
+use nubis_protocol::codec;
+use nubis_protocol::envelope::{now_ms, SignedEnvelope, Verifier};
+use nubis_protocol::message::{BatchPayload, ClearPayload, MonitoringBatch, Value};
+use nubis_protocol::replay::ReplayCache;
+use nubis_protocol::SiteId;
+use serde_json::{json, Value as Json};
 use stack::{ops, SiteSpec, Stack};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -30,29 +39,150 @@ fn say(text: &str) {
     println!("\n\x1b[1m== {text}\x1b[0m");
 }
 
-async fn follow(client: &async_nats::Client, site: &str, migration: &str) -> Result<Value, String> {
+async fn follow(
+    client: &async_nats::Client,
+    site: &str,
+    migration: &str,
+    ci: bool,
+) -> Result<Json, String> {
     let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    // Interactive runs show a bar (bytes, rate, ETA); `--ci` prints each phase once.
+    let bar = if ci {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "   {msg:<13} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
     let mut shown = 0u64;
+    let mut last_phase = String::new();
     loop {
         let v = ops(client, site, "vms", json!({"migration": migration})).await?;
         let done = v["bytes_done"].as_u64().unwrap_or(0).max(shown);
         shown = done;
         let total = v["bytes_total"].as_u64().unwrap_or(0);
         let phase = v["phase"].as_str().unwrap_or("?").to_string();
-        let pct = (done * 100).checked_div(total).unwrap_or(0);
-        println!("   {phase:<13} {done:>10} / {total:<10} bytes ({pct:>3}%)");
+        bar.set_length(total.max(done));
+        bar.set_position(done);
+        bar.set_message(phase.clone());
+        if ci && phase != last_phase {
+            let pct = (done * 100).checked_div(total).unwrap_or(0);
+            println!("   {phase:<13} {done:>10} / {total:<10} bytes ({pct:>3}%)");
+        }
+        last_phase.clone_from(&phase);
         match phase.as_str() {
-            "committed" => return Ok(v),
-            "aborted" => return Err(format!("migration aborted: {}", v["reason"])),
-            _ if std::time::Instant::now() > deadline => {
-                return Err("migration did not finish in time".into())
+            "committed" => {
+                bar.finish();
+                if !ci {
+                    println!();
+                }
+                return Ok(v);
             }
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            "aborted" => {
+                bar.abandon();
+                return Err(format!("migration aborted: {}", v["reason"]));
+            }
+            _ if std::time::Instant::now() > deadline => {
+                bar.abandon();
+                return Err("migration did not finish in time".into());
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
 
-async fn view(client: &async_nats::Client, site: &str, vm: &str) -> Result<Value, String> {
+/// A monitoring batch as the primary's consumer sees it: verified with the sender's key and,
+/// when sealed, opened with the primary's key.
+fn open_batch(
+    stack: &Stack,
+    raw: &[u8],
+    subject: &str,
+) -> Result<(String, MonitoringBatch, ClearPayload), String> {
+    let env = SignedEnvelope::decode(raw).map_err(|e| e.to_string())?;
+    let sender = stack
+        .identities
+        .get(env.from.as_str())
+        .ok_or_else(|| format!("batch from unknown site {}", env.from))?;
+    let verifier = Verifier::new(
+        SiteId::new("a").map_err(|e| e.to_string())?,
+        [(sender.site().clone(), sender.public().signing)],
+        ReplayCache::temporary(600_000).map_err(|e| e.to_string())?,
+    );
+    let opened = verifier
+        .open_event(raw, subject, now_ms())
+        .map_err(|e| format!("batch refused: {e}"))?;
+    let batch: MonitoringBatch = opened.body().map_err(|e| e.to_string())?;
+    let clear = match &batch.payload {
+        BatchPayload::Clear(c) => c.clone(),
+        BatchPayload::Sealed { ciphertext } => {
+            let bytes = nubis_protocol::seal::open(stack.identities["a"].sealing_key(), ciphertext)
+                .map_err(|e| format!("cannot open a sealed batch with a's key: {e}"))?;
+            codec::from_slice(&bytes).map_err(|e| e.to_string())?
+        }
+    };
+    Ok((env.from, batch, clear))
+}
+
+fn describe(from: &str, batch: &MonitoringBatch, clear: &ClearPayload) -> Vec<String> {
+    let sealed = if matches!(batch.payload, BatchPayload::Sealed { .. }) {
+        "sealed for a, opened"
+    } else {
+        "clear"
+    };
+    let mut lines = Vec::new();
+    for s in &clear.samples {
+        let value = match &s.value {
+            Value::Float(f) => format!("{f:.3}"),
+            Value::Int(i) => i.to_string(),
+            Value::Text(t) => t.clone(),
+        };
+        lines.push(format!(
+            "{:<26} = {value:<12} raw        seq {:<4} signed by {from}, {sealed}",
+            s.data_point, batch.seq
+        ));
+    }
+    for p in &clear.processed {
+        lines.push(format!(
+            "{:<26} = {:<12.3} {:<10} seq {:<4} signed by {from}, {sealed} ({} samples)",
+            p.data_point.as_str(),
+            p.value,
+            format!("{:?}", p.aggregate).to_lowercase(),
+            batch.seq,
+            p.count
+        ));
+    }
+    lines
+}
+
+/// Waits for batches on `sub` until `want` holds for one; prints what arrives.
+async fn watch_until(
+    stack: &Stack,
+    sub: &mut async_nats::Subscriber,
+    mut want: impl FnMut(&MonitoringBatch, &ClearPayload) -> bool,
+    what: &str,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        let m = tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .map_err(|_| format!("no monitoring batch with {what} arrived"))?
+            .ok_or("the monitoring subscription ended")?;
+        let (from, batch, clear) = open_batch(stack, &m.payload, &m.subject)?;
+        for line in describe(&from, &batch, &clear) {
+            println!("   {line}");
+        }
+        if want(&batch, &clear) {
+            return Ok(());
+        }
+    }
+}
+
+async fn view(client: &async_nats::Client, site: &str, vm: &str) -> Result<Json, String> {
     let v = ops(client, site, "vms", json!({"vm": vm})).await?;
     Ok(v["vms"][0].clone())
 }
@@ -73,7 +203,7 @@ async fn show_chain(stack: &Stack, vm: &str, sites: &[&str]) -> Result<(), Strin
     Ok(())
 }
 
-async fn walk(stack: &Stack) -> Result<(), String> {
+async fn walk(stack: &Stack, ci: bool) -> Result<(), String> {
     let op_a = stack.operator("a").await;
     let op_b = stack.operator("b").await;
 
@@ -108,8 +238,12 @@ async fn walk(stack: &Stack) -> Result<(), String> {
         "monitoring": serde_json::to_value(&t.monitoring).map_err(|e| e.to_string())?,
         "properties": t.properties,
     });
+    let mut public = op_a
+        .subscribe("nubis.mon.a.shop-web.>")
+        .await
+        .map_err(|e| e.to_string())?;
     let r = ops(&op_a, "a", "deploy", deploy).await?;
-    follow(&op_a, "a", r["migration"].as_str().unwrap_or_default()).await?;
+    follow(&op_a, "a", r["migration"].as_str().unwrap_or_default(), ci).await?;
     let first = view(&op_b, "b", "shop-web").await?["next_hop"]
         .as_str()
         .unwrap_or_default()
@@ -121,6 +255,62 @@ async fn walk(stack: &Stack) -> Result<(), String> {
     };
     println!("   placed: a knows only b; b delegated to {x}");
     show_chain(stack, "shop-web", &["a", "b", "c", "d"]).await?;
+
+    say(&format!(
+        "Monitoring: {x} measures the VM and reads its KPI files; batches reach a through b"
+    ));
+    let mount = stack.kpi_root(x, &format!("{x}-host")).join("shop-web");
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    while !mount.join("unencrypted").is_dir() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("no KPI filesystem at {}", mount.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "   the application writes KPI reports into {}",
+        mount.display()
+    );
+    for users in [12, 1234] {
+        std::fs::write(
+            mount.join("unencrypted").join("web"),
+            format!("current_users\n{users}\n"),
+        )
+        .map_err(|e| format!("writing a KPI report: {e}"))?;
+        println!("   wrote current_users = {users} (the descriptor delivers only values > 1000)");
+    }
+    let (mut cpu, mut mem, mut kpi) = (false, false, false);
+    watch_until(
+        stack,
+        &mut public,
+        |_, c| {
+            for s in &c.samples {
+                if s.data_point.as_str() == "kpi.web.current_users" {
+                    if s.value.as_f64() == Some(12.0) {
+                        kpi = false;
+                        return true;
+                    }
+                    kpi = true;
+                }
+            }
+            for p in &c.processed {
+                cpu |= p.data_point.as_str() == "cpu.utilisation";
+                mem |= p.data_point.as_str() == "mem.allocated_bytes";
+            }
+            cpu && mem && kpi
+        },
+        "CPU, memory and the KPI",
+    )
+    .await?;
+    if !kpi {
+        return Err("the predicate let current_users = 12 through".into());
+    }
+    let usage = ops(&op_a, "a", "usage", json!({"vm": "shop-web"})).await?;
+    println!(
+        "   a's accounting so far: {} batches, {:.6} GiB-hours of memory",
+        usage["batches"],
+        usage["memory_gib_hours"].as_f64().unwrap_or(0.0)
+    );
 
     say("Control interface: the primary pauses and resumes the VM two hops away");
     for transition in ["pause", "resume"] {
@@ -146,22 +336,26 @@ async fn walk(stack: &Stack) -> Result<(), String> {
         "   eviction notice {} sent to {}",
         notice["notice"], notice["sent_to"]
     );
+    // b, the site that delegated the VM, acts as Controller: follow its migration.
     let deadline = std::time::Instant::now() + STEP_TIMEOUT;
-    loop {
+    let before = view(&op_b, "b", "shop-web").await?["migrations"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let migration = loop {
         let v = view(&op_b, "b", "shop-web").await?;
-        if v["next_hop"] == format!("site:{y}") && v["phase"] == "placed" {
-            if let Some(m) = v["migrations"].as_array().and_then(|m| m.last()) {
-                println!(
-                    "   b migrated it ({} bytes moved {x} -> {y} directly)",
-                    m["bytes_done"]
-                );
-            }
-            break;
+        if let Some(m) = v["migrations"].as_array().and_then(|m| m.get(before)) {
+            break m["migration"].as_str().unwrap_or_default().to_string();
         }
         if std::time::Instant::now() > deadline {
-            return Err(format!("the VM did not move to {y}: {v}"));
+            return Err(format!("b did not start moving the VM: {v}"));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("   b is the Controller of migration {migration}, {x} -> {y} directly:");
+    follow(&op_b, "b", &migration, ci).await?;
+    let v = view(&op_b, "b", "shop-web").await?;
+    if v["next_hop"] != format!("site:{y}") {
+        return Err(format!("the VM did not move to {y}: {v}"));
     }
     show_chain(stack, "shop-web", &["a", "b", "c", "d"]).await?;
     let q = ops(
@@ -174,6 +368,48 @@ async fn walk(stack: &Stack) -> Result<(), String> {
     println!("   state seen from a: {}", q["state"]);
     if q["state"] != "enabled" {
         return Err(format!("the VM is not running after the eviction: {q}"));
+    }
+
+    say("Monitoring follows the VM: same subject, new producer, nothing to change at a");
+    let mount = stack.kpi_root(y, &format!("{y}-host")).join("shop-web");
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    while !mount.join("unencrypted").is_dir() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("no KPI filesystem at {}", mount.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(
+        mount.join("unencrypted").join("web"),
+        "current_users\n2048\n",
+    )
+    .map_err(|e| format!("writing a KPI report at {y}: {e}"))?;
+    println!("   the application, now at {y}, writes current_users = 2048");
+    watch_until(
+        stack,
+        &mut public,
+        |_, c| {
+            c.samples.iter().any(|s| {
+                s.data_point.as_str() == "kpi.web.current_users" && s.value.as_f64() == Some(2048.0)
+            })
+        },
+        "the KPI from the new site",
+    )
+    .await?;
+
+    say("Usage, from a's accounting stream (the paper's billing purpose)");
+    let u = ops(&op_a, "a", "usage", json!({"vm": "shop-web"})).await?;
+    println!(
+        "   {} batches, {} samples: {:.6} CPU core-hours, {:.6} GiB-hours, {} bytes read, {} bytes sent",
+        u["batches"],
+        u["samples"],
+        u["cpu_core_hours"].as_f64().unwrap_or(0.0),
+        u["memory_gib_hours"].as_f64().unwrap_or(0.0),
+        u["disk_read_bytes"],
+        u["net_tx_bytes"]
+    );
+    if u["batches"].as_u64().unwrap_or(0) == 0 {
+        return Err(format!("a holds no accounting for the VM: {u}"));
     }
     Ok(())
 }
@@ -193,6 +429,15 @@ fn cheat_sheet(stack: &Stack) {
     println!("   {nubis} vm status shop-web");
     println!("   {nubis} vm control shop-web pause");
     println!("   {nubis} vm migrate shop-web");
+    println!(
+        "   {nubis} watch shop-web --key {}",
+        stack.root().join("a.key").display()
+    );
+    println!("   {nubis} usage shop-web");
+    println!("   {nubis} image list");
+    println!(
+        "   nats --server {url} --user {user} --password {password} sub 'nubis.mon.a.shop-web.>'"
+    );
     println!(
         "   nats --server {url} --user {user} --password {password} req nubis.ops.a.status '{{}}'"
     );
@@ -257,7 +502,7 @@ async fn main() -> ExitCode {
             stack.fed.site_url(s).unwrap_or_default()
         );
     }
-    let result = walk(&stack).await;
+    let result = walk(&stack, ci).await;
     match &result {
         Ok(()) => say("Every step held"),
         Err(e) => say(&format!("FAILED: {e}")),
