@@ -792,15 +792,15 @@ async fn cli_watch_and_usage() {
         "{} is missing: build it with `cargo build -p nubis-cli`",
         cli.display()
     );
+    // The site daemons run on this test's runtime: the CLI runs without blocking it.
     let nubis = |args: &[&str]| {
-        std::process::Command::new(&cli)
-            .args(args)
+        let mut cmd = tokio::process::Command::new(&cli);
+        cmd.args(args)
             .env("NUBIS_SITE", "a")
             .env("NUBIS_NATS_URL", &url)
             .env("NUBIS_NATS_USER", &user)
-            .env("NUBIS_NATS_PASSWORD", &password)
-            .output()
-            .unwrap()
+            .env("NUBIS_NATS_PASSWORD", &password);
+        async move { cmd.output().await.unwrap() }
     };
     let key = stack.root().join("a.key");
     let out = nubis(&[
@@ -813,7 +813,8 @@ async fn cli_watch_and_usage() {
         "--json",
         "--key",
         key.to_str().unwrap(),
-    ]);
+    ])
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -838,12 +839,13 @@ async fn cli_watch_and_usage() {
         "--idle-timeout",
         "30",
         "--json",
-    ]);
+    ])
+    .await;
     let line: Json =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
     assert_eq!(line["vm"], "vm-c");
 
-    let out = nubis(&["usage", "vm-c", "--json"]);
+    let out = nubis(&["usage", "vm-c", "--json"]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -854,16 +856,71 @@ async fn cli_watch_and_usage() {
     assert!(usage["memory_gib_hours"].as_f64().unwrap() > 0.0, "{usage}");
     assert!(usage["cpu_core_hours"].as_f64().unwrap() >= 0.0, "{usage}");
 
-    let out = nubis(&["usage", "no-such-vm"]);
+    // `nubis image put` uploads into a's image store, checked by digest; `image list` shows it.
+    let image = stack.root().join("upload.raw");
+    let data: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&image, &data).unwrap();
+    let out = nubis(&[
+        "image",
+        "put",
+        image.to_str().unwrap(),
+        "--name",
+        "web.raw",
+        "--json",
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let put: Json = serde_json::from_slice(&out.stdout).unwrap();
+    use sha2::Digest as _;
+    assert_eq!(
+        put["image"]["sha256"],
+        hex::encode(sha2::Sha256::digest(&data)),
+        "{put}"
+    );
+    assert_eq!(
+        std::fs::read(stack.image_store("a").join("web.raw")).unwrap(),
+        data
+    );
+    let out = nubis(&["image", "list", "--json"]).await;
+    let list: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        list["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "web.raw" && i["bytes"] == data.len()),
+        "{list}"
+    );
+    let out = nubis(&["image", "put", image.to_str().unwrap(), "--name", "web.raw"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "an existing image is not replaced without --force"
+    );
+    let out = nubis(&[
+        "image",
+        "put",
+        image.to_str().unwrap(),
+        "--name",
+        "../escape",
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = nubis(&["usage", "no-such-vm"]).await;
     assert_eq!(
         out.status.code(),
         Some(3),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = nubis(&["usage", "vm-c", "--from", "10", "--to", "5"]);
+    let out = nubis(&["usage", "vm-c", "--from", "10", "--to", "5"]).await;
     assert_eq!(out.status.code(), Some(2));
-    let out = nubis(&["watch", "vm-c", "--key", "/nonexistent.key", "--count", "1"]);
+    let out = nubis(&["watch", "vm-c", "--key", "/nonexistent.key", "--count", "1"]).await;
     assert_eq!(out.status.code(), Some(2));
     stack.shutdown().await;
 }

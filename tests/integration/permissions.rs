@@ -399,7 +399,7 @@ async fn host_agents_and_site_internal_traffic_stay_inside_their_site() {
     let mut fed_b = admin_b.subscribe("nubis.fed.>").await.unwrap();
     let mut mon_b = admin_b.subscribe("nubis.mon.>").await.unwrap();
     round_trip(&admin_b).await;
-    await_interest(&host_a, "nubis.mon.a.vm-1.infra.probe", &mut mon_b).await;
+    await_interest(&site_a, "nubis.mon.a.vm-1.infra.probe", &mut mon_b).await;
     let mut internal_a = site_a.subscribe("nubis.site.a.>").await.unwrap();
     round_trip(&site_a).await;
 
@@ -417,12 +417,19 @@ async fn host_agents_and_site_internal_traffic_stay_inside_their_site() {
         .publish("nubis.site.b.host.h1.capacity", "into b".into())
         .await
         .unwrap();
-    // Allowed: its monitoring event, which B receives; it is the marker for the above.
+    // Denied: monitoring events straight from a host (hosts hand batches to their site, which
+    // signs them).
     host_a
-        .publish("nubis.mon.a.vm-1.infra.cpu", "marker".into())
+        .publish("nubis.mon.a.vm-1.infra.cpu", "from a host".into())
         .await
         .unwrap();
     round_trip(&host_a).await;
+    // The site's monitoring event crosses to B; it is the marker for the above.
+    site_a
+        .publish("nubis.mon.a.vm-1.infra.cpu", "marker".into())
+        .await
+        .unwrap();
+    round_trip(&site_a).await;
 
     let capacity = tokio::time::timeout(DEFAULT_TIMEOUT, internal_a.next())
         .await

@@ -329,7 +329,18 @@ async fn the_operator_api_is_a_nats_micro_service() {
         .filter_map(|e| e["name"].as_str())
         .collect();
     let all = [
-        "status", "sites", "vms", "deploy", "migrate", "evict", "control", "cancel",
+        "status",
+        "sites",
+        "vms",
+        "deploy",
+        "migrate",
+        "evict",
+        "control",
+        "cancel",
+        "usage",
+        "monitoring",
+        "images",
+        "image_put",
     ];
     assert_eq!(names.len(), all.len(), "{info}");
     for name in all {

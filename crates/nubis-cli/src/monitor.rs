@@ -1,8 +1,9 @@
 //! `nubis watch` and `nubis usage`: the operator as a monitoring Consumer (paper section IV).
 //!
 //! `watch` subscribes to a VM's monitoring subjects like any service would (`subjects.md`,
-//! section 9): it verifies every batch against the sender's public key (read from the
-//! directory, self-signed entry checked), refuses stale and replayed batches, and opens sealed
+//! section 9): it verifies every batch against the sender's public key (as the operator's own
+//! site knows it: pinned for partners, from the directory otherwise), refuses stale and replayed
+//! batches, and opens sealed
 //! payloads when given the primary site's key file. `usage` asks the site for the usage report it
 //! computes from its accounting stream.
 
@@ -10,14 +11,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use clap::Args;
 use futures::StreamExt as _;
-use nubis_protocol::envelope::{now_ms, SignedEnvelope, Verifier};
-use nubis_protocol::identity::SiteIdentity;
-use nubis_protocol::message::{BatchPayload, ClearPayload, MonitoringBatch, SiteEntry, Value};
+use nubis_protocol::envelope::{now_ms, SignedEnvelope, Verifier, DEFAULT_FRESHNESS_MS};
+use nubis_protocol::identity::{parse_signing_key, SiteIdentity};
+use nubis_protocol::message::{BatchPayload, ClearPayload, MonitoringBatch, Value};
 use nubis_protocol::replay::ReplayCache;
-use nubis_protocol::subject::{DirectoryKey, OpsEndpoint, Subject, DIRECTORY_BUCKET};
+use nubis_protocol::subject::{OpsEndpoint, Subject};
 use nubis_protocol::{codec, SiteId, VmId};
 use serde_json::{json, Value as Json};
 
@@ -40,9 +40,6 @@ pub struct WatchArgs {
     /// Stop after this many seconds without any batch (default: wait forever).
     #[arg(long)]
     pub idle_timeout: Option<u64>,
-    /// The hub's JetStream domain, where the directory lives.
-    #[arg(long, default_value = "hub")]
-    pub hub_domain: String,
     #[command(flatten)]
     pub conn: Connection,
 }
@@ -107,42 +104,45 @@ pub fn print_usage(v: &Json) {
     );
 }
 
-/// Keys of the senders seen so far, read from the directory on first sight.
+/// Verifiers for the senders of batches, with the keys the operator's own site vouches for:
+/// its own key, its partners' pinned keys, and the directory keys of other sites.
 struct Keys {
-    kv: jetstream::kv::Store,
-    own: SiteId,
     verifiers: BTreeMap<String, Verifier>,
 }
 
 impl Keys {
-    /// The verifier for batches from `site`: its key comes from its directory entry, whose
-    /// self-signature is checked.
-    async fn verifier(&mut self, site: &str) -> Result<&Verifier, String> {
-        if !self.verifiers.contains_key(site) {
-            let id = SiteId::new(site).map_err(|e| format!("sender {site:?}: {e}"))?;
-            let key = DirectoryKey::site(&id);
-            let raw = self
-                .kv
-                .get(key.as_str())
-                .await
-                .map_err(|e| format!("cannot read {key} from the directory: {e}"))?
-                .ok_or_else(|| format!("site {site} is not in the directory"))?;
-            let env = SignedEnvelope::decode(&raw).map_err(|e| format!("{key}: {e}"))?;
-            let entry: SiteEntry =
-                codec::from_slice(&env.body).map_err(|e| format!("{key}: {e}"))?;
-            let signing = ed25519_dalek::VerifyingKey::from_bytes(&entry.signing_key)
-                .map_err(|e| format!("{key}: bad signing key: {e}"))?;
-            let replay = ReplayCache::temporary(2 * nubis_protocol::envelope::DEFAULT_FRESHNESS_MS)
-                .map_err(|e| format!("replay cache: {e}"))?;
-            let verifier = Verifier::new(self.own.clone(), [(id.clone(), signing)], replay);
-            verifier
-                .open_record(&raw, key.subject().as_str())
-                .map_err(|e| format!("{key}: the entry is not signed by {site}: {e}"))?;
-            self.verifiers.insert(site.to_string(), verifier);
+    async fn from_site(conn: &Connection, own: &SiteId) -> Result<Self, OpsFailure> {
+        let status = call(conn, OpsEndpoint::Status, json!({})).await?;
+        let sites = call(conn, OpsEndpoint::Sites, json!({})).await?;
+        let mut texts = vec![(
+            own.to_string(),
+            status["signing_key"].as_str().map(str::to_string),
+        )];
+        for s in sites["sites"].as_array().into_iter().flatten() {
+            texts.push((
+                s["site"].as_str().unwrap_or_default().to_string(),
+                s["signing_key"].as_str().map(str::to_string),
+            ));
         }
+        let mut verifiers = BTreeMap::new();
+        for (site, text) in texts {
+            let (Ok(id), Some(text)) = (SiteId::new(&site), text) else {
+                continue;
+            };
+            let key = parse_signing_key(&text, &site).map_err(|e| {
+                OpsFailure::Internal(format!("site {own} gave an unusable key for {site}: {e}"))
+            })?;
+            let replay = ReplayCache::temporary(2 * DEFAULT_FRESHNESS_MS)
+                .map_err(|e| OpsFailure::Internal(format!("replay cache: {e}")))?;
+            verifiers.insert(site, Verifier::new(own.clone(), [(id, key)], replay));
+        }
+        Ok(Self { verifiers })
+    }
+
+    fn verifier(&self, site: &str) -> Result<&Verifier, String> {
         self.verifiers
             .get(site)
-            .ok_or_else(|| format!("no key for {site}"))
+            .ok_or_else(|| format!("no key known for sender {site}"))
     }
 }
 
@@ -274,19 +274,8 @@ pub async fn watch(args: WatchArgs, json_out: bool) -> Result<Json, OpsFailure> 
         )));
     }
 
+    let keys = Keys::from_site(&args.conn, &own).await?;
     let client = crate::ops_client::connect(&args.conn).await?;
-    let hub = jetstream::with_domain(client.clone(), &args.hub_domain);
-    let kv = hub.get_key_value(DIRECTORY_BUCKET).await.map_err(|e| {
-        OpsFailure::Unreachable(format!(
-            "cannot open the directory in JetStream domain {}: {e}",
-            args.hub_domain
-        ))
-    })?;
-    let mut keys = Keys {
-        kv,
-        own,
-        verifiers: BTreeMap::new(),
-    };
     let filter = Subject::monitoring_vm(&primary, &vm);
     let mut sub = client
         .subscribe(filter.as_str().to_string())
@@ -314,7 +303,7 @@ pub async fn watch(args: WatchArgs, json_out: bool) -> Result<Json, OpsFailure> 
         };
         let Some(message) = next else { break };
         let subject = message.subject.to_string();
-        match open(&mut keys, &message.payload, &subject, opener.as_ref()).await {
+        match open(&keys, &message.payload, &subject, opener.as_ref()) {
             Ok(v) => {
                 shown += 1;
                 if json_out {
@@ -332,14 +321,14 @@ pub async fn watch(args: WatchArgs, json_out: bool) -> Result<Json, OpsFailure> 
     Ok(json!({"batches": shown, "dropped": dropped}))
 }
 
-async fn open(
-    keys: &mut Keys,
+fn open(
+    keys: &Keys,
     raw: &[u8],
     subject: &str,
     opener: Option<&SiteIdentity>,
 ) -> Result<Json, String> {
     let env = SignedEnvelope::decode(raw).map_err(|e| format!("malformed: {e}"))?;
-    let verifier = keys.verifier(&env.from).await?;
+    let verifier = keys.verifier(&env.from)?;
     let opened = verifier
         .open_event(raw, subject, now_ms())
         .map_err(|e| format!("refused ({}): {e}", e.code()))?;

@@ -64,6 +64,8 @@ struct StatusReply<'a> {
     partners_reachable: usize,
     hosts: Vec<String>,
     vms: usize,
+    /// The site's own signing key, `ed25519:<base64>`.
+    signing_key: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -74,6 +76,16 @@ struct SiteView {
     reachable: bool,
     heartbeat_age_ms: u64,
     proxies: Vec<String>,
+    /// The key batches and messages of the site verify against, `ed25519:<base64>`: the pinned
+    /// key of a partner, else the key of the site's directory entry.
+    signing_key: Option<String>,
+}
+
+fn key_text(bytes: &[u8; 32]) -> String {
+    format!(
+        "ed25519:{}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
+    )
 }
 
 /// The JSON answer of the `sites` endpoint.
@@ -121,6 +133,10 @@ impl<L: LocalSite> OpsContext<L> {
                 reachable: record.reachable(now, liveness),
                 heartbeat_age_ms: now.saturating_sub(record.entry.heartbeat_ms),
                 proxies: record.entry.proxies.iter().map(|p| p.to_string()).collect(),
+                signing_key: Some(match self.config.partner(site) {
+                    Some(p) => key_text(p.signing_key.as_bytes()),
+                    None => key_text(&record.entry.signing_key),
+                }),
             })
             .collect();
         // Partners under contract that never appeared are listed too: an operator wants to see them.
@@ -133,6 +149,7 @@ impl<L: LocalSite> OpsContext<L> {
                     reachable: false,
                     heartbeat_age_ms: u64::MAX,
                     proxies: Vec::new(),
+                    signing_key: Some(key_text(p.signing_key.as_bytes())),
                 });
             }
         }
@@ -299,6 +316,7 @@ impl<L: LocalSite> OpsContext<L> {
                     partners_reachable: sites.iter().filter(|s| s.partner && s.reachable).count(),
                     hosts: self.config.hosts.iter().map(|h| h.to_string()).collect(),
                     vms: self.roles.journal.vms().map(|v| v.len()).unwrap_or(0),
+                    signing_key: key_text(self.config.identity.public().signing.as_bytes()),
                 })
             }
             OpsEndpoint::Sites => serde_json::to_vec(&SitesReply {
