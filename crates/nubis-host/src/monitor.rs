@@ -114,9 +114,18 @@ pub enum SendError {
 }
 
 impl SendError {
-    /// Whether sending the same bytes again can never succeed.
+    /// Whether sending the same bytes again can never succeed: the batch is undecodable, or
+    /// the site does not (or no longer) hold the VM — the last batches of a VM that has just
+    /// been handed over to another site arrive after its record left this site.
     fn is_permanent(&self) -> bool {
-        matches!(self, Self::Refused(e) if matches!(e.code, ErrorCode::Malformed | ErrorCode::Oversize | ErrorCode::TooDeep))
+        matches!(self, Self::Refused(e) if matches!(
+            e.code,
+            ErrorCode::Malformed
+                | ErrorCode::Oversize
+                | ErrorCode::TooDeep
+                | ErrorCode::UnknownVm
+                | ErrorCode::Refused
+        ))
     }
 }
 
@@ -661,7 +670,7 @@ impl Monitor {
             }
             Err(e) if e.is_permanent() => {
                 self.counters.dropped += 1;
-                tracing::warn!(error = %e, "monitoring batch refused for good; dropped");
+                tracing::info!(error = %e, "monitoring batch refused for good; dropped");
                 if let Some(out) = self.outbox.remove(&key) {
                     self.forget_batch(&out);
                 }
@@ -1031,13 +1040,15 @@ mod tests {
     }
 
     #[test]
-    fn only_undecodable_batches_are_given_up() {
+    fn only_undecodable_or_unheld_batches_are_given_up() {
         for (code, permanent) in [
             (ErrorCode::Malformed, true),
             (ErrorCode::Oversize, true),
             (ErrorCode::Busy, false),
             (ErrorCode::Internal, false),
-            (ErrorCode::UnknownVm, false),
+            (ErrorCode::UnknownVm, true),
+            (ErrorCode::Refused, true),
+            (ErrorCode::Timeout, false),
         ] {
             let e = SendError::Refused(ErrorReply::new(code.clone(), "x"));
             assert_eq!(e.is_permanent(), permanent, "{code}");
