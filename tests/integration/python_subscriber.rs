@@ -77,8 +77,9 @@ async fn python_subscriber_verifies_decodes_and_opens_batches() {
     }
     let fed = Federation::start_with(&binary, &["a"]).await.unwrap();
     let url = fed.site_url("a").unwrap();
-    // The batches come from a host agent; the script watches as one of the site's operators.
-    let client = fed.connect_as("a", Role::Host).await.unwrap();
+    // The batches come from the site (which signs what its host agents produce); the script
+    // watches as one of the site's operators.
+    let client = fed.connect_as("a", Role::Site).await.unwrap();
     let (user, password) = fed.credentials("a", Role::Operator).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
