@@ -44,7 +44,9 @@ use ed25519_dalek::VerifyingKey;
 use futures::StreamExt as _;
 use nubis_protocol::codec;
 use nubis_protocol::descriptor::DataPoint;
-use nubis_protocol::envelope::{self, now_ms, Addressing, EnvelopeError, SignedEnvelope, Verifier};
+use nubis_protocol::envelope::{
+    self, now_ms, Addressing, EnvelopeError, Opened, SignedEnvelope, Verifier,
+};
 use nubis_protocol::identity::SiteIdentity;
 use nubis_protocol::message::{
     BatchPayload, BatchStored, Body, ClearPayload, ErrorCode, ErrorReply, HostReply,
@@ -689,21 +691,8 @@ impl Monitoring {
             Ok(o) => o,
             Err(e) => return self.drop_batch(DropReason::of(&e), subject, &e.to_string()),
         };
-        let batch = match opened.body::<MonitoringBatch>() {
-            Ok(b) => b,
-            Err(e) => return self.drop_batch(DropReason::Malformed, subject, &e.to_string()),
-        };
-        if batch.vm != vm || batch.primary_site != primary {
-            return self.drop_batch(
-                DropReason::WrongSubject,
-                subject,
-                "batch names another VM than its subject",
-            );
-        }
-        let record = match self.record(&vm) {
-            Ok(Some(r)) if r.primary == primary => r,
-            Ok(_) => return self.drop_batch(DropReason::UnknownVm, subject, "VM not on record"),
-            Err(e) => return tracing::warn!(error = %e.message, "cannot read the VM records"),
+        let Some((batch, record)) = self.batch_on_record(&opened, subject, &primary, &vm) else {
+            return;
         };
         if record.downstream != Some(NextHop::Site(opened.from.clone())) {
             return self.drop_batch(
@@ -777,21 +766,8 @@ impl Monitoring {
                 Ok(o) => o,
                 Err(e) => return self.drop_batch(DropReason::of(&e), subject, &e.to_string()),
             };
-        let batch = match opened.body::<MonitoringBatch>() {
-            Ok(b) => b,
-            Err(e) => return self.drop_batch(DropReason::Malformed, subject, &e.to_string()),
-        };
-        if batch.vm != vm || batch.primary_site != primary {
-            return self.drop_batch(
-                DropReason::WrongSubject,
-                subject,
-                "batch names another VM than its subject",
-            );
-        }
-        let record = match self.record(&vm) {
-            Ok(Some(r)) if r.primary == primary => r,
-            Ok(_) => return self.drop_batch(DropReason::UnknownVm, subject, "VM not on record"),
-            Err(e) => return tracing::warn!(error = %e.message, "cannot read the VM records"),
+        let Some((batch, record)) = self.batch_on_record(&opened, subject, &primary, &vm) else {
+            return;
         };
         self.note_received(&vm, &self.counters.received.bus);
         match self
@@ -808,6 +784,44 @@ impl Monitoring {
             Ok(s) if !s.duplicate => self.evaluate_sla(&record, &batch).await,
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, vm.id = %vm, "batch not stored"),
+        }
+    }
+
+    /// The batch of a verified envelope, and the record of its VM: `None` (counted as dropped)
+    /// when the body is not a batch, names another VM or primary than its subject, or the VM is
+    /// not on record here with that primary.
+    fn batch_on_record(
+        &self,
+        opened: &Opened,
+        subject: &str,
+        primary: &SiteId,
+        vm: &VmId,
+    ) -> Option<(MonitoringBatch, VmRecord)> {
+        let batch = match opened.body::<MonitoringBatch>() {
+            Ok(b) => b,
+            Err(e) => {
+                self.drop_batch(DropReason::Malformed, subject, &e.to_string());
+                return None;
+            }
+        };
+        if batch.vm != *vm || batch.primary_site != *primary {
+            self.drop_batch(
+                DropReason::WrongSubject,
+                subject,
+                "batch names another VM than its subject",
+            );
+            return None;
+        }
+        match self.record(vm) {
+            Ok(Some(r)) if r.primary == *primary => Some((batch, r)),
+            Ok(_) => {
+                self.drop_batch(DropReason::UnknownVm, subject, "VM not on record");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message, "cannot read the VM records");
+                None
+            }
         }
     }
 
