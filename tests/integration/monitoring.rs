@@ -389,6 +389,28 @@ async fn bus_delivery_reaches_every_site_of_the_chain() {
     // Sequence numbers of one producer epoch never repeat on the bus.
     let ids: BTreeSet<String> = seen.iter().map(|s| s.batch.message_id()).collect();
     assert_eq!(ids.len(), seen.len());
+    // GMA: the Producer and the Consumers are registered in the directory by VM id.
+    let hub = stack.fed.connect("hub").await.unwrap();
+    let kv = jetstream::with_domain(hub, "hub")
+        .get_key_value("nubis-directory")
+        .await
+        .unwrap();
+    wait_until(LONG, "GMA registrations of vm-b", || async {
+        let mut keys = kv.keys().await.map_err(|e| e.to_string())?;
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            names.push(k.map_err(|e| e.to_string())?);
+        }
+        let has = |k: &str| names.iter().any(|n| n == k);
+        let producer = names.iter().any(|n| n.starts_with("producer.vm-b."));
+        if has("consumer.vm-b.a") && has("consumer.vm-b.b") && producer {
+            Ok(())
+        } else {
+            Err(format!("{names:?}"))
+        }
+    })
+    .await
+    .unwrap();
     for id in ["a", "b", "c"] {
         let op = stack.operator(id).await;
         wait_until(LONG, format!("bus batches stored at {id}"), || async {

@@ -49,8 +49,8 @@ use nubis_protocol::envelope::{
 };
 use nubis_protocol::identity::SiteIdentity;
 use nubis_protocol::message::{
-    BatchPayload, BatchStored, Body, ClearPayload, ErrorCode, ErrorReply, HostReply,
-    MonitoringBatch, ProducedBatch, ProducerId, ProducerRegistration,
+    BatchPayload, BatchStored, Body, ClearPayload, ConsumerRegistration, ErrorCode, ErrorReply,
+    HostReply, MonitoringBatch, ProducedBatch, ProducerId, ProducerRegistration,
 };
 use nubis_protocol::subject::{ParsedSubject, Subject};
 use nubis_protocol::{SiteId, VmId};
@@ -489,6 +489,7 @@ impl Monitoring {
                         tracing::debug!(vm.id = %key.1, subject = %subject, "monitoring subscription added");
                         let token = cancel.child_token();
                         self.spawn_loop(token.clone(), sub, Path::Bus);
+                        self.register_consumer(&key.1);
                         held.insert(key, token);
                     }
                     Err(e) => {
@@ -497,6 +498,23 @@ impl Monitoring {
                 }
             }
         }
+    }
+
+    /// Registers this site as a GMA Consumer of `vm`'s monitoring in the directory (best
+    /// effort, in the background: the subscription does not wait for the hub).
+    fn register_consumer(&self, vm: &VmId) {
+        let registration = ConsumerRegistration {
+            consumer_site: self.site.clone(),
+            vm: vm.clone(),
+            data_points: Vec::new(),
+            heartbeat_ms: now_ms(),
+        };
+        let directory = self.deps.directory.clone();
+        self.tracker.spawn(async move {
+            if let Err(e) = directory.register_consumer(&registration).await {
+                tracing::warn!(error = %e, vm.id = %registration.vm, "cannot register as consumer");
+            }
+        });
     }
 
     /// Counts an accepted batch of `vm` on `path`.
