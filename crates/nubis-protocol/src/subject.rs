@@ -382,6 +382,28 @@ impl Subject {
         Self(format!("nubis.relay.{site}.>"))
     }
 
+    /// The primary site, VM and data point of a relay subject addressed to `to`; `None` for
+    /// any other subject, or one not in the exact form [`Subject::monitoring_relay`] builds.
+    pub fn parse_monitoring_relay(to: &SiteId, subject: &str) -> Option<(SiteId, VmId, DataPoint)> {
+        let tail = subject.strip_prefix(&format!("nubis.relay.{to}."))?;
+        let ParsedSubject::Monitoring {
+            primary,
+            vm,
+            data_point,
+        } = Self::parse(&format!("nubis.mon.{tail}")).ok()?
+        else {
+            return None;
+        };
+        (Self::monitoring_relay(to, &primary, &vm, &data_point).as_str() == subject)
+            .then_some((primary, vm, data_point))
+    }
+
+    /// `nubis.events.<site>.sla.<vm>`: where a site publishes the SLA events of a VM. Never
+    /// leaves the site (the leaf connection denies `nubis.events.>`).
+    pub fn sla_event(site: &SiteId, vm: &VmId) -> Self {
+        Self(format!("nubis.events.{site}.sla.{vm}"))
+    }
+
     /// `nubis.site.<site>.mon.intake`: host agents hand their batches to the site here.
     pub fn monitoring_intake(site: &SiteId) -> Self {
         Self(format!("nubis.site.{site}.mon.intake"))
@@ -722,6 +744,43 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn relay_subjects_are_parsed_only_when_addressed_here_and_exact() {
+        let b = site("b");
+        let vm = VmId::new("vm-1").unwrap();
+        for dp in ["cpu.cores", "kpi.web.current_users"] {
+            let dp = DataPoint::new(dp).unwrap();
+            let s = Subject::monitoring_relay(&b, &site("a"), &vm, &dp);
+            assert_eq!(
+                Subject::parse_monitoring_relay(&b, s.as_str()),
+                Some((site("a"), vm.clone(), dp.clone()))
+            );
+            assert_eq!(
+                Subject::parse_monitoring_relay(&site("c"), s.as_str()),
+                None
+            );
+        }
+        for bad in [
+            "nubis.relay.b",
+            "nubis.relay.b.a.vm-1",
+            "nubis.relay.b.a.vm-1.other.x",
+            "nubis.relay.b.a.vm-1.infra.kpi.x",
+            "nubis.mon.a.vm-1.infra.cpu",
+            "nubis.relay.bb.a.vm-1.infra.cpu",
+        ] {
+            assert_eq!(Subject::parse_monitoring_relay(&b, bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn sla_events_stay_on_a_site_subject() {
+        let vm = VmId::new("web-1").unwrap();
+        assert_eq!(
+            Subject::sla_event(&site("a"), &vm).as_str(),
+            "nubis.events.a.sla.web-1"
+        );
     }
 
     #[test]

@@ -80,12 +80,6 @@ const CONCURRENCY: usize = 64;
 /// the range finds the sample before it.
 pub const USAGE_LOOKBACK_MS: u64 = 15 * 60 * 1000;
 
-/// `nubis.events.<site>.sla.<vm>`: where a site publishes its SLA events. The subject never
-/// leaves the site: the leaf connection denies `nubis.events.>` and the hub allows none of it.
-pub fn sla_event_subject(site: &SiteId, vm: &VmId) -> String {
-    format!("nubis.events.{site}.sla.{vm}")
-}
-
 /// Why the monitoring service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum MonitoringError {
@@ -193,25 +187,6 @@ pub fn check_intake(record: Option<&VmRecord>, batch: &MonitoringBatch) -> Resul
         return Err(DropReason::Refused);
     }
     Ok(())
-}
-
-/// The primary site, VM and data point of a relay subject addressed to `site`.
-pub fn parse_relay_subject(site: &SiteId, subject: &str) -> Option<(SiteId, VmId, DataPoint)> {
-    let all = Subject::monitoring_relay_all(site);
-    let prefix = all.as_str().strip_suffix('>')?;
-    let tail = subject.strip_prefix(prefix)?;
-    let public = format!("nubis.mon.{tail}");
-    let ParsedSubject::Monitoring {
-        primary,
-        vm,
-        data_point,
-    } = Subject::parse(&public).ok()?
-    else {
-        return None;
-    };
-    // Only the exact form this site's partners build is accepted.
-    (Subject::monitoring_relay(site, &primary, &vm, &data_point).as_str() == subject)
-        .then_some((primary, vm, data_point))
 }
 
 /// The key that verifies `from`'s batches: its pinned partner key, else its directory entry's.
@@ -702,7 +677,8 @@ impl Monitoring {
 
     /// A batch relayed to this site by the VM's downstream partner.
     async fn relay(&self, subject: &str, payload: &[u8]) {
-        let Some((primary, vm, data_point)) = parse_relay_subject(&self.site, subject) else {
+        let Some((primary, vm, data_point)) = Subject::parse_monitoring_relay(&self.site, subject)
+        else {
             return self.drop_batch(DropReason::WrongSubject, subject, "not a relay subject");
         };
         let opened = match self.deps.verifier.open_request(payload, subject, now_ms()) {
@@ -888,10 +864,15 @@ impl Monitoring {
     async fn raise(&self, event: SlaEvent) {
         self.counters.sla_events.fetch_add(1, Ordering::Relaxed);
         tracing::info!(rule = %event.rule, vm.id = %event.vm, value = event.value, "SLA rule fired");
-        let subject = sla_event_subject(&self.site, &event.vm);
+        let subject = Subject::sla_event(&self.site, &event.vm);
         match serde_json::to_vec(&event) {
             Ok(json) => {
-                if let Err(e) = self.deps.internal.publish(subject, json.into()).await {
+                if let Err(e) = self
+                    .deps
+                    .internal
+                    .publish(String::from(subject), json.into())
+                    .await
+                {
                     tracing::warn!(error = %e, "cannot publish SLA event");
                 }
             }
@@ -1105,31 +1086,6 @@ mod tests {
         assert_eq!(check_intake(Some(&local), &batch("a")), Ok(()));
     }
 
-    #[test]
-    fn relay_subjects_are_parsed_only_when_addressed_here_and_exact() {
-        let b = site("b");
-        let cpu = DataPoint::new("cpu.cores").unwrap();
-        let kpi = DataPoint::new("kpi.web.current_users").unwrap();
-        for dp in [cpu, kpi] {
-            let s = Subject::monitoring_relay(&b, &site("a"), &vm("vm-1"), &dp);
-            assert_eq!(
-                parse_relay_subject(&b, s.as_str()),
-                Some((site("a"), vm("vm-1"), dp.clone()))
-            );
-            assert_eq!(parse_relay_subject(&site("c"), s.as_str()), None);
-        }
-        for bad in [
-            "nubis.relay.b",
-            "nubis.relay.b.a.vm-1",
-            "nubis.relay.b.a.vm-1.other.x",
-            "nubis.relay.b.a.vm-1.infra.kpi.x",
-            "nubis.mon.a.vm-1.infra.cpu",
-            "nubis.relay.bb.a.vm-1.infra.cpu",
-        ] {
-            assert_eq!(parse_relay_subject(&b, bad), None, "{bad}");
-        }
-    }
-
     fn config_with_partner(own: &str, partner: &SiteIdentity) -> SiteConfig {
         SiteConfig {
             site: site(own),
@@ -1230,13 +1186,5 @@ mod tests {
         assert_eq!(counters.dropped(DropReason::Forged), 0);
         let names: HashSet<&str> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), DropReason::ALL.len());
-    }
-
-    #[test]
-    fn sla_events_stay_on_a_site_subject() {
-        assert_eq!(
-            sla_event_subject(&site("a"), &vm("web-1")),
-            "nubis.events.a.sla.web-1"
-        );
     }
 }
