@@ -175,8 +175,11 @@ pub fn target(policy: Delivery, site: &SiteId, record: &VmRecord) -> Option<Targ
     record.upstream.clone().map(Target::Relay)
 }
 
-/// Checks a produced batch against this site's record of its VM.
-pub fn check_intake(record: Option<&VmRecord>, batch: &MonitoringBatch) -> Result<(), DropReason> {
+/// Checks a produced batch against this site's record of its VM; returns that record.
+pub fn check_intake<'r>(
+    record: Option<&'r VmRecord>,
+    batch: &MonitoringBatch,
+) -> Result<&'r VmRecord, DropReason> {
     let Some(record) = record else {
         return Err(DropReason::UnknownVm);
     };
@@ -186,7 +189,7 @@ pub fn check_intake(record: Option<&VmRecord>, batch: &MonitoringBatch) -> Resul
     if record.primary != batch.primary_site {
         return Err(DropReason::Refused);
     }
-    Ok(())
+    Ok(record)
 }
 
 /// The key that verifies `from`'s batches: its pinned partner key, else its directory entry's.
@@ -589,31 +592,34 @@ impl Monitoring {
         })?;
         let ProducedBatch { data_point, batch } = produced;
         let record = self.record(&batch.vm)?;
-        if let Err(reason) = check_intake(record.as_ref(), &batch) {
-            self.counters.drop_for(reason);
-            return Err(match reason {
-                DropReason::Refused => ErrorReply::new(
-                    ErrorCode::Refused,
-                    format!(
-                        "VM {} has primary site {}, not {}",
-                        batch.vm,
-                        record.map(|r| r.primary.to_string()).unwrap_or_default(),
-                        batch.primary_site
+        let record = match check_intake(record.as_ref(), &batch) {
+            Ok(r) => r,
+            Err(reason) => {
+                self.counters.drop_for(reason);
+                return Err(match reason {
+                    DropReason::Refused => ErrorReply::new(
+                        ErrorCode::Refused,
+                        format!(
+                            "VM {} has primary site {}, not {}",
+                            batch.vm,
+                            record
+                                .as_ref()
+                                .map(|r| r.primary.to_string())
+                                .unwrap_or_default(),
+                            batch.primary_site
+                        ),
                     ),
-                ),
-                _ => ErrorReply::new(
-                    ErrorCode::UnknownVm,
-                    format!("VM {} does not run on a host of this site", batch.vm),
-                ),
-            });
-        }
-        let Some(record) = record else {
-            return Err(ErrorReply::new(ErrorCode::UnknownVm, "VM is not known"));
+                    _ => ErrorReply::new(
+                        ErrorCode::UnknownVm,
+                        format!("VM {} does not run on a host of this site", batch.vm),
+                    ),
+                });
+            }
         };
         self.note_received(&batch.vm, &self.counters.received.intake);
         // Delivered before it is stored: if the site stops in between, the host agent resends
         // and the next hop de-duplicates, where storing first could lose the delivery.
-        let target = target(self.deps.config.monitoring.delivery, &self.site, &record);
+        let target = target(self.deps.config.monitoring.delivery, &self.site, record);
         let envelope = self
             .deliver(target.as_ref(), &data_point, &batch)
             .await
@@ -626,7 +632,7 @@ impl Monitoring {
             .map_err(|e: AccountingError| internal_error(e))?;
         self.register_producer(&batch, &data_point);
         if !stored.duplicate {
-            self.evaluate_sla(&record, &batch).await;
+            self.evaluate_sla(record, &batch).await;
         }
         Ok(BatchStored {
             producer: batch.producer,
@@ -1083,7 +1089,7 @@ mod tests {
             check_intake(Some(&local), &batch("z")),
             Err(DropReason::Refused)
         );
-        assert_eq!(check_intake(Some(&local), &batch("a")), Ok(()));
+        assert_eq!(check_intake(Some(&local), &batch("a")), Ok(&local));
     }
 
     fn config_with_partner(own: &str, partner: &SiteIdentity) -> SiteConfig {
