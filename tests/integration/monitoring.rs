@@ -4,7 +4,6 @@
 //! site daemons, Transfer proxies, host agents on libvirt's test driver, FUSE KPI mounts.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -80,11 +79,6 @@ async fn wait_migration(op: &async_nats::Client, site: &str, migration: &str, wa
     .await
     .unwrap();
     assert_eq!(end["phase"], want, "{end}");
-}
-
-/// The KPI filesystem the host agent mounted for `vm`.
-fn kpi_mount(stack: &Stack, site: &str, host: &str, vm: &str) -> PathBuf {
-    stack.kpi_root(site, host).join(vm)
 }
 
 /// Writes one KPI report into the VM's mount, as the application in the VM would.
@@ -206,16 +200,7 @@ async fn relay_delivery_reaches_every_site_and_follows_a_migration() {
     .await;
 
     // Infrastructure batches arrive on the public subject, signed by the primary only.
-    let mount = kpi_mount(&stack, "c", "c1", "vm-r");
-    wait_until(LONG, "KPI mount at c", || async {
-        if mount.join("unencrypted").is_dir() {
-            Ok(())
-        } else {
-            Err(format!("{} not mounted", mount.display()))
-        }
-    })
-    .await
-    .unwrap();
+    let mount = stack.wait_kpi_mount("c", "c1", "vm-r", LONG).await.unwrap();
     write_kpi(&mount, "web", "current_users\n42\n");
     let seen = collect(&stack, &mut public, "relay batches at a", |s| {
         let cpu = s
@@ -332,16 +317,7 @@ async fn relay_delivery_reaches_every_site_and_follows_a_migration() {
     })
     .await;
     assert!(after.iter().all(|s| s.from == "a"));
-    let mount_d = kpi_mount(&stack, "d", "d1", "vm-r");
-    wait_until(LONG, "KPI mount at d", || async {
-        if mount_d.join("unencrypted").is_dir() {
-            Ok(())
-        } else {
-            Err("not yet".to_string())
-        }
-    })
-    .await
-    .unwrap();
+    let mount_d = stack.wait_kpi_mount("d", "d1", "vm-r", LONG).await.unwrap();
     write_kpi(&mount_d, "web", "current_users\n77\n");
     collect(&stack, &mut public, "KPI from d", |s| {
         kpi_values(s, "kpi.web.current_users").contains(&77.0)
@@ -457,16 +433,7 @@ async fn specifiers_deliver_exactly_what_they_promise() {
         ),
     )
     .await;
-    let mount = kpi_mount(&stack, "a", "h1", "vm-s");
-    wait_until(LONG, "KPI mount", || async {
-        if mount.join("unencrypted").is_dir() {
-            Ok(())
-        } else {
-            Err("not yet".to_string())
-        }
-    })
-    .await
-    .unwrap();
+    let mount = stack.wait_kpi_mount("a", "h1", "vm-s", LONG).await.unwrap();
     for v in [5, 9, 1, 14, 3, 8, 2, 11] {
         write_kpi(&mount, "web", &format!("current_users\n{v}\n"));
         tokio::time::sleep(Duration::from_millis(150)).await;

@@ -140,6 +140,26 @@ impl Stack {
         self.path(&format!("{site}-{host}-kpi"))
     }
 
+    /// Waits up to `timeout` until the host agent `host` of `site` has mounted the KPI
+    /// filesystem of `vm`; returns the mount point.
+    pub async fn wait_kpi_mount(
+        &self,
+        site: &str,
+        host: &str,
+        vm: &str,
+        timeout: std::time::Duration,
+    ) -> Result<PathBuf, String> {
+        let mount = self.kpi_root(site, host).join(vm);
+        let deadline = std::time::Instant::now() + timeout;
+        while !mount.join("unencrypted").is_dir() {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("no KPI filesystem at {}", mount.display()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Ok(mount)
+    }
+
     fn spec(&self, site: &str) -> SiteSpec {
         self.specs.iter().find(|s| s.id == site).unwrap().clone()
     }

@@ -259,14 +259,9 @@ async fn walk(stack: &Stack, ci: bool) -> Result<(), String> {
     say(&format!(
         "Monitoring: {x} measures the VM and reads its KPI files; batches reach a through b"
     ));
-    let mount = stack.kpi_root(x, &format!("{x}-host")).join("shop-web");
-    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
-    while !mount.join("unencrypted").is_dir() {
-        if std::time::Instant::now() > deadline {
-            return Err(format!("no KPI filesystem at {}", mount.display()));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mount = stack
+        .wait_kpi_mount(x, &format!("{x}-host"), "shop-web", STEP_TIMEOUT)
+        .await?;
     println!(
         "   the application writes KPI reports into {}",
         mount.display()
@@ -371,14 +366,9 @@ async fn walk(stack: &Stack, ci: bool) -> Result<(), String> {
     }
 
     say("Monitoring follows the VM: same subject, new producer, nothing to change at a");
-    let mount = stack.kpi_root(y, &format!("{y}-host")).join("shop-web");
-    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
-    while !mount.join("unencrypted").is_dir() {
-        if std::time::Instant::now() > deadline {
-            return Err(format!("no KPI filesystem at {}", mount.display()));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mount = stack
+        .wait_kpi_mount(y, &format!("{y}-host"), "shop-web", STEP_TIMEOUT)
+        .await?;
     std::fs::write(
         mount.join("unencrypted").join("web"),
         "current_users\n2048\n",
