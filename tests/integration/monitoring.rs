@@ -151,6 +151,26 @@ fn kpi_values(seen: &[Seen], dp: &str) -> Vec<f64> {
         .collect()
 }
 
+/// Waits until `site`'s accounting stream holds at least `batches` batches of `vm` (as its
+/// `usage` endpoint counts them).
+async fn wait_stored(stack: &Stack, site: &str, vm: &str, batches: u64) {
+    let op = stack.operator(site).await;
+    wait_until(
+        LONG,
+        format!("{batches} batches of {vm} stored at {site}"),
+        || async {
+            let v = ops(&op, site, "usage", json!({"vm": vm})).await?;
+            if v["batches"].as_u64().unwrap_or(0) >= batches {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
 async fn monitoring_counters(stack: &Stack, site: &str) -> Json {
     let op = stack.operator(site).await;
     ops(&op, site, "monitoring", json!({})).await.unwrap()
@@ -257,17 +277,7 @@ async fn relay_delivery_reaches_every_site_and_follows_a_migration() {
 
     // Every site of the chain keeps the batches in its accounting stream.
     for id in ["a", "b", "c"] {
-        let op = stack.operator(id).await;
-        wait_until(LONG, format!("usage at {id}"), || async {
-            let v = ops(&op, id, "usage", json!({"vm": "vm-r"})).await?;
-            if v["batches"].as_u64().unwrap_or(0) > 0 {
-                Ok(v)
-            } else {
-                Err(v.to_string())
-            }
-        })
-        .await
-        .unwrap();
+        wait_stored(&stack, id, "vm-r", 1).await;
     }
     let usage_a = ops(&op_a, "a", "usage", json!({"vm": "vm-r"}))
         .await
@@ -388,17 +398,7 @@ async fn bus_delivery_reaches_every_site_of_the_chain() {
     .await
     .unwrap();
     for id in ["a", "b", "c"] {
-        let op = stack.operator(id).await;
-        wait_until(LONG, format!("bus batches stored at {id}"), || async {
-            let v = ops(&op, id, "usage", json!({"vm": "vm-b"})).await?;
-            if v["batches"].as_u64().unwrap_or(0) >= 2 {
-                Ok(())
-            } else {
-                Err(v.to_string())
-            }
-        })
-        .await
-        .unwrap();
+        wait_stored(&stack, id, "vm-b", 2).await;
     }
     stack.shutdown().await;
 }
