@@ -196,7 +196,7 @@ fn error_reply(code: ErrorCode, message: impl Into<String>) -> Bytes {
 }
 
 /// Displays an error with all its causes, for logs.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -51,6 +51,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::ErrorChain;
 use crate::config::HostConfig;
 use crate::engine::{MonitorQuery, MonitoredVm};
 use crate::hypervisor::HypervisorError;
@@ -746,21 +747,6 @@ async fn send(
         }
         HostReply::Ok(_) => Err(SendError::Mismatch),
         HostReply::Error(e) => Err(SendError::Refused(e)),
-    }
-}
-
-/// Displays an error with all its causes, for logs.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(c) = cause {
-            write!(f, ": {c}")?;
-            cause = c.source();
-        }
-        Ok(())
     }
 }
 
