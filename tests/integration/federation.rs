@@ -1,6 +1,6 @@
 //! Integration tests: federation. A hub and leaf-node sites as real nats-server processes; the
 //! directory's KV bucket lives in the hub's JetStream domain and every site reaches it, and a
-//! site's object store (where its transfer proxy serves VM images) is read by a partner site
+//! site's transfer bucket (where its transfer proxy serves VM images) is read by a partner site
 //! through the owner's domain.
 
 use std::time::Duration;
@@ -14,6 +14,10 @@ use nubis_testkit::{
     DEFAULT_TIMEOUT, HUB, HUB_DOMAIN, MIN_VERSION,
 };
 use tokio::io::AsyncReadExt;
+
+/// The transfer proxies' bucket: the only bucket of a site's JetStream domain that partners may
+/// read (`nats-config/hub-leaf-user.conf`).
+const TRANSFER_BUCKET: &str = "nubis-xfer";
 
 /// Bytes that differ from chunk to chunk, so a chunk delivered twice or out of order shows.
 fn image_bytes(len: usize) -> Vec<u8> {
@@ -114,9 +118,10 @@ async fn object_in_site_a_store_is_read_from_site_b_through_domain_a() {
     let eight_mb = 8 * 1024 * 1024;
     assert_eq!(client_b.server_info().max_payload, eight_mb);
 
+    // The transfer bucket: the only bucket of a site's domain that partners may read.
     let store_a = jetstream::new(client_a)
         .create_object_store(object_store::Config {
-            bucket: "images".to_owned(),
+            bucket: TRANSFER_BUCKET.to_owned(),
             ..Default::default()
         })
         .await
@@ -137,7 +142,7 @@ async fn object_in_site_a_store_is_read_from_site_b_through_domain_a() {
     assert_eq!(info.chunks, 3);
 
     let store_via_a = jetstream::with_domain(client_b.clone(), "a")
-        .get_object_store("images")
+        .get_object_store(TRANSFER_BUCKET)
         .await
         .unwrap();
     let mut object = store_via_a.get("vm-1.img").await.unwrap();
@@ -150,11 +155,11 @@ async fn object_in_site_a_store_is_read_from_site_b_through_domain_a() {
     // Site b's own domain has no such store, and a domain nobody serves answers with an error
     // rather than hanging.
     assert!(jetstream::new(client_b.clone())
-        .get_object_store("images")
+        .get_object_store(TRANSFER_BUCKET)
         .await
         .is_err());
     assert!(jetstream::with_domain(client_b, "nowhere")
-        .get_object_store("images")
+        .get_object_store(TRANSFER_BUCKET)
         .await
         .is_err());
 }
@@ -169,11 +174,32 @@ async fn site_data_survives_a_crash_and_a_restart_and_is_reachable_again() {
     let client_b = federation.connect("b").await.unwrap();
     let url_a = federation.site_url("a").unwrap();
 
-    let journal = kv_bucket(&jetstream::new(client_a), "journal").await;
+    // The site's own data (a journal) and what it serves partners (its transfer bucket).
+    let journal = kv_bucket(&jetstream::new(client_a.clone()), "journal").await;
     journal
         .put("vm-1", Bytes::from_static(b"committed"))
         .await
         .unwrap();
+    jetstream::new(client_a)
+        .create_object_store(object_store::Config {
+            bucket: TRANSFER_BUCKET.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .put("vm-1.img", &mut &b"image of vm-1"[..])
+        .await
+        .unwrap();
+    let read_via_a = |client: async_nats::Client| async move {
+        let store = jetstream::with_domain(client, "a")
+            .get_object_store(TRANSFER_BUCKET)
+            .await
+            .unwrap();
+        let mut object = store.get("vm-1.img").await.unwrap();
+        let mut read = Vec::new();
+        object.read_to_end(&mut read).await.unwrap();
+        read
+    };
 
     // A crash: while a is down, its domain does not answer partners.
     federation.kill("a").await.unwrap();
@@ -181,21 +207,15 @@ async fn site_data_survives_a_crash_and_a_restart_and_is_reachable_again() {
     assert!(federation.site_url("a").is_err());
     let mut via_a = jetstream::with_domain(client_b.clone(), "a");
     via_a.set_timeout(Duration::from_secs(2));
-    assert!(via_a.get_key_value("journal").await.is_err());
+    assert!(via_a.get_object_store(TRANSFER_BUCKET).await.is_err());
 
     federation.restart("a").await.unwrap();
     assert_eq!(federation.site_url("a").unwrap(), url_a);
-    let journal_via_a = jetstream::with_domain(client_b.clone(), "a")
-        .get_key_value("journal")
-        .await
-        .unwrap();
-    assert_eq!(
-        journal_via_a.get("vm-1").await.unwrap(),
-        Some(Bytes::from_static(b"committed"))
-    );
+    assert_eq!(read_via_a(client_b.clone()).await, b"image of vm-1");
 
     // A graceful restart of a running server keeps the data as well.
     federation.restart("a").await.unwrap();
+    assert_eq!(read_via_a(client_b).await, b"image of vm-1");
     let client_a = federation.connect("a").await.unwrap();
     let journal = jetstream::new(client_a)
         .get_key_value("journal")

@@ -515,3 +515,294 @@ async fn every_server_wants_credentials_of_its_own() {
     );
     fed.connect("hub").await.unwrap();
 }
+
+/// Whether a JetStream call through another site's domain failed (it must).
+fn refused<T: std::fmt::Debug, E>(what: &str, result: Result<T, E>) {
+    if let Ok(answer) = result {
+        panic!("{what} was allowed: {answer:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_partner_reads_only_the_transfer_bucket_of_another_site_and_administers_nothing() {
+    use async_nats::jetstream::consumer::push::OrderedConfig;
+    use async_nats::jetstream::{object_store, stream};
+    use nubis_protocol::message::{Endpoint, TransferStatus};
+    use nubis_protocol::subject::ACCOUNTING_STREAM;
+    use nubis_protocol::MigrationId;
+    use nubis_proxy::naming::{BUCKET as TRANSFER_BUCKET, STREAM as TRANSFER_STREAM};
+    use nubis_site::images::UPLOAD_BUCKET;
+
+    use crate::proxy::{
+        fetch_req, final_status, mint_receive, mint_serve, settings, sha256_file, start_proxy,
+        write_dense, Keys,
+    };
+
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
+    let keys = Keys::new(&["a", "b"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&dst).unwrap();
+
+    // What site a keeps in its own domain besides its transfer bucket (which its proxy
+    // creates): the accounting stream, the image-upload bucket and a key-value bucket.
+    let pa = start_proxy(&fed, &keys, "a", "p1", &tmp.path().join("pa"), settings()).await;
+    let pb = start_proxy(&fed, &keys, "b", "p1", &tmp.path().join("pb"), settings()).await;
+    let site_a = fed.connect("a").await.unwrap();
+    let js_a = jetstream::new(site_a.clone());
+    let accounting = js_a
+        .create_stream(stream::Config {
+            name: ACCOUNTING_STREAM.to_owned(),
+            subjects: vec!["nubis.acct.a.>".to_owned()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    js_a.publish("nubis.acct.a.vm-1.usage", "record".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let uploads = js_a
+        .create_object_store(object_store::Config {
+            bucket: UPLOAD_BUCKET.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    uploads
+        .put("base.qcow2", &mut &b"an uploaded image"[..])
+        .await
+        .unwrap();
+    let journal = js_a
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "nubis-journal".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    journal.put("vm-1", "committed".into()).await.unwrap();
+    // And at the hub, a stream other than the directory.
+    let js_hub = jetstream::new(fed.connect(nubis_testkit::HUB).await.unwrap());
+    js_hub
+        .create_stream(stream::Config {
+            name: "HUB_PRIVATE".to_owned(),
+            subjects: vec!["hub.private.>".to_owned()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    js_hub
+        .publish("hub.private.x", "hub only".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    // Allowed: b's proxy fetches a VM's file from a's transfer bucket, verified.
+    let file = src.join("disk.raw");
+    write_dense(&file, 3 * 1024 * 1024 + 17, 9);
+    let mig = MigrationId::random();
+    let served = pa
+        .mint(mint_serve(&[("disk-vda.raw", &file)], mig))
+        .await
+        .unwrap();
+    let received = pb.mint(mint_receive(&dst, mig)).await.unwrap();
+    let source = Endpoint {
+        proxy: served.proxy.clone(),
+        token: served.token,
+    };
+    let cb = keys.client("b", fed.connect("b").await.unwrap());
+    cb.fetch(pb.uri(), &fetch_req(mig, source, received.token))
+        .await
+        .unwrap();
+    let status = final_status(&cb, pb.uri(), mig, received.token).await;
+    assert!(
+        matches!(status, TransferStatus::Succeeded { .. }),
+        "{status:?}"
+    );
+    assert_eq!(sha256_file(&dst.join("disk-vda.raw")), sha256_file(&file));
+    let xfer_a = js_a.get_stream(TRANSFER_STREAM).await.unwrap();
+    let xfer_messages = xfer_a.cached_info().state.messages;
+    assert!(xfer_messages > 0);
+
+    // Denied, to b's administrator (unrestricted inside b, so the hub holds the line).
+    let admin_b = fed.connect_as("b", Role::Admin).await.unwrap();
+    let mut via_a = jetstream::with_domain(admin_b.clone(), "a");
+    via_a.set_timeout(DENIED_REQUEST);
+
+    // Listing streams or buckets, and account information.
+    refused(
+        "listing streams",
+        via_a
+            .stream_names()
+            .next()
+            .await
+            .unwrap_or(Ok(String::new())),
+    );
+    refused(
+        "listing stream infos",
+        via_a
+            .streams()
+            .next()
+            .await
+            .map(|r| r.map(|i| i.config.name))
+            .unwrap_or(Ok(String::new())),
+    );
+    // Listing buckets is listing the streams behind them: a `STREAM.NAMES` request with a
+    // subject filter, refused like the unfiltered one.
+    refused(
+        "listing object stores",
+        via_a
+            .request::<_, _, serde_json::Value>(
+                "STREAM.NAMES",
+                &serde_json::json!({ "subject": "$O.>" }),
+            )
+            .await,
+    );
+    refused(
+        "account information",
+        via_a.query_account().await.map(|_| ()),
+    );
+
+    // Creating, updating, purging or deleting streams, the transfer bucket's included.
+    refused(
+        "creating a stream",
+        via_a
+            .create_stream(stream::Config {
+                name: "FORGED".to_owned(),
+                subjects: vec!["forged.>".to_owned()],
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+    );
+    let xfer_via_a = via_a.get_stream(TRANSFER_STREAM).await.unwrap();
+    let mut bigger = xfer_via_a.cached_info().config.clone();
+    bigger.max_bytes *= 2;
+    refused(
+        "updating the transfer stream",
+        via_a.update_stream(bigger).await.map(|_| ()),
+    );
+    refused(
+        "purging the transfer stream",
+        xfer_via_a.purge().await.map(|_| ()),
+    );
+    refused(
+        "deleting a transfer chunk",
+        xfer_via_a.delete_message(1).await,
+    );
+    refused(
+        "deleting the transfer stream",
+        via_a.delete_stream(TRANSFER_STREAM).await.map(|_| ()),
+    );
+    refused(
+        "deleting the accounting stream",
+        via_a.delete_stream(ACCOUNTING_STREAM).await.map(|_| ()),
+    );
+
+    // Reading any other stream or bucket: info, stored and direct gets, consumers.
+    for name in [
+        ACCOUNTING_STREAM.to_owned(),
+        format!("OBJ_{UPLOAD_BUCKET}"),
+        "KV_nubis-journal".to_owned(),
+    ] {
+        refused(
+            &format!("info of {name}"),
+            via_a.get_stream(&name).await.map(|_| ()),
+        );
+        let other = via_a.get_stream_no_info(&name).await.unwrap();
+        refused(
+            &format!("stored get from {name}"),
+            other.get_raw_message(1).await.map(|_| ()),
+        );
+        refused(
+            &format!("direct get from {name}"),
+            other.direct_get(1).await.map(|_| ()),
+        );
+        refused(
+            &format!("a consumer on {name}"),
+            other
+                .create_consumer(OrderedConfig {
+                    deliver_subject: admin_b.new_inbox(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        );
+    }
+    refused(
+        "the image-upload bucket",
+        via_a.get_object_store(UPLOAD_BUCKET).await.map(|_| ()),
+    );
+    refused(
+        "the journal bucket",
+        via_a.get_key_value("nubis-journal").await.map(|_| ()),
+    );
+    let mut via_hub = jetstream::with_domain(admin_b.clone(), HUB_DOMAIN);
+    via_hub.set_timeout(DENIED_REQUEST);
+    refused(
+        "info of a hub stream",
+        via_hub.get_stream("HUB_PRIVATE").await.map(|_| ()),
+    );
+    refused(
+        "stored get from a hub stream",
+        via_hub
+            .get_stream_no_info("HUB_PRIVATE")
+            .await
+            .unwrap()
+            .get_raw_message(1)
+            .await
+            .map(|_| ()),
+    );
+
+    // Writing into a's buckets and streams on their own subjects. Monitoring crosses, and its
+    // event from the same publisher serves as the marker for everything before it.
+    let mut mon_a = site_a.subscribe("nubis.mon.b.>").await.unwrap();
+    round_trip(&site_a).await;
+    await_interest(&admin_b, "nubis.mon.b.vm-2.infra.probe", &mut mon_a).await;
+    for subject in [
+        format!("$O.{TRANSFER_BUCKET}.C.forged"),
+        format!("$O.{UPLOAD_BUCKET}.C.forged"),
+        "$KV.nubis-journal.vm-1".to_owned(),
+        "nubis.acct.a.vm-1.usage".to_owned(),
+        "$JS.a.API.$KV.nubis-journal.vm-1".to_owned(),
+    ] {
+        admin_b
+            .publish(subject, "forged by b".into())
+            .await
+            .unwrap();
+    }
+    admin_b
+        .publish("nubis.mon.b.vm-2.infra.cpu", "marker".into())
+        .await
+        .unwrap();
+    assert!(until_marker(&mut mon_a, "marker").await.is_empty());
+    let count = |name: &'static str| {
+        let js = js_a.clone();
+        async move {
+            js.get_stream(name)
+                .await
+                .unwrap()
+                .cached_info()
+                .state
+                .messages
+        }
+    };
+    assert_eq!(count(TRANSFER_STREAM).await, xfer_messages);
+    assert_eq!(count(ACCOUNTING_STREAM).await, 1);
+    assert_eq!(journal.get("vm-1").await.unwrap().unwrap(), "committed");
+    let mut stored = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(
+        &mut uploads.get("base.qcow2").await.unwrap(),
+        &mut stored,
+    )
+    .await
+    .unwrap();
+    assert_eq!(stored, b"an uploaded image");
+    assert_eq!(accounting.cached_info().config.name, ACCOUNTING_STREAM);
+}

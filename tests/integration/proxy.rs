@@ -32,10 +32,10 @@ fn site(s: &str) -> SiteId {
 }
 
 /// Identities of every site, and the pinned keys each site holds of the others.
-struct Keys(HashMap<String, Arc<SiteIdentity>>);
+pub(crate) struct Keys(HashMap<String, Arc<SiteIdentity>>);
 
 impl Keys {
-    fn new(sites: &[&str]) -> Self {
+    pub(crate) fn new(sites: &[&str]) -> Self {
         Self(
             sites
                 .iter()
@@ -44,11 +44,11 @@ impl Keys {
         )
     }
 
-    fn id(&self, s: &str) -> Arc<SiteIdentity> {
+    pub(crate) fn id(&self, s: &str) -> Arc<SiteIdentity> {
         self.0[s].clone()
     }
 
-    fn partners_of(&self, s: &str) -> Vec<(SiteId, nubis_proxy::VerifyingKey)> {
+    pub(crate) fn partners_of(&self, s: &str) -> Vec<(SiteId, nubis_proxy::VerifyingKey)> {
         self.0
             .iter()
             .filter(|(k, _)| k.as_str() != s)
@@ -57,7 +57,7 @@ impl Keys {
     }
 
     /// A site daemon's view: signs as the site, verifies replies with its own verifier.
-    fn client(&self, s: &str, client: async_nats::Client) -> ProxyClient {
+    pub(crate) fn client(&self, s: &str, client: async_nats::Client) -> ProxyClient {
         let mut partners: Vec<_> = self.partners_of(s);
         partners.push((site(s), self.0[s].public().signing));
         let verifier = Verifier::new(site(s), partners, ReplayCache::temporary(600_000).unwrap());
@@ -65,7 +65,7 @@ impl Keys {
     }
 }
 
-fn settings() -> TransferSettings {
+pub(crate) fn settings() -> TransferSettings {
     TransferSettings {
         chunk_size: 256 << 10,
         publish_window: 16,
@@ -77,11 +77,11 @@ fn settings() -> TransferSettings {
     }
 }
 
-fn uri(s: &str, p: &str) -> ProxyUri {
+pub(crate) fn uri(s: &str, p: &str) -> ProxyUri {
     ProxyUri::new(site(s), ProxyId::new(p).unwrap())
 }
 
-async fn start_proxy(
+pub(crate) async fn start_proxy(
     fed: &Federation,
     keys: &Keys,
     s: &str,
@@ -112,7 +112,7 @@ async fn start_proxy(
 }
 
 /// Bytes that differ everywhere, so a misplaced or repeated chunk changes the digest.
-fn noise(len: usize, seed: u32) -> Vec<u8> {
+pub(crate) fn noise(len: usize, seed: u32) -> Vec<u8> {
     let mut state = seed | 1;
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
@@ -125,7 +125,7 @@ fn noise(len: usize, seed: u32) -> Vec<u8> {
     out
 }
 
-fn write_dense(path: &Path, len: usize, seed: u32) {
+pub(crate) fn write_dense(path: &Path, len: usize, seed: u32) {
     std::fs::write(path, noise(len, seed)).unwrap();
 }
 
@@ -140,14 +140,14 @@ fn write_sparse(path: &Path, size: u64, extents: &[(u64, usize)]) {
     f.sync_all().unwrap();
 }
 
-fn sha256_file(path: &Path) -> [u8; 32] {
+pub(crate) fn sha256_file(path: &Path) -> [u8; 32] {
     let data = std::fs::read(path).unwrap();
     let mut h = nubis_proxy::hashing::LogicalHasher::new();
     h.update(0, &data).unwrap();
     h.finish(data.len() as u64).unwrap()
 }
 
-fn mint_serve(files: &[(&str, &Path)], migration: MigrationId) -> MintToken {
+pub(crate) fn mint_serve(files: &[(&str, &Path)], migration: MigrationId) -> MintToken {
     MintToken {
         migration_id: migration,
         vm: VmId::new("vm-1").unwrap(),
@@ -165,7 +165,7 @@ fn mint_serve(files: &[(&str, &Path)], migration: MigrationId) -> MintToken {
     }
 }
 
-fn mint_receive(dir: &Path, migration: MigrationId) -> MintToken {
+pub(crate) fn mint_receive(dir: &Path, migration: MigrationId) -> MintToken {
     MintToken {
         migration_id: migration,
         vm: VmId::new("vm-1").unwrap(),
@@ -177,7 +177,11 @@ fn mint_receive(dir: &Path, migration: MigrationId) -> MintToken {
     }
 }
 
-fn fetch_req(migration: MigrationId, source: Endpoint, d_tok: TransferToken) -> FetchTransfer {
+pub(crate) fn fetch_req(
+    migration: MigrationId,
+    source: Endpoint,
+    d_tok: TransferToken,
+) -> FetchTransfer {
     FetchTransfer {
         migration_id: migration,
         vm: VmId::new("vm-1").unwrap(),
@@ -187,7 +191,7 @@ fn fetch_req(migration: MigrationId, source: Endpoint, d_tok: TransferToken) -> 
 }
 
 /// Polls a proxy's status over the bus until it is final.
-async fn final_status(
+pub(crate) async fn final_status(
     c: &ProxyClient,
     at: &ProxyUri,
     migration: MigrationId,
@@ -685,9 +689,10 @@ async fn interrupted_transfer(kill: &str) {
     std::fs::create_dir_all(&dst).unwrap();
     let f = tmp.path().join("disk");
     write_dense(&f, 96 << 20, 11);
-    let store_b = tmp.path().join("sb");
-    let pa = start_proxy(&fed, &keys, "a", "p1", &tmp.path().join("sa"), settings()).await;
+    let (store_a, store_b) = (tmp.path().join("sa"), tmp.path().join("sb"));
+    let mut pa = start_proxy(&fed, &keys, "a", "p1", &store_a, settings()).await;
     let mut pb = start_proxy(&fed, &keys, "b", "p1", &store_b, settings()).await;
+    let ca = keys.client("a", fed.connect("a").await.unwrap());
     let cb = keys.client("b", fed.connect("b").await.unwrap());
     let mig = MigrationId::random();
     let s = pa.mint(mint_serve(&[("disk", &f)], mig)).await.unwrap();
@@ -714,6 +719,13 @@ async fn interrupted_transfer(kill: &str) {
             assert!(!dst.join("disk").exists());
             pb = start_proxy(&fed, &keys, "b", "p1", &store_b, settings()).await;
         }
+        "source proxy" => {
+            // Its transfer stops where it stands, as in a crash; the proxy on the same store
+            // publishes the file again, and the destination starts the file over.
+            pa.shutdown().await;
+            assert!(!dst.join("disk").exists());
+            pa = start_proxy(&fed, &keys, "a", "p1", &store_a, settings()).await;
+        }
         "source server" => {
             fed.kill("a").await.unwrap();
             assert!(!dst.join("disk").exists());
@@ -733,8 +745,15 @@ async fn interrupted_transfer(kill: &str) {
     assert!(matches!(st, TransferStatus::Succeeded { .. }), "{st:?}");
     assert_eq!(sha256_file(&dst.join("disk")), sha256_file(&f));
     assert_eq!(visible_files(&dst), ["disk"]);
+    // The source turned succeeded on the destination's acknowledgement of the same digests.
+    assert_eq!(final_status(&ca, pa.uri(), mig, s.token).await, st);
     pa.shutdown().await;
     pb.shutdown().await;
+}
+
+#[tokio::test]
+async fn source_proxy_restart_mid_transfer_ends_verified() {
+    interrupted_transfer("source proxy").await;
 }
 
 #[tokio::test]
@@ -886,4 +905,83 @@ async fn a_full_bucket_fails_the_transfer_clearly() {
     .unwrap();
     assert_eq!(bucket_messages(&fed, "a").await, 0);
     pa.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bandwidth_cap_paces_the_fetch_and_its_progress() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
+    let keys = Keys::new(&["a", "b"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("dst");
+    std::fs::create_dir_all(&dst).unwrap();
+    let f = tmp.path().join("disk");
+    let len = 6usize << 20;
+    write_dense(&f, len, 5);
+    let pa = start_proxy(&fed, &keys, "a", "p1", &tmp.path().join("sa"), settings()).await;
+    // The migration's cap is below the proxy's own (a site policy); the smaller one applies.
+    let cap: u64 = 2 << 20;
+    let burst = settings().chunk_size as u64;
+    let capped = TransferSettings {
+        max_bytes_per_sec: Some(4 * cap),
+        ..settings()
+    };
+    let pb = start_proxy(&fed, &keys, "b", "p1", &tmp.path().join("sb"), capped).await;
+    let cb = keys.client("b", fed.connect("b").await.unwrap());
+    let mig = MigrationId::random();
+    let progress_sub = fed.connect("b").await.unwrap();
+    let mut progress = progress_sub
+        .subscribe(format!("nubis.proxy.b.p1.progress.{mig}"))
+        .await
+        .unwrap();
+    progress_sub.flush().await.unwrap();
+
+    let s = pa.mint(mint_serve(&[("disk", &f)], mig)).await.unwrap();
+    let d = pb.mint(mint_receive(&dst, mig)).await.unwrap();
+    let source = Endpoint {
+        proxy: pa.uri().clone(),
+        token: s.token,
+    };
+    let started = std::time::Instant::now();
+    pb.fetch_capped(fetch_req(mig, source, d.token), Some(cap))
+        .await
+        .unwrap();
+
+    // Every progress event, when it arrives, reports no more bytes than the cap allowed since
+    // the fetch started (plus one burst).
+    let mut last = 0;
+    loop {
+        let m = tokio::time::timeout(LONG, progress.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let elapsed = started.elapsed().as_secs_f64();
+        let env = SignedEnvelope::decode(&m.payload).unwrap();
+        let p: TransferProgress = nubis_protocol::codec::from_slice(&env.body).unwrap();
+        let allowed = burst as f64 + cap as f64 * elapsed;
+        assert!(
+            p.bytes_done as f64 <= allowed,
+            "{} bytes done after {elapsed:.3} s, the cap allows {allowed:.0}",
+            p.bytes_done
+        );
+        last = last.max(p.bytes_done);
+        if p.finished {
+            break;
+        }
+    }
+    assert_eq!(last, len as u64);
+    let st = final_status(&cb, pb.uri(), mig, d.token).await;
+    assert!(matches!(st, TransferStatus::Succeeded { .. }), "{st:?}");
+    assert_eq!(sha256_file(&dst.join("disk")), sha256_file(&f));
+    // So the whole file took at least what the cap implies.
+    let floor = (len as u64 - burst) as f64 / cap as f64;
+    assert!(
+        started.elapsed().as_secs_f64() >= floor,
+        "{:?} for {len} bytes at {cap} B/s",
+        started.elapsed()
+    );
+    pa.shutdown().await;
+    pb.shutdown().await;
 }

@@ -118,6 +118,9 @@ pub struct TransferSettings {
     pub tombstone_ms: u64,
     /// Requests handled at once.
     pub max_concurrent_requests: usize,
+    /// Site policy: the most bytes per second any one fetch (or relay) of this proxy reads
+    /// from another site; a migration's own cap applies when it is smaller. Absent: no cap.
+    pub max_bytes_per_sec: Option<u64>,
 }
 
 impl Default for TransferSettings {
@@ -134,6 +137,7 @@ impl Default for TransferSettings {
             gc_interval_ms: 10_000,
             tombstone_ms: 86_400_000,
             max_concurrent_requests: 64,
+            max_bytes_per_sec: None,
         }
     }
 }
@@ -157,6 +161,12 @@ impl TransferSettings {
             return Err(ConfigError::Value {
                 key: "transfer.bucket_max_bytes",
                 reason: "must be positive: the bucket must never grow without bound",
+            });
+        }
+        if self.max_bytes_per_sec == Some(0) {
+            return Err(ConfigError::Value {
+                key: "transfer.max_bytes_per_sec",
+                reason: "must be positive; leave it out for no cap",
             });
         }
         if self.default_ttl_ms == 0 || self.default_ttl_ms > self.max_ttl_ms {

@@ -12,7 +12,7 @@
 //!
 //! Code map: [`proxy`] (the proxy and its tasks), [`objects`] (the bucket format), [`io`]
 //! (blocking file reading and writing), [`extents`] (SEEK_DATA/SEEK_HOLE), [`hashing`]
-//! (whole-file digests of sparse files), [`naming`] (object names from tokens), [`store`]
+//! (whole-file digests of sparse files), [`pace`] (bandwidth caps), [`naming`] (object names from tokens), [`store`]
 //! (the token table), [`client`] (signed requests to a proxy), [`config`].
 
 pub mod client;
@@ -23,6 +23,7 @@ pub mod hashing;
 pub mod io;
 pub mod naming;
 pub mod objects;
+pub mod pace;
 pub mod proxy;
 pub mod store;
 

@@ -54,6 +54,7 @@ use crate::objects::{
     ensure_bucket, open_bucket, purge_object, Incoming, ObjectError, ObjectFollower, ObjectWriter,
     META_ALLOCATED, META_SHA256, META_SIZE,
 };
+use crate::pace::{effective_cap, Pacer};
 use crate::store::{TokenRecord, TokenStore};
 
 /// Everything a proxy needs besides its NATS connection.
@@ -80,6 +81,8 @@ struct Live {
     finished: AtomicBool,
     cancel: CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The bandwidth cap of a fetch or relay, shared by its files and their retries.
+    pace: tokio::sync::Mutex<Option<Pacer>>,
 }
 
 /// Figures of one token, for operators and the benchmark.
@@ -318,6 +321,7 @@ impl TransferProxy {
             used: false,
             complete: false,
             file_names,
+            max_bytes_per_sec: None,
         };
         self.inner.store.put(&rec)?;
         info!(migration.id = %rec.migration_id, vm.id = %rec.vm, "token minted");
@@ -338,6 +342,17 @@ impl TransferProxy {
     /// Initiate transfer at this (destination) proxy: checks both tokens and starts fetching.
     /// Returns the status right away; the transfer continues in the background.
     pub async fn fetch(&self, req: FetchTransfer) -> Result<TransferStatus, ProxyError> {
+        self.fetch_capped(req, None).await
+    }
+
+    /// [`Self::fetch`] paced to at most `max_bytes_per_sec` (the migration's bandwidth cap; the
+    /// proxy's own `transfer.max_bytes_per_sec` applies when smaller). A repeated request for
+    /// a transfer under way keeps the cap it started with.
+    pub async fn fetch_capped(
+        &self,
+        req: FetchTransfer,
+        max_bytes_per_sec: Option<u64>,
+    ) -> Result<TransferStatus, ProxyError> {
         let rec = self.live_record(&req.destination)?;
         if !matches!(rec.purpose, TokenPurpose::Receive { .. }) {
             return Err(ProxyError::WrongPurpose {
@@ -385,6 +400,7 @@ impl TransferProxy {
             .update(&rec.token, |r| {
                 r.used = true;
                 r.source = Some(source);
+                r.max_bytes_per_sec = max_bytes_per_sec;
                 r.status = TransferStatus::Transferring {
                     bytes_done: 0,
                     bytes_total: r.total_bytes,
@@ -640,8 +656,16 @@ impl TransferProxy {
     }
 
     fn spawn_transfer(&self, rec: TokenRecord) {
+        // Only fetching and relaying read across sites; serving writes to the own bucket.
+        let cap = match rec.purpose {
+            TokenPurpose::Serve { .. } => None,
+            TokenPurpose::Receive { .. } | TokenPurpose::Relay { .. } => {
+                effective_cap(rec.max_bytes_per_sec, self.inner.settings.max_bytes_per_sec)
+            }
+        };
         let live = Arc::new(Live {
             cancel: self.inner.cancel.child_token(),
+            pace: tokio::sync::Mutex::new(Pacer::new(cap, self.inner.settings.chunk_size as u64)),
             ..Live::default()
         });
         live.total.store(rec.total_bytes, Ordering::Relaxed);
@@ -1116,6 +1140,7 @@ impl TransferProxy {
                         )));
                     }
                     let n = data.len() as u64;
+                    pace(live, n).await;
                     if let Err(e) = sink.write(offset, data).await {
                         break Err(TaskError::Corrupt(format!("{} ({e})", f.name)));
                     }
@@ -1286,6 +1311,7 @@ impl TransferProxy {
                         .map_err(|_| TaskError::Corrupt(f.name.clone()))?;
                     packed.update(&data);
                     let n = data.len() as u64;
+                    pace(live, n).await;
                     w.chunk(offset, data).await?;
                     expected += 1;
                     live.done.fetch_add(n, Ordering::Relaxed);
@@ -1491,6 +1517,13 @@ fn file_metadata(size: u64, allocated: u64, sha256: &[u8; 32]) -> HashMap<String
 /// The temporary name a file is received under; hidden, and never the final name.
 pub fn partial_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!(".{name}.nubis-partial"))
+}
+
+/// Waits until the transfer's bandwidth cap lets `bytes` more through.
+async fn pace(live: &Live, bytes: u64) {
+    if let Some(p) = live.pace.lock().await.as_mut() {
+        p.take(bytes).await;
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -66,6 +66,9 @@ pub struct TokenRecord {
     /// Logical names of the token's files, once known (for clean-up).
     #[serde(default)]
     pub file_names: Vec<String>,
+    /// Receive: the migration's bandwidth cap for the fetch, bytes per second.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<u64>,
 }
 
 impl TokenRecord {

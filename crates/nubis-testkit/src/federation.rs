@@ -33,6 +33,10 @@ pub const HUB: &str = "hub";
 /// JetStream domain of the hub, where the federation's shared buckets live.
 pub const HUB_DOMAIN: &str = "hub";
 
+/// The stream of every site's transfer bucket, the only stream of a site's JetStream domain
+/// that partners may read (`nats-config/hub-leaf-user.conf`).
+const TRANSFER_STREAM: &str = "OBJ_nubis-xfer";
+
 const HOST: &str = "127.0.0.1";
 const HUB_TEMPLATE: &str = include_str!("../../../nats-config/hub.conf");
 const LEAF_TEMPLATE: &str = include_str!("../../../nats-config/leaf.conf");
@@ -904,7 +908,24 @@ impl Federation {
                 let domain = if to.is_hub() { HUB_DOMAIN } else { &to.name };
                 let mut js = jetstream::with_domain(client.clone(), domain);
                 js.set_timeout(PROBE_TIMEOUT);
-                js.query_account().await.map_err(|e| {
+                let reached = if to.is_hub() || from.name == to.name {
+                    js.query_account()
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                } else {
+                    // Another site's domain answers partners only about its transfer bucket
+                    // (nats-config/README.md); any answer, "no such stream" included, shows
+                    // the domain is reachable.
+                    js.request::<_, _, serde_json::Value>(
+                        format!("STREAM.INFO.{TRANSFER_STREAM}"),
+                        &serde_json::json!({}),
+                    )
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+                };
+                reached.map_err(|e| {
                     format!("JetStream domain {domain:?} from {:?}: {e}", from.name)
                 })?;
             }
