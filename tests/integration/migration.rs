@@ -756,3 +756,446 @@ async fn a_controller_killed_mid_transfer_resumes_from_its_journal() {
     site_a.wait().unwrap();
     stack.shutdown().await;
 }
+
+// ----- failure paths with real crashes -------------------------------------------------------
+
+/// A site daemon that kills itself with SIGKILL the first time it logs `kill_at` (see
+/// `nubis-test-site`). It replaces the site's in-process daemon; the site's Transfer proxy and
+/// host agents keep running, as they would on their own machines.
+async fn site_killed_at(stack: &mut Stack, site: &str, kill_at: &str) -> std::process::Child {
+    let mut plain = stack.site_daemon_as_process(site).await;
+    plain.kill().unwrap();
+    plain.wait().unwrap();
+    let log = std::fs::File::create(stack.root().join(format!("{site}-site-killed.log"))).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_nubis-test-site"))
+        .arg("--config")
+        .arg(stack.root().join(format!("{site}.toml")))
+        .env("NUBIS_TEST_KILL_AT", kill_at)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    stack.wait_ready(site).await;
+    child
+}
+
+/// Waits until `child` died of SIGKILL (it reached its kill point).
+async fn wait_killed(child: &mut std::process::Child, what: &str) {
+    use std::os::unix::process::ExitStatusExt as _;
+    let status = wait_until(LONG, format!("{what} killed itself"), || {
+        let r = child.try_wait();
+        async move {
+            match r {
+                Ok(Some(status)) => Ok(status),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "{what} ended otherwise: {status:?}"
+    );
+}
+
+/// The hosts on which `vm` is active (running or paused) right now, as `site/host`.
+async fn active_copies(
+    stack: &Stack,
+    hosts: &[(&str, &str)],
+    vm: &str,
+) -> Result<Vec<String>, String> {
+    use nubis_protocol::message::host::HostClient;
+    use nubis_protocol::message::{DmtfState, HostId};
+    use nubis_protocol::SiteId;
+    let mut out = Vec::new();
+    for (site, host) in hosts {
+        let client = stack
+            .fed
+            .connect_site_internal(site)
+            .await
+            .map_err(|e| e.to_string())?;
+        let agent = HostClient::new(
+            nubis_site::infrastructure::NatsTransport(client),
+            SiteId::new(*site).unwrap(),
+            HostId::new(*host).unwrap(),
+        );
+        let list = agent
+            .list()
+            .await
+            .map_err(|e| format!("{site}/{host}: {e}"))?;
+        if list.vms.iter().any(|e| {
+            e.vm.as_str() == vm
+                && matches!(
+                    e.state,
+                    DmtfState::Enabled | DmtfState::Paused | DmtfState::Starting
+                )
+        }) {
+            out.push(format!("{site}/{host}"));
+        }
+    }
+    Ok(out)
+}
+
+fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Waits until `vm` is active on exactly one of `hosts` — failing at once if it is ever seen
+/// active on two — and checks that its disk there has the digest `want`. Returns `site/host`.
+async fn assert_active_once(stack: &Stack, hosts: &[(&str, &str)], vm: &str, want: &str) -> String {
+    let at = wait_until(LONG, format!("{vm} active exactly once"), || async {
+        let copies = active_copies(stack, hosts, vm).await?;
+        assert!(copies.len() <= 1, "{vm} active twice: {copies:?}");
+        copies
+            .into_iter()
+            .next()
+            .ok_or_else(|| "active nowhere".to_string())
+    })
+    .await
+    .unwrap();
+    let (site, host) = at.split_once('/').unwrap();
+    let disk = std::fs::read(stack.vm_root(site, host).join(vm).join("disk-vda.qcow2")).unwrap();
+    assert_eq!(digest(&disk), want, "the disk of {vm} changed (at {at})");
+    at
+}
+
+fn image_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+fn site(
+    id: &'static str,
+    partners: Vec<(&'static str, i32)>,
+    hosts: Vec<(&'static str, u64)>,
+) -> SiteSpec {
+    SiteSpec {
+        id,
+        partners,
+        hosts,
+        policy: "",
+        top: "",
+    }
+}
+
+/// Four sites around a, whose partner preferences make b the first placement and d the best
+/// destination of a later migration, c the next best.
+async fn star(binary: &nubis_testkit::NatsServerBinary, vm: &str, image: &[u8]) -> Stack {
+    let stack = Stack::start(
+        binary,
+        vec![
+            site("a", vec![("b", 10), ("d", 8), ("c", 5)], vec![]),
+            site("b", vec![("a", 0)], vec![("b1", 4096)]),
+            site("c", vec![("a", 0)], vec![("c1", 4096)]),
+            site("d", vec![("a", 0)], vec![("d1", 4096)]),
+        ],
+    )
+    .await;
+    std::fs::write(stack.image_store("a").join("img.qcow2"), image).unwrap();
+    let op_a = stack.operator("a").await;
+    let r = ops(&op_a, "a", "deploy", deploy_body(vm, Some("img.qcow2")))
+        .await
+        .unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    assert_eq!(next_hop(&op_a, "a", vm).await.unwrap(), "site:b");
+    stack
+}
+
+const STAR_HOSTS: [(&str, &str); 3] = [("b", "b1"), ("c", "c1"), ("d", "d1")];
+
+/// The best destination dies (SIGKILL) after it offered and was asked to transfer: the
+/// Controller gives up on it after its bounded retries and moves the VM to the next-best offer.
+#[tokio::test]
+async fn a_destination_killed_after_offering_falls_back_to_the_next_offer() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let image = image_bytes(1 << 20);
+    let mut stack = star(&binary, "fb-1", &image).await;
+    let op_a = stack.operator("a").await;
+    let mut d = site_killed_at(&mut stack, "d", "initiate transfer answered").await;
+    let r = ops(&op_a, "a", "migrate", json!({"vm": "fb-1"}))
+        .await
+        .unwrap();
+    wait_killed(&mut d, "d").await;
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    assert_eq!(m["offers"], 2, "{m}");
+    assert_eq!(next_hop(&op_a, "a", "fb-1").await.unwrap(), "site:c");
+    let at = assert_active_once(&stack, &STAR_HOSTS, "fb-1", &digest(&image)).await;
+    assert_eq!(at, "c/c1");
+    stack.shutdown().await;
+}
+
+/// The Source dies (SIGKILL) after it answered the Forced migration, while the Controller
+/// verifies the transfer, and starts again: the migration ends — committed or rolled back —
+/// with the VM active exactly once and its disk unchanged.
+#[tokio::test]
+async fn a_source_killed_after_prepare_resumes_or_rolls_back() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let image = image_bytes(1 << 20);
+    let mut stack = star(&binary, "sk-1", &image).await;
+    let op_a = stack.operator("a").await;
+    let mut b = site_killed_at(&mut stack, "b", "transfer verification answered").await;
+    let r = ops(&op_a, "a", "migrate", json!({"vm": "sk-1", "to_site": "c"}))
+        .await
+        .unwrap();
+    wait_killed(&mut b, "b").await;
+    let mut b = stack.spawn_site_process("b");
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    let at = assert_active_once(&stack, &STAR_HOSTS, "sk-1", &digest(&image)).await;
+    let expected = if m["phase"] == "committed" {
+        "c/c1"
+    } else {
+        "b/b1"
+    };
+    assert_eq!(at, expected, "{m}");
+    b.kill().unwrap();
+    b.wait().unwrap();
+    stack.shutdown().await;
+}
+
+/// The Controller is killed while the Source is preparing — after the Source stopped the VM,
+/// before the Controller journaled its answer. Restarted, the Controller prepares again
+/// (idempotent at the host), aborts, and the Source runs the VM again.
+#[tokio::test]
+async fn a_migration_interrupted_while_preparing_is_rolled_back() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let image = image_bytes(1 << 20);
+    let mut stack = star(&binary, "pp-1", &image).await;
+    let op_a = stack.operator("a").await;
+    // b stops the VM and dies before it answers; a is killed while it waits for that answer.
+    let mut b = site_killed_at(&mut stack, "b", "forced migration answered").await;
+    let mut a = stack.site_daemon_as_process("a").await;
+    stack.wait_ready("a").await;
+    let r = ops(&op_a, "a", "migrate", json!({"vm": "pp-1", "to_site": "c"}))
+        .await
+        .unwrap();
+    let id = r["migration"].as_str().unwrap().to_string();
+    wait_killed(&mut b, "b").await;
+    let phase = ops(&op_a, "a", "vms", json!({"migration": id}))
+        .await
+        .unwrap();
+    assert_eq!(phase["phase"], "preparing", "{phase}");
+    assert!(active_copies(&stack, &STAR_HOSTS, "pp-1")
+        .await
+        .unwrap()
+        .is_empty());
+    a.kill().unwrap();
+    a.wait().unwrap();
+
+    let mut b = stack.spawn_site_process("b");
+    stack.wait_ready("b").await;
+    let mut a = stack.spawn_site_process("a");
+    let m = wait_migration(&op_a, "a", &id).await;
+    assert_eq!(m["phase"], "aborted", "{m}");
+    let at = assert_active_once(&stack, &STAR_HOSTS, "pp-1", &digest(&image)).await;
+    assert_eq!(at, "b/b1");
+    assert_eq!(next_hop(&op_a, "a", "pp-1").await.unwrap(), "site:b");
+    let view = vm_view(&op_a, "a", "pp-1").await.unwrap();
+    assert_eq!(view["phase"], "placed", "{view}");
+    for child in [&mut a, &mut b] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    stack.shutdown().await;
+}
+
+/// The four roles of a migration from a to d, each at a site of its own: the Controller a, the
+/// Intermediary i on both chains (a → i → source, a → i → destination), the Source and the
+/// Destination (s and d, in the order the first placement chose).
+#[derive(Debug, Clone, Copy)]
+enum Killed {
+    Controller,
+    Intermediary,
+    Source,
+    Destination,
+}
+
+/// Kills the site that plays `role` with SIGKILL when it logs `step` during a migration, and
+/// starts it again: afterwards the VM is active exactly once and its disk digest is unchanged.
+async fn kill_between_steps(role: Killed, step: &str) {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let mut stack = Stack::start(
+        &binary,
+        vec![
+            site("a", vec![("i", 0)], vec![]),
+            site("i", vec![("a", 0), ("s", 0), ("d", 0)], vec![]),
+            site("s", vec![("i", 0)], vec![("s1", 4096)]),
+            site("d", vec![("i", 0)], vec![("d1", 4096)]),
+        ],
+    )
+    .await;
+    let image = image_bytes(1 << 20);
+    std::fs::write(stack.image_store("a").join("img.qcow2"), &image).unwrap();
+    let op_a = stack.operator("a").await;
+    let r = ops(&op_a, "a", "deploy", deploy_body("kv-1", Some("img.qcow2")))
+        .await
+        .unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    let op_i = stack.operator("i").await;
+    let (source, destination) = match next_hop(&op_i, "i", "kv-1").await.unwrap().as_str() {
+        "site:s" => ("s", "d"),
+        _ => ("d", "s"),
+    };
+    let victim = match role {
+        Killed::Controller => "a",
+        Killed::Intermediary => "i",
+        Killed::Source => source,
+        Killed::Destination => destination,
+    };
+    let hosts = [("s", "s1"), ("d", "d1")];
+    let want = digest(&image);
+
+    let mut child = site_killed_at(&mut stack, victim, step).await;
+    let r = ops(&op_a, "a", "migrate", json!({"vm": "kv-1", "to_site": "i"}))
+        .await
+        .unwrap();
+    let id = r["migration"].as_str().unwrap().to_string();
+    wait_killed(&mut child, &format!("{victim} ({role:?}) at {step:?}")).await;
+    // Never twice, not even while the victim is down.
+    assert!(active_copies(&stack, &hosts, "kv-1").await.unwrap().len() <= 1);
+    let mut again = stack.spawn_site_process(victim);
+
+    let m = wait_migration(&op_a, "a", &id).await;
+    let at = assert_active_once(&stack, &hosts, "kv-1", &want).await;
+    let (expected, hop) = if m["phase"] == "committed" {
+        (destination, format!("site:{destination}"))
+    } else {
+        (source, format!("site:{source}"))
+    };
+    assert_eq!(at, format!("{expected}/{expected}1"), "{m}");
+    // The chain ends consistent with where the VM runs.
+    assert_eq!(next_hop(&op_a, "a", "kv-1").await.unwrap(), "site:i");
+    wait_until(LONG, "i points at the VM", || async {
+        let h = next_hop(&op_i, "i", "kv-1").await?;
+        if h == hop {
+            Ok(())
+        } else {
+            Err(h)
+        }
+    })
+    .await
+    .unwrap();
+    again.kill().unwrap();
+    again.wait().unwrap();
+    stack.shutdown().await;
+}
+
+/// SIGKILL of each role between each pair of protocol steps it takes part in, then restart.
+/// The steps are named by the message each role logs once it has done (and journaled) a step
+/// and before it answers or moves on.
+mod killed {
+    use super::{kill_between_steps, Killed};
+
+    macro_rules! kill_cases {
+        ($($name:ident: $role:ident at $step:literal;)*) => {$(
+            #[tokio::test]
+            async fn $name() {
+                kill_between_steps(Killed::$role, $step).await;
+            }
+        )*};
+    }
+
+    kill_cases! {
+        controller_after_offers: Controller at "offers journaled; preparing the source";
+        controller_after_prepare: Controller at "source journaled; starting the transfer";
+        controller_after_verification: Controller at "transfer verified; committing";
+        controller_after_destination_commit: Controller at "destination committed; releasing the source";
+        intermediary_after_request: Intermediary at "migration request answered";
+        intermediary_after_prepare: Intermediary at "forced migration answered";
+        intermediary_after_initiate: Intermediary at "initiate transfer answered";
+        intermediary_after_verification: Intermediary at "transfer verification answered";
+        intermediary_after_destination_commit: Intermediary at "destination commit applied";
+        intermediary_after_source_commit: Intermediary at "source commit applied";
+        source_after_prepare: Source at "forced migration answered";
+        source_after_verification: Source at "transfer verification answered";
+        source_after_commit: Source at "source commit applied";
+        destination_after_request: Destination at "migration request answered";
+        destination_after_initiate: Destination at "initiate transfer answered";
+        destination_after_commit: Destination at "destination commit applied";
+    }
+}
+
+/// "Pass the eviction further up": on the chain a → b → c, c evicts the VM; b's policy passes
+/// the notice on to a, which becomes Controller and re-places the VM at e. The files move from
+/// c to e; afterwards the VM is active exactly once and neither b nor c holds it.
+#[tokio::test]
+async fn an_eviction_passed_up_two_hops_is_acted_upon_by_the_primary() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let mut b = site("b", vec![("a", 0), ("c", 0)], vec![]);
+    b.policy = "eviction = \"pass_up\"";
+    let stack = Stack::start(
+        &binary,
+        vec![
+            site("a", vec![("b", 10), ("e", 5)], vec![]),
+            b,
+            site("c", vec![("b", 0)], vec![("c1", 4096)]),
+            site("e", vec![("a", 0)], vec![("e1", 4096)]),
+        ],
+    )
+    .await;
+    let image = image_bytes(1 << 20);
+    std::fs::write(stack.image_store("a").join("img.qcow2"), &image).unwrap();
+    let (op_a, op_b, op_c) = (
+        stack.operator("a").await,
+        stack.operator("b").await,
+        stack.operator("c").await,
+    );
+    let r = ops(&op_a, "a", "deploy", deploy_body("ev-1", Some("img.qcow2")))
+        .await
+        .unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    assert_eq!(next_hop(&op_a, "a", "ev-1").await.unwrap(), "site:b");
+    assert_eq!(next_hop(&op_b, "b", "ev-1").await.unwrap(), "site:c");
+
+    let notice = ops(&op_c, "c", "evict", json!({"vm": "ev-1"}))
+        .await
+        .unwrap();
+    assert_eq!(notice["sent_to"], "b", "{notice}");
+    wait_until(LONG, "a re-places the VM at e", || async {
+        let view = vm_view(&op_a, "a", "ev-1").await?;
+        if view["next_hop"] == "site:e" && view["phase"] == "placed" {
+            Ok(())
+        } else {
+            Err(view.to_string())
+        }
+    })
+    .await
+    .unwrap();
+    let hosts = [("c", "c1"), ("e", "e1")];
+    assert_eq!(
+        assert_active_once(&stack, &hosts, "ev-1", &digest(&image)).await,
+        "e/e1"
+    );
+    // The migration was a's: b only passed the notice on.
+    let at_a = vm_view(&op_a, "a", "ev-1").await.unwrap();
+    assert_eq!(at_a["migrations"].as_array().unwrap().len(), 2, "{at_a}");
+    for (op, s) in [(&op_b, "b"), (&op_c, "c")] {
+        wait_until(LONG, format!("{s} left the chain"), || async {
+            let v = ops(op, s, "vms", json!({})).await?;
+            if v["vms"].as_array().is_some_and(|a| a.is_empty()) {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        })
+        .await
+        .unwrap();
+    }
+    assert!(!stack.vm_root("c", "c1").join("ev-1").exists());
+    stack.shutdown().await;
+}

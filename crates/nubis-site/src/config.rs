@@ -108,6 +108,9 @@ pub struct Policy {
     /// Which offers to expose upstream.
     #[serde(default)]
     pub expose: Exposure,
+    /// What this site does with an eviction notice from downstream.
+    #[serde(default)]
+    pub eviction: EvictionPolicy,
 }
 
 impl Default for Policy {
@@ -116,8 +119,21 @@ impl Default for Policy {
             accept_foreign: true,
             delegation: Delegation::default(),
             expose: Exposure::All,
+            eviction: EvictionPolicy::Migrate,
         }
     }
+}
+
+/// What a site does with an eviction notice from the site it delegated a VM to (Forced
+/// migration up the chain). The primary site has no upstream and always migrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EvictionPolicy {
+    /// Become Controller and migrate the VM away from the evicting site.
+    #[default]
+    Migrate,
+    /// Pass the notice on to this site's own upstream, which must act in turn.
+    PassUp,
 }
 
 /// Timing of the directory heartbeat.
@@ -690,6 +706,22 @@ mod tests {
         assert!(
             matches!(&err, ConfigError::Invalid { key, .. } if key == "policy.delegation.partners[0]"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn eviction_policy_defaults_to_migrate_and_reads_pass_up() {
+        let f = fixture();
+        let c = parse(&f, &good(&f)).unwrap();
+        assert_eq!(c.policy.eviction, EvictionPolicy::Migrate);
+        let text = format!(
+            "site = \"a\"\nkey_file = \"a.key\"\nnats_url = \"nats://127.0.0.1:4222\"\ndata_dir = \"d\"\n\
+             [policy]\neviction = \"pass_up\"\n\n{}",
+            f.partner.public().partner_snippet()
+        );
+        assert_eq!(
+            parse(&f, &text).unwrap().policy.eviction,
+            EvictionPolicy::PassUp
         );
     }
 

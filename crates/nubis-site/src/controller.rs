@@ -19,6 +19,7 @@ use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
 
 use tracing::Instrument as _;
 
+use crate::federation::CallError;
 use crate::journal::{MigrationPhase, MigrationRecord, NextHop, RankedOffer, VmPhase, VmRecord};
 use crate::local::LocalSite;
 use crate::roles::{internal, Roles};
@@ -29,6 +30,38 @@ pub const MAX_FAILED_ROUNDS: u32 = 3;
 
 /// How long one migration may keep polling a transfer that makes no progress.
 const STALL_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long the Controller keeps repeating a step whose outcome it must learn (a hand-over, a
+/// roll-back, undoing a prepare) while the peer does not answer. Past it the migration stays
+/// open in the journal and is taken up again when this site restarts.
+const SETTLE_LIMIT: Duration = Duration::from_secs(300);
+
+/// Whether a failed request may have taken effect at the peer (it may have acted and then
+/// crashed, or its answer was lost): the Controller must then learn the outcome by repeating
+/// the idempotent request, never assume it did not happen.
+fn uncertain(e: &ErrorReply) -> bool {
+    matches!(
+        e.code,
+        ErrorCode::Timeout | ErrorCode::Busy | ErrorCode::Internal
+    )
+}
+
+/// Why a Forced migration (prepare) failed.
+struct PrepareFailure {
+    reply: ErrorReply,
+    /// The request reached a handler (or may have): the source may have stopped the VM.
+    maybe_prepared: bool,
+}
+
+impl From<ErrorReply> for PrepareFailure {
+    fn from(reply: ErrorReply) -> Self {
+        let maybe_prepared = uncertain(&reply);
+        Self {
+            reply,
+            maybe_prepared,
+        }
+    }
+}
 
 /// Who asked for the migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,9 +220,7 @@ impl<L: LocalSite> Roles<L> {
                 tracing::info!(migration.id = %m.id, vm.id = %m.vm, phase = ?m.phase, "resuming migration from the journal");
                 let result = me.resume(&m).await;
                 if let Err(e) = &result {
-                    let reason = format!("{} ({})", e.message, e.code.as_str());
-                    let _ =
-                        me.update_migration(m.id, |r| r.phase = MigrationPhase::Aborted { reason });
+                    let _ = me.finish_failed(m.id, e);
                 }
                 let _ = me.settle_vm_phase(m.id);
             });
@@ -209,9 +240,14 @@ impl<L: LocalSite> Roles<L> {
                     .offers
                     .get(*offer)
                     .ok_or_else(|| internal("journal names a missing offer"))?;
-                self.commit_destination_side(m.id, &record, ranked).await?;
-                self.commit_source_side(m.id, &record, source, m.source_via.as_ref())
-                    .await?;
+                self.settle("commit at the destination", || {
+                    self.commit_destination_side(m.id, &record, ranked)
+                })
+                .await?;
+                self.settle("commit at the source", || {
+                    self.commit_source_side(m.id, &record, source, m.source_via.as_ref())
+                })
+                .await?;
                 for (j, other) in m.offers.iter().enumerate() {
                     if j != *offer {
                         let _ = self.abort_destination(m.id, &record.vm, other).await;
@@ -232,46 +268,50 @@ impl<L: LocalSite> Roles<L> {
                 .await
             }
             (MigrationPhase::Aborting, Some(source)) => {
-                self.abort_source(m.id, &record.vm, source, m.source_via.as_ref())
-                    .await?;
-                Err(ErrorReply::new(
+                let reason = ErrorReply::new(
                     ErrorCode::TransferFailed,
                     "aborted; the VM stays where it was",
-                ))
+                );
+                self.roll_back(m.id, &record.vm, source, m.source_via.as_ref(), reason)
+                    .await
             }
             _ => {
-                // Before the transfer started: nothing moved. Release the offers. If the crash
-                // came while the source was being prepared, the source may have stopped the VM
-                // without this site journaling its answer: prepare again (idempotent at the
-                // host) to learn its token, and abort it, which runs the VM again.
+                // Before the transfer started: nothing moved. Release the offers.
                 for other in &m.offers {
                     let _ = self.abort_destination(m.id, &record.vm, other).await;
                 }
-                if m.phase == MigrationPhase::Preparing && record.downstream.is_some() {
-                    match self.prepare_source(m.id, &record).await {
-                        Ok((source, via, _)) => {
-                            if let Err(e) = self
-                                .abort_source(m.id, &record.vm, &source, via.as_ref())
-                                .await
-                            {
-                                tracing::warn!(error = %e.message, "cannot resume the source after an interrupted prepare");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e.message, "cannot reach the source after an interrupted prepare")
-                        }
-                    }
-                }
-                Err(ErrorReply::new(
+                let reason = ErrorReply::new(
                     ErrorCode::Internal,
                     "interrupted before the transfer started; nothing moved",
-                ))
+                );
+                match (&m.phase, &m.source) {
+                    // The source answered and was journaled: resume it with that token.
+                    (MigrationPhase::Preparing, Some(source)) => {
+                        self.roll_back(m.id, &record.vm, source, m.source_via.as_ref(), reason)
+                            .await
+                    }
+                    // The crash came while the source was being prepared: it may have stopped
+                    // the VM without this site journaling its answer. Prepare again (idempotent
+                    // at the host) to learn its token, and abort, which runs the VM again.
+                    (MigrationPhase::Preparing, None) if record.downstream.is_some() => {
+                        self.undo_prepare(m.id, &record).await?;
+                        self.update_migration(m.id, |r| {
+                            r.phase = MigrationPhase::Aborted {
+                                reason: format!("{} ({})", reason.message, reason.code.as_str()),
+                            }
+                        })?;
+                        Err(reason)
+                    }
+                    _ => Err(reason),
+                }
             }
         }
     }
 
     fn settle_vm_phase(&self, id: MigrationId) -> Result<(), ErrorReply> {
-        if let Some(vm) = self.journal.migration(&id).map_err(internal)?.map(|m| m.vm) {
+        let migration = self.journal.migration(&id).map_err(internal)?;
+        // A migration left open mid hand-over still owns the VM.
+        if let Some(vm) = migration.filter(|m| m.phase.is_final()).map(|m| m.vm) {
             if let Some(mut record) = self.journal.vm(&vm).map_err(internal)? {
                 if record.phase == VmPhase::Migrating {
                     record.phase = if record.downstream.is_some() {
@@ -298,12 +338,95 @@ impl<L: LocalSite> Roles<L> {
         };
         drop(permit);
         if let Err(e) = &result {
-            let reason = format!("{} ({})", e.message, e.code.as_str());
-            self.update_migration(id, |m| m.phase = MigrationPhase::Aborted { reason })?;
+            self.finish_failed(id, e)?;
         }
         // Whatever happened, the VM is no longer "migrating" from this site's point of view.
         self.settle_vm_phase(id)?;
         result
+    }
+
+    /// Marks a migration that ended in `error` as aborted — unless it stopped half way through
+    /// a hand-over or a roll-back, whose outcome is still to be learnt: such a migration stays
+    /// open in the journal and is taken up again when this site restarts.
+    fn finish_failed(&self, id: MigrationId, error: &ErrorReply) -> Result<(), ErrorReply> {
+        let reason = format!("{} ({})", error.message, error.code.as_str());
+        let m = self.update_migration(id, |m| match m.phase {
+            MigrationPhase::Committing { .. }
+            | MigrationPhase::Aborting
+            | MigrationPhase::Committed
+            | MigrationPhase::Aborted { .. } => {}
+            _ => m.phase = MigrationPhase::Aborted { reason },
+        })?;
+        if !m.phase.is_final() {
+            tracing::error!(migration.id = %id, phase = ?m.phase, error = %error.message, "migration left open; it continues when this site restarts");
+        }
+        Ok(())
+    }
+
+    /// Repeats `step` while its outcome is uncertain (see [`uncertain`]), for at most
+    /// [`SETTLE_LIMIT`]; the steps given to it are idempotent by migration id and token.
+    async fn settle<T, F, Fut>(&self, what: &str, mut step: F) -> Result<T, ErrorReply>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ErrorReply>>,
+    {
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match step().await {
+                Ok(v) => return Ok(v),
+                Err(e) if uncertain(&e) && started.elapsed() < SETTLE_LIMIT => {
+                    tracing::warn!(step = what, error = %e.message, "no definite answer; repeating");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Rolls the source back: it runs the VM again where it was. The migration ends aborted
+    /// with `reason` once the source confirmed; until then it stays in the aborting phase.
+    async fn roll_back(
+        &self,
+        id: MigrationId,
+        vm: &VmId,
+        source: &Endpoint,
+        source_via: Option<&NextHop>,
+        reason: ErrorReply,
+    ) -> Result<(), ErrorReply> {
+        self.update_migration(id, |m| m.phase = MigrationPhase::Aborting)?;
+        tracing::info!(migration.id = %id, "aborting; resuming the source");
+        self.settle("abort at the source", || {
+            self.abort_source(id, vm, source, source_via)
+        })
+        .await?;
+        self.update_migration(id, |m| {
+            m.phase = MigrationPhase::Aborted {
+                reason: format!("{} ({})", reason.message, reason.code.as_str()),
+            }
+        })?;
+        Err(reason)
+    }
+
+    /// After a prepare whose outcome is unknown: prepare again (idempotent at the host, so it
+    /// answers a token whether or not the first one stopped the VM) and abort at once, which
+    /// runs the VM again at the source.
+    async fn undo_prepare(&self, id: MigrationId, record: &VmRecord) -> Result<(), ErrorReply> {
+        tracing::info!(migration.id = %id, "preparing the source again to undo an interrupted prepare");
+        let (source, via, _) = self
+            .settle("prepare again", || async {
+                self.prepare_source(id, record).await.map_err(|f| f.reply)
+            })
+            .await?;
+        self.update_migration(id, |m| {
+            m.source = Some(source.clone());
+            m.source_via = via.clone();
+        })?;
+        self.settle("abort at the source", || {
+            self.abort_source(id, &record.vm, &source, via.as_ref())
+        })
+        .await
     }
 
     async fn run_steps(&self, id: MigrationId, trigger: &Trigger) -> Result<(), ErrorReply> {
@@ -331,14 +454,28 @@ impl<L: LocalSite> Roles<L> {
             m.offers = offers.clone();
             m.phase = MigrationPhase::Preparing;
         })?;
+        tracing::info!(migration.id = %id, offers = offers.len(), "offers journaled; preparing the source");
 
         // Step 4: Forced migration on the Source.
-        let (source, source_via, total) = self.prepare_source(id, &record).await?;
+        let (source, source_via, total) = match self.prepare_source(id, &record).await {
+            Ok(p) => p,
+            Err(f) => {
+                for other in &offers {
+                    let _ = self.abort_destination(id, &record.vm, other).await;
+                }
+                if f.maybe_prepared {
+                    tracing::info!(migration.id = %id, error = %f.reply.message, "prepare outcome unknown");
+                    self.undo_prepare(id, &record).await?;
+                }
+                return Err(f.reply);
+            }
+        };
         self.update_migration(id, |m| {
             m.source = Some(source.clone());
             m.source_via = source_via.clone();
             m.bytes_total = total;
         })?;
+        tracing::info!(migration.id = %id, "source journaled; starting the transfer");
 
         self.continue_after_prepare(id, &record, &offers, &source, source_via.as_ref(), 0)
             .await
@@ -354,37 +491,80 @@ impl<L: LocalSite> Roles<L> {
         source_via: Option<&NextHop>,
         first: usize,
     ) -> Result<(), ErrorReply> {
+        let mut source = source.clone();
+        let mut source_via = source_via.cloned();
+        let mut used = false;
         for (i, ranked) in offers.iter().enumerate().skip(first) {
+            if used {
+                // A serving token carries one transfer: the next offer needs a fresh one.
+                // Preparing again is idempotent at the host; the VM stays stopped.
+                let again = self
+                    .settle("prepare again", || async {
+                        self.prepare_source(id, record).await.map_err(|f| f.reply)
+                    })
+                    .await;
+                match again {
+                    Ok((fresh, via, _)) => {
+                        self.update_migration(id, |m| {
+                            m.source = Some(fresh.clone());
+                            m.source_via = via.clone();
+                        })?;
+                        source = fresh;
+                        source_via = via;
+                    }
+                    Err(e) => {
+                        tracing::warn!(migration.id = %id, error = %e.message, "cannot prepare the source again");
+                        break;
+                    }
+                }
+            }
+            used = true;
             if let Err(e) = self.check_cancelled(id) {
                 for other in &offers[i..] {
                     let _ = self.abort_destination(id, &record.vm, other).await;
                 }
-                self.update_migration(id, |m| m.phase = MigrationPhase::Aborting)?;
-                self.abort_source(id, &record.vm, source, source_via)
-                    .await?;
-                return Err(e);
+                return self
+                    .roll_back(id, &record.vm, &source, source_via.as_ref(), e)
+                    .await;
             }
             self.update_migration(id, |m| m.phase = MigrationPhase::Transferring { offer: i })?;
+            tracing::info!(migration.id = %id, offer = i, "initiating the transfer");
             match self
-                .transfer(id, &record.vm, source, source_via, ranked)
+                .transfer(id, &record.vm, &source, source_via.as_ref(), ranked)
                 .await
             {
                 Ok(()) => {
                     self.update_migration(id, |m| {
                         m.phase = MigrationPhase::Committing { offer: i }
                     })?;
-                    if let Err(e) = self.commit_destination_side(id, record, ranked).await {
-                        // The destination could not activate the VM: nothing runs there, the
-                        // source is still stopped. Discard this offer and try the next one.
-                        tracing::warn!(migration.id = %id, offer = i, error = %e.message, "destination refused to activate");
-                        let _ = self.abort_destination(id, &record.vm, ranked).await;
-                        self.update_migration(id, |m| {
-                            m.phase = MigrationPhase::Transferring { offer: i }
-                        })?;
-                        continue;
+                    tracing::info!(migration.id = %id, offer = i, "transfer verified; committing");
+                    // A commit that got no definite answer may have activated the VM at the
+                    // destination: it is repeated (idempotent) until the destination says, and
+                    // the source is never resumed while that is unknown.
+                    let committed = self
+                        .settle("commit at the destination", || {
+                            self.commit_destination_side(id, record, ranked)
+                        })
+                        .await;
+                    match committed {
+                        Ok(()) => {}
+                        Err(e) if uncertain(&e) => return Err(e),
+                        Err(e) => {
+                            // The destination refused to activate: nothing runs there, the
+                            // source is still stopped. Discard this offer, try the next one.
+                            tracing::warn!(migration.id = %id, offer = i, error = %e.message, "destination refused to activate");
+                            let _ = self.abort_destination(id, &record.vm, ranked).await;
+                            self.update_migration(id, |m| {
+                                m.phase = MigrationPhase::Transferring { offer: i }
+                            })?;
+                            continue;
+                        }
                     }
-                    self.commit_source_side(id, record, source, source_via)
-                        .await?;
+                    tracing::info!(migration.id = %id, offer = i, "destination committed; releasing the source");
+                    self.settle("commit at the source", || {
+                        self.commit_source_side(id, record, &source, source_via.as_ref())
+                    })
+                    .await?;
                     // Unused offers: release their reservations, best effort.
                     for (j, other) in offers.iter().enumerate() {
                         if j != i {
@@ -402,13 +582,12 @@ impl<L: LocalSite> Roles<L> {
             }
         }
         // Every offer failed: the source resumes the VM where it was.
-        self.update_migration(id, |m| m.phase = MigrationPhase::Aborting)?;
-        self.abort_source(id, &record.vm, source, source_via)
-            .await?;
-        Err(ErrorReply::new(
+        let reason = ErrorReply::new(
             ErrorCode::TransferFailed,
             "every offer failed; the VM stays where it was",
-        ))
+        );
+        self.roll_back(id, &record.vm, &source, source_via.as_ref(), reason)
+            .await
     }
 
     async fn collect_offers(
@@ -513,7 +692,7 @@ impl<L: LocalSite> Roles<L> {
         &self,
         id: MigrationId,
         record: &VmRecord,
-    ) -> Result<(Endpoint, Option<NextHop>, u64), ErrorReply> {
+    ) -> Result<(Endpoint, Option<NextHop>, u64), PrepareFailure> {
         match &record.downstream {
             None => {
                 let p = self.local.image_source(id, &record.descriptor).await?;
@@ -536,7 +715,12 @@ impl<L: LocalSite> Roles<L> {
                     .fed
                     .call(s, FederationOp::MigrationPrepare, &req)
                     .await
-                    .map_err(|e| e.to_reply())?;
+                    .map_err(|e| PrepareFailure {
+                        reply: e.to_reply(),
+                        // Nobody listened: the request reached no handler, nothing stopped.
+                        maybe_prepared: !matches!(e, CallError::Unreachable { .. })
+                            && uncertain(&e.to_reply()),
+                    })?;
                 Ok((p.source, Some(NextHop::Site(s.clone())), p.total_bytes))
             }
         }

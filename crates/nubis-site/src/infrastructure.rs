@@ -59,6 +59,8 @@ pub struct NatsLocalSite {
     proxy: ProxyClient,
     proxy_uri: ProxyUri,
     image_store: PathBuf,
+    /// Receiving tokens whose failed transfer the Controller has not been told about yet.
+    failures_reported: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<TransferToken>>>,
 }
 
 fn host_error(e: HostCallError) -> ErrorReply {
@@ -98,6 +100,7 @@ impl NatsLocalSite {
             proxy,
             proxy_uri,
             image_store,
+            failures_reported: Default::default(),
         }
     }
 
@@ -318,6 +321,26 @@ impl LocalSite for NatsLocalSite {
         destination: &TransferToken,
         _max_bytes_per_sec: Option<u64>,
     ) -> Result<TransferStatus, ErrorReply> {
+        // A failed attempt is reported once before a repeated Initiate transfer starts it over,
+        // so the Controller counts its failed rounds (and moves on after a bounded number)
+        // instead of seeing a transfer that forever starts again.
+        if let Ok(TransferStatus::Failed { reason }) = self
+            .proxy
+            .status(&self.proxy_uri, migration, *destination)
+            .await
+        {
+            let first_report = self
+                .failures_reported
+                .lock()
+                .map(|mut set| set.insert(*destination))
+                .unwrap_or(true);
+            if first_report {
+                return Ok(TransferStatus::Failed { reason });
+            }
+        }
+        if let Ok(mut set) = self.failures_reported.lock() {
+            set.remove(destination);
+        }
         let fetched = self
             .proxy
             .fetch(

@@ -237,6 +237,7 @@ impl<L: LocalSite> Roles<L> {
                 }
             }
         }
+        tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, offers = offers.len(), "migration request answered");
         Ok(Offers {
             request_id: req.request_id,
             offers: offers.into_iter().map(|(o, _)| o).collect(),
@@ -342,6 +343,7 @@ impl<L: LocalSite> Roles<L> {
                 expires_ms: now_ms() + OFFER_TTL_MS,
             })
             .map_err(internal)?;
+        tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, "forced migration answered");
         Ok(prepared)
     }
 
@@ -352,7 +354,7 @@ impl<L: LocalSite> Roles<L> {
         req: InitiateTransfer,
     ) -> Result<TransferStatusReply, ErrorReply> {
         let route = self.route(&req.destination.token, RouteSide::Destination)?;
-        match &route.next {
+        let reply = match &route.next {
             NextHop::Host(_) => {
                 let status = self
                     .local
@@ -364,17 +366,19 @@ impl<L: LocalSite> Roles<L> {
                         req.max_bytes_per_sec,
                     )
                     .await?;
-                Ok(TransferStatusReply {
+                TransferStatusReply {
                     migration_id: req.migration_id,
                     status,
-                })
+                }
             }
             NextHop::Site(s) => self
                 .fed
                 .call(s, FederationOp::TransferInitiate, &req)
                 .await
-                .map_err(|e| e.to_reply()),
-        }
+                .map_err(|e| e.to_reply())?,
+        };
+        tracing::debug!(migration.id = %req.migration_id, vm.id = %req.vm, "initiate transfer answered");
+        Ok(reply)
     }
 
     /// The Transfer verification handler (Source), forwarded by Intermediaries by token.
@@ -384,20 +388,22 @@ impl<L: LocalSite> Roles<L> {
         req: TransferVerification,
     ) -> Result<TransferStatusReply, ErrorReply> {
         let route = self.route(&req.source.token, RouteSide::Source)?;
-        match &route.next {
-            NextHop::Host(_) => Ok(TransferStatusReply {
+        let reply = match &route.next {
+            NextHop::Host(_) => TransferStatusReply {
                 migration_id: req.migration_id,
                 status: self
                     .local
                     .verify(req.migration_id, &req.source.token)
                     .await?,
-            }),
+            },
             NextHop::Site(s) => self
                 .fed
                 .call(s, FederationOp::TransferVerify, &req)
                 .await
-                .map_err(|e| e.to_reply()),
-        }
+                .map_err(|e| e.to_reply())?,
+        };
+        tracing::debug!(migration.id = %req.migration_id, vm.id = %req.vm, "transfer verification answered");
+        Ok(reply)
     }
 
     /// Commit at one end: the destination chain takes over responsibility for the VM, the
@@ -423,7 +429,9 @@ impl<L: LocalSite> Roles<L> {
                 let record = self.journal.vm(&req.vm).map_err(internal)?;
                 let already = match req.side {
                     HandOverSide::Destination => record.is_some_and(|r| r.phase == VmPhase::Placed),
-                    HandOverSide::Source => record.is_none(),
+                    // The route goes only after the release is done; an Intermediary on both
+                    // chains keeps its (re-pointed) record.
+                    HandOverSide::Source => record.is_none_or(|r| r.phase == VmPhase::Placed),
                 };
                 return if already {
                     Ok(done)
@@ -461,6 +469,7 @@ impl<L: LocalSite> Roles<L> {
                             .map_err(|e| e.to_reply())?;
                     }
                 }
+                tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, "destination commit applied");
                 let previous = self.journal.vm(&req.vm).map_err(internal)?;
                 let upstream = if route.upstream == *self.site() {
                     previous.as_ref().and_then(|r| r.upstream.clone())
@@ -493,6 +502,7 @@ impl<L: LocalSite> Roles<L> {
                             .map_err(|e| e.to_reply())?;
                     }
                 }
+                tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, "source commit applied");
                 // Leave the chain unless the destination commit already re-pointed this site.
                 if let Some(record) = self.journal.vm(&req.vm).map_err(internal)? {
                     if record.downstream.as_ref() == Some(&route.next) {
@@ -551,6 +561,7 @@ impl<L: LocalSite> Roles<L> {
                     .map_err(|e| e.to_reply())?;
             }
         }
+        tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, side = ?req.side, "abort applied");
         if req.side == HandOverSide::Source {
             if let Some(mut record) = self.journal.vm(&req.vm).map_err(internal)? {
                 record.phase = VmPhase::Placed;

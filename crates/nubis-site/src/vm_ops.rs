@@ -15,6 +15,7 @@ use nubis_protocol::subject::FederationOp;
 use nubis_protocol::{MigrationId, VmId};
 use serde::{Deserialize, Serialize};
 
+use crate::config::EvictionPolicy;
 use crate::controller::Trigger;
 use crate::journal::{MigrationPhase, NextHop, VmPhase, VmRecord};
 use crate::local::LocalSite;
@@ -249,7 +250,9 @@ impl<L: LocalSite> Roles<L> {
     }
 
     /// Acts on accepted eviction notices: starts a migration for each VM still delegated to the
-    /// evicting site, and forgets notices whose VM has moved.
+    /// evicting site — or, when this site's policy says `pass_up` and it has an upstream, hands
+    /// the notice on to that upstream (delivered by [`Roles::deliver_evictions`] until accepted)
+    /// — and forgets notices whose VM has moved. The primary site always migrates.
     pub fn act_on_evictions(self: &Arc<Self>) {
         let Ok(pending) = self.journal.evictions() else {
             return;
@@ -267,6 +270,23 @@ impl<L: LocalSite> Roles<L> {
                 continue;
             }
             if record.phase == VmPhase::Migrating {
+                continue;
+            }
+            if let (EvictionPolicy::PassUp, Some(up)) =
+                (self.config.policy.eviction, record.upstream.as_ref())
+            {
+                // Journaled for delivery before the incoming notice is let go, so the notice
+                // is never lost between the two.
+                let onward = p.notice.clone();
+                match self.journal.put_outgoing(&onward, up) {
+                    Ok(()) => {
+                        tracing::info!(vm.id = %p.notice.vm, to = %up, "passing the eviction notice up");
+                        let _ = self.journal.remove_eviction(&p);
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm.id = %p.notice.vm, error = %e, "cannot pass the eviction notice up yet")
+                    }
+                }
                 continue;
             }
             match self.start_migration(
