@@ -38,8 +38,13 @@ getent passwd libvirt-qemu >/dev/null ||
     --shell /usr/sbin/nologin libvirt-qemu
 getent group libvirt >/dev/null || groupadd --system libvirt
 
+# QEMU runs as root, and in the host's mount namespace (`namespaces = []`): a private namespace
+# per guest would keep a copy of every FUSE mount present when the guest started (the KPI
+# filesystems of other VMs), so unmounting one would never end its session while that guest runs.
 conf=/etc/libvirt/qemu.conf
+changed=
 if [ -f "$conf" ]; then
+  before=$(md5sum "$conf")
   for key in user group; do
     if grep -Eq "^${key}[[:space:]]*=" "$conf"; then
       sed -i -E "s|^${key}[[:space:]]*=.*|${key} = \"root\"|" "$conf"
@@ -47,6 +52,17 @@ if [ -f "$conf" ]; then
       echo "${key} = \"root\"" >> "$conf"
     fi
   done
+  if grep -Eq "^namespaces[[:space:]]*=" "$conf"; then
+    sed -i -E "s|^namespaces[[:space:]]*=.*|namespaces = []|" "$conf"
+  else
+    echo "namespaces = []" >> "$conf"
+  fi
+  [ "$before" = "$(md5sum "$conf")" ] || changed=1
+fi
+if [ -n "$changed" ] && pgrep -x libvirtd >/dev/null; then
+  # Running guests survive a libvirtd restart; new ones get the new configuration.
+  pkill -x libvirtd
+  for _ in $(seq 1 40); do pgrep -x libvirtd >/dev/null || break; sleep 0.25; done
 fi
 
 if ! pgrep -x virtlogd >/dev/null; then

@@ -41,6 +41,8 @@ pub struct Stack {
     pub identities: BTreeMap<&'static str, Arc<SiteIdentity>>,
     specs: Vec<SiteSpec>,
     daemons: Vec<Daemon>,
+    /// Hosts (site, host) whose agent drives real QEMU guests on `qemu:///system`.
+    qemu_hosts: Vec<(&'static str, &'static str)>,
 }
 
 fn spawn<F, E>(name: String, run: impl FnOnce(CancellationToken) -> F) -> Daemon
@@ -68,6 +70,18 @@ where
 impl Stack {
     /// Starts the servers and every site's daemons.
     pub async fn start(binary: &nubis_testkit::NatsServerBinary, specs: Vec<SiteSpec>) -> Self {
+        Self::start_with_qemu_hosts(binary, specs, &[]).await
+    }
+
+    /// Like [`Stack::start`], with the agents of the hosts `(site, host)` in `qemu_hosts` on
+    /// libvirtd's `qemu:///system` (real guests, TCG unless `NUBIS_USE_KVM=1`) instead of the
+    /// test driver. They share one libvirtd: a VM prepared for a transfer leaves its domain
+    /// name to the destination.
+    pub async fn start_with_qemu_hosts(
+        binary: &nubis_testkit::NatsServerBinary,
+        specs: Vec<SiteSpec>,
+        qemu_hosts: &[(&'static str, &'static str)],
+    ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter("info,async_nats=warn")
@@ -89,6 +103,7 @@ impl Stack {
             identities,
             specs: specs.clone(),
             daemons: Vec::new(),
+            qemu_hosts: qemu_hosts.to_vec(),
         };
         for s in &specs {
             stack.start_site(s.id).await;
@@ -242,10 +257,22 @@ impl Stack {
                 "<node><cpu><mhz>2000</mhz><model>nubis-test</model><nodes>1</nodes><sockets>1</sockets>\
                  <cores>8</cores><threads>1</threads></cpu><memory>8388608</memory></node>\n",
             );
+            let hypervisor = if self.qemu_hosts.contains(&(site, *host)) {
+                let accelerator = if std::env::var("NUBIS_USE_KVM").as_deref() == Ok("1") {
+                    "kvm"
+                } else {
+                    "tcg"
+                };
+                format!(
+                    "libvirt_uri = \"qemu:///system\"\naccelerator = \"{accelerator}\"\n\
+                     shutdown_timeout_ms = 5000\n"
+                )
+            } else {
+                format!("libvirt_uri = \"test://{}\"\n", node.display())
+            };
             let host_toml = format!(
                 "site = \"{site}\"\nhost = \"{host}\"\nnats_url = \"{url}\"\nnats_user = \"{host_user}\"\nnats_password = \"{host_password}\"\n\
-                 libvirt_uri = \"test://{}\"\nvm_root = \"{}\"\nkpi_root = \"{}\"\nmonitor_tick_ms = 100\n\n[capacity]\nvcpus = 8\nmemory_mib = {memory}\ndisk_bytes = 107374182400\n",
-                node.display(),
+                 {hypervisor}vm_root = \"{}\"\nkpi_root = \"{}\"\nmonitor_tick_ms = 100\n\n[capacity]\nvcpus = 8\nmemory_mib = {memory}\ndisk_bytes = 107374182400\n",
                 self.vm_root(site, host).display(),
                 self.kpi_root(site, host).display()
             );

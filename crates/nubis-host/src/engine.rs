@@ -65,6 +65,10 @@ pub enum OpError {
     /// The VM's directory could not be used.
     #[error("vm files")]
     Files(#[from] VmFilesError),
+    /// The VM has no domain on this host (its files are arriving, or it is prepared for a
+    /// transfer): only starting it or releasing it makes sense.
+    #[error("the vm has no domain on this host; start it here first")]
+    NoDomain,
 }
 
 impl OpError {
@@ -90,7 +94,7 @@ impl OpError {
             }
             Self::WrongVm { .. } => (ErrorCode::Malformed, self.to_string()),
             Self::InvalidDescriptor(e) => (ErrorCode::Malformed, format!("invalid descriptor: {e}")),
-            Self::StaleDescriptor { .. } | Self::MissingFile(_) => {
+            Self::StaleDescriptor { .. } | Self::MissingFile(_) | Self::NoDomain => {
                 (ErrorCode::Conflict, self.to_string())
             }
             Self::UnsupportedFormat(_) => (ErrorCode::Refused, self.to_string()),
@@ -395,8 +399,13 @@ impl<H: Hypervisor> Engine<H> {
             .ok_or_else(|| OpError::UnknownVm(vm.clone()))
     }
 
-    /// The domain's state, `None` when no domain is defined.
+    /// The domain's state, `None` when no domain is defined, or when this host has not defined
+    /// it: a domain with the VM's name then belongs to another host sharing the hypervisor
+    /// (see [`vm_files::DOMAIN_MARKER`]).
     fn domain_state(&self, vm: &VmId) -> Result<Option<DmtfState>, OpError> {
+        if !self.files.has_domain(vm) {
+            return Ok(None);
+        }
         match self.hv.state(vm.as_str()) {
             Ok(s) => Ok(Some(s)),
             Err(HypervisorError::UnknownDomain { .. }) => Ok(None),
@@ -485,6 +494,18 @@ impl<H: Hypervisor> Engine<H> {
         }
     }
 
+    /// Undefines this host's (stopped) domain of `vm`, if it has one, and drops the marker.
+    fn undefine_domain(&mut self, vm: &VmId) -> Result<(), OpError> {
+        if self.domain_state(vm)?.is_some() {
+            match self.hv.undefine(vm.as_str()) {
+                Ok(()) | Err(HypervisorError::UnknownDomain { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.files.clear_domain(vm)?;
+        Ok(())
+    }
+
     /// Runs a held VM: nothing if it runs; restored from its saved state if there is one (the
     /// state file is consumed, so it can never be restored twice); otherwise (re)defined from
     /// its descriptor and started.
@@ -500,6 +521,7 @@ impl<H: Hypervisor> Engine<H> {
             // holds, so it is restored as saved. Saved elsewhere (received from another host),
             // it is restored with this host's definition: same UUID and hardware, local paths.
             let definition = if current.is_some() { None } else { Some(&spec) };
+            self.files.mark_domain(vm)?;
             match self.hv.restore(&state_file, definition) {
                 Err(e) if definition.is_some() && self.restore_as_saved_fallback => {
                     tracing::info!(error = %e, "rewritten definition refused; restoring as saved");
@@ -516,6 +538,7 @@ impl<H: Hypervisor> Engine<H> {
                 // Redefine, so the domain always matches the newest descriptor.
                 self.hv.undefine(vm.as_str())?;
             }
+            self.files.mark_domain(vm)?;
             self.hv.define(&spec)?;
             self.hv.start(vm.as_str())?;
             tracing::info!("vm started");
@@ -564,6 +587,11 @@ impl<H: Hypervisor> Engine<H> {
                 }
             }
         }
+        // A prepared VM is only its files: the saved state carries its definition, and wherever
+        // it runs next (here after an abort, or at the destination) the definition is made
+        // again with that host's paths. Undefining frees its name and UUID, which the
+        // destination takes over even when it shares this hypervisor.
+        self.undefine_domain(vm)?;
         let held = self.held(vm)?;
         Ok(VmPrepared {
             vm: vm.clone(),
@@ -581,20 +609,15 @@ impl<H: Hypervisor> Engine<H> {
                 freed: HostResources::default(),
             });
         }
-        if let Some(state) = self.domain_state(vm)? {
-            if state.is_active() {
-                match self.hv.destroy(vm.as_str()) {
-                    Ok(()) | Err(HypervisorError::UnknownDomain { .. }) => {}
-                    // It stopped on its own in between.
-                    Err(HypervisorError::InvalidState { .. }) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            match self.hv.undefine(vm.as_str()) {
+        if self.domain_state(vm)?.is_some_and(DmtfState::is_active) {
+            match self.hv.destroy(vm.as_str()) {
                 Ok(()) | Err(HypervisorError::UnknownDomain { .. }) => {}
+                // It stopped on its own in between.
+                Err(HypervisorError::InvalidState { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
+        self.undefine_domain(vm)?;
         self.files.remove(vm)?;
         let freed = self
             .capacity
@@ -617,6 +640,14 @@ impl<H: Hypervisor> Engine<H> {
         transition: StateTransition,
     ) -> Result<HostVmStatus, OpError> {
         self.held(vm)?;
+        if !self.files.has_domain(vm)
+            && !matches!(
+                transition,
+                StateTransition::Start | StateTransition::Shutdown | StateTransition::PowerOff
+            )
+        {
+            return Err(OpError::NoDomain);
+        }
         let state = self.status_state(vm)?;
         let name = vm.as_str();
         match transition {
@@ -725,7 +756,8 @@ impl<H: Hypervisor> Engine<H> {
             .collect();
         let mut out = Vec::with_capacity(self.vms.len());
         for (vm, d) in &self.vms {
-            let active = states.get(vm.as_str()).is_some_and(|s| s.is_active());
+            let active =
+                self.files.has_domain(vm) && states.get(vm.as_str()).is_some_and(|s| s.is_active());
             let stats = if active && !query.skip_stats.contains(vm) {
                 match self.hv.stats(vm.as_str()) {
                     Ok(s) => Some(s),

@@ -323,12 +323,25 @@ async fn mount_kpi(root: &Path, vm: &VmId) -> Result<Kpi, MonitorError> {
     })
 }
 
+/// How long an unmount may wait for the filesystem's session to end.
+const UNMOUNT_WAIT: Duration = Duration::from_secs(5);
+
 async fn unmount_kpi(kpi: Kpi) {
-    let joined = tokio::task::spawn_blocking(move || kpi.mount.unmount()).await;
+    let joined = tokio::time::timeout(
+        UNMOUNT_WAIT,
+        tokio::task::spawn_blocking(move || kpi.mount.unmount()),
+    )
+    .await;
     match joined {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "kpi filesystem unmount"),
-        Err(e) => tracing::warn!(error = %e, "kpi filesystem unmount task"),
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "kpi filesystem unmount"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "kpi filesystem unmount task"),
+        // The mount is gone from this namespace, but another one still holds it (e.g. a guest
+        // started in a private mount namespace while it existed): its session ends when that
+        // one lets go. The monitor does not wait for it.
+        Err(_) => tracing::warn!(
+            "kpi filesystem unmounted, but its session is still referenced elsewhere; not waiting"
+        ),
     }
 }
 

@@ -31,6 +31,11 @@ pub const KERNEL_FILE: &str = "kernel";
 pub const INITRD_FILE: &str = "initrd";
 /// The guest's serial console.
 pub const CONSOLE_FILE: &str = "console.log";
+/// Present while this host has the VM's domain defined on its hypervisor: only then is a domain
+/// with the VM's name this host's to act on. Without it (reserved, files arriving, or prepared
+/// for a transfer) the VM is only its files here, and a domain with its name belongs to another
+/// host sharing the hypervisor (several hosts on one machine).
+pub const DOMAIN_MARKER: &str = "domain";
 
 /// Why a VM directory could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +228,30 @@ impl VmFiles {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io("delete", path)(e)),
         }
+    }
+
+    /// Whether this host has `vm`'s domain defined (see [`DOMAIN_MARKER`]).
+    pub fn has_domain(&self, vm: &VmId) -> bool {
+        self.path(vm, DOMAIN_MARKER).is_file()
+    }
+
+    /// Records, durably, that this host is about to define `vm`'s domain: the marker and its
+    /// directory entry are on disk before this returns, so a crash right after the definition
+    /// still leaves the domain this host's.
+    pub fn mark_domain(&self, vm: &VmId) -> Result<(), VmFilesError> {
+        let path = self.path(vm, DOMAIN_MARKER);
+        fs::File::create(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io("create", &path))?;
+        let dir = self.dir(vm);
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync", &dir))
+    }
+
+    /// Records that `vm`'s domain is no longer defined here; no marker is fine.
+    pub fn clear_domain(&self, vm: &VmId) -> Result<(), VmFilesError> {
+        Self::remove_file(&self.path(vm, DOMAIN_MARKER))
     }
 
     /// Deletes the directory of `vm` and everything in it; nothing to delete is fine.

@@ -1,6 +1,10 @@
 //! `nubis-demo`: the README's main job. Brings up a local federation on loopback — a hub and
-//! four leaf sites, each with its site daemon, Transfer proxy and host agent (libvirt's test
-//! driver) — and walks through the paper's usage scenarios with real parts:
+//! four leaf sites, each with its site daemon, Transfer proxy and host agent — and walks through
+//! the paper's usage scenarios with real parts. The hosts of c and d run a real QEMU guest
+//! (libvirtd's `qemu:///system`, TCG unless KVM is usable; the tiny guest built by
+//! `scripts/setup.d/40-guest.sh`), the hosts of a and b libvirt's test driver (they have no
+//! room anyway). Without libvirtd or the guest, c and d fall back to the test driver and say so
+//! (under `CI=true` that is a failure).
 //!
 //! 1. a VM described by an OVF envelope is deployed at site a, which has no room; a delegates
 //!    through b, which has none either, to c or d (usage scenario 1);
@@ -9,7 +13,8 @@
 //!    into its FUSE mount; the batches (one sealed for a) reach a through b;
 //! 4. the site running it evicts it (host maintenance); b, which delegated it, becomes the
 //!    Controller and moves it to the other site, files going site to site directly (usage
-//!    scenario 2), and the monitoring follows it on the same subjects;
+//!    scenario 2): the guest is saved, its disk and memory state move, it is restored there and
+//!    keeps counting without booting again; the monitoring follows it on the same subjects;
 //! 5. a reports the VM's usage from its accounting stream.
 //!
 //! Then it prints a cheat-sheet and keeps the federation running until Ctrl-C. With `--ci` it
@@ -25,6 +30,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use nubis_host::test_guest::{GuestImage, SerialLog, READY_MARKER};
+use nubis_host::{Hypervisor as _, LibvirtConfig, LibvirtHypervisor};
 use nubis_protocol::codec;
 use nubis_protocol::envelope::{now_ms, SignedEnvelope, Verifier};
 use nubis_protocol::message::{BatchPayload, ClearPayload, MonitoringBatch, Value};
@@ -34,6 +41,58 @@ use serde_json::{json, Value as Json};
 use stack::{ops, SiteSpec, Stack};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The demo's VM.
+const VM: &str = "shop-web";
+
+/// The real guest, when this machine can run it: its kernel and initramfs, and libvirtd.
+struct RealGuest {
+    image: GuestImage,
+    hv: LibvirtHypervisor,
+}
+
+impl RealGuest {
+    fn find() -> Result<Self, String> {
+        let image = GuestImage::locate(&GuestImage::default_dir()).map_err(|e| e.to_string())?;
+        let hv = LibvirtHypervisor::connect(LibvirtConfig::new("qemu:///system"))
+            .map_err(|e| format!("libvirtd is not reachable: {e}"))?;
+        Ok(Self { image, hv })
+    }
+
+    /// Removes the demo's domain, left by an interrupted run or at the end of this one.
+    fn clear(&self) {
+        let _ = self.hv.destroy(VM);
+        let _ = self.hv.undefine(VM);
+    }
+}
+
+/// The guest's serial console at `site`'s host.
+fn console(stack: &Stack, site: &str) -> SerialLog {
+    SerialLog::new(
+        stack
+            .vm_root(site, &format!("{site}-host"))
+            .join(VM)
+            .join("console.log"),
+    )
+}
+
+/// Waits until the guest at `site` has printed a counter above `after`.
+async fn counted(stack: &Stack, site: &str, after: u64) -> Result<(u64, f64), String> {
+    let log = console(stack, site);
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        if let Some(c) = log.last_counter().filter(|(n, _)| *n > after) {
+            return Ok(c);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "the guest at {site} does not count: {}",
+                log.text()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 fn say(text: &str) {
     println!("\n\x1b[1m== {text}\x1b[0m");
@@ -203,7 +262,7 @@ async fn show_chain(stack: &Stack, vm: &str, sites: &[&str]) -> Result<(), Strin
     Ok(())
 }
 
-async fn walk(stack: &Stack, ci: bool) -> Result<(), String> {
+async fn walk(stack: &Stack, ci: bool, guest: Option<&RealGuest>) -> Result<(), String> {
     let op_a = stack.operator("a").await;
     let op_b = stack.operator("b").await;
 
@@ -212,13 +271,40 @@ async fn walk(stack: &Stack, ci: bool) -> Result<(), String> {
     let ovf = std::fs::read_to_string(ovf_path).map_err(|e| format!("{ovf_path}: {e}"))?;
     let package = nubis_ovf::OvfPackage::parse(&ovf).map_err(|e| e.to_string())?;
     let t = package.template;
+    // The primary site's image store holds the VM's images (`nubis image put` uploads them).
+    let store = stack.image_store("a");
     for disk in &t.disks {
         if let Some(image) = &disk.image {
-            // The primary site's image store holds the VM's image (`nubis image put` uploads it).
-            let data: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
-            std::fs::write(stack.image_store("a").join(image), data).map_err(|e| e.to_string())?;
+            let path = store.join(image);
+            if guest.is_some() {
+                // An empty qcow2 disk of the capacity the OVF gives; the guest writes its
+                // counter into the first sector.
+                let status = std::process::Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(&path)
+                    .arg(disk.capacity_bytes.to_string())
+                    .status()
+                    .map_err(|e| format!("qemu-img: {e}"))?;
+                if !status.success() {
+                    return Err(format!("qemu-img could not create {}", path.display()));
+                }
+            } else {
+                let data: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+                std::fs::write(&path, data).map_err(|e| e.to_string())?;
+            }
         }
     }
+    // The guest boots the kernel and initramfs from a's image store (direct kernel boot).
+    let boot = match guest {
+        Some(g) => {
+            std::fs::copy(&g.image.kernel, store.join("guest-vmlinuz"))
+                .and_then(|_| std::fs::copy(&g.image.initrd, store.join("guest-initramfs")))
+                .map_err(|e| format!("stocking a's image store: {e}"))?;
+            json!({"kernel": "guest-vmlinuz", "initrd": "guest-initramfs",
+                   "cmdline": "console=ttyS0 quiet panic=-1"})
+        }
+        None => Json::Null,
+    };
     println!(
         "   OVF: {} vCPU, {} MiB, {} disk(s), {} monitoring specifier(s)",
         t.vcpus.unwrap_or(0),
@@ -234,6 +320,7 @@ async fn walk(stack: &Stack, ci: bool) -> Result<(), String> {
             "memory_mib": t.memory_mib,
             "disks": serde_json::to_value(&t.disks).map_err(|e| e.to_string())?,
             "networks": serde_json::to_value(&t.networks).map_err(|e| e.to_string())?,
+            "boot": boot,
         },
         "monitoring": serde_json::to_value(&t.monitoring).map_err(|e| e.to_string())?,
         "properties": t.properties,
@@ -255,6 +342,10 @@ async fn walk(stack: &Stack, ci: bool) -> Result<(), String> {
     };
     println!("   placed: a knows only b; b delegated to {x}");
     show_chain(stack, "shop-web", &["a", "b", "c", "d"]).await?;
+    if guest.is_some() {
+        let (n, up) = counted(stack, x, 0).await?;
+        println!("   the real QEMU guest booted at {x}: counter {n} after {up:.1} s of uptime");
+    }
 
     say(&format!(
         "Monitoring: {x} measures the VM and reads its KPI files; batches reach a through b"
@@ -346,8 +437,20 @@ async fn walk(stack: &Stack, ci: bool) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let before_move = console(stack, x).last_counter();
     println!("   b is the Controller of migration {migration}, {x} -> {y} directly:");
     follow(&op_b, "b", &migration, ci).await?;
+    if let (Some(_), Some((n, up))) = (guest, before_move) {
+        let (m, up2) = counted(stack, y, n).await?;
+        let log = console(stack, y);
+        if log.count(READY_MARKER) != 0 {
+            return Err(format!("the guest booted again at {y}: {}", log.text()));
+        }
+        println!(
+            "   the guest was saved at {x} (counter {n}, uptime {up:.1} s) and restored at {y}: \
+             counter {m}, uptime {up2:.1} s, no reboot"
+        );
+    }
     let v = view(&op_b, "b", "shop-web").await?;
     if v["next_hop"] != format!("site:{y}") {
         return Err(format!("the VM did not move to {y}: {v}"));
@@ -451,7 +554,27 @@ async fn main() -> ExitCode {
         return ExitCode::from(3);
     };
     say("Starting a hub and sites a, b, c, d (site daemon, transfer proxy, host agent each)");
-    let stack = Stack::start(
+    let guest = match RealGuest::find() {
+        Ok(g) => {
+            g.clear();
+            println!("   the hosts of c and d run a real QEMU guest (libvirtd qemu:///system)");
+            Some(g)
+        }
+        Err(e) if nubis_testkit::under_ci() => {
+            eprintln!("nubis-demo: no real guest under CI=true: {e}");
+            return ExitCode::from(3);
+        }
+        Err(e) => {
+            println!("   no real guest ({e}; ./scripts/setup.sh prepares one): every host on libvirt's test driver");
+            None
+        }
+    };
+    let qemu_hosts: &[(&str, &str)] = if guest.is_some() {
+        &[("c", "c-host"), ("d", "d-host")]
+    } else {
+        &[]
+    };
+    let stack = Stack::start_with_qemu_hosts(
         &binary,
         vec![
             SiteSpec {
@@ -483,6 +606,7 @@ async fn main() -> ExitCode {
                 top: "",
             },
         ],
+        qemu_hosts,
     )
     .await;
     println!("   hub at {}", stack.fed.hub_url());
@@ -492,7 +616,7 @@ async fn main() -> ExitCode {
             stack.fed.site_url(s).unwrap_or_default()
         );
     }
-    let result = walk(&stack, ci).await;
+    let result = walk(&stack, ci, guest.as_ref()).await;
     match &result {
         Ok(()) => say("Every step held"),
         Err(e) => say(&format!("FAILED: {e}")),
@@ -503,6 +627,10 @@ async fn main() -> ExitCode {
         say("Stopping");
     }
     stack.shutdown().await;
+    if let Some(g) = &guest {
+        // The guest outlives the host agents (libvirtd runs it): nothing stays behind.
+        g.clear();
+    }
     if result.is_ok() {
         ExitCode::SUCCESS
     } else {
