@@ -401,6 +401,218 @@ async fn scenario_3_local_migration_between_hosts() {
     stack.shutdown().await;
 }
 
+/// A bandwidth cap given with the migration reaches the Transfer proxies, which pace the file
+/// transfer to it: the migration cannot end sooner than its bytes allow at that rate (less the
+/// one chunk of credit the pacing starts with). Asking for a cap of zero is refused.
+#[tokio::test]
+async fn a_migration_bandwidth_cap_paces_the_transfer() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let stack = Stack::start(
+        &binary,
+        vec![SiteSpec {
+            id: "a",
+            partners: vec![],
+            hosts: vec![("n1", 4096), ("n2", 4096)],
+            policy: "",
+            top: "",
+        }],
+    )
+    .await;
+    std::fs::write(
+        stack.image_store("a").join("tiny.qcow2"),
+        image_bytes(6 << 20),
+    )
+    .unwrap();
+    let op_a = stack.operator("a").await;
+    let r = ops(
+        &op_a,
+        "a",
+        "deploy",
+        deploy_body("capped-1", Some("tiny.qcow2")),
+    )
+    .await
+    .unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+
+    let refused = ops(
+        &op_a,
+        "a",
+        "migrate",
+        json!({"vm": "capped-1", "to_site": "a", "max_bytes_per_sec": 0}),
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.contains("max_bytes_per_sec"), "{refused}");
+
+    let cap: u64 = 2 << 20;
+    let r = ops(
+        &op_a,
+        "a",
+        "migrate",
+        json!({"vm": "capped-1", "to_site": "a", "max_bytes_per_sec": cap}),
+    )
+    .await
+    .unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    let bytes = m["bytes_total"].as_u64().unwrap();
+    assert!(bytes >= 6 << 20, "{m}");
+    // The pacing starts with one chunk (1 MiB) of credit.
+    let floor = (bytes - (1 << 20)) as f64 / cap as f64;
+    let elapsed = m["elapsed_s"].as_f64().unwrap();
+    assert!(
+        elapsed >= floor,
+        "{bytes} bytes moved in {elapsed} s, faster than {cap} B/s allows ({floor} s)"
+    );
+    stack.shutdown().await;
+}
+
+/// Transfer verification disagrees: a chunk of the disk is corrupted in the Source proxy's
+/// bucket while the (capped, so slow) transfer runs. Every fetch fails its end-to-end digest;
+/// the Controller repeats Initiate transfer a bounded number of times, has no other offer, and
+/// aborts: the VM runs again at its old host, exactly once, its disk unchanged, and nothing of
+/// it is left at the other host.
+#[tokio::test]
+async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_aborted() {
+    use async_nats::jetstream;
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let stack = Stack::start(
+        &binary,
+        vec![SiteSpec {
+            id: "a",
+            partners: vec![],
+            hosts: vec![("n1", 4096), ("n2", 4096)],
+            policy: "",
+            top: "",
+        }],
+    )
+    .await;
+    let image = image_bytes(6 << 20);
+    std::fs::write(stack.image_store("a").join("tiny.qcow2"), &image).unwrap();
+    let op_a = stack.operator("a").await;
+    let r = ops(
+        &op_a,
+        "a",
+        "deploy",
+        deploy_body("mismatch-1", Some("tiny.qcow2")),
+    )
+    .await
+    .unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    let home = next_hop(&op_a, "a", "mismatch-1").await.unwrap();
+    let (home, other) = if home == "host:n1" {
+        ("n1", "n2")
+    } else {
+        ("n2", "n1")
+    };
+
+    let r = ops(
+        &op_a,
+        "a",
+        "migrate",
+        json!({"vm": "mismatch-1", "to_site": "a", "max_bytes_per_sec": 1 << 20}),
+    )
+    .await
+    .unwrap();
+    let migration = r["migration"].as_str().unwrap().to_string();
+
+    // The source proxy publishes at full speed; once the disk's chunks (the subject with the
+    // most messages) are all stored and described, flip one byte in the last one.
+    let client = stack.fed.connect("a").await.unwrap();
+    let js = jetstream::new(client);
+    let stream = js.get_stream(nubis_proxy::naming::STREAM).await.unwrap();
+    let disk_chunks = wait_until(LONG, "the source to publish the disk", || async {
+        let mut subjects = stream
+            .info_with_subjects("$O.nubis-xfer.>")
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut chunks, mut metas) = (Vec::new(), Vec::new());
+        while let Some(entry) = subjects.next().await {
+            let (subject, count) = entry.map_err(|e| e.to_string())?;
+            if subject.starts_with("$O.nubis-xfer.C.") {
+                chunks.push((count, subject));
+            } else if subject.starts_with("$O.nubis-xfer.M.") {
+                metas.push(subject);
+            }
+        }
+        chunks.sort();
+        match chunks.last() {
+            Some((count, subject)) if *count >= 6 && metas.len() >= chunks.len() => {
+                Ok((subject.clone(), metas))
+            }
+            _ => Err(format!("{chunks:?}, {metas:?}")),
+        }
+    })
+    .await
+    .unwrap();
+    let (disk_chunks, metas) = disk_chunks;
+    // The reader, paced to the cap, is still at the first chunks: replace the last one (it
+    // reads it after the others, by stream order).
+    let last = stream
+        .direct_get_last_for_subject(disk_chunks.as_str())
+        .await
+        .unwrap();
+    stream.delete_message(last.sequence).await.unwrap();
+    let mut payload = last.payload.to_vec();
+    payload[100] ^= 0x40;
+    js.publish_with_headers(disk_chunks.clone(), last.headers.clone(), payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    // Its info message must come after its chunks again, or readers wait for a newer one.
+    let nuid = disk_chunks.trim_start_matches("$O.nubis-xfer.C.");
+    for meta in metas {
+        let info = stream
+            .direct_get_last_for_subject(meta.as_str())
+            .await
+            .unwrap();
+        let json: Value = serde_json::from_slice(&info.payload).unwrap();
+        if json["nuid"] == nuid {
+            let mut headers = info.headers.clone();
+            headers.insert("Nats-Rollup", "sub");
+            js.publish_with_headers(meta, headers, info.payload.clone())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+
+    let m = wait_migration(&op_a, "a", &migration).await;
+    assert_eq!(m["phase"], "aborted", "{m}");
+    assert_eq!(
+        next_hop(&op_a, "a", "mismatch-1").await.unwrap(),
+        format!("host:{home}")
+    );
+    let q = ops(
+        &op_a,
+        "a",
+        "control",
+        json!({"vm": "mismatch-1", "change": {"kind": "query"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(q["state"], "enabled", "{q}");
+    let disk = stack
+        .vm_root("a", home)
+        .join("mismatch-1")
+        .join("disk-vda.qcow2");
+    assert!(std::fs::read(disk).unwrap() == image, "the disk changed");
+    assert!(
+        !stack.vm_root("a", other).join("mismatch-1").exists(),
+        "the other host kept a copy"
+    );
+    stack.shutdown().await;
+}
+
 /// Failure paths: a destination with no room refuses, and a source site that is down makes
 /// the migration abort cleanly; in both cases the VM stays where it was, running.
 #[tokio::test]

@@ -187,6 +187,7 @@ pub(crate) fn fetch_req(
         vm: VmId::new("vm-1").unwrap(),
         source,
         destination: d_tok,
+        max_bytes_per_sec: None,
     }
 }
 
@@ -945,9 +946,12 @@ async fn a_bandwidth_cap_paces_the_fetch_and_its_progress() {
         token: s.token,
     };
     let started = std::time::Instant::now();
-    pb.fetch_capped(fetch_req(mig, source, d.token), Some(cap))
-        .await
-        .unwrap();
+    pb.fetch(FetchTransfer {
+        max_bytes_per_sec: Some(cap),
+        ..fetch_req(mig, source, d.token)
+    })
+    .await
+    .unwrap();
 
     // Every progress event, when it arrives, reports no more bytes than the cap allowed since
     // the fetch started (plus one burst).

@@ -35,6 +35,9 @@ pub enum VmCommand {
         /// Only consider this partner (or this site's own hosts, when it names this site).
         #[arg(long)]
         to_site: Option<String>,
+        /// Cap the file transfer at this many bytes per second (the transfer proxies pace it).
+        #[arg(long, value_name = "BYTES_PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]
+        max_rate: Option<u64>,
         /// Return at once instead of following the migration.
         #[arg(long)]
         no_wait: bool,
@@ -231,13 +234,14 @@ pub async fn run(cmd: VmCommand, json_out: bool) -> Result<Value, OpsFailure> {
         VmCommand::Migrate {
             vm,
             to_site,
+            max_rate,
             no_wait,
             conn,
         } => {
             let v = call(
                 &conn,
                 OpsEndpoint::Migrate,
-                json!({"vm": vm, "to_site": to_site}),
+                json!({"vm": vm, "to_site": to_site, "max_bytes_per_sec": max_rate}),
             )
             .await?;
             let migration = v["migration"].as_str().unwrap_or_default().to_string();

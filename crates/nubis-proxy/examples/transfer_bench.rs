@@ -130,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
                 token: s.token,
             },
             destination: d.token,
+            max_bytes_per_sec: None,
         },
     )
     .await?;

@@ -339,20 +339,13 @@ impl TransferProxy {
         })
     }
 
-    /// Initiate transfer at this (destination) proxy: checks both tokens and starts fetching.
-    /// Returns the status right away; the transfer continues in the background.
+    /// Initiate transfer at this (destination) proxy: checks both tokens and starts fetching,
+    /// paced to at most the request's `max_bytes_per_sec` (the migration's bandwidth cap; the
+    /// proxy's own `transfer.max_bytes_per_sec` applies when smaller). Returns the status right
+    /// away; the transfer continues in the background. A repeated request for a transfer under
+    /// way keeps the cap it started with.
     pub async fn fetch(&self, req: FetchTransfer) -> Result<TransferStatus, ProxyError> {
-        self.fetch_capped(req, None).await
-    }
-
-    /// [`Self::fetch`] paced to at most `max_bytes_per_sec` (the migration's bandwidth cap; the
-    /// proxy's own `transfer.max_bytes_per_sec` applies when smaller). A repeated request for
-    /// a transfer under way keeps the cap it started with.
-    pub async fn fetch_capped(
-        &self,
-        req: FetchTransfer,
-        max_bytes_per_sec: Option<u64>,
-    ) -> Result<TransferStatus, ProxyError> {
+        let max_bytes_per_sec = req.max_bytes_per_sec;
         let rec = self.live_record(&req.destination)?;
         if !matches!(rec.purpose, TokenPurpose::Receive { .. }) {
             return Err(ProxyError::WrongPurpose {

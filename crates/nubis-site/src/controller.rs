@@ -88,6 +88,23 @@ impl<L: LocalSite> Roles<L> {
         vm: VmId,
         trigger: Trigger,
     ) -> Result<MigrationId, ErrorReply> {
+        self.start_migration_capped(vm, trigger, None)
+    }
+
+    /// [`Roles::start_migration`] with a bandwidth cap (bytes per second) that the transfer
+    /// proxies honour for this migration's files.
+    pub fn start_migration_capped(
+        self: &Arc<Self>,
+        vm: VmId,
+        trigger: Trigger,
+        max_bytes_per_sec: Option<u64>,
+    ) -> Result<MigrationId, ErrorReply> {
+        if max_bytes_per_sec == Some(0) {
+            return Err(ErrorReply::new(
+                ErrorCode::Malformed,
+                "max_bytes_per_sec must be greater than zero (leave it out for no cap)",
+            ));
+        }
         let record = self.journal.vm(&vm).map_err(internal)?.ok_or_else(|| {
             ErrorReply::new(
                 ErrorCode::UnknownVm,
@@ -115,6 +132,7 @@ impl<L: LocalSite> Roles<L> {
                 bytes_total: 0,
                 started_ms: now,
                 updated_ms: now,
+                max_bytes_per_sec,
             })
             .map_err(internal)?;
         let mut record = record;
@@ -740,12 +758,17 @@ impl<L: LocalSite> Roles<L> {
             proxy: ranked.offer.proxy.clone(),
             token: ranked.offer.token,
         };
+        let max_bytes_per_sec = self
+            .journal
+            .migration(&id)
+            .map_err(internal)?
+            .and_then(|m| m.max_bytes_per_sec);
         let initiate = InitiateTransfer {
             migration_id: id,
             vm: vm.clone(),
             source: source.clone(),
             destination: destination.clone(),
-            max_bytes_per_sec: None,
+            max_bytes_per_sec,
         };
         let mut failures = 0;
         // Short at first: a small transfer is over after a round trip or two.

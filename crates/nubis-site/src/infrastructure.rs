@@ -319,7 +319,7 @@ impl LocalSite for NatsLocalSite {
         vm: &VmId,
         source: &Endpoint,
         destination: &TransferToken,
-        _max_bytes_per_sec: Option<u64>,
+        max_bytes_per_sec: Option<u64>,
     ) -> Result<TransferStatus, ErrorReply> {
         // A failed attempt is reported once before a repeated Initiate transfer starts it over,
         // so the Controller counts its failed rounds (and moves on after a bounded number)
@@ -350,6 +350,7 @@ impl LocalSite for NatsLocalSite {
                     vm: vm.clone(),
                     source: source.clone(),
                     destination: *destination,
+                    max_bytes_per_sec,
                 },
             )
             .await;

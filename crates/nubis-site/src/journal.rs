@@ -167,6 +167,9 @@ pub struct MigrationRecord {
     pub started_ms: u64,
     /// Last change (ms since the epoch).
     pub updated_ms: u64,
+    /// The operator's bandwidth cap for the file transfer, in bytes per second.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<u64>,
 }
 
 /// The journal.

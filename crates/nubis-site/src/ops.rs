@@ -185,7 +185,7 @@ impl<L: LocalSite> OpsContext<L> {
                 };
                 let id = self
                     .roles
-                    .start_migration(req.vm.clone(), trigger)
+                    .start_migration_capped(req.vm.clone(), trigger, req.max_bytes_per_sec)
                     .map_err(refusal)?;
                 return to_json(
                     serde_json::json!({"vm": req.vm.as_str(), "migration": id.to_string()}),

@@ -52,6 +52,9 @@ pub struct MigrateRequest {
     /// Only offers from (or through) this partner, or `"local"`-site hosts when it names this site.
     #[serde(default)]
     pub to_site: Option<nubis_protocol::SiteId>,
+    /// A bandwidth cap for the file transfer, in bytes per second; none by default.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<u64>,
 }
 
 /// `evict` / `status` of one VM.

@@ -115,6 +115,10 @@ pub struct FetchTransfer {
     pub source: Endpoint,
     /// The paper's d_tok, minted by the proxy this request is sent to.
     pub destination: TransferToken,
+    /// The migration's bandwidth cap in bytes per second, if any; the proxy's own cap applies
+    /// when it is smaller.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<u64>,
 }
 
 impl Body for FetchTransfer {
