@@ -4,15 +4,18 @@
 # (nothing is installed system-wide), a busybox initramfs and a small template qcow2 disk.
 #
 # The guest's /init loads the virtio and ACPI-button modules, mounts every virtio-9p share under
-# /mnt/<tag>, prints NUBIS-GUEST-READY on the serial console, then once a second increments a
+# /mnt/<tag> except the KPI share (tag `nubis-kpi`), prints NUBIS-GUEST-READY on the serial console, then once a second increments a
 # counter kept in the first sector of /dev/vda and prints `NUBIS-COUNTER <n> <uptime>`. At boot it
 # continues from the counter found on the disk. An ACPI power-button press powers it off, so a
-# graceful shutdown really completes. Idempotent: a complete cache is left alone.
+# graceful shutdown really completes. With a KPI share, a sidecar reports the KPI
+# `guest.current_users` every two seconds with /bin/nubis-kpi-report, which mounts the share only
+# while it writes (a guest holding a 9p share mounted cannot be saved, hence not migrated), and
+# prints `NUBIS-KPI <n>` (or `NUBIS-KPI-FAILED <n>`). Idempotent: a complete cache is left alone.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 dir=${NUBIS_GUEST_DIR:-/var/cache/nubis/guest}
-stamp="$dir/.complete-v3"
+stamp="$dir/.complete-v4"
 if [ -f "$stamp" ]; then
   echo "test guest is ready in $dir"
   exit 0
@@ -80,6 +83,25 @@ poweroff -f
 SH
 chmod 755 "$work/root/etc/acpi/PWRF/00000080"
 
+# The sidecar of the paper's closed-source case: an application that cannot write KPI files
+# itself has them written by a script. Usage: nubis-kpi-report TABLE HEADER VALUES.
+cat > "$work/root/bin/nubis-kpi-report" <<'SH'
+#!/bin/busybox sh
+# Writes one two-line KPI report into unencrypted/TABLE of the KPI share. The share is mounted
+# only for the write: QEMU refuses to save (and so to migrate) a guest that holds it mounted.
+table=$1 header=$2 values=$3
+dir=/run/nubis-kpi
+mkdir -p "$dir"
+mount -t 9p -o trans=virtio,version=9p2000.L nubis-kpi "$dir" 2>/dev/null || exit 1
+# A refusal found at write() (too long, non-UTF-8) is the exit status; one found only at close()
+# (ragged CSV) is logged by the host.
+printf '%s\n%s\n' "$header" "$values" > "$dir/kpi/unencrypted/$table"
+rc=$?
+umount "$dir" || umount -l "$dir"
+exit "$rc"
+SH
+chmod 755 "$work/root/bin/nubis-kpi-report"
+
 cat > "$work/root/init" <<'SH'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -95,14 +117,34 @@ while [ ! -b /dev/vda ] && [ "$i" -lt 100 ]; do
   sleep 0.1
   i=$((i + 1))
 done
+kpi_share=
 for f in /sys/bus/virtio/drivers/9pnet_virtio/*/mount_tag; do
   [ -f "$f" ] || continue
   tag=$(tr -d '\000' < "$f")
+  # The KPI share is mounted only while a report is written (see nubis-kpi-report).
+  if [ "$tag" = nubis-kpi ]; then
+    kpi_share=1
+    continue
+  fi
   mkdir -p "/mnt/$tag"
   mount -t 9p -o trans=virtio,version=9p2000.L "$tag" "/mnt/$tag" && echo "NUBIS-SHARE $tag"
 done
 # Not daemonised (-d): the daemonised busybox acpid was seen not to run its actions here.
 acpid -d -c /etc/acpi &
+if [ -n "$kpi_share" ]; then
+  (
+    k=0
+    while true; do
+      sleep 2
+      k=$((k + 1))
+      if nubis-kpi-report guest current_users "$k"; then
+        echo "NUBIS-KPI $k"
+      else
+        echo "NUBIS-KPI-FAILED $k"
+      fi
+    done
+  ) &
+fi
 n=0
 if [ -b /dev/vda ]; then
   first=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -n1 | tr -cd '0-9')

@@ -4,6 +4,7 @@
 mod demo;
 mod envelope;
 mod federation;
+mod guest_kpi;
 mod guest_migration;
 mod host_agent;
 mod hypervisor;

@@ -302,7 +302,8 @@ async fn run_inner(config: HostConfig, shutdown: CancellationToken) -> Result<()
                 total,
                 config.shutdown_timeout,
             )?
-            .with_restore_as_saved_fallback(config.libvirt_uri.starts_with("test:")))
+            .with_restore_as_saved_fallback(config.libvirt_uri.starts_with("test:"))
+            .with_kpi_share(config.kpi_share.then(|| config.kpi_root.clone())))
         })
     };
     let engine = setup

@@ -17,6 +17,8 @@
 //! monitor_tick_ms = 250                 # how often the monitoring Producer measures and sends
 //! monitor_outbox = 10000                # batches kept until the site acknowledges them
 //! kpi_root = "/var/lib/nubis/vms-kpi"   # KPI filesystems; default: `<vm_root>-kpi` beside vm_root
+//! kpi_share = false                     # share each VM's KPI filesystem with its guest (virtio-9p,
+//!                                       # tag `nubis-kpi`); default false
 //!
 //! [capacity]                            # optional overrides; default from libvirt and the
 //! vcpus = 8                             # file system of `vm_root`
@@ -138,6 +140,12 @@ pub struct HostConfig {
     /// root, so that two agents whose VM roots share a parent never share KPI mounts, and never
     /// inside the VM root, where it would be taken for a VM directory.
     pub kpi_root: PathBuf,
+    /// Whether every domain shares its VM's KPI filesystem with the guest (virtio-9p). All hosts
+    /// a VM may move between must agree, because a saved state restores only into a domain with
+    /// the same devices. Off by default: QEMU cannot save a guest while it holds the share
+    /// mounted, so an operator turns it on where the guests' KPI writers mount the share only
+    /// to write (see `ARCHITECTURE.md`, "KPI share").
+    pub kpi_share: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +175,8 @@ struct RawConfig {
     monitor_outbox: usize,
     #[serde(default)]
     kpi_root: Option<PathBuf>,
+    #[serde(default)]
+    kpi_share: Option<bool>,
 }
 
 fn default_monitor_tick_ms() -> u64 {
@@ -323,6 +333,7 @@ impl HostConfig {
             ));
         }
         Ok(Self {
+            kpi_share: raw.kpi_share.unwrap_or(false),
             site,
             host,
             nats_url: raw.nats_url,
@@ -440,6 +451,21 @@ vm_root = "vms"
         assert_eq!(c.kpi_root, PathBuf::from("/srv/kpi"));
         let c = parse(&format!("{GOOD}kpi_root = \"kpi\"\n")).unwrap();
         assert_eq!(c.kpi_root, PathBuf::from("/etc/nubis/kpi"));
+    }
+
+    #[test]
+    fn the_kpi_share_is_opt_in() {
+        assert!(!parse(GOOD).unwrap().kpi_share);
+        assert!(
+            parse(&format!("{GOOD}kpi_share = true\n"))
+                .unwrap()
+                .kpi_share
+        );
+        assert!(
+            !parse(&format!("{GOOD}kpi_share = false\n"))
+                .unwrap()
+                .kpi_share
+        );
     }
 
     #[test]

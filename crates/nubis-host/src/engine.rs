@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::capacity::{Capacity, CapacityError, Resources};
 use crate::dmtf::DmtfState;
 use crate::hypervisor::{DomainStats, Hypervisor, HypervisorError};
-use crate::spec::{DiskFormat, DiskSpec, DomainSpec, InterfaceSpec, KernelBoot};
+use crate::spec::{DiskFormat, DiskSpec, DomainSpec, FilesystemShare, InterfaceSpec, KernelBoot};
 use crate::vm_files::{self, Found, VmFiles, VmFilesError};
 
 /// Why an operation failed; each maps to a stable error code on the bus.
@@ -65,6 +65,13 @@ pub enum OpError {
     /// The VM's directory could not be used.
     #[error("vm files")]
     Files(#[from] VmFilesError),
+    /// The directory that shares the VM's KPI filesystem with its guest could not be made.
+    #[error("cannot prepare the kpi share")]
+    KpiShare(#[source] nubis_kpifs::KpiError),
+    /// QEMU refuses to save a guest that holds a virtio-9p share mounted, and the guest kept its
+    /// KPI share mounted for longer than [`KPI_SHARE_SAVE_WAIT`].
+    #[error("the guest has its KPI share mounted; it cannot be saved until it unmounts it")]
+    KpiShareMounted(#[source] HypervisorError),
     /// The VM has no domain on this host (its files are arriving, or it is prepared for a
     /// transfer): only starting it or releasing it makes sense.
     #[error("the vm has no domain on this host; start it here first")]
@@ -94,9 +101,14 @@ impl OpError {
             }
             Self::WrongVm { .. } => (ErrorCode::Malformed, self.to_string()),
             Self::InvalidDescriptor(e) => (ErrorCode::Malformed, format!("invalid descriptor: {e}")),
-            Self::StaleDescriptor { .. } | Self::MissingFile(_) | Self::NoDomain => {
-                (ErrorCode::Conflict, self.to_string())
-            }
+            Self::StaleDescriptor { .. }
+            | Self::MissingFile(_)
+            | Self::NoDomain
+            | Self::KpiShareMounted(_) => (ErrorCode::Conflict, self.to_string()),
+            Self::KpiShare(_) => (
+                ErrorCode::Internal,
+                "cannot prepare the vm's kpi share".into(),
+            ),
             Self::UnsupportedFormat(_) => (ErrorCode::Refused, self.to_string()),
             Self::Hypervisor(e) => hypervisor_reply(e),
             Self::Files(_) => (ErrorCode::Internal, "cannot use the vm's files".into()),
@@ -221,6 +233,19 @@ fn wire_resources(r: Resources) -> HostResources {
     }
 }
 
+/// How long a save waits for a guest to unmount its KPI share. A guest's KPI writer holds the
+/// share mounted only while it writes a report (see `ARCHITECTURE.md`), so a save that meets it
+/// mounted is tried again for this long before it is refused.
+pub const KPI_SHARE_SAVE_WAIT: Duration = Duration::from_secs(5);
+/// Pause between two save attempts while the KPI share is mounted.
+const KPI_SHARE_SAVE_RETRY: Duration = Duration::from_millis(100);
+
+/// Whether a save was refused because the guest holds a virtio-9p share mounted: QEMU names the
+/// export ("VirtFS") in its refusal.
+fn blocked_by_share(e: &HypervisorError) -> bool {
+    matches!(e, HypervisorError::Operation { source, .. } if source.message.contains("VirtFS"))
+}
+
 /// What the monitor asks the engine at each tick.
 #[derive(Debug, Clone, Default)]
 pub struct MonitorQuery {
@@ -256,6 +281,8 @@ pub struct Engine<H> {
     vms: BTreeMap<VmId, VmDescriptor>,
     shutdown_timeout: Duration,
     restore_as_saved_fallback: bool,
+    /// The KPI root, when every domain shares its VM's KPI filesystem with the guest.
+    kpi_share: Option<PathBuf>,
 }
 
 impl<H: Hypervisor> Engine<H> {
@@ -277,6 +304,7 @@ impl<H: Hypervisor> Engine<H> {
             vms: BTreeMap::new(),
             shutdown_timeout,
             restore_as_saved_fallback: false,
+            kpi_share: None,
         };
         for found in engine.files.scan()? {
             match found {
@@ -482,6 +510,13 @@ impl<H: Hypervisor> Engine<H> {
             });
         }
         spec.serial_log = Some(self.files.path(vm, vm_files::CONSOLE_FILE));
+        // Every domain gets the share whatever its monitoring specifiers say, so the device set
+        // never changes with a descriptor update: a saved state restores only into a domain
+        // with the same devices.
+        if let Some(root) = &self.kpi_share {
+            spec.filesystems
+                .push(FilesystemShare::kpi(root, vm.as_str()));
+        }
         Ok(spec)
     }
 
@@ -515,6 +550,13 @@ impl<H: Hypervisor> Engine<H> {
             return self.status(vm);
         }
         let spec = self.spec(vm)?;
+        // The hypervisor opens a shared directory when the guest starts or is restored, so the
+        // KPI export must exist first; the monitor binds the KPI filesystem on it once mounted.
+        for fs in &spec.filesystems {
+            if fs.tag == crate::spec::KPI_SHARE_TAG {
+                nubis_kpifs::prepare_export(&fs.source).map_err(OpError::KpiShare)?;
+            }
+        }
         let state_file = self.files.state_file(vm);
         if state_file.is_file() {
             // Saved on this host, the domain is still defined with the definition the state
@@ -555,6 +597,34 @@ impl<H: Hypervisor> Engine<H> {
         self
     }
 
+    /// Shares each VM's KPI filesystem with its guest through a virtio-9p share tagged
+    /// [`KPI_SHARE_TAG`](crate::spec::KPI_SHARE_TAG) of `<kpi_root>/<vm>.share`; `None` shares
+    /// nothing.
+    pub fn with_kpi_share(mut self, kpi_root: Option<PathBuf>) -> Self {
+        self.kpi_share = kpi_root;
+        self
+    }
+
+    /// Saves the domain of `vm` to its state file. QEMU refuses while the guest holds a 9p share
+    /// mounted; a KPI writer holds it only for a moment, so the save is tried again for
+    /// [`KPI_SHARE_SAVE_WAIT`] before the refusal is reported as [`OpError::KpiShareMounted`].
+    fn save(&self, vm: &VmId) -> Result<(), OpError> {
+        let state_file = self.files.state_file(vm);
+        let deadline = std::time::Instant::now() + KPI_SHARE_SAVE_WAIT;
+        loop {
+            match self.hv.save(vm.as_str(), &state_file) {
+                Err(e) if self.kpi_share.is_some() && blocked_by_share(&e) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(OpError::KpiShareMounted(e));
+                    }
+                    tracing::debug!(error = %e, "save refused; the guest may hold its kpi share");
+                    std::thread::sleep(KPI_SHARE_SAVE_RETRY);
+                }
+                other => return other.map_err(OpError::from),
+            }
+        }
+    }
+
     /// `vm.activate`
     pub fn activate(
         &mut self,
@@ -578,7 +648,7 @@ impl<H: Hypervisor> Engine<H> {
         if self.domain_state(vm)?.is_some_and(DmtfState::is_active) {
             match mode {
                 PrepareMode::SaveState => {
-                    self.hv.save(vm.as_str(), &self.files.state_file(vm))?;
+                    self.save(vm)?;
                     tracing::info!("vm saved for transfer");
                 }
                 PrepareMode::Shutdown => {
@@ -675,7 +745,7 @@ impl<H: Hypervisor> Engine<H> {
             }
             StateTransition::Suspend => {
                 if state != DmtfState::Suspended {
-                    self.hv.save(name, &self.files.state_file(vm))?;
+                    self.save(vm)?;
                 }
             }
             StateTransition::Reboot => self.hv.reboot(name)?,

@@ -19,18 +19,26 @@
 //!
 //! # KPI filesystems
 //!
-//! A VM that is active here and has a `kpi.` specifier gets a KPI filesystem mounted at
-//! `<kpi_root>/<vm>`, backed by `<kpi_root>/<vm>.sqlite`. Rows of `unencrypted/<table>` give the
+//! A VM that is active here and has a `kpi.` specifier, or whose guest is given its KPI share
+//! (`kpi_share` in the host configuration), gets a KPI filesystem mounted at `<kpi_root>/<vm>`,
+//! backed by `<kpi_root>/<vm>.sqlite`. With the share, the mount is also bound on the VM's
+//! export `<kpi_root>/<vm>.share` (prepared by the engine before the domain starts), stays for as
+//! long as the VM is on the host whatever its specifiers, and rows that no specifier asks for wait
+//! in the database. Rows of `unencrypted/<table>` give the
 //! samples `kpi.<table>.<column>` (timestamped with the row); rows of `encrypted/<table>` are
 //! forwarded untouched. The database's `published` mark advances only past rows whose batches
 //! the site has acknowledged, so a restarted agent sends again exactly what was not stored. The
 //! mount goes when the VM leaves the host (its database too, once everything collected has been
-//! handed to the outbox) and when the agent stops (the database stays for the next start).
+//! handed to the outbox) and when the agent stops (the database stays for the next start, and so
+//! does the export of a VM whose guest runs: its hypervisor holds it open, and the next agent
+//! binds its new mount there).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -57,6 +65,7 @@ use crate::engine::{MonitorQuery, MonitoredVm};
 use crate::hypervisor::HypervisorError;
 use crate::producer::{Delivery, Producer};
 use crate::sampling::Sampler;
+use crate::spec::FilesystemShare;
 
 /// Batches in flight to the site at once.
 const MAX_IN_FLIGHT: usize = 64;
@@ -71,6 +80,8 @@ const REPORT_EVERY: Duration = Duration::from_secs(60);
 const KPI_ROWS_PER_TICK: usize = 1024;
 /// How long after a failed KPI mount it is tried again.
 const KPI_MOUNT_RETRY: Duration = Duration::from_secs(30);
+/// Wake-ups from KPI filesystems waiting for the monitor (one per VM with fresh rows at most).
+const KPI_WAKE_QUEUE: usize = 1024;
 /// Most acknowledgement checkpoints kept per VM (later ones are merged).
 const MAX_CHECKPOINTS: usize = 1024;
 
@@ -141,6 +152,8 @@ pub struct MonitorSettings {
     pub outbox: usize,
     /// Where the KPI filesystems are mounted.
     pub kpi_root: PathBuf,
+    /// Whether guests are given their KPI filesystem (see [`HostConfig::kpi_share`]).
+    pub kpi_share: bool,
 }
 
 impl MonitorSettings {
@@ -151,6 +164,7 @@ impl MonitorSettings {
             tick: config.monitor_tick,
             outbox: config.monitor_outbox,
             kpi_root: config.kpi_root.clone(),
+            kpi_share: config.kpi_share,
         }
     }
 }
@@ -189,7 +203,9 @@ struct Outgoing {
 #[derive(Debug)]
 struct Kpi {
     mount: KpiMount,
-    events: Option<mpsc::Receiver<KpiRow>>,
+    /// Set by the forwarder of the filesystem's events when rows were committed since the last
+    /// read.
+    fresh: Arc<AtomicBool>,
     /// The last row read.
     cursor: i64,
     /// The `published` mark.
@@ -215,6 +231,8 @@ struct VmState {
     unacked: BTreeSet<u64>,
     kpi: Option<Kpi>,
     kpi_retry_at: Option<Instant>,
+    /// Whether the VM's domain ran at the last snapshot.
+    active: bool,
 }
 
 type InFlight = FuturesUnordered<
@@ -234,6 +252,9 @@ struct Monitor {
     backoff: Duration,
     failing: bool,
     counters: MonitorCounters,
+    /// Given to each KPI filesystem's event forwarder.
+    kpi_wake: mpsc::Sender<VmId>,
+    kpi_woken: Option<mpsc::Receiver<VmId>>,
 }
 
 fn random_producer_id() -> Option<ProducerId> {
@@ -303,16 +324,59 @@ pub fn encode_batch(
     Ok(body)
 }
 
-async fn mount_kpi(root: &Path, vm: &VmId) -> Result<Kpi, MonitorError> {
+/// The directory that shares VM `vm`'s KPI filesystem with its guest.
+fn kpi_export(root: &Path, vm: &VmId) -> PathBuf {
+    FilesystemShare::kpi(root, vm.as_str()).source
+}
+
+/// Forwards the commit events of one KPI filesystem as wake-ups of the monitor, so a committed row
+/// is read and sent at once rather than at the next tick. Ends with the mount.
+fn forward_kpi_events(
+    vm: VmId,
+    mut events: mpsc::Receiver<KpiRow>,
+    fresh: Arc<AtomicBool>,
+    wake: mpsc::Sender<VmId>,
+) {
+    tokio::spawn(async move {
+        while events.recv().await.is_some() {
+            // One wake-up stands for every row committed until the monitor reads them.
+            if !fresh.swap(true, Ordering::AcqRel) && wake.try_send(vm.clone()).is_err() {
+                // The monitor is full of wake-ups or stopping; the next tick reads the rows.
+            }
+        }
+    });
+}
+
+async fn mount_kpi(
+    root: &Path,
+    vm: &VmId,
+    share: bool,
+    wake: &mpsc::Sender<VmId>,
+) -> Result<Kpi, MonitorError> {
     let mountpoint = root.join(vm.as_str());
     let db = root.join(format!("{vm}.sqlite"));
-    let mut mount =
-        tokio::task::spawn_blocking(move || KpiFs::mount(&mountpoint, &db, KpiOptions::default()))
-            .await
-            .map_err(MonitorError::Join)??;
+    let export = kpi_export(root, vm);
+    let vm_id = vm.clone();
+    let mut mount = tokio::task::spawn_blocking(move || {
+        let mut mount = KpiFs::mount(&mountpoint, &db, KpiOptions::default())?;
+        if share {
+            // The guest reaches the filesystem only through its export; without one (a domain
+            // defined before the host shared KPI filesystems) the mount still serves the host.
+            if let Err(e) = mount.bind_into(&export) {
+                tracing::warn!(vm.id = %vm_id, error = %ErrorChain(&e), "kpi filesystem not shared with the guest");
+            }
+        }
+        Ok::<_, KpiError>(mount)
+    })
+    .await
+    .map_err(MonitorError::Join)??;
     let published = mount.published()?;
+    let fresh = Arc::new(AtomicBool::new(false));
+    if let Some(events) = mount.take_events() {
+        forward_kpi_events(vm.clone(), events, fresh.clone(), wake.clone());
+    }
     Ok(Kpi {
-        events: mount.take_events(),
+        fresh,
         mount,
         cursor: published,
         published,
@@ -345,8 +409,13 @@ async fn unmount_kpi(kpi: Kpi) {
     }
 }
 
-/// Removes what a VM's KPI filesystem left behind: its empty mountpoint and its database.
+/// Removes what a VM's KPI filesystem left behind: its export, its empty mountpoint and its
+/// database.
 fn remove_kpi_files(root: &Path, vm: &VmId) {
+    let export = kpi_export(root, vm);
+    if export.exists() {
+        nubis_kpifs::remove_export(&export);
+    }
     let _ = std::fs::remove_dir(root.join(vm.as_str()));
     for suffix in ["sqlite", "sqlite-wal", "sqlite-shm"] {
         let path = root.join(format!("{vm}.{suffix}"));
@@ -361,10 +430,8 @@ fn remove_kpi_files(root: &Path, vm: &VmId) {
 /// Reads the rows written since the last read (woken by the filesystem's events).
 fn read_kpi_rows(kpi: &mut Kpi, producer: &mut Producer) {
     let mut wake = kpi.scan;
-    if let Some(events) = &mut kpi.events {
-        while events.try_recv().is_ok() {
-            wake = true;
-        }
+    if kpi.fresh.swap(false, Ordering::AcqRel) {
+        wake = true;
     }
     let dropped = kpi.mount.dropped_events();
     if dropped != kpi.dropped_seen {
@@ -425,7 +492,10 @@ fn settle_kpi(kpi: &mut Kpi, unacked: &BTreeSet<u64>, next_seq: u64, settled_bef
 
 impl Monitor {
     fn new(settings: MonitorSettings) -> Self {
+        let (kpi_wake, kpi_woken) = mpsc::channel(KPI_WAKE_QUEUE);
         Self {
+            kpi_wake,
+            kpi_woken: Some(kpi_woken),
             intake: String::from(Subject::monitoring_intake(&settings.site)),
             settings,
             vms: HashMap::new(),
@@ -578,12 +648,14 @@ impl Monitor {
                     unacked: BTreeSet::new(),
                     kpi: None,
                     kpi_retry_at: None,
+                    active: false,
                 },
             );
         }
         let Some(state) = self.vms.get_mut(&m.vm) else {
             return;
         };
+        state.active = m.active;
         if let Some(d) = &m.descriptor {
             if d.version != state.descriptor.version {
                 tracing::info!(vm.id = %m.vm, version = d.version, "monitoring specifiers updated");
@@ -591,7 +663,8 @@ impl Monitor {
                 state.descriptor = d.clone();
             }
         }
-        let wants_kpi = state.producer.wants_kpi();
+        // A shared filesystem stays for the guest even when no specifier asks for its rows.
+        let wants_kpi = state.producer.wants_kpi() || self.settings.kpi_share;
         if !wants_kpi {
             if let Some(kpi) = state.kpi.take() {
                 unmount_kpi(kpi).await;
@@ -600,7 +673,14 @@ impl Monitor {
             && state.kpi.is_none()
             && state.kpi_retry_at.is_none_or(|t| t <= Instant::now())
         {
-            match mount_kpi(&self.settings.kpi_root, &m.vm).await {
+            let mounted = mount_kpi(
+                &self.settings.kpi_root,
+                &m.vm,
+                self.settings.kpi_share,
+                &self.kpi_wake,
+            )
+            .await;
+            match mounted {
                 Ok(kpi) => {
                     state.kpi = Some(kpi);
                     state.kpi_retry_at = None;
@@ -611,6 +691,27 @@ impl Monitor {
                     }
                     state.kpi_retry_at = Some(Instant::now() + KPI_MOUNT_RETRY);
                 }
+            }
+        }
+    }
+
+    /// Rows were committed in `vm`'s KPI filesystem: they are read, fed and delivered now, so a
+    /// report reaches the site without waiting for the next tick.
+    fn on_kpi_rows(&mut self, vm: &VmId) {
+        let now = now_ms();
+        let Some(state) = self.vms.get_mut(vm) else {
+            return;
+        };
+        let Some(kpi) = &mut state.kpi else {
+            return;
+        };
+        read_kpi_rows(kpi, &mut state.producer);
+        let deliveries = state.producer.poll(now);
+        self.enqueue(vm, deliveries);
+        if let Some(state) = self.vms.get_mut(vm) {
+            let settled = state.producer.kpi_settled_before();
+            if let Some(kpi) = &mut state.kpi {
+                settle_kpi(kpi, &state.unacked, state.next_seq, settled);
             }
         }
     }
@@ -630,8 +731,8 @@ impl Monitor {
         if let Some(mut state) = self.vms.remove(vm) {
             if let Some(kpi) = state.kpi.take() {
                 unmount_kpi(kpi).await;
-                remove_kpi_files(&self.settings.kpi_root, vm);
             }
+            remove_kpi_files(&self.settings.kpi_root, vm);
         }
         tracing::info!(vm.id = %vm, "monitoring of the vm stopped");
     }
@@ -727,6 +828,11 @@ impl Monitor {
                 tracing::debug!(vm.id = %vm, "unmounting the kpi filesystem");
                 unmount_kpi(kpi).await;
             }
+            // The export of a running guest stays: its hypervisor holds it open.
+            let export = kpi_export(&self.settings.kpi_root, vm);
+            if !state.active && export.exists() {
+                nubis_kpifs::remove_export(&export);
+            }
         }
         if !self.outbox.is_empty() {
             tracing::warn!(
@@ -789,6 +895,7 @@ pub async fn run(
     let mut pending: Option<Snapshot> = None;
     let mut last_report = MonitorCounters::default();
     let mut engine_failing = false;
+    let mut kpi_woken = monitor.kpi_woken.take();
     loop {
         monitor.start_sends(&client, &mut in_flight);
         let retry_at = monitor.retry_at;
@@ -804,9 +911,16 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
+        let woken = async {
+            match kpi_woken.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            Some(vm) = woken => monitor.on_kpi_rows(&vm),
             Some((key, producer, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 monitor.on_sent(key, &producer, result);
             }
@@ -1159,6 +1273,7 @@ mod tests_support {
             tick: Duration::from_millis(250),
             outbox,
             kpi_root: PathBuf::from("/nonexistent"),
+            kpi_share: false,
         });
         let vm = VmId::new("vm-1").unwrap();
         let descriptor = VmDescriptor {
@@ -1198,6 +1313,7 @@ mod tests_support {
                 unacked: BTreeSet::new(),
                 kpi: None,
                 kpi_retry_at: None,
+                active: false,
             },
         );
         (m, vm)

@@ -105,6 +105,23 @@ pub struct FilesystemShare {
     pub read_only: bool,
 }
 
+/// The tag of the share that carries a VM's KPI filesystem. Deliberately not `kpi`: a guest that
+/// mounts every share it finds at boot must be able to tell this one apart and leave it alone,
+/// because a guest holding a 9p share mounted cannot be saved (see `ARCHITECTURE.md`).
+pub const KPI_SHARE_TAG: &str = "nubis-kpi";
+
+impl FilesystemShare {
+    /// The share of VM `vm`'s KPI filesystem: its export directory `<kpi_root>/<vm>.share`, which
+    /// outlives the host agent's FUSE mounts (see [`nubis_kpifs::prepare_export`]).
+    pub fn kpi(kpi_root: &Path, vm: &str) -> Self {
+        Self {
+            source: kpi_root.join(format!("{vm}.share")),
+            tag: KPI_SHARE_TAG.to_owned(),
+            read_only: false,
+        }
+    }
+}
+
 /// Why a [`DomainSpec`] was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {

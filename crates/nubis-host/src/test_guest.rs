@@ -5,6 +5,13 @@
 //! second `NUBIS-COUNTER <n> <uptime-seconds>`, where `n` is also written to the first sector of
 //! its disk and continues from there at the next boot; `NUBIS-GUEST-POWEROFF` when it obeys an
 //! ACPI power-button press.
+//!
+//! Given a KPI share (tag [`KPI_SHARE_TAG`](crate::spec::KPI_SHARE_TAG)), a sidecar script in the
+//! guest writes the two-line report `current_users` / `<k>` to `unencrypted/guest` every two
+//! seconds, `k` counting the attempts from one, and prints `NUBIS-KPI <k>` when the write
+//! succeeded, `NUBIS-KPI-FAILED <k>` when it did not (for instance before the host agent has
+//! bound the KPI filesystem on the share). It mounts the share only while it writes, so the
+//! guest can be saved between two reports.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -21,6 +28,15 @@ pub const READY_MARKER: &str = "NUBIS-GUEST-READY";
 pub const COUNTER_MARKER: &str = "NUBIS-COUNTER";
 /// The marker the guest prints when it powers off on request.
 pub const POWEROFF_MARKER: &str = "NUBIS-GUEST-POWEROFF";
+
+/// The prefix of the lines of a KPI report written by the guest's sidecar.
+pub const KPI_MARKER: &str = "NUBIS-KPI";
+/// The prefix of the lines of a KPI report the guest's sidecar could not write.
+pub const KPI_FAILED_MARKER: &str = "NUBIS-KPI-FAILED";
+/// The KPI table the guest's sidecar writes, and its column.
+pub const KPI_TABLE: &str = "guest";
+/// The column of [`KPI_TABLE`].
+pub const KPI_COLUMN: &str = "current_users";
 
 /// Size of the guest's disk.
 pub const DISK_BYTES: u64 = 16 << 20;
@@ -154,6 +170,17 @@ impl SerialLog {
             .collect()
     }
 
+    /// The values of `current_users` the guest's sidecar wrote successfully, in order.
+    pub fn kpi_reports(&self) -> Vec<i64> {
+        self.text()
+            .lines()
+            .filter_map(|l| {
+                let rest = &l[l.find(KPI_MARKER)? + KPI_MARKER.len()..];
+                rest.strip_prefix(' ')?.trim().parse().ok()
+            })
+            .collect()
+    }
+
     /// The last counter the guest printed.
     pub fn last_counter(&self) -> Option<(u64, f64)> {
         self.counters().last().copied()
@@ -178,6 +205,13 @@ mod tests {
         assert_eq!(log.count(READY_MARKER), 1);
         assert_eq!(log.counters(), vec![(1, 2.28), (2, 3.30)]);
         assert_eq!(log.last_counter(), Some((2, 3.30)));
+        std::fs::write(
+            &path,
+            "NUBIS-KPI-FAILED 1\nNUBIS-COUNTER 3 4.1\nNUBIS-KPI 2\nNUBIS-KPI 3\n",
+        )
+        .unwrap();
+        assert_eq!(log.kpi_reports(), vec![2, 3]);
+        assert_eq!(log.count(KPI_FAILED_MARKER), 1);
     }
 
     #[test]

@@ -34,6 +34,15 @@ pub enum KpiError {
         #[source]
         source: io::Error,
     },
+    /// The directory that shares the filesystem with a guest could not be made or bound.
+    #[error("cannot prepare the kpi export {path}")]
+    Export {
+        /// The export directory.
+        path: PathBuf,
+        /// What the operating system (or `mount`) said.
+        #[source]
+        source: io::Error,
+    },
     /// The SQLite database failed.
     #[error("kpi database failure")]
     Database(#[from] rusqlite::Error),

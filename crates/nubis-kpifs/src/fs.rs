@@ -355,15 +355,20 @@ impl Filesystem for KpiFilesystem {
         reply: ReplyAttr,
     ) {
         // Times are accepted and ignored so that `touch` works; ownership and modes are fixed.
-        if mode.is_some() || uid.is_some() || gid.is_some() {
-            reply.error(Errno::EPERM);
-            return;
-        }
+        // Setting them to what they already are is accepted, because a virtio-9p server in
+        // passthrough mode sets the owner and mode of every file it creates for the guest.
         let mut state = lock(&self.state);
         let Some((mut attr, ttl)) = self.attr_of(&state, ino.0) else {
             reply.error(Errno::ENOENT);
             return;
         };
+        if mode.is_some_and(|m| u32::from(attr.perm) != m & 0o7777)
+            || uid.is_some_and(|u| u != attr.uid)
+            || gid.is_some_and(|g| g != attr.gid)
+        {
+            reply.error(Errno::EPERM);
+            return;
+        }
         if let Some(size) = size {
             if attr.kind != FileType::RegularFile {
                 reply.error(Errno::EISDIR);

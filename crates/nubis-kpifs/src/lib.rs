@@ -43,6 +43,17 @@
 //!   empty file does not outlive the mount); `truncate -s 0` is
 //!   accepted and changes nothing; `>>` (`O_APPEND`) is refused with `EINVAL`, because a report
 //!   replaces the previous one.
+//! - **Owner and mode are fixed**: `chown` and `chmod` to anything else fail with `EPERM`; setting
+//!   them to what they are succeeds (a virtio-9p server in passthrough mode does that after
+//!   creating a file for a guest).
+//!
+//! # Sharing with a guest
+//!
+//! A guest reaches its KPI filesystem through a virtio-9p share of an export directory made with
+//! [`prepare_export`], on which the live mount is bound with [`KpiMount::bind_into`]; the guest
+//! finds the two directories under `kpi/` in the share. The mountpoint itself is never shared:
+//! the hypervisor keeps a shared directory open for the guest's life, and a mount ends with the
+//! process serving it, whereas the export outlives it and takes the next mount's bind.
 //!
 //! # Refused writes and the errno the writer sees
 //!
@@ -76,6 +87,7 @@
 //! mark that the producer advances with [`KpiMount::mark_published`].
 
 mod error;
+mod export;
 mod fs;
 mod report;
 mod store;
@@ -91,6 +103,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 pub use error::{KpiError, Refusal};
+pub use export::{prepare_export, remove_export, EXPORT_CHILD};
 pub use report::{parse_report, validate_table_name, KpiValue};
 pub use store::{Durability, KpiDir, KpiRow, KpiRowKind, KpiStore, KpiTable};
 
@@ -188,6 +201,7 @@ impl KpiFs {
             state,
             events: Some(rx),
             dropped,
+            binds: Vec::new(),
         })
     }
 }
@@ -240,6 +254,8 @@ pub struct KpiMount {
     state: Arc<Mutex<State>>,
     events: Option<mpsc::Receiver<KpiRow>>,
     dropped: Arc<AtomicU64>,
+    /// Where the filesystem is also bound (guest exports); undone before it is unmounted.
+    binds: Vec<PathBuf>,
 }
 
 impl KpiMount {
@@ -283,6 +299,18 @@ impl KpiMount {
         lock(&self.state).store.rows_after(after, limit)
     }
 
+    /// Binds the filesystem on the export `dir` made by [`prepare_export`], so a guest sharing
+    /// that directory reaches it (replacing the bind of an earlier mount). The bind goes when
+    /// this mount is unmounted; the export stays for the guest.
+    pub fn bind_into(&mut self, dir: &Path) -> Result<(), KpiError> {
+        let child = export::bind(&self.mountpoint, dir)?;
+        info!(export = %dir.display(), "kpi filesystem bound on its export");
+        if !self.binds.contains(&child) {
+            self.binds.push(child);
+        }
+        Ok(())
+    }
+
     /// Unmounts and waits for the filesystem thread to finish.
     pub fn unmount(mut self) -> Result<(), KpiError> {
         self.shutdown()
@@ -292,6 +320,10 @@ impl KpiMount {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        // A bind keeps the filesystem alive after its mountpoint is gone, so it goes first.
+        for child in self.binds.drain(..) {
+            export::unbind(&child);
+        }
         match session.umount_and_join() {
             Ok(()) => {
                 info!(mountpoint = %self.mountpoint.display(), "kpi filesystem unmounted");

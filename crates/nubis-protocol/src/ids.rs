@@ -151,16 +151,37 @@ macro_rules! random_id {
             }
         }
 
+        /// 16 raw bytes in binary formats (MessagePack `bin 8`, 18 bytes on the wire), 32 hex
+        /// digits in human-readable ones (JSON).
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&hex::encode(self.0))
+                if s.is_human_readable() {
+                    s.serialize_str(&hex::encode(self.0))
+                } else {
+                    s.serialize_bytes(&self.0)
+                }
             }
         }
 
+        /// Either form: 16 bytes, or 32 hex digits (records written before ids were binary).
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("16 bytes or 32 hex digits")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$name, E> {
+                        v.parse().map_err(E::custom)
+                    }
+                    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<$name, E> {
+                        <[u8; 16]>::try_from(v)
+                            .map($name)
+                            .map_err(|_| E::invalid_length(v.len(), &self))
+                    }
+                }
+                d.deserialize_any(V)
             }
         }
     };

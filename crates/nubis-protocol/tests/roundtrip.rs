@@ -624,7 +624,7 @@ fn worked_example_in_subjects_md_verifies() {
             deadline_ms: 1_767_225_600_000,
         }
     );
-    // Rust writes the same body bytes as the Python writer that produced the example.
+    // The documented body bytes are exactly what the codec writes.
     assert_eq!(codec::to_vec(&body).unwrap(), env.body);
 }
 

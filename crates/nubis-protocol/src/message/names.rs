@@ -148,15 +148,25 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_hex_strings() {
+    fn tokens_are_16_bytes_on_the_wire_and_hex_in_json() {
         let t = TransferToken::random();
         let bytes = crate::codec::to_vec(&t).unwrap();
-        // str8 of 32 characters.
-        assert_eq!(&bytes[..2], &[0xd9, 32]);
+        // bin8 of 16 bytes.
+        assert_eq!(&bytes[..2], &[0xc4, 16]);
+        assert_eq!(&bytes[2..], &t.0);
         assert_eq!(
             crate::codec::from_slice::<TransferToken>(&bytes).unwrap(),
             t
         );
+        // The hex form (JSON, and records written before) is read as well.
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, format!("\"{t}\""));
+        assert_eq!(serde_json::from_str::<TransferToken>(&json).unwrap(), t);
+        let old = rmp_serde::to_vec(&t.to_string()).unwrap();
+        assert_eq!(crate::codec::from_slice::<TransferToken>(&old).unwrap(), t);
+        // Neither 15 bytes nor a bad hex string is a token.
+        let short = rmp_serde::to_vec(&serde_bytes::Bytes::new(&[1u8; 15])).unwrap();
+        assert!(crate::codec::from_slice::<TransferToken>(&short).is_err());
         assert!("zz".parse::<TransferToken>().is_err());
     }
 
