@@ -605,7 +605,7 @@ async fn host_agent_moves_a_real_guest_between_hosts() {
     let _ = libvirt.destroy(vm);
     let _ = libvirt.undefine(vm);
 
-    let accel = if std::env::var("NUBIS_USE_KVM").as_deref() == Ok("1") {
+    let accel = if nubis_host::test_guest::accelerator() == nubis_host::Accelerator::Kvm {
         "kvm"
     } else {
         "tcg"

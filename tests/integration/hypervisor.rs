@@ -17,8 +17,8 @@ use nubis_host::sampling::rates;
 use nubis_host::spec::{DiskFormat, DiskSpec, FilesystemShare, InterfaceSpec, KernelBoot};
 use nubis_host::test_guest::{GuestImage, SerialLog, POWEROFF_MARKER, READY_MARKER};
 use nubis_host::{
-    Accelerator, DmtfState, DomainSpec, Hypervisor, HypervisorError, LibvirtConfig,
-    LibvirtHypervisor, Sampler, ShutdownOutcome,
+    DmtfState, DomainSpec, Hypervisor, HypervisorError, LibvirtConfig, LibvirtHypervisor, Sampler,
+    ShutdownOutcome,
 };
 
 /// Generous bound for anything to happen; a guard against hanging, not a speed requirement.
@@ -322,9 +322,7 @@ fn qemu() -> Option<Qemu> {
     let guest =
         prerequisite(GuestImage::locate(&GuestImage::default_dir()).map_err(|e| e.to_string()))?;
     let mut config = LibvirtConfig::new("qemu:///system");
-    if std::env::var("NUBIS_USE_KVM").as_deref() == Ok("1") {
-        config.accelerator = Accelerator::Kvm;
-    }
+    config.accelerator = nubis_host::test_guest::accelerator();
     let hv = prerequisite(
         LibvirtHypervisor::connect(config)
             .map_err(|e| format!("libvirtd not reachable on qemu:///system: {e}")),

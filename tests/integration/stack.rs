@@ -74,7 +74,7 @@ impl Stack {
     }
 
     /// Like [`Stack::start`], with the agents of the hosts `(site, host)` in `qemu_hosts` on
-    /// libvirtd's `qemu:///system` (real guests, TCG unless `NUBIS_USE_KVM=1`) instead of the
+    /// libvirtd's `qemu:///system` (real guests; KVM where `nubis_host::test_guest::accelerator` found it usable, else TCG) instead of the
     /// test driver. They share one libvirtd: a VM prepared for a transfer leaves its domain
     /// name to the destination.
     pub async fn start_with_qemu_hosts(
@@ -258,11 +258,12 @@ impl Stack {
                  <cores>8</cores><threads>1</threads></cpu><memory>8388608</memory></node>\n",
             );
             let hypervisor = if self.qemu_hosts.contains(&(site, *host)) {
-                let accelerator = if std::env::var("NUBIS_USE_KVM").as_deref() == Ok("1") {
-                    "kvm"
-                } else {
-                    "tcg"
-                };
+                let accelerator =
+                    if nubis_host::test_guest::accelerator() == nubis_host::Accelerator::Kvm {
+                        "kvm"
+                    } else {
+                        "tcg"
+                    };
                 format!(
                     "libvirt_uri = \"qemu:///system\"\naccelerator = \"{accelerator}\"\n\
                      shutdown_timeout_ms = 5000\n"

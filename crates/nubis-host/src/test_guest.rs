@@ -67,6 +67,21 @@ pub enum GuestError {
     },
 }
 
+/// The accelerator for real guests on this machine: `NUBIS_USE_KVM=1` (KVM) or `=0` (TCG) when
+/// set, otherwise the answer `scripts/setup.d/45-kvm.sh` wrote into the guest directory after
+/// trying to boot the guest under KVM, and TCG when there is none.
+pub fn accelerator() -> crate::Accelerator {
+    match std::env::var("NUBIS_USE_KVM").as_deref() {
+        Ok("1") => return crate::Accelerator::Kvm,
+        Ok("0") => return crate::Accelerator::Tcg,
+        _ => {}
+    }
+    match std::fs::read_to_string(GuestImage::default_dir().join("accelerator")) {
+        Ok(text) if text.trim() == "kvm" => crate::Accelerator::Kvm,
+        _ => crate::Accelerator::Tcg,
+    }
+}
+
 impl GuestImage {
     /// The directory named by `NUBIS_GUEST_DIR`, or [`DEFAULT_GUEST_DIR`].
     pub fn default_dir() -> PathBuf {
