@@ -25,10 +25,10 @@ mod stack;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nubis_host::test_guest::{GuestImage, SerialLog, DISK_BYTES};
-use nubis_host::{DmtfState, Hypervisor as _, LibvirtConfig, LibvirtHypervisor};
+use nubis_host::test_guest::{GuestImage, SerialLog};
+use nubis_host::{DmtfState, Hypervisor as _, LibvirtHypervisor};
 use serde_json::json;
-use stack::{ops, SiteSpec, Stack};
+use stack::{ops, Stack};
 
 const POLL: Duration = Duration::from_millis(5);
 
@@ -195,16 +195,8 @@ async fn main() {
     let Some(binary) = nubis_testkit::require_nats_server() else {
         return;
     };
-    let guest = match GuestImage::locate(&GuestImage::default_dir()) {
-        Ok(g) => g,
-        Err(e) => return nubis_testkit::skip_or_fail(e).unwrap_or(()),
-    };
-    let hv = match LibvirtHypervisor::connect(LibvirtConfig::new("qemu:///system")) {
-        Ok(hv) => hv,
-        Err(e) => {
-            return nubis_testkit::skip_or_fail(format!("libvirtd not reachable: {e}"))
-                .unwrap_or(())
-        }
+    let Some((guest, hv)) = stack::real_guest() else {
+        return;
     };
     let rounds = if std::env::args().any(|a| a == "--bench") {
         5
@@ -212,60 +204,14 @@ async fn main() {
         1
     };
     let vm = format!("bench-guest-{}", std::process::id());
-    let stack = Stack::start_with_qemu_hosts(
-        &binary,
-        vec![
-            SiteSpec {
-                id: "a",
-                // Below the local host's preference (0): A places the guest at home.
-                partners: vec![("b", -1)],
-                hosts: vec![("a1", 1024)],
-                policy: "",
-                top: "",
-            },
-            SiteSpec {
-                id: "b",
-                partners: vec![("a", 1)],
-                hosts: vec![("b1", 1024)],
-                policy: "",
-                top: "",
-            },
-        ],
-        &[("a", "a1"), ("b", "b1")],
-    )
-    .await;
-    let store = stack.image_store("a");
-    std::fs::copy(&guest.kernel, store.join("guest-vmlinuz")).unwrap();
-    std::fs::copy(&guest.initrd, store.join("guest-initramfs")).unwrap();
-    GuestImage::create_disk(&store.join("guest-disk.qcow2")).unwrap();
+    let stack =
+        Stack::start_with_qemu_hosts(&binary, stack::guest_sites(), stack::GUEST_HOSTS).await;
+    stack.stock_guest_images("a", &guest);
     let op = stack.operator("a").await;
-    let body = json!({
-        "vm": vm,
-        "name": "counting guest",
-        "hardware": {
-            "vcpus": 1, "memory_mib": 128, "networks": [],
-            "disks": [{"name": "vda", "capacity_bytes": DISK_BYTES, "format": "qcow2",
-                       "image": "guest-disk.qcow2"}],
-            "boot": {"kernel": "guest-vmlinuz", "initrd": "guest-initramfs",
-                     "cmdline": "console=ttyS0 quiet panic=-1"},
-        },
-    });
+    let body = stack::guest_deploy_body(&vm);
     let r = ops(&op, "a", "deploy", body).await.unwrap();
-    let id = r["migration"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v = ops(&op, "a", "vms", json!({"migration": id}))
-            .await
-            .unwrap();
-        if v["phase"] == "committed" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline && v["phase"] != "aborted",
-            "placement: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let m = stack::wait_migration(&op, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "placement: {m}");
     let mut counted = wait_counting(
         &SerialLog::new(stack.vm_root("a", "a1").join(&vm).join("console.log")),
         0,

@@ -10,20 +10,20 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use nubis_host::test_guest::{
-    GuestImage, SerialLog, DISK_BYTES, KPI_COLUMN, KPI_TABLE, READY_MARKER,
-};
-use nubis_host::{HostConfig, Hypervisor as _, LibvirtConfig, LibvirtHypervisor};
+use nubis_host::test_guest::{SerialLog, KPI_COLUMN, KPI_TABLE, READY_MARKER};
+use nubis_host::{HostConfig, Hypervisor as _, LibvirtHypervisor};
 use nubis_kpifs::{KpiFs, KpiOptions, KpiRowKind, KpiStore, KpiValue, EXPORT_CHILD};
 use nubis_protocol::codec;
 use nubis_protocol::envelope::SignedEnvelope;
 use nubis_protocol::message::{BatchPayload, MonitoringBatch, Value};
 use nubis_testkit::{require_nats_server, wait_until};
-use serde_json::{json, Value as Json};
+use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::stack::{ops, SiteSpec, Stack};
+use crate::stack::{
+    guest_deploy_body, guest_sites, ops, real_guest, wait_migration, Stack, GUEST_HOSTS,
+};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -207,22 +207,6 @@ async fn stop(daemons: Vec<Daemon>) {
     }
 }
 
-async fn wait_migration(client: &async_nats::Client, site: &str, migration: &str) -> Json {
-    wait_until(
-        LONG,
-        format!("migration {migration} at {site} ends"),
-        || async {
-            let v = ops(client, site, "vms", json!({"migration": migration})).await?;
-            match v["phase"].as_str() {
-                Some("committed") | Some("aborted") => Ok(v),
-                other => Err(format!("phase {other:?}: {v}")),
-            }
-        },
-    )
-    .await
-    .unwrap()
-}
-
 async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     wait_until(LONG, what, || {
         let r = f().ok_or_else(|| "not yet".to_string());
@@ -267,16 +251,8 @@ fn vm_dir(stack: &Stack, site: &str, host: &str, vm: &str) -> PathBuf {
 #[tokio::test]
 async fn a_real_guest_reports_a_kpi_through_its_share_and_still_migrates() {
     let _qemu = crate::QEMU.lock().await;
-    let guest = match GuestImage::locate(&GuestImage::default_dir()) {
-        Ok(g) => g,
-        Err(e) => return nubis_testkit::skip_or_fail(e).unwrap_or(()),
-    };
-    let libvirt = match LibvirtHypervisor::connect(LibvirtConfig::new("qemu:///system")) {
-        Ok(hv) => hv,
-        Err(e) => {
-            return nubis_testkit::skip_or_fail(format!("libvirtd not reachable: {e}"))
-                .unwrap_or(())
-        }
+    let Some((guest, libvirt)) = real_guest() else {
+        return;
     };
     let Some(binary) = require_nats_server() else {
         return;
@@ -286,55 +262,20 @@ async fn a_real_guest_reports_a_kpi_through_its_share_and_still_migrates() {
     }
     let vm = vm_id();
     clear_domains(&libvirt, &vm);
-    let mut stack = Stack::start_with_qemu_hosts(
-        &binary,
-        vec![
-            SiteSpec {
-                id: "a",
-                partners: vec![("b", -1)],
-                hosts: vec![("a1", 1024)],
-                policy: "",
-                top: "",
-            },
-            SiteSpec {
-                id: "b",
-                partners: vec![("a", 1)],
-                hosts: vec![("b1", 1024)],
-                policy: "",
-                top: "",
-            },
-        ],
-        &[("a", "a1"), ("b", "b1")],
-    )
-    .await;
+    let mut stack = Stack::start_with_qemu_hosts(&binary, guest_sites(), GUEST_HOSTS).await;
     // Both ends share KPI filesystems: a saved state restores only into the same devices.
     let mut daemons = restart_with_kpi_share(&mut stack, "a", &["a1"]).await;
     daemons.extend(restart_with_kpi_share(&mut stack, "b", &["b1"]).await);
-    let store = stack.image_store("a");
-    std::fs::copy(&guest.kernel, store.join("guest-vmlinuz")).unwrap();
-    std::fs::copy(&guest.initrd, store.join("guest-initramfs")).unwrap();
-    GuestImage::create_disk(&store.join("guest-disk.qcow2")).unwrap();
+    stack.stock_guest_images("a", &guest);
     let op_a = stack.operator("a").await;
     let mut public = op_a
         .subscribe(format!("nubis.mon.a.{vm}.kpi.guest.current_users"))
         .await
         .unwrap();
 
-    let body = json!({
-        "vm": vm,
-        "name": "reporting guest",
-        "hardware": {
-            "vcpus": 1,
-            "memory_mib": 128,
-            "disks": [{"name": "vda", "capacity_bytes": DISK_BYTES, "format": "qcow2",
-                       "image": "guest-disk.qcow2"}],
-            "networks": [],
-            "boot": {"kernel": "guest-vmlinuz", "initrd": "guest-initramfs",
-                     "cmdline": "console=ttyS0 quiet panic=-1"},
-        },
-        "monitoring": [{"data_point": "kpi.guest.current_users", "monitoring_interval_ms": 0,
-                        "delivery_interval_ms": 0, "format": {"kind": "raw"}}],
-    });
+    let mut body = guest_deploy_body(&vm);
+    body["monitoring"] = json!([{"data_point": "kpi.guest.current_users",
+        "monitoring_interval_ms": 0, "delivery_interval_ms": 0, "format": {"kind": "raw"}}]);
     let r = ops(&op_a, "a", "deploy", body).await.unwrap();
     let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
     assert_eq!(m["phase"], "committed", "{m}");

@@ -6,13 +6,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nubis_host::test_guest::{GuestImage, SerialLog, DISK_BYTES, READY_MARKER};
-use nubis_host::{Hypervisor as _, LibvirtConfig, LibvirtHypervisor};
+use nubis_host::test_guest::{SerialLog, DISK_BYTES, READY_MARKER};
+use nubis_host::{Hypervisor as _, LibvirtHypervisor};
 use nubis_testkit::{require_nats_server, wait_until};
 use serde_json::{json, Value};
 use sha2::Digest as _;
 
-use crate::stack::{ops, SiteSpec, Stack};
+use crate::stack::{
+    guest_deploy_body, guest_sites, ops, real_guest, wait_migration, Stack, GUEST_HOSTS,
+};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -20,47 +22,6 @@ const LONG: Duration = Duration::from_secs(120);
 /// two test runs on one machine must not touch each other's guests.
 fn vm_id() -> String {
     format!("guest-{}", std::process::id())
-}
-
-/// The guest's kernel, initramfs and disk, put into `site`'s image store under the names the
-/// descriptor uses.
-fn stock_image_store(stack: &Stack, site: &str, guest: &GuestImage) {
-    let store = stack.image_store(site);
-    std::fs::copy(&guest.kernel, store.join("guest-vmlinuz")).unwrap();
-    std::fs::copy(&guest.initrd, store.join("guest-initramfs")).unwrap();
-    GuestImage::create_disk(&store.join("guest-disk.qcow2")).unwrap();
-}
-
-fn deploy_body(vm: &str) -> Value {
-    json!({
-        "vm": vm,
-        "name": "counting guest",
-        "hardware": {
-            "vcpus": 1,
-            "memory_mib": 128,
-            "disks": [{"name": "vda", "capacity_bytes": DISK_BYTES, "format": "qcow2",
-                       "image": "guest-disk.qcow2"}],
-            "networks": [],
-            "boot": {"kernel": "guest-vmlinuz", "initrd": "guest-initramfs",
-                     "cmdline": "console=ttyS0 quiet panic=-1"},
-        },
-    })
-}
-
-async fn wait_migration(client: &async_nats::Client, site: &str, migration: &str) -> Value {
-    wait_until(
-        LONG,
-        format!("migration {migration} at {site} ends"),
-        || async {
-            let v = ops(client, site, "vms", json!({"migration": migration})).await?;
-            match v["phase"].as_str() {
-                Some("committed") | Some("aborted") => Ok(v),
-                other => Err(format!("phase {other:?}: {v}")),
-            }
-        },
-    )
-    .await
-    .unwrap()
 }
 
 async fn control(client: &async_nats::Client, site: &str, vm: &str, change: Value) -> Value {
@@ -109,50 +70,23 @@ fn clear_domains(hv: &LibvirtHypervisor, vm: &str) {
 #[tokio::test]
 async fn a_real_guest_moves_between_sites_through_the_proxies_and_keeps_running() {
     let _qemu = crate::QEMU.lock().await;
-    let guest = match GuestImage::locate(&GuestImage::default_dir()) {
-        Ok(g) => g,
-        Err(e) => return nubis_testkit::skip_or_fail(e).unwrap_or(()),
-    };
-    let libvirt = match LibvirtHypervisor::connect(LibvirtConfig::new("qemu:///system")) {
-        Ok(hv) => hv,
-        Err(e) => {
-            return nubis_testkit::skip_or_fail(format!("libvirtd not reachable: {e}"))
-                .unwrap_or(())
-        }
+    let Some((guest, libvirt)) = real_guest() else {
+        return;
     };
     let Some(binary) = require_nats_server() else {
         return;
     };
     let vm = vm_id();
     clear_domains(&libvirt, &vm);
-    let stack = Stack::start_with_qemu_hosts(
-        &binary,
-        vec![
-            SiteSpec {
-                id: "a",
-                // Below the local host's preference (0): A places the guest at home.
-                partners: vec![("b", -1)],
-                hosts: vec![("a1", 1024)],
-                policy: "",
-                top: "",
-            },
-            SiteSpec {
-                id: "b",
-                partners: vec![("a", 1)],
-                hosts: vec![("b1", 1024)],
-                policy: "",
-                top: "",
-            },
-        ],
-        &[("a", "a1"), ("b", "b1")],
-    )
-    .await;
-    stock_image_store(&stack, "a", &guest);
+    let stack = Stack::start_with_qemu_hosts(&binary, guest_sites(), GUEST_HOSTS).await;
+    stack.stock_guest_images("a", &guest);
     let op_a = stack.operator("a").await;
     let op_b = stack.operator("b").await;
 
     // Primary placement at A: cold migration from A's image store to its host.
-    let r = ops(&op_a, "a", "deploy", deploy_body(&vm)).await.unwrap();
+    let r = ops(&op_a, "a", "deploy", guest_deploy_body(&vm))
+        .await
+        .unwrap();
     let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
     assert_eq!(m["phase"], "committed", "{m}");
     let log_a = SerialLog::new(vm_dir(&stack, "a", "a1", &vm).join("console.log"));

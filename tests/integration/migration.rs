@@ -7,7 +7,7 @@ use futures::StreamExt as _;
 use nubis_testkit::{require_nats_server, wait_until, Role};
 use serde_json::{json, Value};
 
-use crate::stack::{ops, SiteSpec, Stack};
+use crate::stack::{ops, wait_migration, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -22,22 +22,6 @@ fn deploy_body(vm: &str, image: Option<&str>) -> Value {
             "networks": [],
         },
     })
-}
-
-async fn wait_migration(client: &async_nats::Client, site: &str, migration: &str) -> Value {
-    wait_until(
-        LONG,
-        format!("migration {migration} at {site} ends"),
-        || async {
-            let v = ops(client, site, "vms", json!({"migration": migration})).await?;
-            match v["phase"].as_str() {
-                Some("committed") | Some("aborted") => Ok(v),
-                other => Err(format!("phase {other:?}: {v}")),
-            }
-        },
-    )
-    .await
-    .unwrap()
 }
 
 async fn vm_view(client: &async_nats::Client, site: &str, vm: &str) -> Result<Value, String> {

@@ -374,3 +374,101 @@ pub async fn ops(
     }
     serde_json::from_slice(&msg.payload).map_err(|e| e.to_string())
 }
+
+/// Waits (up to two minutes) until `migration` at `site` is committed or aborted; its view.
+pub async fn wait_migration(
+    client: &async_nats::Client,
+    site: &str,
+    migration: &str,
+) -> serde_json::Value {
+    nubis_testkit::wait_until(
+        std::time::Duration::from_secs(120),
+        format!("migration {migration} at {site} ends"),
+        || async {
+            let v = ops(
+                client,
+                site,
+                "vms",
+                serde_json::json!({"migration": migration}),
+            )
+            .await?;
+            match v["phase"].as_str() {
+                Some("committed") | Some("aborted") => Ok(v),
+                other => Err(format!("phase {other:?}: {v}")),
+            }
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// The real test guest and libvirtd's `qemu:///system`, or `None` (skipped, or a failure under
+/// CI) when this machine lacks either.
+pub fn real_guest() -> Option<(
+    nubis_host::test_guest::GuestImage,
+    nubis_host::LibvirtHypervisor,
+)> {
+    use nubis_host::test_guest::GuestImage;
+    let guest = match GuestImage::locate(&GuestImage::default_dir()) {
+        Ok(g) => g,
+        Err(e) => return nubis_testkit::skip_or_fail(e),
+    };
+    match nubis_host::LibvirtHypervisor::connect(nubis_host::LibvirtConfig::new("qemu:///system")) {
+        Ok(hv) => Some((guest, hv)),
+        Err(e) => nubis_testkit::skip_or_fail(format!("libvirtd not reachable: {e}")),
+    }
+}
+
+/// Two sites for a real guest: `a` (host `a1`, preferring its own host to partner `b`) and `b`
+/// (host `b1`); start them with [`Stack::start_with_qemu_hosts`] and [`GUEST_HOSTS`].
+pub fn guest_sites() -> Vec<SiteSpec> {
+    vec![
+        SiteSpec {
+            id: "a",
+            // Below the local host's preference (0): A places the guest at home.
+            partners: vec![("b", -1)],
+            hosts: vec![("a1", 1024)],
+            policy: "",
+            top: "",
+        },
+        SiteSpec {
+            id: "b",
+            partners: vec![("a", 1)],
+            hosts: vec![("b1", 1024)],
+            policy: "",
+            top: "",
+        },
+    ]
+}
+
+/// The hosts of [`guest_sites`] that run real guests.
+pub const GUEST_HOSTS: &[(&str, &str)] = &[("a", "a1"), ("b", "b1")];
+
+impl Stack {
+    /// Puts the test guest's kernel, initramfs and a fresh disk into `site`'s image store under
+    /// the names [`guest_deploy_body`] uses.
+    pub fn stock_guest_images(&self, site: &str, guest: &nubis_host::test_guest::GuestImage) {
+        let store = self.image_store(site);
+        std::fs::copy(&guest.kernel, store.join("guest-vmlinuz")).unwrap();
+        std::fs::copy(&guest.initrd, store.join("guest-initramfs")).unwrap();
+        nubis_host::test_guest::GuestImage::create_disk(&store.join("guest-disk.qcow2")).unwrap();
+    }
+}
+
+/// The deploy request of the test guest `vm`, booting from the images of
+/// [`Stack::stock_guest_images`].
+pub fn guest_deploy_body(vm: &str) -> serde_json::Value {
+    serde_json::json!({
+        "vm": vm,
+        "name": "counting guest",
+        "hardware": {
+            "vcpus": 1,
+            "memory_mib": 128,
+            "disks": [{"name": "vda", "capacity_bytes": nubis_host::test_guest::DISK_BYTES,
+                       "format": "qcow2", "image": "guest-disk.qcow2"}],
+            "networks": [],
+            "boot": {"kernel": "guest-vmlinuz", "initrd": "guest-initramfs",
+                     "cmdline": "console=ttyS0 quiet panic=-1"},
+        },
+    })
+}
