@@ -316,17 +316,7 @@ async fn scenario_3_local_migration_between_hosts() {
     let Some(binary) = require_nats_server() else {
         return;
     };
-    let stack = Stack::start(
-        &binary,
-        vec![SiteSpec {
-            id: "a",
-            partners: vec![],
-            hosts: vec![("n1", 4096), ("n2", 4096)],
-            policy: "",
-            top: "",
-        }],
-    )
-    .await;
+    let stack = Stack::start(&binary, one_site_two_hosts()).await;
     std::fs::write(
         stack.image_store("a").join("tiny.qcow2"),
         vec![9u8; 100_000],
@@ -393,17 +383,7 @@ async fn a_migration_bandwidth_cap_paces_the_transfer() {
     let Some(binary) = require_nats_server() else {
         return;
     };
-    let stack = Stack::start(
-        &binary,
-        vec![SiteSpec {
-            id: "a",
-            partners: vec![],
-            hosts: vec![("n1", 4096), ("n2", 4096)],
-            policy: "",
-            top: "",
-        }],
-    )
-    .await;
+    let stack = Stack::start(&binary, one_site_two_hosts()).await;
     std::fs::write(
         stack.image_store("a").join("tiny.qcow2"),
         image_bytes(6 << 20),
@@ -465,17 +445,7 @@ async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_abort
     let Some(binary) = require_nats_server() else {
         return;
     };
-    let stack = Stack::start(
-        &binary,
-        vec![SiteSpec {
-            id: "a",
-            partners: vec![],
-            hosts: vec![("n1", 4096), ("n2", 4096)],
-            policy: "",
-            top: "",
-        }],
-    )
-    .await;
+    let stack = Stack::start(&binary, one_site_two_hosts()).await;
     let image = image_bytes(6 << 20);
     std::fs::write(stack.image_store("a").join("tiny.qcow2"), &image).unwrap();
     let op_a = stack.operator("a").await;
@@ -1060,6 +1030,11 @@ async fn assert_active_once(stack: &Stack, hosts: &[(&str, &str)], vm: &str, wan
 
 fn image_bytes(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Site a alone, with hosts n1 and n2 (host-to-host migrations inside one site).
+fn one_site_two_hosts() -> Vec<SiteSpec> {
+    vec![site("a", vec![], vec![("n1", 4096), ("n2", 4096)])]
 }
 
 fn site(
