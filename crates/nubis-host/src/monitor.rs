@@ -958,33 +958,15 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use nubis_protocol::descriptor::{
-        Aggregate, DeliveryFormat, MonitoringSpecifier, PrimaryKeys, VirtualHardware,
-    };
+    use nubis_protocol::descriptor::{Aggregate, DeliveryFormat, MonitoringSpecifier};
     use nubis_protocol::message::{ClearPayload, ProcessedValue, Sample};
 
     use super::*;
 
     fn descriptor(sealing: [u8; 32]) -> VmDescriptor {
-        VmDescriptor {
-            id: VmId::new("vm-1").unwrap(),
-            name: "vm".into(),
-            version: 1,
-            primary_site: SiteId::new("site-a").unwrap(),
-            primary_keys: PrimaryKeys {
-                signing: [1; 32],
-                sealing,
-            },
-            hardware: VirtualHardware {
-                vcpus: 1,
-                memory_mib: 64,
-                disks: vec![],
-                networks: vec![],
-                boot: None,
-            },
-            monitoring: vec![MonitoringSpecifier {
+        super::tests_support::descriptor(
+            sealing,
+            MonitoringSpecifier {
                 data_point: DataPoint::new("cpu.utilisation").unwrap(),
                 monitoring_interval_ms: 0,
                 delivery_interval_ms: 0,
@@ -993,9 +975,8 @@ mod tests {
                 },
                 predicate: None,
                 sealed: false,
-            }],
-            properties: BTreeMap::new(),
-        }
+            },
+        )
     }
 
     fn delivery(sealed: bool) -> Delivery {
@@ -1267,6 +1248,29 @@ mod tests_support {
 
     use super::*;
 
+    /// VM `vm-1` of primary `site-a`, sealing to `sealing`, with one specifier.
+    pub(super) fn descriptor(sealing: [u8; 32], specifier: MonitoringSpecifier) -> VmDescriptor {
+        VmDescriptor {
+            id: VmId::new("vm-1").unwrap(),
+            name: "vm".into(),
+            version: 1,
+            primary_site: SiteId::new("site-a").unwrap(),
+            primary_keys: PrimaryKeys {
+                signing: [1; 32],
+                sealing,
+            },
+            hardware: VirtualHardware {
+                vcpus: 1,
+                memory_mib: 64,
+                disks: vec![],
+                networks: vec![],
+                boot: None,
+            },
+            monitoring: vec![specifier],
+            properties: BTreeMap::new(),
+        }
+    }
+
     pub(super) fn monitor_with_vm(outbox: usize) -> (Monitor, VmId) {
         let mut m = Monitor::new(MonitorSettings {
             site: SiteId::new("site-a").unwrap(),
@@ -1276,32 +1280,17 @@ mod tests_support {
             kpi_share: false,
         });
         let vm = VmId::new("vm-1").unwrap();
-        let descriptor = VmDescriptor {
-            id: vm.clone(),
-            name: "vm".into(),
-            version: 1,
-            primary_site: SiteId::new("site-a").unwrap(),
-            primary_keys: PrimaryKeys {
-                signing: [1; 32],
-                sealing: [2; 32],
-            },
-            hardware: VirtualHardware {
-                vcpus: 1,
-                memory_mib: 64,
-                disks: vec![],
-                networks: vec![],
-                boot: None,
-            },
-            monitoring: vec![MonitoringSpecifier {
+        let descriptor = descriptor(
+            [2; 32],
+            MonitoringSpecifier {
                 data_point: DataPoint::new("cpu.utilisation").unwrap(),
                 monitoring_interval_ms: 1000,
                 delivery_interval_ms: 0,
                 format: DeliveryFormat::Raw,
                 predicate: None,
                 sealed: false,
-            }],
-            properties: BTreeMap::new(),
-        };
+            },
+        );
         m.vms.insert(
             vm.clone(),
             VmState {
