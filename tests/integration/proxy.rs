@@ -677,8 +677,8 @@ async fn a_corrupted_chunk_fails_verification_and_nothing_is_kept() {
     pb.shutdown().await;
 }
 
-/// Runs a transfer of one large file and interrupts it with `interrupt` once bytes arrive;
-/// returns the final status, after a retry if the first attempt failed cleanly.
+/// Runs a transfer of one large file and interrupts it (`kill`) once a third of it has arrived;
+/// checks that it ends verified, after a retry if the first attempt failed cleanly.
 async fn interrupted_transfer(kill: &str) {
     let Some(binary) = require_nats_server() else {
         return;
@@ -689,8 +689,14 @@ async fn interrupted_transfer(kill: &str) {
     let dst = tmp.path().join("dst");
     std::fs::create_dir_all(&dst).unwrap();
     let f = tmp.path().join("disk");
-    write_dense(&f, 96 << 20, 11);
+    const SIZE: u64 = 96 << 20;
+    write_dense(&f, SIZE as usize, 11);
     let (store_a, store_b) = (tmp.path().join("sa"), tmp.path().join("sb"));
+    // The receiving end makes what it has durable every 8 MiB.
+    let settings = || TransferSettings {
+        checkpoint_bytes: 8 << 20,
+        ..settings()
+    };
     let mut pa = start_proxy(&fed, &keys, "a", "p1", &store_a, settings()).await;
     let mut pb = start_proxy(&fed, &keys, "b", "p1", &store_b, settings()).await;
     let ca = keys.client("a", fed.connect("a").await.unwrap());
@@ -702,23 +708,29 @@ async fn interrupted_transfer(kill: &str) {
         proxy: pa.uri().clone(),
         token: s.token,
     };
-    cb.fetch(pb.uri(), &fetch_req(mig, source.clone(), d.token))
-        .await
-        .unwrap();
-    wait_until(LONG, "bytes to arrive", || async {
+    // Capped, so the interruption lands mid-transfer: about four seconds for the file.
+    let fetch = FetchTransfer {
+        max_bytes_per_sec: Some(24 << 20),
+        ..fetch_req(mig, source.clone(), d.token)
+    };
+    cb.fetch(pb.uri(), &fetch).await.unwrap();
+    wait_until(LONG, "a third of the file to arrive", || async {
         match bytes_done(&cb, pb.uri(), mig, d.token).await {
-            0 => Err("none yet"),
-            _ => Ok(()),
+            n if n >= SIZE / 3 => Ok(()),
+            n => Err(n),
         }
     })
     .await
     .unwrap();
+    let mut resumed_by_destination = false;
     match kill {
         "destination proxy" => {
             pb.shutdown().await;
             // Whatever was received so far is not presented under the final name.
             assert!(!dst.join("disk").exists());
+            assert_eq!(visible_files(&dst), [".disk.nubis-partial"]);
             pb = start_proxy(&fed, &keys, "b", "p1", &store_b, settings()).await;
+            resumed_by_destination = true;
         }
         "source proxy" => {
             // Its transfer stops where it stands, as in a crash; the proxy on the same store
@@ -727,10 +739,11 @@ async fn interrupted_transfer(kill: &str) {
             assert!(!dst.join("disk").exists());
             pa = start_proxy(&fed, &keys, "a", "p1", &store_a, settings()).await;
         }
-        "source server" => {
-            fed.kill("a").await.unwrap();
+        "source server" | "destination server" => {
+            let at = if kill == "source server" { "a" } else { "b" };
+            fed.kill(at).await.unwrap();
             assert!(!dst.join("disk").exists());
-            fed.restart("a").await.unwrap();
+            fed.restart(at).await.unwrap();
         }
         other => panic!("{other}"),
     }
@@ -738,14 +751,18 @@ async fn interrupted_transfer(kill: &str) {
     if let TransferStatus::Failed { .. } = st {
         // A clean failure: nothing visible, and a retry with the same tokens succeeds.
         assert!(visible_files(&dst).is_empty());
-        cb.fetch(pb.uri(), &fetch_req(mig, source, d.token))
-            .await
-            .unwrap();
+        cb.fetch(pb.uri(), &fetch).await.unwrap();
         st = final_status(&cb, pb.uri(), mig, d.token).await;
     }
     assert!(matches!(st, TransferStatus::Succeeded { .. }), "{st:?}");
     assert_eq!(sha256_file(&dst.join("disk")), sha256_file(&f));
     assert_eq!(visible_files(&dst), ["disk"]);
+    if resumed_by_destination {
+        // The restarted proxy went on from its last checkpoint (at least 24 MiB in): it read
+        // less than the whole file again.
+        let fetched = pb.stats(&d.token).unwrap().bytes_fetched;
+        assert!(fetched > 0 && fetched <= SIZE - (16 << 20), "{fetched}");
+    }
     // The source turned succeeded on the destination's acknowledgement of the same digests.
     assert_eq!(final_status(&ca, pa.uri(), mig, s.token).await, st);
     pa.shutdown().await;
@@ -758,13 +775,18 @@ async fn source_proxy_restart_mid_transfer_ends_verified() {
 }
 
 #[tokio::test]
-async fn destination_proxy_restart_mid_transfer_resumes_and_verifies() {
+async fn destination_proxy_restart_mid_transfer_resumes_from_its_checkpoint_and_verifies() {
     interrupted_transfer("destination proxy").await;
 }
 
 #[tokio::test]
 async fn source_server_restart_mid_transfer_ends_verified() {
     interrupted_transfer("source server").await;
+}
+
+#[tokio::test]
+async fn destination_server_restart_mid_transfer_ends_verified() {
+    interrupted_transfer("destination server").await;
 }
 
 #[tokio::test]

@@ -100,6 +100,12 @@ pub struct TransferSettings {
     pub chunk_size: usize,
     /// Chunks published but not yet acknowledged, per file.
     pub publish_window: usize,
+    /// Chunks a fetching (or relaying) proxy asks the source bucket for at a time: with
+    /// `chunk_size` it bounds the bytes in flight towards this proxy, hence its memory.
+    pub fetch_window: usize,
+    /// A fetching proxy makes what it received durable, and records how far it got, every
+    /// this many bytes; after a restart it resumes the file from the last such point.
+    pub checkpoint_bytes: u64,
     /// Size limit of the site's transfer bucket (used when this proxy creates it).
     pub bucket_max_bytes: i64,
     /// Token lifetime when the mint request names none.
@@ -128,6 +134,8 @@ impl Default for TransferSettings {
         Self {
             chunk_size: 1 << 20,
             publish_window: 32,
+            fetch_window: 8,
+            checkpoint_bytes: 64 << 20,
             bucket_max_bytes: 1536 << 20,
             default_ttl_ms: 3_600_000,
             max_ttl_ms: 86_400_000,
@@ -155,6 +163,18 @@ impl TransferSettings {
             return Err(ConfigError::Value {
                 key: "transfer.publish_window",
                 reason: "must be at least 1",
+            });
+        }
+        if self.fetch_window == 0 {
+            return Err(ConfigError::Value {
+                key: "transfer.fetch_window",
+                reason: "must be at least 1",
+            });
+        }
+        if self.checkpoint_bytes == 0 {
+            return Err(ConfigError::Value {
+                key: "transfer.checkpoint_bytes",
+                reason: "must be positive",
             });
         }
         if self.bucket_max_bytes <= 0 {

@@ -140,6 +140,9 @@ fn read_file(path: &Path, chunk_size: usize, tx: &mpsc::Sender<ReadItem>) -> io:
 #[derive(Debug)]
 enum SinkCmd {
     Reset,
+    Sync {
+        reply: oneshot::Sender<io::Result<()>>,
+    },
     Data {
         offset: u64,
         data: Bytes,
@@ -170,9 +173,46 @@ impl FileSink {
             .truncate(true)
             .open(&path)?;
         file.set_len(size)?;
+        Ok(Self::spawn(file, size, LogicalHasher::new()))
+    }
+
+    /// Reopens `path`, a file of length `size` whose bytes before `resume_at` were written
+    /// (and synced) by an earlier sink, to go on writing at `resume_at`. The kept part is read
+    /// back to hash it (its allocated extents only); the caller verifies the whole file at the
+    /// end as usual. Fails if the file is missing or has another length.
+    pub async fn resume(path: PathBuf, size: u64, resume_at: u64) -> io::Result<Self> {
+        let (file, hasher) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            if file.metadata()?.len() != size || resume_at > size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "partial file does not match what was recorded",
+                ));
+            }
+            let mut hasher = LogicalHasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            for ext in data_extents(&file, resume_at)? {
+                let (mut off, end) = (ext.offset, (ext.offset + ext.len).min(resume_at));
+                while off < end {
+                    let n = (end - off).min(buf.len() as u64) as usize;
+                    file.read_exact_at(&mut buf[..n], off)?;
+                    hasher
+                        .update(off, &buf[..n])
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    off += n as u64;
+                }
+            }
+            Ok((file, hasher))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(Self::spawn(file, size, hasher))
+    }
+
+    fn spawn(file: File, size: u64, hasher: LogicalHasher) -> Self {
         let (tx, mut rx) = mpsc::channel::<SinkCmd>(READ_AHEAD);
         let done = tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let mut hasher = LogicalHasher::new();
+            let mut hasher = hasher;
             while let Some(cmd) = rx.blocking_recv() {
                 match cmd {
                     SinkCmd::Reset => {
@@ -180,6 +220,9 @@ impl FileSink {
                         file.set_len(0)?;
                         file.set_len(size)?;
                         hasher = LogicalHasher::new();
+                    }
+                    SinkCmd::Sync { reply } => {
+                        let _ = reply.send(file.sync_data());
                     }
                     SinkCmd::Data { offset, data } => {
                         if offset + data.len() as u64 > size {
@@ -205,10 +248,10 @@ impl FileSink {
             }
             Ok(())
         });
-        Ok(Self {
+        Self {
             tx,
             done: Some(done),
-        })
+        }
     }
 
     async fn failure(&mut self) -> io::Error {
@@ -227,6 +270,18 @@ impl FileSink {
             return Err(self.failure().await);
         }
         Ok(())
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn sync(&mut self) -> io::Result<()> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(SinkCmd::Sync { reply }).await.is_err() {
+            return Err(self.failure().await);
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(self.failure().await),
+        }
     }
 
     /// Discards everything written.

@@ -21,6 +21,7 @@ pub mod error;
 pub mod extents;
 pub mod hashing;
 pub mod io;
+pub mod memory;
 pub mod naming;
 pub mod objects;
 pub mod pace;

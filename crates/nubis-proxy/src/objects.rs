@@ -14,14 +14,17 @@
 //!
 //! [`ObjectFollower`] reads an object while it is still being written: the nuid is derived from
 //! the token (see [`crate::naming`]), so the reader follows the chunk subject with an ordered
-//! consumer before the info message exists, and knows the object is complete when an info
+//! pull consumer before the info message exists, and knows the object is complete when an info
 //! message written after those chunks counts them all (it is always written after the last
-//! chunk was acknowledged).
+//! chunk was acknowledged). It asks for a bounded number of chunks at a time, so the bytes in
+//! flight towards the reader are bounded too, and it can start after a given stream sequence
+//! (a reader that resumes a file it partly received).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::consumer::push::{Ordered, OrderedConfig};
+use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::object_store::ObjectInfo;
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
@@ -243,6 +246,17 @@ const INFO_POLL_MIN: Duration = Duration::from_millis(20);
 /// Longest pause between two looks at the info message.
 const INFO_POLL_MAX: Duration = Duration::from_millis(500);
 
+/// Where a reader of an object stands, so that another reader can resume there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReadPosition {
+    /// Chunks received (the next one due has this index).
+    pub chunks: u64,
+    /// Chunk bytes received.
+    pub bytes: u64,
+    /// Stream sequence of the last chunk received; 0 before the first.
+    pub stream_sequence: u64,
+}
+
 /// Reads one object's chunks in stream order while they are being written, and tells when the
 /// object is complete.
 ///
@@ -251,9 +265,9 @@ const INFO_POLL_MAX: Duration = Duration::from_millis(500);
 /// consumer: the writer publishes it with `Nats-Rollup: sub`, and nats-server applies that
 /// rollup to every consumer whose filters match the info subject by moving the consumer's
 /// delivery cursor past the rollup message. A consumer that also filtered on the chunk subject
-/// and was behind the writer (flow control holds back a reader on the far side of the leaf
-/// connections) silently skipped the chunks it had not yet delivered, and waited for them
-/// until it stalled. A consumer filtering on chunks only is not moved by the rollup.
+/// and was behind the writer (a reader on the far side of the leaf connections usually is)
+/// silently skipped the chunks it had not yet delivered, and waited for them until it
+/// stalled. A consumer filtering on chunks only is not moved by the rollup.
 pub struct ObjectFollower {
     messages: Ordered,
     stream: Stream,
@@ -283,16 +297,17 @@ impl std::fmt::Debug for ObjectFollower {
 }
 
 impl ObjectFollower {
-    /// Follows the chunks on `chunk_subject` of object `name` in `stream` through `client`
-    /// (whose inbox receives the push deliveries; the server's flow control bounds what is in
-    /// flight). `expected_bytes`, when the reader knows the object's size (from a signed
-    /// manifest), lets it ask for the info message as soon as the last chunk is in.
+    /// Follows the chunks on `chunk_subject` of object `name` in `stream`, asking for at most
+    /// `window` chunks at a time. `expected_bytes`, when the reader knows the object's size
+    /// (from a signed manifest), lets it ask for the info message as soon as the last chunk is
+    /// in. `from`, when the reader already holds the object's first chunks, starts after them.
     pub async fn open(
-        client: &async_nats::Client,
         stream: &Stream,
         chunk_subject: String,
         name: &str,
         expected_bytes: Option<u64>,
+        window: usize,
+        from: Option<ReadPosition>,
         stall: Duration,
     ) -> Result<Self, ObjectError> {
         let nuid = chunk_subject
@@ -300,12 +315,21 @@ impl ObjectFollower {
             .next()
             .unwrap_or_default()
             .to_string();
-        // A push consumer, as the stock object-store reader uses: it is the kind that is known
-        // to deliver across leaf connections from another JetStream domain.
+        let from = from.unwrap_or_default();
+        let deliver_policy = if from.stream_sequence == 0 {
+            DeliverPolicy::All
+        } else {
+            DeliverPolicy::ByStartSequence {
+                start_sequence: from.stream_sequence + 1,
+            }
+        };
+        // A pull consumer whose requests ask for `window` chunks: what is in flight towards
+        // this reader (across the leaf connections) never exceeds that many chunks.
         let consumer = stream
             .create_consumer(OrderedConfig {
-                deliver_subject: client.new_inbox(),
                 filter_subject: chunk_subject.clone(),
+                deliver_policy,
+                max_batch: i64::try_from(window.max(1)).unwrap_or(i64::MAX),
                 ..Default::default()
             })
             .await
@@ -322,12 +346,23 @@ impl ObjectFollower {
             nuid,
             expected_bytes,
             stall,
-            chunks: 0,
-            bytes: 0,
-            last_seq: 0,
-            // An object without chunks is complete as soon as its info message exists.
-            check_info: expected_bytes == Some(0),
+            chunks: from.chunks,
+            bytes: from.bytes,
+            last_seq: from.stream_sequence,
+            // An object without chunks (or whose chunks are all held already) may be complete
+            // as soon as its info message exists.
+            check_info: expected_bytes.is_some_and(|e| from.bytes >= e),
         })
+    }
+
+    /// Where the reader stands: chunks and bytes received since the object's chunk 0, and the
+    /// stream sequence of the last one.
+    pub fn position(&self) -> ReadPosition {
+        ReadPosition {
+            chunks: self.chunks,
+            bytes: self.bytes,
+            stream_sequence: self.last_seq,
+        }
     }
 
     /// The next chunk, or the info message once every chunk it counts has been yielded.

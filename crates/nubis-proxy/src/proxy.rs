@@ -55,7 +55,7 @@ use crate::objects::{
     META_ALLOCATED, META_SHA256, META_SIZE,
 };
 use crate::pace::{effective_cap, Pacer};
-use crate::store::{TokenRecord, TokenStore};
+use crate::store::{PartialFile, TokenRecord, TokenStore};
 
 /// How long a fetch request waits for its transfer to end before it answers with progress.
 const FIRST_ANSWER_WAIT: Duration = Duration::from_millis(100);
@@ -97,6 +97,9 @@ pub struct TransferStats {
     pub bytes_total: u64,
     /// Chunk bytes this end published to a bucket (serve and relay).
     pub bytes_published: u64,
+    /// Chunk bytes this end read from the source's bucket since it started (receive); a
+    /// fetch resumed after a restart reads only what it had not made durable.
+    pub bytes_fetched: u64,
 }
 
 #[derive(Debug)]
@@ -113,6 +116,8 @@ struct Inner {
     live: Mutex<HashMap<TransferToken, Arc<Live>>>,
     /// Bytes published per token, kept after the task ends (for [`TransferProxy::stats`]).
     published: Mutex<HashMap<TransferToken, u64>>,
+    /// Chunk bytes read from a source bucket per token since this proxy started.
+    fetched: Mutex<HashMap<TransferToken, u64>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -138,6 +143,14 @@ enum TaskError {
     DigestMismatch(String),
     #[error("file {0}: chunks out of order or missing")]
     Corrupt(String),
+    /// Chunks went missing in the source bucket (its server restarted before storing them);
+    /// the source publishes the file again from its first chunk, so reading again helps.
+    #[error("file {name}: chunk {index} arrived where {expected} was due")]
+    Gap {
+        name: String,
+        index: u64,
+        expected: u64,
+    },
     #[error("manifest: {0}")]
     Manifest(String),
     #[error("source proxy: {0}")]
@@ -162,6 +175,7 @@ impl TaskError {
         matches!(
             self,
             Self::Object(ObjectError::Publish(_) | ObjectError::Read(_) | ObjectError::Bucket(_))
+                | Self::Gap { .. }
         )
     }
 }
@@ -177,12 +191,14 @@ fn sorted(mut d: Vec<FileDigest>) -> Vec<FileDigest> {
 
 impl TransferProxy {
     /// Opens the store, ensures the site's transfer bucket, starts answering on the proxy's
-    /// subjects, and resumes transfers that were running when the proxy stopped.
+    /// subjects, and resumes transfers that were running when the proxy stopped. Also bounds
+    /// how much freed chunk memory the process's allocator keeps (see [`crate::memory`]).
     pub async fn start(
         params: ProxyParams,
         client: async_nats::Client,
     ) -> Result<Self, StartError> {
         params.settings.validate().map_err(StartError::Config)?;
+        crate::memory::bound_chunk_retention();
         std::fs::create_dir_all(&params.store_dir).map_err(StartError::StoreDir)?;
         let store = TokenStore::open(&params.store_dir.join("tokens"))?;
         let replay = ReplayCache::open(
@@ -210,6 +226,7 @@ impl TransferProxy {
             peers,
             live: Mutex::new(HashMap::new()),
             published: Mutex::new(HashMap::new()),
+            fetched: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
         });
@@ -325,6 +342,7 @@ impl TransferProxy {
             complete: false,
             file_names,
             max_bytes_per_sec: None,
+            partial: None,
         };
         self.inner.store.put(&rec)?;
         info!(migration.id = %rec.migration_id, vm.id = %rec.vm, "token minted");
@@ -439,6 +457,7 @@ impl TransferProxy {
         let rec = self.inner.store.get(token).ok()??;
         let live = lock(&self.inner.live).get(token).cloned();
         let published = lock(&self.inner.published).get(token).copied().unwrap_or(0);
+        let fetched = lock(&self.inner.fetched).get(token).copied().unwrap_or(0);
         Some(TransferStats {
             bytes_done: live
                 .as_ref()
@@ -446,6 +465,7 @@ impl TransferProxy {
                 .unwrap_or(if rec.complete { rec.total_bytes } else { 0 }),
             bytes_total: rec.total_bytes,
             bytes_published: published,
+            bytes_fetched: fetched,
         })
     }
 
@@ -716,6 +736,7 @@ impl TransferProxy {
                             r.complete = false;
                             if let TokenPurpose::Receive { .. } = r.purpose {
                                 r.digests.clear();
+                                r.partial = None;
                             }
                         });
                     }
@@ -935,22 +956,33 @@ impl TransferProxy {
     }
 
     /// Runs `step` again after transient bus trouble (a restarting server, a lost
-    /// connection), until it succeeds, fails for good, or the stall timeout has passed with no
-    /// success.
+    /// connection), until it succeeds, fails for good, or failures have gone on for the stall
+    /// timeout without an attempt that ran for a while (one that did is taken as progress).
     async fn retrying<T, F, Fut>(&self, mut step: F) -> Result<T, TaskError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, TaskError>>,
     {
-        let deadline = Instant::now() + self.inner.settings.stall();
+        const LONGEST_PAUSE: Duration = Duration::from_secs(3);
+        let stall = self.inner.settings.stall();
+        let mut deadline = Instant::now() + stall;
         let mut pause = Duration::from_millis(200);
         loop {
+            let attempt = Instant::now();
             match step().await {
                 Ok(v) => return Ok(v),
-                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                Err(e) if e.is_transient() => {
+                    let now = Instant::now();
+                    if now - attempt > LONGEST_PAUSE {
+                        deadline = now + stall;
+                        pause = Duration::from_millis(200);
+                    }
+                    if now >= deadline {
+                        return Err(e);
+                    }
                     warn!(error = %e, "transient failure, retrying");
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(3));
+                    pause = (pause * 2).min(LONGEST_PAUSE);
                 }
                 Err(e) => return Err(e),
             }
@@ -984,10 +1016,11 @@ impl TransferProxy {
         let objs = TokenObjects::new(&source.token);
         let name = objs.manifest_name();
         let mut follower = ObjectFollower::open(
-            &self.inner.client,
             stream,
             objs.chunk_subject(None),
             &name,
+            None,
+            self.inner.settings.fetch_window,
             None,
             self.inner.settings.stall(),
         )
@@ -1059,7 +1092,7 @@ impl TransferProxy {
             let digest = self
                 .retrying(|| {
                     live.done.store(base, Ordering::Relaxed);
-                    self.receive_file(&stream, &objs, f, &dir, &live)
+                    self.receive_file(&stream, &objs, f, &dir, &live, rec.token)
                 })
                 .await?;
             current = self.store_update(&current.token, |r| {
@@ -1113,22 +1146,53 @@ impl TransferProxy {
         f: &ManifestFile,
         dir: &Path,
         live: &Live,
+        token: TransferToken,
     ) -> Result<FileDigest, TaskError> {
         let s = &self.inner.settings;
         let partial = partial_path(dir, &f.name);
-        let mut sink =
-            FileSink::create(partial.clone(), f.size).map_err(|e| TaskError::io(&f.name, e))?;
+        // Resume from the last checkpoint of this file if its partial file is still there as
+        // it was recorded; otherwise start the file afresh.
+        let checkpoint = self
+            .inner
+            .store
+            .get(&token)?
+            .and_then(|r| r.partial)
+            .filter(|p| p.name == f.name);
+        let resumed = match checkpoint {
+            Some(p) => match FileSink::resume(partial.clone(), f.size, p.resume_at).await {
+                Ok(sink) => Some((sink, p)),
+                Err(e) => {
+                    warn!(file = %f.name, error = %e, "cannot resume the partial file; starting it over");
+                    None
+                }
+            },
+            None => None,
+        };
+        let (mut sink, from) = match resumed {
+            Some((sink, p)) => {
+                info!(file = %f.name, bytes = p.position.bytes, "resuming the file");
+                (sink, Some(p))
+            }
+            None => (
+                FileSink::create(partial.clone(), f.size).map_err(|e| TaskError::io(&f.name, e))?,
+                None,
+            ),
+        };
         let mut follower = ObjectFollower::open(
-            &self.inner.client,
             stream,
             objs.chunk_subject(Some(&f.name)),
             &objs.file_name(&f.name),
             Some(f.allocated),
+            s.fetch_window,
+            from.as_ref().map(|p| p.position),
             s.stall(),
         )
         .await?;
-        let mut expected = 0u64;
-        let mut got = 0u64;
+        let start = from.as_ref().map(|p| p.position).unwrap_or_default();
+        let mut expected = start.chunks;
+        let mut got = start.bytes;
+        let mut since_checkpoint = 0u64;
+        live.done.fetch_add(got, Ordering::Relaxed);
         let result = loop {
             match follower.next().await? {
                 Incoming::Chunk {
@@ -1143,19 +1207,32 @@ impl TransferProxy {
                         expected = 0;
                         got = 0;
                     } else if index != expected {
-                        break Err(TaskError::Corrupt(format!(
-                            "{} (chunk {index} where {expected} was due)",
-                            f.name
-                        )));
+                        break Err(TaskError::Gap {
+                            name: f.name.clone(),
+                            index,
+                            expected,
+                        });
                     }
                     let n = data.len() as u64;
+                    *lock(&self.inner.fetched).entry(token).or_default() += n;
                     pace(live, n).await;
                     if let Err(e) = sink.write(offset, data).await {
                         break Err(TaskError::Corrupt(format!("{} ({e})", f.name)));
                     }
                     expected += 1;
                     got += n;
+                    since_checkpoint += n;
                     live.done.fetch_add(n, Ordering::Relaxed);
+                    if since_checkpoint >= s.checkpoint_bytes && got < f.allocated {
+                        since_checkpoint = 0;
+                        sink.sync().await.map_err(|e| TaskError::io(&f.name, e))?;
+                        let checkpoint = PartialFile {
+                            name: f.name.clone(),
+                            position: follower.position(),
+                            resume_at: offset + n,
+                        };
+                        self.store_update(&token, |r| r.partial = Some(checkpoint))?;
+                    }
                 }
                 Incoming::Done(info) => {
                     if info.chunks as u64 != expected || info.size as u64 != got {
@@ -1189,11 +1266,15 @@ impl TransferProxy {
                 let target = dir.join(&f.name);
                 std::fs::rename(&partial, &target).map_err(|e| TaskError::io(&f.name, e))?;
                 sync_dir(dir).map_err(|e| TaskError::io(&f.name, e))?;
+                self.store_update(&token, |r| r.partial = None)?;
                 debug!(file = %f.name, "file verified");
                 Ok(d)
             }
+            // Bus trouble: keep the partial file and its checkpoint for the retry to resume.
+            Err(e) if e.is_transient() => Err(e),
             Err(e) => {
                 let _ = std::fs::remove_file(&partial);
+                let _ = self.inner.store.update(&token, |r| r.partial = None);
                 Err(e)
             }
         }
@@ -1277,11 +1358,12 @@ impl TransferProxy {
     ) -> Result<FileDigest, TaskError> {
         let s = &self.inner.settings;
         let mut follower = ObjectFollower::open(
-            &self.inner.client,
             src,
             from.chunk_subject(Some(&f.name)),
             &from.file_name(&f.name),
             Some(f.allocated),
+            s.fetch_window,
+            None,
             s.stall(),
         )
         .await?;
@@ -1313,7 +1395,11 @@ impl TransferProxy {
                         packed = Sha256::new();
                         expected = 0;
                     } else if index != expected {
-                        return Err(TaskError::Corrupt(f.name.clone()));
+                        return Err(TaskError::Gap {
+                            name: f.name.clone(),
+                            index,
+                            expected,
+                        });
                     }
                     whole
                         .update(offset, &data)

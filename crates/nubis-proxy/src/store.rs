@@ -13,6 +13,8 @@ use nubis_protocol::message::{
 use nubis_protocol::{MigrationId, VmId};
 use serde::{Deserialize, Serialize};
 
+use crate::objects::ReadPosition;
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -69,6 +71,22 @@ pub struct TokenRecord {
     /// Receive: the migration's bandwidth cap for the fetch, bytes per second.
     #[serde(default)]
     pub max_bytes_per_sec: Option<u64>,
+    /// Receive: the file being received and how far it got at its last checkpoint (its bytes
+    /// up to there are durable in the partial file), so a restart resumes there.
+    #[serde(default)]
+    pub partial: Option<PartialFile>,
+}
+
+/// A file partly received: its logical name, where the reader of its object stood, and the
+/// file offset up to which the partial file holds those chunks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialFile {
+    /// The file's logical name.
+    pub name: String,
+    /// Chunks and bytes received, and the stream sequence of the last one.
+    pub position: ReadPosition,
+    /// End offset of the last chunk received.
+    pub resume_at: u64,
 }
 
 impl TokenRecord {
