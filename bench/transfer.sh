@@ -3,10 +3,11 @@
 # (hub + sites a and b, real nats-server processes), side by side with `cp` on the same disk and
 # `scp` over loopback to a throwaway sshd.
 #
-# Usage: bench/transfer.sh [dense MiB] [sparse MiB] [sparse allocated MiB]
-# Defaults: 1024 4096 1024. Needs nats-server, and openssh-server/client for the scp baseline.
+# Usage: bench/transfer.sh [dense sizes, MiB, comma-separated] [sparse MiB] [sparse allocated MiB]
+# Defaults: 1024,4096 4096 1024. Needs nats-server, and openssh-server/client for the scp
+# baseline, and free disk for three copies of the largest image.
 set -euo pipefail
-DENSE_MIB=${1:-1024}
+DENSE_MIBS=${1:-1024,4096}
 SPARSE_MIB=${2:-4096}
 SPARSE_ALLOC_MIB=${3:-1024}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,7 +23,6 @@ now() { date +%s.%N; }
 rate() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / s / 1048576 }'; }
 
 echo "# generating files in $WORK"
-head -c $((DENSE_MIB << 20)) /dev/urandom > "$WORK/dense.img"
 truncate -s $((SPARSE_MIB << 20)) "$WORK/sparse.img"
 # Allocated data spread over the image in 64 MiB runs.
 runs=$((SPARSE_ALLOC_MIB / 64)); stride=$((SPARSE_MIB / runs))
@@ -49,30 +49,38 @@ fi
 run_one() { # name file
   local name=$1 file=$2 size t0 t1 cp_s scp_s out
   size=$(stat -c %s "$file")
-  t0=$(now); cp "$file" "$WORK/cp.out"; sync "$WORK/cp.out"; t1=$(now)
+  # Each tool starts alike: the image in the page cache, nothing dirty; each ends with its
+  # copy on disk (cp and scp: sync; nubis: the receiving proxy fsyncs before it verifies).
+  sync; t0=$(now); cp "$file" "$WORK/cp.out"; sync "$WORK/cp.out"; t1=$(now)
   cp_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }'); rm -f "$WORK/cp.out"
   scp_s=NaN
   if [ "$SCP_OK" = 1 ]; then
-    t0=$(now); "${SCP[@]}" "$file" "127.0.0.1:$WORK/scp.out"; sync "$WORK/scp.out"; t1=$(now)
+    sync; t0=$(now); "${SCP[@]}" "$file" "127.0.0.1:$WORK/scp.out"; sync "$WORK/scp.out"; t1=$(now)
     scp_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }'); rm -f "$WORK/scp.out"
   fi
-  rm -rf "$WORK/dst"
-  out=$("$BENCH" "$file" "$WORK/dst" 1024 32)
-  local px_s published hwm
+  rm -rf "$WORK/dst"; sync
+  out=$("$BENCH" "$file" "$WORK/dst" 1024 32 8)
+  local px_s published hwm cpu_p cpu_s
   px_s=$(sed -E 's/.*seconds=([0-9.]+).*/\1/' <<<"$out")
   published=$(sed -E 's/.*published=([0-9]+).*/\1/' <<<"$out")
   hwm=$(sed -E 's/.*vmhwm_kib=([0-9]+).*/\1/' <<<"$out")
+  cpu_p=$(sed -E 's/.*cpu_proxies_s=([0-9.]+).*/\1/' <<<"$out")
+  cpu_s=$(sed -E 's/.*cpu_servers_s=([0-9.]+).*/\1/' <<<"$out")
   cmp -s "$file" "$WORK/dst/disk.img" || { echo "MISMATCH for $name"; exit 1; }
-  printf '| %s | %d MiB | %.2f s (%s MiB/s) | %.2f s (%s MiB/s) | %s | %.2f | %s | %d MiB | %d MiB |\n' \
+  printf '| %s | %d MiB | %.2f s (%s MiB/s) | %.2f s (%s MiB/s) | %s | %.2f | %s | %d MiB | %d MiB | %s s + %s s |\n' \
     "$name" $((size >> 20)) "$px_s" "$(rate "$size" "$px_s")" "$cp_s" "$(rate "$size" "$cp_s")" \
     "$( [ "$scp_s" = NaN ] && echo n/a || printf '%.2f s (%s MiB/s)' "$scp_s" "$(rate "$size" "$scp_s")")" \
     "$(awk -v a="$cp_s" -v b="$px_s" 'BEGIN { print a / b }')" \
     "$( [ "$scp_s" = NaN ] && echo n/a || awk -v a="$scp_s" -v b="$px_s" 'BEGIN { printf "%.2f", a / b }')" \
-    $((published >> 20)) $((hwm >> 10))
+    $((published >> 20)) $((hwm >> 10)) "$cpu_p" "$cpu_s"
   rm -rf "$WORK/dst"
 }
 
-echo "| image | size | nubis proxies | cp | scp (loopback) | ×cp rate | ×scp rate | bytes published | peak RSS (both proxies) |"
-echo "|---|---|---|---|---|---|---|---|---|"
-run_one "dense (random)" "$WORK/dense.img"
+echo "| image | size | nubis proxies | cp | scp (loopback) | ×cp rate | ×scp rate | bytes published | peak RSS (both proxies) | CPU: proxies + nats-servers |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+for mib in ${DENSE_MIBS//,/ }; do
+  head -c $((mib << 20)) /dev/urandom > "$WORK/dense.img"; sync
+  run_one "dense (random)" "$WORK/dense.img"
+  rm -f "$WORK/dense.img"
+done
 run_one "sparse ($SPARSE_ALLOC_MIB MiB allocated)" "$WORK/sparse.img"

@@ -2,7 +2,8 @@
 //! two leaf sites of a real federation (hub + sites `a` and `b`, started by the test kit), with
 //! both Transfer proxies in this process.
 //!
-//! Usage: `transfer_bench <source file> <destination dir> [chunk KiB] [window]`. Prints one line
+//! Usage: `transfer_bench <source file> <destination dir> [chunk KiB] [publish window] [fetch
+//! window]`. Prints one line
 //! of `key=value` figures: seconds, bytes moved, bytes published, peak RSS (VmHWM) of this
 //! process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -35,6 +36,21 @@ fn vm_hwm_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) of this process and of its waited-for children (the
+/// nats-servers, once the federation is shut down), from `/proc/self/stat`.
+fn cpu_seconds() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is field 14 of the line.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    let tick = 100.0; // USER_HZ on Linux
+    let at = |i: usize| f.get(i).copied().unwrap_or(0.0) / tick;
+    (at(11) + at(12), at(13) + at(14))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -43,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        bail!("usage: transfer_bench <source file> <destination dir> [chunk KiB] [window]");
+        bail!("usage: transfer_bench <source file> <destination dir> [chunk KiB] [publish window] [fetch window]");
     }
     let src = std::fs::canonicalize(&args[1]).context("source file")?;
     let dst = PathBuf::from(&args[2]);
@@ -51,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
     let dst = std::fs::canonicalize(dst)?;
     let chunk_kib: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(1024);
     let window: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(32);
+    let fetch_window: usize = args.get(5).map(|s| s.parse()).transpose()?.unwrap_or(8);
 
     let fed = Federation::start(&["a", "b"]).await?;
     let work = tempfile::tempdir()?;
@@ -61,7 +78,8 @@ async fn main() -> anyhow::Result<()> {
     let settings = TransferSettings {
         chunk_size: chunk_kib << 10,
         publish_window: window,
-        bucket_max_bytes: 1900 << 20,
+        fetch_window,
+        bucket_max_bytes: 6 << 30,
         ..TransferSettings::default()
     };
     let mut proxies = Vec::new();
@@ -147,18 +165,19 @@ async fn main() -> anyhow::Result<()> {
     };
     let size = std::fs::metadata(&src)?.len();
     let stats = pa.stats(&s.token).context("stats")?;
-    println!(
-        "seconds={secs:.3} size={size} allocated={} published={} rate_mib_s={:.1} vmhwm_kib={} sha256={}",
-        stats.bytes_total,
-        stats.bytes_published,
-        size as f64 / secs / (1u64 << 20) as f64,
-        vm_hwm_kib(),
-        hex_digest(&digests[0].sha256),
-    );
+    let hwm = vm_hwm_kib();
     for p in proxies {
         p.shutdown().await;
     }
     fed.shutdown().await?;
+    let (cpu_self, cpu_servers) = cpu_seconds();
+    println!(
+        "seconds={secs:.3} size={size} allocated={} published={} rate_mib_s={:.1} vmhwm_kib={hwm} cpu_proxies_s={cpu_self:.2} cpu_servers_s={cpu_servers:.2} sha256={}",
+        stats.bytes_total,
+        stats.bytes_published,
+        size as f64 / secs / (1u64 << 20) as f64,
+        hex_digest(&digests[0].sha256),
+    );
     Ok(())
 }
 

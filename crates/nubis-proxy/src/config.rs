@@ -13,7 +13,7 @@
 //!
 //! [transfer]
 //! relay_allowed = false
-//! bucket_max_bytes = 1610612736
+//! bucket_max_bytes = 8589934592
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -106,7 +106,9 @@ pub struct TransferSettings {
     /// A fetching proxy makes what it received durable, and records how far it got, every
     /// this many bytes; after a restart it resumes the file from the last such point.
     pub checkpoint_bytes: u64,
-    /// Size limit of the site's transfer bucket (used when this proxy creates it).
+    /// Size limit of the site's transfer bucket (used when this proxy creates it): the sum of
+    /// the VM files being served at once must fit (default 8 GiB; the site server's
+    /// `max_file_store` must allow it).
     pub bucket_max_bytes: i64,
     /// Token lifetime when the mint request names none.
     pub default_ttl_ms: u64,
@@ -136,7 +138,7 @@ impl Default for TransferSettings {
             publish_window: 32,
             fetch_window: 8,
             checkpoint_bytes: 64 << 20,
-            bucket_max_bytes: 1536 << 20,
+            bucket_max_bytes: 8 << 30,
             default_ttl_ms: 3_600_000,
             max_ttl_ms: 86_400_000,
             relay_allowed: false,

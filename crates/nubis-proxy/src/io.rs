@@ -222,7 +222,13 @@ impl FileSink {
                         hasher = LogicalHasher::new();
                     }
                     SinkCmd::Sync { reply } => {
-                        let _ = reply.send(file.sync_data());
+                        // fdatasync on a second handle of the same file, on a thread of its
+                        // own: it covers every write made before it, and the writes after it
+                        // go on meanwhile.
+                        let handle = file.try_clone()?;
+                        std::thread::spawn(move || {
+                            let _ = reply.send(handle.sync_data());
+                        });
                     }
                     SinkCmd::Data { offset, data } => {
                         if offset + data.len() as u64 > size {
@@ -272,16 +278,14 @@ impl FileSink {
         Ok(())
     }
 
-    /// Makes everything written so far durable.
-    pub async fn sync(&mut self) -> io::Result<()> {
+    /// Starts making everything written so far durable, without holding up later writes; the
+    /// answer arrives when those bytes are on disk.
+    pub async fn start_sync(&mut self) -> io::Result<oneshot::Receiver<io::Result<()>>> {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(SinkCmd::Sync { reply }).await.is_err() {
             return Err(self.failure().await);
         }
-        match rx.await {
-            Ok(r) => r,
-            Err(_) => Err(self.failure().await),
-        }
+        Ok(rx)
     }
 
     /// Discards everything written.

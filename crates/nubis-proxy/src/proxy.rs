@@ -39,6 +39,7 @@ use nubis_protocol::replay::{Durability, ReplayCache};
 use nubis_protocol::subject::{ParsedSubject, ProxyOp, Subject};
 use nubis_protocol::SiteId;
 use sha2::{Digest as _, Sha256};
+use tokio::sync::oneshot::{self, error::TryRecvError};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -1192,6 +1193,7 @@ impl TransferProxy {
         let mut expected = start.chunks;
         let mut got = start.bytes;
         let mut since_checkpoint = 0u64;
+        let mut syncing: Option<(oneshot::Receiver<std::io::Result<()>>, PartialFile)> = None;
         live.done.fetch_add(got, Ordering::Relaxed);
         let result = loop {
             match follower.next().await? {
@@ -1201,11 +1203,15 @@ impl TransferProxy {
                     data,
                 } => {
                     if index == 0 && expected != 0 {
-                        // The source started the file over (it restarted): so do we.
+                        // The source started the file over (it restarted): so do we. A
+                        // checkpoint of the earlier attempt no longer applies.
                         sink.reset().await.map_err(|e| TaskError::io(&f.name, e))?;
                         live.done.fetch_sub(got, Ordering::Relaxed);
                         expected = 0;
                         got = 0;
+                        since_checkpoint = 0;
+                        syncing = None;
+                        self.store_update(&token, |r| r.partial = None)?;
                     } else if index != expected {
                         break Err(TaskError::Gap {
                             name: f.name.clone(),
@@ -1223,15 +1229,39 @@ impl TransferProxy {
                     got += n;
                     since_checkpoint += n;
                     live.done.fetch_add(n, Ordering::Relaxed);
-                    if since_checkpoint >= s.checkpoint_bytes && got < f.allocated {
+                    // A checkpoint is recorded once the bytes it covers are on disk.
+                    if let Some((rx, _)) = syncing.as_mut() {
+                        match rx.try_recv() {
+                            Err(TryRecvError::Empty) => {}
+                            Ok(Ok(())) => {
+                                if let Some((_, checkpoint)) = syncing.take() {
+                                    self.store_update(&token, |r| r.partial = Some(checkpoint))?;
+                                }
+                            }
+                            Ok(Err(e)) => break Err(TaskError::io(&f.name, e)),
+                            Err(TryRecvError::Closed) => {
+                                break Err(TaskError::io(
+                                    &f.name,
+                                    std::io::Error::other("sync lost"),
+                                ))
+                            }
+                        }
+                    }
+                    if since_checkpoint >= s.checkpoint_bytes
+                        && got < f.allocated
+                        && syncing.is_none()
+                    {
                         since_checkpoint = 0;
-                        sink.sync().await.map_err(|e| TaskError::io(&f.name, e))?;
+                        let rx = sink
+                            .start_sync()
+                            .await
+                            .map_err(|e| TaskError::io(&f.name, e))?;
                         let checkpoint = PartialFile {
                             name: f.name.clone(),
                             position: follower.position(),
                             resume_at: offset + n,
                         };
-                        self.store_update(&token, |r| r.partial = Some(checkpoint))?;
+                        syncing = Some((rx, checkpoint));
                     }
                 }
                 Incoming::Done(info) => {
