@@ -446,7 +446,9 @@ async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_abort
         return;
     };
     let stack = Stack::start(&binary, one_site_two_hosts()).await;
-    let image = image_bytes(6 << 20);
+    // 16 chunks of 1 MiB: more than a fetch asks for at a time (8), so the reader has not
+    // been sent the last chunk when the test replaces it.
+    let image = image_bytes(16 << 20);
     std::fs::write(stack.image_store("a").join("tiny.qcow2"), &image).unwrap();
     let op_a = stack.operator("a").await;
     let r = ops(
@@ -470,7 +472,7 @@ async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_abort
         &op_a,
         "a",
         "migrate",
-        json!({"vm": "mismatch-1", "to_site": "a", "max_bytes_per_sec": 1 << 20}),
+        json!({"vm": "mismatch-1", "to_site": "a", "max_bytes_per_sec": 4 << 20}),
     )
     .await
     .unwrap();
@@ -497,7 +499,7 @@ async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_abort
         }
         chunks.sort();
         match chunks.last() {
-            Some((count, subject)) if *count >= 6 && metas.len() >= chunks.len() => {
+            Some((count, subject)) if *count >= 16 && metas.len() >= chunks.len() => {
                 Ok((subject.clone(), metas))
             }
             _ => Err(format!("{chunks:?}, {metas:?}")),
@@ -506,8 +508,9 @@ async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_abort
     .await
     .unwrap();
     let (disk_chunks, metas) = disk_chunks;
-    // The reader, paced to the cap, is still at the first chunks: replace the last one (it
-    // reads it after the others, by stream order).
+    // The reader, paced to the cap, is still at the first chunks (about 4 s for the disk, and
+    // at most 8 chunks sent ahead of it): replace the last one (it reads it after the others,
+    // by stream order).
     let last = stream
         .direct_get_last_for_subject(disk_chunks.as_str())
         .await
