@@ -348,6 +348,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 error: anyhow::Error::new(e),
                 hint: Some("fix the proxy configuration file".into()),
             })?;
+            // Before the runtime's threads allocate: see nubis_proxy::memory.
+            nubis_proxy::memory::bound_chunk_retention();
             run_daemon("proxy", move |token| nubis_proxy::run(config, token))
         }
         Command::Host { config } => {

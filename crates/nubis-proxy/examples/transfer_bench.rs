@@ -51,8 +51,16 @@ fn cpu_seconds() -> (f64, f64) {
     (at(11) + at(12), at(13) + at(14))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // As `nubis proxy` does: before any thread allocates.
+    nubis_proxy::memory::bound_chunk_retention();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(bench())
+}
+
+async fn bench() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

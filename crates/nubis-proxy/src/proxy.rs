@@ -192,14 +192,14 @@ fn sorted(mut d: Vec<FileDigest>) -> Vec<FileDigest> {
 
 impl TransferProxy {
     /// Opens the store, ensures the site's transfer bucket, starts answering on the proxy's
-    /// subjects, and resumes transfers that were running when the proxy stopped. Also bounds
-    /// how much freed chunk memory the process's allocator keeps (see [`crate::memory`]).
+    /// subjects, and resumes transfers that were running when the proxy stopped. A process
+    /// that runs proxies should call [`crate::memory::bound_chunk_retention`] before its
+    /// runtime starts (`nubis proxy` does).
     pub async fn start(
         params: ProxyParams,
         client: async_nats::Client,
     ) -> Result<Self, StartError> {
         params.settings.validate().map_err(StartError::Config)?;
-        crate::memory::bound_chunk_retention();
         std::fs::create_dir_all(&params.store_dir).map_err(StartError::StoreDir)?;
         let store = TokenStore::open(&params.store_dir.join("tokens"))?;
         let replay = ReplayCache::open(
