@@ -1192,8 +1192,7 @@ impl TransferProxy {
         let start = from.as_ref().map(|p| p.position).unwrap_or_default();
         let mut expected = start.chunks;
         let mut got = start.bytes;
-        let mut since_checkpoint = 0u64;
-        let mut syncing: Option<(oneshot::Receiver<std::io::Result<()>>, PartialFile)> = None;
+        let mut checkpoints = Checkpoints::new(s.checkpoint_bytes);
         live.done.fetch_add(got, Ordering::Relaxed);
         let result = loop {
             match follower.next().await? {
@@ -1209,8 +1208,7 @@ impl TransferProxy {
                         live.done.fetch_sub(got, Ordering::Relaxed);
                         expected = 0;
                         got = 0;
-                        since_checkpoint = 0;
-                        syncing = None;
+                        checkpoints.reset();
                         self.store_update(&token, |r| r.partial = None)?;
                     } else if index != expected {
                         break Err(TaskError::Gap {
@@ -1227,41 +1225,22 @@ impl TransferProxy {
                     }
                     expected += 1;
                     got += n;
-                    since_checkpoint += n;
                     live.done.fetch_add(n, Ordering::Relaxed);
-                    // A checkpoint is recorded once the bytes it covers are on disk.
-                    if let Some((rx, _)) = syncing.as_mut() {
-                        match rx.try_recv() {
-                            Err(TryRecvError::Empty) => {}
-                            Ok(Ok(())) => {
-                                if let Some((_, checkpoint)) = syncing.take() {
-                                    self.store_update(&token, |r| r.partial = Some(checkpoint))?;
-                                }
-                            }
-                            Ok(Err(e)) => break Err(TaskError::io(&f.name, e)),
-                            Err(TryRecvError::Closed) => {
-                                break Err(TaskError::io(
-                                    &f.name,
-                                    std::io::Error::other("sync lost"),
-                                ))
-                            }
-                        }
-                    }
-                    if since_checkpoint >= s.checkpoint_bytes
-                        && got < f.allocated
-                        && syncing.is_none()
+                    let position = follower.position();
+                    let at = || PartialFile {
+                        name: f.name.clone(),
+                        position,
+                        resume_at: offset + n,
+                    };
+                    match checkpoints
+                        .after_write(&mut sink, n, got < f.allocated, at)
+                        .await
                     {
-                        since_checkpoint = 0;
-                        let rx = sink
-                            .start_sync()
-                            .await
-                            .map_err(|e| TaskError::io(&f.name, e))?;
-                        let checkpoint = PartialFile {
-                            name: f.name.clone(),
-                            position: follower.position(),
-                            resume_at: offset + n,
-                        };
-                        syncing = Some((rx, checkpoint));
+                        Ok(Some(durable)) => {
+                            self.store_update(&token, |r| r.partial = Some(durable))?;
+                        }
+                        Ok(None) => {}
+                        Err(e) => break Err(TaskError::io(&f.name, e)),
                     }
                 }
                 Incoming::Done(info) => {
@@ -1628,6 +1607,60 @@ impl<B: Body> ErasedReply for B {
         envelope::seal_message(identity, Addressing::reply_to(req), self)
             .map(|(b, _)| b)
             .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))
+    }
+}
+
+/// Checkpoints of a file being received: every `every` bytes an fsync of what was written is
+/// started, and the position it covers becomes durable (to be recorded) once it has finished.
+struct Checkpoints {
+    every: u64,
+    since: u64,
+    syncing: Option<(oneshot::Receiver<std::io::Result<()>>, PartialFile)>,
+}
+
+impl Checkpoints {
+    fn new(every: u64) -> Self {
+        Self {
+            every,
+            since: 0,
+            syncing: None,
+        }
+    }
+
+    /// Forgets the progress of an attempt that started over.
+    fn reset(&mut self) {
+        self.since = 0;
+        self.syncing = None;
+    }
+
+    /// Counts `n` more bytes written to `sink`. Returns the checkpoint whose bytes reached the
+    /// disk since the last call, if any; starts the next fsync when one is due, no other is
+    /// running, and `more` bytes are still to come (`at` says where the file stands then).
+    async fn after_write(
+        &mut self,
+        sink: &mut FileSink,
+        n: u64,
+        more: bool,
+        at: impl FnOnce() -> PartialFile,
+    ) -> std::io::Result<Option<PartialFile>> {
+        self.since += n;
+        let mut durable = None;
+        if let Some((rx, _)) = self.syncing.as_mut() {
+            match rx.try_recv() {
+                Err(TryRecvError::Empty) => {}
+                Ok(synced) => {
+                    synced?;
+                    durable = self.syncing.take().map(|(_, checkpoint)| checkpoint);
+                }
+                Err(TryRecvError::Closed) => return Err(std::io::Error::other("sync lost")),
+            }
+        }
+        if self.since >= self.every && more && self.syncing.is_none() {
+            self.since = 0;
+            let rx = sink.start_sync().await?;
+            self.syncing = Some((rx, at()));
+        }
+        Ok(durable)
     }
 }
 
