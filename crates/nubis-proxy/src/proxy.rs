@@ -726,8 +726,14 @@ impl TransferProxy {
                     Err(e) => {
                         warn!(error = %e, "transfer failed");
                         if let TokenPurpose::Receive { .. } = rec.purpose {
-                            // Nothing partial (nor half a VM) stays visible after a failure.
-                            if let Err(e) = this.discard(&rec, true).await {
+                            // Nothing partial (nor half a VM) stays visible after a failure: the
+                            // stored record names the files, learnt from the manifest after
+                            // the task started (a partial file kept for a retry included).
+                            let current = match this.inner.store.get(&token) {
+                                Ok(Some(r)) => r,
+                                _ => rec.clone(),
+                            };
+                            if let Err(e) = this.discard(&current, true).await {
                                 warn!(error = %e, "clean-up after failure failed");
                             }
                         }
