@@ -435,19 +435,23 @@ async fn a_migration_bandwidth_cap_paces_the_transfer() {
 }
 
 /// Transfer verification disagrees: a chunk of the disk is corrupted in the Source proxy's
-/// bucket while the (capped, so slow) transfer runs. Every fetch fails its end-to-end digest;
-/// the Controller repeats Initiate transfer a bounded number of times, has no other offer, and
+/// bucket before the destination reads it. Every fetch fails its end-to-end digest; the
+/// Controller repeats Initiate transfer a bounded number of times, has no other offer, and
 /// aborts: the VM runs again at its old host, exactly once, its disk unchanged, and nothing of
 /// it is left at the other host.
+///
+/// No race: the Controller (its site daemon, a process of its own) is stopped right after it
+/// journaled the prepared source and before it sends Initiate transfer, so no fetch has begun
+/// while the test replaces the chunk; it goes on once the corrupted chunk is in place.
 #[tokio::test]
 async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_aborted() {
     use async_nats::jetstream;
     let Some(binary) = require_nats_server() else {
         return;
     };
-    let stack = Stack::start(&binary, one_site_two_hosts()).await;
-    // 16 chunks of 1 MiB: more than a fetch asks for at a time (8), so the reader has not
-    // been sent the last chunk when the test replaces it.
+    let mut stack = Stack::start(&binary, one_site_two_hosts()).await;
+    // 16 chunks of 1 MiB: more than a fetch asks for at a time (8), so the corrupted last
+    // chunk is read after a second pull request.
     let image = image_bytes(16 << 20);
     std::fs::write(stack.image_store("a").join("tiny.qcow2"), &image).unwrap();
     let op_a = stack.operator("a").await;
@@ -468,83 +472,101 @@ async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_abort
         ("n2", "n1")
     };
 
+    let client = stack.fed.connect("a").await.unwrap();
+    let js = jetstream::new(client);
+    let mut stream = js.get_stream(nubis_proxy::naming::STREAM).await.unwrap();
+    // Objects stored from here on belong to this migration's transfer.
+    let before = stream.info().await.unwrap().state.last_sequence;
+
+    let mut controller = site_signalled_at(
+        &mut stack,
+        "a",
+        Signal::Stop,
+        "source journaled; starting the transfer",
+    )
+    .await;
     let r = ops(
         &op_a,
         "a",
         "migrate",
-        json!({"vm": "mismatch-1", "to_site": "a", "max_bytes_per_sec": 4 << 20}),
+        json!({"vm": "mismatch-1", "to_site": "a"}),
     )
     .await
     .unwrap();
     let migration = r["migration"].as_str().unwrap().to_string();
+    wait_stopped(&controller, "the Controller before Initiate transfer").await;
 
-    // The source proxy publishes at full speed; once the disk's chunks (the subject with the
-    // most messages) are all stored and described, flip one byte in the last one.
-    let client = stack.fed.connect("a").await.unwrap();
-    let js = jetstream::new(client);
-    let stream = js.get_stream(nubis_proxy::naming::STREAM).await.unwrap();
-    let disk_chunks = wait_until(LONG, "the source to publish the disk", || async {
-        let mut subjects = stream
-            .info_with_subjects("$O.nubis-xfer.>")
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut chunks, mut metas) = (Vec::new(), Vec::new());
-        while let Some(entry) = subjects.next().await {
-            let (subject, count) = entry.map_err(|e| e.to_string())?;
-            if subject.starts_with("$O.nubis-xfer.C.") {
-                chunks.push((count, subject));
-            } else if subject.starts_with("$O.nubis-xfer.M.") {
-                metas.push(subject);
+    // The source proxy publishes on its own; wait for the disk's info message (written after
+    // every chunk is acknowledged).
+    let (meta_subject, info) = wait_until(LONG, "the source to publish the disk", || {
+        let stream = stream.clone();
+        async move {
+            let mut subjects = stream
+                .info_with_subjects("$O.nubis-xfer.M.>")
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut seen = Vec::new();
+            while let Some(entry) = subjects.next().await {
+                let (subject, _) = entry.map_err(|e| e.to_string())?;
+                let last = stream
+                    .direct_get_last_for_subject(subject.as_str())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let info: Value =
+                    serde_json::from_slice(&last.payload).map_err(|e| e.to_string())?;
+                let name = info["name"].as_str().unwrap_or_default().to_string();
+                if last.sequence > before && name.ends_with("/disk-vda.qcow2") {
+                    return Ok((subject, last));
+                }
+                seen.push(name);
             }
-        }
-        chunks.sort();
-        match chunks.last() {
-            Some((count, subject)) if *count >= 16 && metas.len() >= chunks.len() => {
-                Ok((subject.clone(), metas))
-            }
-            _ => Err(format!("{chunks:?}, {metas:?}")),
+            Err(format!("info messages: {seen:?}"))
         }
     })
     .await
     .unwrap();
-    let (disk_chunks, metas) = disk_chunks;
-    // The reader, paced to the cap, is still at the first chunks (about 4 s for the disk, and
-    // at most 8 chunks sent ahead of it): replace the last one (it reads it after the others,
-    // by stream order).
+    let info_json: Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(info_json["chunks"], 16, "{info_json}");
+    let chunk_subject = format!("$O.nubis-xfer.C.{}", info_json["nuid"].as_str().unwrap());
+
+    // Replace the last chunk by a copy with one byte flipped (same index and offset headers),
+    // then write the info message again so it follows its chunks in the stream, as readers
+    // expect of a complete object.
     let last = stream
-        .direct_get_last_for_subject(disk_chunks.as_str())
+        .direct_get_last_for_subject(chunk_subject.as_str())
         .await
         .unwrap();
     stream.delete_message(last.sequence).await.unwrap();
     let mut payload = last.payload.to_vec();
     payload[100] ^= 0x40;
-    js.publish_with_headers(disk_chunks.clone(), last.headers.clone(), payload.into())
+    js.publish_with_headers(chunk_subject.clone(), last.headers.clone(), payload.into())
         .await
         .unwrap()
         .await
         .unwrap();
+    let mut headers = info.headers.clone();
+    headers.insert("Nats-Rollup", "sub");
+    js.publish_with_headers(meta_subject, headers, info.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let stored = stream
+        .direct_get_last_for_subject(chunk_subject.as_str())
+        .await
+        .unwrap();
+    assert_ne!(stored.payload, last.payload, "the chunk was not replaced");
 
-    // Its info message must come after its chunks again, or readers wait for a newer one.
-    let nuid = disk_chunks.trim_start_matches("$O.nubis-xfer.C.");
-    for meta in metas {
-        let info = stream
-            .direct_get_last_for_subject(meta.as_str())
-            .await
-            .unwrap();
-        let json: Value = serde_json::from_slice(&info.payload).unwrap();
-        if json["nuid"] == nuid {
-            let mut headers = info.headers.clone();
-            headers.insert("Nats-Rollup", "sub");
-            js.publish_with_headers(meta, headers, info.payload.clone())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-    }
-
+    send_signal(&controller, "CONT");
     let m = wait_migration(&op_a, "a", &migration).await;
     assert_eq!(m["phase"], "aborted", "{m}");
+    // The corrupted bytes were read and caught, on every round the Controller allows.
+    assert_eq!(m["failed_rounds"], 3, "{m}");
+    let why = m["last_failure"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("disk-vda.qcow2: digest does not match the source"),
+        "{m}"
+    );
     assert_eq!(
         next_hop(&op_a, "a", "mismatch-1").await.unwrap(),
         format!("host:{home}")
@@ -567,6 +589,67 @@ async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_abort
         !stack.vm_root("a", other).join("mismatch-1").exists(),
         "the other host kept a copy"
     );
+    controller.kill().unwrap();
+    controller.wait().unwrap();
+    stack.shutdown().await;
+}
+
+/// The same migration without the corruption, through the same held Controller: it commits
+/// on the first round, so the aborts above come from the corrupted chunk alone.
+#[tokio::test]
+async fn a_migration_held_before_initiate_transfer_commits_once_continued() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let mut stack = Stack::start(&binary, one_site_two_hosts()).await;
+    let image = image_bytes(16 << 20);
+    std::fs::write(stack.image_store("a").join("tiny.qcow2"), &image).unwrap();
+    let op_a = stack.operator("a").await;
+    let r = ops(
+        &op_a,
+        "a",
+        "deploy",
+        deploy_body("held-1", Some("tiny.qcow2")),
+    )
+    .await
+    .unwrap();
+    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    let home = next_hop(&op_a, "a", "held-1").await.unwrap();
+    let other = if home == "host:n1" { "n2" } else { "n1" };
+
+    let mut controller = site_signalled_at(
+        &mut stack,
+        "a",
+        Signal::Stop,
+        "source journaled; starting the transfer",
+    )
+    .await;
+    let r = ops(
+        &op_a,
+        "a",
+        "migrate",
+        json!({"vm": "held-1", "to_site": "a"}),
+    )
+    .await
+    .unwrap();
+    let migration = r["migration"].as_str().unwrap().to_string();
+    wait_stopped(&controller, "the Controller before Initiate transfer").await;
+    send_signal(&controller, "CONT");
+    let m = wait_migration(&op_a, "a", &migration).await;
+    assert_eq!(m["phase"], "committed", "{m}");
+    assert_eq!(m["failed_rounds"], 0, "{m}");
+    assert_eq!(
+        next_hop(&op_a, "a", "held-1").await.unwrap(),
+        format!("host:{other}")
+    );
+    let disk = stack
+        .vm_root("a", other)
+        .join("held-1")
+        .join("disk-vda.qcow2");
+    assert!(std::fs::read(disk).unwrap() == image, "the disk changed");
+    controller.kill().unwrap();
+    controller.wait().unwrap();
     stack.shutdown().await;
 }
 
@@ -932,20 +1015,77 @@ async fn a_controller_killed_mid_transfer_resumes_from_its_journal() {
 /// `nubis-test-site`). It replaces the site's in-process daemon; the site's Transfer proxy and
 /// host agents keep running, as they would on their own machines.
 async fn site_killed_at(stack: &mut Stack, site: &str, kill_at: &str) -> std::process::Child {
+    site_signalled_at(stack, site, Signal::Kill, kill_at).await
+}
+
+/// What the site daemon process does to itself at its hook (see `nubis-test-site`).
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    /// SIGKILL: a crash.
+    Kill,
+    /// SIGSTOP: held until the test sends SIGCONT.
+    Stop,
+}
+
+/// Replaces `site`'s daemon by a process that sends itself `signal` the first time it logs
+/// `message`.
+async fn site_signalled_at(
+    stack: &mut Stack,
+    site: &str,
+    signal: Signal,
+    message: &str,
+) -> std::process::Child {
     let mut plain = stack.site_daemon_as_process(site).await;
     plain.kill().unwrap();
     plain.wait().unwrap();
-    let log = std::fs::File::create(stack.root().join(format!("{site}-site-killed.log"))).unwrap();
+    let (var, label) = match signal {
+        Signal::Kill => ("NUBIS_TEST_KILL_AT", "killed"),
+        Signal::Stop => ("NUBIS_TEST_STOP_AT", "stopped"),
+    };
+    let log = std::fs::File::create(stack.root().join(format!("{site}-site-{label}.log"))).unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_nubis-test-site"))
         .arg("--config")
         .arg(stack.root().join(format!("{site}.toml")))
-        .env("NUBIS_TEST_KILL_AT", kill_at)
+        .env(var, message)
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
         .unwrap();
     stack.wait_ready(site).await;
     child
+}
+
+/// Waits until `child` is stopped (by a SIGSTOP it sent itself at its hook).
+async fn wait_stopped(child: &std::process::Child, what: &str) {
+    let stat = format!("/proc/{}/stat", child.id());
+    wait_until(LONG, format!("{what} stopped"), || {
+        let state = std::fs::read_to_string(&stat).map_err(|e| e.to_string());
+        async move {
+            // `pid (comm) S ...`: the state follows the last parenthesis.
+            let state = state?;
+            let s = state
+                .rsplit_once(") ")
+                .map(|(_, rest)| rest.chars().next())
+                .unwrap_or_default();
+            if s == Some('T') {
+                Ok(())
+            } else {
+                Err(format!("state {s:?}"))
+            }
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Sends `signal` (a name as `kill` takes it) to `child`.
+fn send_signal(child: &std::process::Child, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {}", child.id());
 }
 
 /// Waits until `child` died of SIGKILL (it reached its kill point).

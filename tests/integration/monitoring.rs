@@ -151,19 +151,23 @@ fn kpi_values(seen: &[Seen], dp: &str) -> Vec<f64> {
         .collect()
 }
 
-/// Waits until `site`'s accounting stream holds at least `batches` batches of `vm` (as its
-/// `usage` endpoint counts them).
-async fn wait_stored(stack: &Stack, site: &str, vm: &str, batches: u64) {
+/// How many batches of `vm` `site`'s accounting stream holds (as its `usage` endpoint counts
+/// them).
+async fn stored(stack: &Stack, site: &str, vm: &str) -> Result<u64, String> {
     let op = stack.operator(site).await;
+    let v = ops(&op, site, "usage", json!({"vm": vm})).await?;
+    Ok(v["batches"].as_u64().unwrap_or(0))
+}
+
+/// Waits until `site`'s accounting stream holds at least `batches` batches of `vm`.
+async fn wait_stored(stack: &Stack, site: &str, vm: &str, batches: u64) {
     wait_until(
         LONG,
         format!("{batches} batches of {vm} stored at {site}"),
         || async {
-            let v = ops(&op, site, "usage", json!({"vm": vm})).await?;
-            if v["batches"].as_u64().unwrap_or(0) >= batches {
-                Ok(())
-            } else {
-                Err(v.to_string())
+            match stored(stack, site, vm).await? {
+                n if n >= batches => Ok(()),
+                n => Err(format!("{n} batches")),
             }
         },
     )
@@ -486,14 +490,22 @@ async fn specifiers_deliver_exactly_what_they_promise() {
     }
     assert!(checked >= 8, "only {checked} processed values checked");
 
-    // Runtime change: only values above 1000 are delivered from now on.
+    // Runtime change: only values above 1000 are delivered from now on, and a probe data
+    // point that only the new descriptor asks for.
+    let probe = "kpi.probe.n";
+    let mut probes = op
+        .subscribe(format!("nubis.mon.a.vm-s.{probe}"))
+        .await
+        .unwrap();
+    op.flush().await.unwrap();
     let control = ops(
         &op,
         "a",
         "control",
         json!({"vm": "vm-s", "change": {"kind": "set_monitoring", "monitoring": [
             {"data_point": dp, "monitoring_interval_ms": 0, "delivery_interval_ms": 0,
-             "format": {"kind": "raw"}, "predicate": {"op": "gt", "threshold": 1000.0}}]}}),
+             "format": {"kind": "raw"}, "predicate": {"op": "gt", "threshold": 1000.0}},
+            raw(probe, 0, 0)]}}),
     )
     .await
     .unwrap();
@@ -501,14 +513,38 @@ async fn specifiers_deliver_exactly_what_they_promise() {
         control["descriptor_version"].as_u64().unwrap() > 1,
         "{control}"
     );
-    // Let the producer pick the change up, then drain what was in flight.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The producer applies the change at one of its next ticks: once a probe report comes
+    // through, the new descriptor is in effect. Then drain what the old one had in flight.
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        write_kpi(&mount, "probe", "n\n1\n");
+        match tokio::time::timeout(Duration::from_millis(500), probes.next()).await {
+            Ok(Some(_)) => break,
+            Ok(None) => panic!("the probe subscription ended"),
+            Err(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the new descriptor never took effect"
+            ),
+        }
+    }
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), public.next()).await {}
     for v in [5, 600, 999] {
         write_kpi(&mount, "web", &format!("current_users\n{v}\n"));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let quiet = tokio::time::timeout(Duration::from_millis(1500), public.next()).await;
+    // Nothing of `dp` for a while (a late probe report may still come through).
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), async {
+        loop {
+            let Some(m) = public.next().await else {
+                return None;
+            };
+            let seen = decode(&stack, &m.subject, &m.payload);
+            if !kpi_values(std::slice::from_ref(&seen), dp).is_empty() {
+                return Some(seen);
+            }
+        }
+    })
+    .await;
     assert!(
         quiet.is_err(),
         "a false predicate delivered something: {quiet:?}"
@@ -713,11 +749,18 @@ async fn accounting_keeps_every_batch_across_server_restarts() {
         deploy_body("vm-acct", json!([raw("cpu.utilisation", 100, 0)])),
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Batches flow before each restart and go on after it.
+    wait_stored(&stack, "c", "vm-acct", 5).await;
     stack.fed.restart("hub").await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n = stored(&stack, "c", "vm-acct").await.unwrap_or(0);
+    wait_stored(&stack, "c", "vm-acct", n + 5).await;
     stack.fed.restart("c").await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = wait_until(LONG, "c's site daemon answers again", || {
+        stored(&stack, "c", "vm-acct")
+    })
+    .await
+    .unwrap();
+    wait_stored(&stack, "c", "vm-acct", n + 5).await;
     let ids = wait_until(LONG, "accounting at c after the restarts", || async {
         let ids = accounting_ids(&stack, "c", "vm-acct").await;
         if ids.len() > 30 {

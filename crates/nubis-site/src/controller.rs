@@ -133,6 +133,8 @@ impl<L: LocalSite> Roles<L> {
                 started_ms: now,
                 updated_ms: now,
                 max_bytes_per_sec,
+                failed_rounds: 0,
+                last_failure: None,
             })
             .map_err(internal)?;
         let mut record = record;
@@ -786,10 +788,12 @@ impl<L: LocalSite> Roles<L> {
                 | (_, Ok(TransferStatus::Failed { reason })) => {
                     failures += 1;
                     tracing::info!(migration.id = %id, failures, reason = %reason, "transfer failed");
+                    self.record_failed_round(id, reason)?;
                 }
                 (Err(e), _) | (_, Err(e)) => {
                     failures += 1;
                     tracing::info!(migration.id = %id, failures, error = %e.message, "transfer round failed");
+                    self.record_failed_round(id, &e.message)?;
                 }
                 (Ok(d), Ok(_)) => {
                     if let TransferStatus::Transferring {
@@ -825,6 +829,15 @@ impl<L: LocalSite> Roles<L> {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
+    }
+
+    /// Journals a failed transfer round, so the operator sees how often and why.
+    fn record_failed_round(&self, id: MigrationId, why: &str) -> Result<(), ErrorReply> {
+        self.update_migration(id, |m| {
+            m.failed_rounds = m.failed_rounds.saturating_add(1);
+            m.last_failure = Some(why.to_string());
+        })?;
+        Ok(())
     }
 
     async fn initiate_via(

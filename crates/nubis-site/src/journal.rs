@@ -170,6 +170,13 @@ pub struct MigrationRecord {
     /// The operator's bandwidth cap for the file transfer, in bytes per second.
     #[serde(default)]
     pub max_bytes_per_sec: Option<u64>,
+    /// Transfer rounds (Initiate transfer and Transfer verification) that failed, over every
+    /// offer tried.
+    #[serde(default)]
+    pub failed_rounds: u32,
+    /// Why the last failed round failed.
+    #[serde(default)]
+    pub last_failure: Option<String>,
 }
 
 /// The journal.

@@ -96,6 +96,10 @@ pub struct MigrationView {
     pub queue_position: usize,
     /// Seconds since it started.
     pub elapsed_s: f64,
+    /// Transfer rounds that failed (a digest mismatch, a lost source, ...), over every offer.
+    pub failed_rounds: u32,
+    /// Why the last failed round failed.
+    pub last_failure: Option<String>,
 }
 
 /// A VM as the operator sees it. Where it runs is shown only as this site's next hop.
@@ -337,6 +341,8 @@ impl<L: LocalSite> Roles<L> {
             offers: m.offers.len(),
             queue_position,
             elapsed_s: (m.updated_ms.saturating_sub(m.started_ms)) as f64 / 1000.0,
+            failed_rounds: m.failed_rounds,
+            last_failure: m.last_failure.clone(),
         }
     }
 

@@ -1,19 +1,31 @@
 //! `nubis-test-site --config site.toml`: the site daemon as a process of its own, so that the
-//! end-to-end tests can kill it with SIGKILL mid-operation and start it again.
+//! end-to-end tests can kill it with SIGKILL mid-operation and start it again, or hold it
+//! between two steps while they set up a fault.
 //!
 //! With `NUBIS_TEST_KILL_AT=<message>` in its environment the process kills itself with SIGKILL
 //! the first time the site logs an event with exactly that message (at any level), from the
 //! thread that logs it — so a crash lands precisely between two steps of the migration protocol
 //! without any hook in the daemon's own code.
+//!
+//! With `NUBIS_TEST_STOP_AT=<message>` it stops itself with SIGSTOP the first time that message
+//! is logged, from the thread that logs it, and carries on from there once it is sent SIGCONT:
+//! the step after the message has not started while the process is stopped.
 // A test harness: a failed setup step should stop it loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::Layer as _;
 
-/// Kills the process when an event with the configured message is logged.
-struct KillAt(String);
+/// Sends this process `signal` when an event with the configured message is logged.
+struct SignalAt {
+    message: String,
+    signal: &'static str,
+    /// SIGKILL ends everything; SIGSTOP is sent once, the process goes on after SIGCONT.
+    fired: AtomicBool,
+}
 
 /// Picks the `message` field out of an event.
 struct Message(Option<String>);
@@ -32,22 +44,33 @@ impl tracing::field::Visit for Message {
     }
 }
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for KillAt {
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SignalAt {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
         let mut message = Message(None);
         event.record(&mut message);
-        if message.0.as_deref() == Some(self.0.as_str()) {
-            eprintln!("NUBIS_TEST_KILL_AT reached: {}", self.0);
-            // SIGKILL, not an orderly exit: nothing is flushed, no task gets to run further.
-            let _ = std::process::Command::new("kill")
-                .arg("-KILL")
-                .arg(std::process::id().to_string())
-                .status();
+        if message.0.as_deref() != Some(self.message.as_str())
+            || self.fired.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        eprintln!(
+            "NUBIS_TEST_{}_AT reached: {}",
+            &self.signal[3..],
+            self.message
+        );
+        // Not an orderly exit or pause: nothing is flushed, and the thread that logged the
+        // step waits here (in `kill`) until the signal has taken effect.
+        let _ = std::process::Command::new("kill")
+            .arg(format!("-{}", &self.signal[3..]))
+            .arg(std::process::id().to_string())
+            .status();
+        if self.signal == "SIGKILL" {
             // `kill` returns only after the signal is queued; never go on past this point.
             loop {
                 std::thread::park();
             }
         }
+        eprintln!("continued after {}", self.message);
     }
 }
 
@@ -59,16 +82,23 @@ async fn main() {
         .position(|a| a == "--config")
         .and_then(|i| args.get(i + 1))
         .expect("usage: nubis-test-site --config site.toml");
-    let kill_at = std::env::var("NUBIS_TEST_KILL_AT").ok().map(KillAt);
+    let at = |var: &str, signal: &'static str| {
+        std::env::var(var).ok().map(|message| SignalAt {
+            message,
+            signal,
+            fired: AtomicBool::new(false),
+        })
+    };
+    let hook_filter =
+        || tracing_subscriber::EnvFilter::new("info,nubis_site=debug,async_nats=warn");
     let _ = tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
                 .with_filter(tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
         )
-        .with(kill_at.with_filter(tracing_subscriber::EnvFilter::new(
-            "info,nubis_site=debug,async_nats=warn",
-        )))
+        .with(at("NUBIS_TEST_KILL_AT", "SIGKILL").with_filter(hook_filter()))
+        .with(at("NUBIS_TEST_STOP_AT", "SIGSTOP").with_filter(hook_filter()))
         .try_init();
     let config = nubis_site::config::SiteConfig::load(std::path::Path::new(path)).unwrap();
     let token = tokio_util::sync::CancellationToken::new();
