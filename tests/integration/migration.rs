@@ -954,24 +954,13 @@ async fn a_controller_killed_mid_transfer_resumes_from_its_journal() {
     assert_eq!(m["phase"], "committed", "{m}");
     assert_eq!(next_hop(&op_a, "a", "db-9").await.unwrap(), "site:b");
 
-    let mut site_a = stack.site_daemon_as_process("a").await;
-    stack.wait_ready("a").await;
+    // SIGKILL at the first answer of Initiate transfer that reports the fetch under way.
+    let mut site_a = site_killed_at(&mut stack, "a", "transfer in progress").await;
     let r = ops(&op_a, "a", "migrate", json!({"vm": "db-9", "to_site": "c"}))
         .await
         .unwrap();
     let id = r["migration"].as_str().unwrap().to_string();
-    wait_until(LONG, "the transfer under way", || async {
-        let v = ops(&op_a, "a", "vms", json!({"migration": id})).await?;
-        if v["phase"] == "transferring" {
-            Ok(())
-        } else {
-            Err(v.to_string())
-        }
-    })
-    .await
-    .unwrap();
-    site_a.kill().unwrap(); // SIGKILL
-    site_a.wait().unwrap();
+    wait_killed(&mut site_a, "the Controller mid-transfer").await;
 
     let mut site_a = stack.spawn_site_process("a");
     let m = wait_migration(&op_a, "a", &id).await;

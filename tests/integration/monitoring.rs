@@ -535,9 +535,7 @@ async fn specifiers_deliver_exactly_what_they_promise() {
     // Nothing of `dp` for a while (a late probe report may still come through).
     let quiet = tokio::time::timeout(Duration::from_millis(1500), async {
         loop {
-            let Some(m) = public.next().await else {
-                return None;
-            };
+            let m = public.next().await?;
             let seen = decode(&stack, &m.subject, &m.payload);
             if !kpi_values(std::slice::from_ref(&seen), dp).is_empty() {
                 return Some(seen);

@@ -116,7 +116,10 @@ pub async fn follow(
             shown = done;
             bar.set_position(shown);
         }
-        bar.set_message(phase.clone());
+        match v["failed_rounds"].as_u64().unwrap_or(0) {
+            0 => bar.set_message(phase.clone()),
+            n => bar.set_message(format!("{phase}, {n} failed transfer round(s)")),
+        }
         match phase.as_str() {
             "committed" => {
                 bar.set_position(bar.length().unwrap_or(shown).max(shown));
@@ -127,10 +130,13 @@ pub async fn follow(
                 bar.abandon_with_message("aborted");
                 return Err(OpsFailure::Refused {
                     code: "aborted".into(),
-                    message: v["reason"]
-                        .as_str()
-                        .unwrap_or("migration aborted")
-                        .to_string(),
+                    message: match (v["reason"].as_str(), v["last_failure"].as_str()) {
+                        (Some(reason), Some(last)) => {
+                            format!("{reason} (last transfer failure: {last})")
+                        }
+                        (Some(reason), None) => reason.to_string(),
+                        (None, _) => "migration aborted".to_string(),
+                    },
                 });
             }
             _ => tokio::time::sleep(Duration::from_millis(250)).await,

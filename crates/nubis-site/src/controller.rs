@@ -802,6 +802,7 @@ impl<L: LocalSite> Roles<L> {
                     } = d
                     {
                         let (done, total) = (*bytes_done, *bytes_total);
+                        tracing::debug!(migration.id = %id, bytes_done = done, bytes_total = total, "transfer in progress");
                         if done > last_progress.0 {
                             last_progress = (done, std::time::Instant::now());
                         }
