@@ -32,7 +32,8 @@ step() {
 
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
-step tests cargo test --workspace --all-targets
+# --no-fail-fast: a failing crate does not hide the results of the others.
+step tests cargo test --workspace --all-targets --no-fail-fast
 step doctests cargo test --workspace --doc
 step readme ./scripts/readme-check.sh
 

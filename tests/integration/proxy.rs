@@ -1011,3 +1011,108 @@ async fn a_bandwidth_cap_paces_the_fetch_and_its_progress() {
     pa.shutdown().await;
     pb.shutdown().await;
 }
+
+/// A reply to a proxy request counts only when the site of the proxy asked signed it: a
+/// well-formed reply signed by another pinned site is refused, the same reply signed by the
+/// proxy's own site is taken. And a request a proxy cannot verify is refused over the subject
+/// it arrived on, never over one its unverified sender wrote into the envelope.
+#[tokio::test]
+async fn replies_count_only_from_the_proxys_site_and_refusals_name_the_subject_asked() {
+    use nubis_protocol::envelope::{self, Addressing, EnvelopeError};
+    use nubis_protocol::message::{Body, ErrorReply, TransferStatusReply};
+    use nubis_protocol::subject::{ProxyOp, Subject};
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
+    let keys = Keys::new(&["a", "b"]);
+
+    // Something answers on the subjects of proxy a/p9: first as b, then as a.
+    let p9 = uri("a", "p9");
+    let responder = fed.connect("a").await.unwrap();
+    let mut requests = responder
+        .subscribe(Subject::proxy(&p9, ProxyOp::Status).to_string())
+        .await
+        .unwrap();
+    responder.flush().await.unwrap();
+    let signers = [keys.id("b"), keys.id("a")];
+    let answering = tokio::spawn(async move {
+        for signer in signers {
+            let msg = requests.next().await.unwrap();
+            let req = SignedEnvelope::decode(&msg.payload).unwrap();
+            let reply = TransferStatusReply {
+                migration_id: nubis_protocol::codec::from_slice::<
+                    nubis_protocol::message::TransferStatusQuery,
+                >(&req.body)
+                .unwrap()
+                .migration_id,
+                status: TransferStatus::Pending,
+            };
+            let addressing = Addressing {
+                to: &req.from,
+                subject: &req.subject,
+                re: Some(req.nonce),
+            };
+            let (bytes, _) = envelope::seal_message(&signer, addressing, &reply).unwrap();
+            responder
+                .publish(msg.reply.unwrap(), bytes.into())
+                .await
+                .unwrap();
+            responder.flush().await.unwrap();
+        }
+    });
+    let ca = keys.client("a", fed.connect("a").await.unwrap());
+    let mig = MigrationId::random();
+    let forged = ca.status(&p9, mig, TransferToken::random()).await;
+    assert!(
+        matches!(
+            &forged,
+            Err(nubis_proxy::ClientError::Envelope(EnvelopeError::UnknownSender(who))) if who == "b"
+        ),
+        "{forged:?}"
+    );
+    let genuine = ca.status(&p9, mig, TransferToken::random()).await;
+    assert_eq!(genuine.unwrap(), TransferStatus::Pending);
+    answering.await.unwrap();
+
+    // A real proxy refuses a request signed by an unknown key that claims another subject.
+    let tmp = tempfile::tempdir().unwrap();
+    let pa = start_proxy(&fed, &keys, "a", "p1", &tmp.path().join("sa"), settings()).await;
+    let asked = Subject::proxy(pa.uri(), ProxyOp::Status).to_string();
+    let stranger = SiteIdentity::generate(site("x"));
+    let claimed = "nubis.fed.b.migration.request";
+    let (bytes, _) = envelope::seal_message(
+        &stranger,
+        Addressing::request(&site("b"), claimed),
+        &nubis_protocol::message::TransferStatusQuery {
+            migration_id: mig,
+            token: TransferToken::random(),
+        },
+    )
+    .unwrap();
+    let client = fed.connect("a").await.unwrap();
+    let answer = client.request(asked.clone(), bytes.into()).await.unwrap();
+    let refusal = SignedEnvelope::decode(&answer.payload).unwrap();
+    assert_eq!(refusal.body_type, <ErrorReply as Body>::TYPE, "{refusal:?}");
+    assert_eq!(
+        refusal.subject, asked,
+        "signed over the subject the request claimed"
+    );
+    assert_eq!(refusal.from, "a");
+    // The legitimate counterpart: a verified request is answered over the same subject.
+    let (bytes, _) = envelope::seal_message(
+        &keys.id("a"),
+        Addressing::request(&site("a"), &asked),
+        &nubis_protocol::message::TransferStatusQuery {
+            migration_id: mig,
+            token: TransferToken::random(),
+        },
+    )
+    .unwrap();
+    let answer = client.request(asked.clone(), bytes.into()).await.unwrap();
+    let refusal = SignedEnvelope::decode(&answer.payload).unwrap();
+    assert_eq!(refusal.subject, asked);
+    let e: ErrorReply = nubis_protocol::codec::from_slice(&refusal.body).unwrap();
+    assert_eq!(e.code, ErrorCode::UnknownToken, "{e:?}");
+    pa.shutdown().await;
+}

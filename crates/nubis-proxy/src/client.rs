@@ -100,6 +100,13 @@ impl ProxyClient {
             &nonce,
             envelope::now_ms(),
         )?;
+        // Another pinned site may sign a well-formed reply too: only the site of the proxy
+        // asked speaks for its tokens.
+        if &opened.from != uri.site() {
+            return Err(ClientError::Envelope(EnvelopeError::UnknownSender(
+                opened.from.to_string(),
+            )));
+        }
         if opened.body_type() == ErrorReply::TYPE {
             let e: ErrorReply = opened.body()?;
             return Err(ClientError::Refused {

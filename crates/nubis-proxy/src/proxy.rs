@@ -1511,7 +1511,8 @@ impl TransferProxy {
             Ok(o) => o,
             Err(e) => {
                 debug!(error = %e, "request refused");
-                self.reply_unverified(&msg.payload, reply_to, &e).await;
+                self.reply_unverified(&msg.payload, subject, reply_to, &e)
+                    .await;
                 return;
             }
         };
@@ -1586,14 +1587,22 @@ impl TransferProxy {
         }
     }
 
-    async fn reply_unverified(&self, raw: &[u8], reply_to: async_nats::Subject, e: &EnvelopeError) {
-        // Answer only what can be addressed: the sender learns why, nobody else.
+    async fn reply_unverified(
+        &self,
+        raw: &[u8],
+        arrived_on: &str,
+        reply_to: async_nats::Subject,
+        e: &EnvelopeError,
+    ) {
+        // Answer only what can be addressed: the sender learns why, nobody else. The refusal
+        // is signed over the subject the request arrived on, never over one the unverified
+        // sender wrote into its envelope: this proxy signs no statement about another subject.
         let Ok(env) = envelope::SignedEnvelope::decode(raw) else {
             return;
         };
         let addressing = Addressing {
             to: &env.from,
-            subject: &env.subject,
+            subject: arrived_on,
             re: Some(env.nonce),
         };
         let body = ErrorReply::new(ErrorCode::from_wire(e.code()), e.to_string());
