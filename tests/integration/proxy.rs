@@ -708,7 +708,11 @@ async fn interrupted_transfer(kill: &str) {
         proxy: pa.uri().clone(),
         token: s.token,
     };
-    // Capped, so the interruption lands mid-transfer: about four seconds for the file.
+    // Capped, so the interruption lands mid-transfer: about four seconds for the file. This
+    // holds whatever the machine's load: the proxies run on this test's single-threaded
+    // runtime, and once the check below sees a third of the file, the test goes on to the
+    // interruption at its next poll, while the paced reader needs at least another 2.6 s of
+    // wall time (its bucket never holds more than one chunk of credit) to finish.
     let fetch = FetchTransfer {
         max_bytes_per_sec: Some(24 << 20),
         ..fetch_req(mig, source.clone(), d.token)

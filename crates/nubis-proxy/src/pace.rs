@@ -5,8 +5,9 @@
 //! bytes let through are at most `burst + rate × interval`. A chunk larger than the credit
 //! left waits until the credit it lacks has accrued; the credit may run below zero by at most
 //! one chunk, which the next chunk then waits for. Pacing the reading end is enough to pace the
-//! transfer across sites: the source's push consumer waits for the reader's flow-control
-//! answers, so it never runs further ahead than its flow-control window.
+//! transfer across sites: the reader's pull consumer asks the source's bucket for at most
+//! `transfer.fetch_window` chunks at a time, so what crosses the sites never runs further
+//! ahead of the paced reader than that window.
 
 use std::time::Duration;
 

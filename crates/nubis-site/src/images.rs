@@ -7,14 +7,13 @@
 //! deletes the upload. Image names are plain file names; nothing else of the site's file system
 //! can be named.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use async_nats::jetstream;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The object-store bucket, in the site's own JetStream domain, that uploads pass through.
 pub const UPLOAD_BUCKET: &str = "nubis-image-uploads";
@@ -158,25 +157,56 @@ pub async fn import(
     })?;
     let expected = object.info().digest.clone();
     let partial = store.join(format!(".{name}.import"));
-    let mut file = std::fs::File::create(&partial).map_err(io(&partial))?;
+    // Async file I/O: a whole disk image must not hold up one of the daemon's workers.
+    let digest = match copy_verified(&mut object, &partial, name, expected).await {
+        Ok(digest) => digest,
+        Err(e) => {
+            if let Err(rm) = tokio::fs::remove_file(&partial).await {
+                if rm.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(image = name, error = %rm, "cannot remove the partial import");
+                }
+            }
+            return Err(e);
+        }
+    };
+    tokio::fs::rename(&partial, &target)
+        .await
+        .map_err(io(&target))?;
+    if let Err(e) = bucket.delete(name).await {
+        tracing::warn!(image = name, error = %e, "imported, but the upload could not be deleted");
+    }
+    let mut info = info_of(&target, name)?;
+    info.sha256 = Some(hex::encode(digest));
+    tracing::info!(image = name, bytes = info.bytes, "image imported");
+    Ok(info)
+}
+
+/// Copies `object` into a new file at `partial`, durably, and checks it against the digest the
+/// object store recorded; returns its SHA-256.
+async fn copy_verified(
+    object: &mut jetstream::object_store::Object,
+    partial: &Path,
+    name: &str,
+    expected: Option<String>,
+) -> Result<sha2::digest::Output<Sha256>, ImageError> {
+    let mut file = tokio::fs::File::create(partial)
+        .await
+        .map_err(io(partial))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = match object.read(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = std::fs::remove_file(&partial);
-                return Err(ImageError::Bucket(format!("reading {name}: {e}")));
-            }
-        };
+        let n = object
+            .read(&mut buf)
+            .await
+            .map_err(|e| ImageError::Bucket(format!("reading {name}: {e}")))?;
         if n == 0 {
             break;
         }
         let chunk = buf.get(..n).unwrap_or_default();
         hasher.update(chunk);
-        file.write_all(chunk).map_err(io(&partial))?;
+        file.write_all(chunk).await.map_err(io(partial))?;
     }
-    file.sync_all().map_err(io(&partial))?;
+    file.sync_all().await.map_err(io(partial))?;
     drop(file);
     let digest = hasher.finalize();
     if let Some(expected) = expected {
@@ -185,7 +215,6 @@ pub async fn import(
             base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE, digest)
         );
         if expected != actual {
-            let _ = std::fs::remove_file(&partial);
             return Err(ImageError::Digest {
                 name: name.to_string(),
                 expected,
@@ -193,14 +222,7 @@ pub async fn import(
             });
         }
     }
-    std::fs::rename(&partial, &target).map_err(io(&target))?;
-    if let Err(e) = bucket.delete(name).await {
-        tracing::warn!(image = name, error = %e, "imported, but the upload could not be deleted");
-    }
-    let mut info = info_of(&target, name)?;
-    info.sha256 = Some(hex::encode(digest));
-    tracing::info!(image = name, bytes = info.bytes, "image imported");
-    Ok(info)
+    Ok(digest)
 }
 
 #[cfg(test)]
