@@ -16,7 +16,7 @@ use nubis_kpifs::{KpiFs, KpiOptions, KpiRowKind, KpiStore, KpiValue, EXPORT_CHIL
 use nubis_protocol::codec;
 use nubis_protocol::envelope::SignedEnvelope;
 use nubis_protocol::message::{BatchPayload, MonitoringBatch, Value};
-use nubis_testkit::{require_nats_server, wait_until};
+use nubis_testkit::{eventually, require_nats_server};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -207,15 +207,6 @@ async fn stop(daemons: Vec<Daemon>) {
     }
 }
 
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    wait_until(LONG, what, || {
-        let r = f().ok_or_else(|| "not yet".to_string());
-        async move { r }
-    })
-    .await
-    .unwrap()
-}
-
 /// Reads batches from `sub` until one carries the KPI value `want`; returns every value seen.
 async fn wait_on_bus(sub: &mut async_nats::Subscriber, want: i64) -> Vec<i64> {
     let mut seen = Vec::new();
@@ -283,11 +274,11 @@ async fn a_real_guest_reports_a_kpi_through_its_share_and_still_migrates() {
     // Written in the guest, committed in A's database for the VM, published by the site.
     let log_a = SerialLog::new(vm_dir(&stack, "a", "a1", &vm).join("console.log"));
     let db_a = stack.kpi_root("a", "a1").join(format!("{vm}.sqlite"));
-    let k = eventually("the guest to write a KPI report at A", || {
+    let k = eventually(LONG, "the guest to write a KPI report at A", || {
         log_a.kpi_reports().first().copied()
     })
     .await;
-    eventually("the report to be a row at A", || {
+    eventually(LONG, "the report to be a row at A", || {
         kpi_values(&db_a).contains(&k).then_some(())
     })
     .await;
@@ -314,18 +305,18 @@ async fn a_real_guest_reports_a_kpi_through_its_share_and_still_migrates() {
     // At B the guest was restored, not booted, and reports on through B's share.
     let log_b = SerialLog::new(vm_dir(&stack, "b", "b1", &vm).join("console.log"));
     let db_b = stack.kpi_root("b", "b1").join(format!("{vm}.sqlite"));
-    let k2 = eventually("the guest to report again at B", || {
+    let k2 = eventually(LONG, "the guest to report again at B", || {
         log_b.kpi_reports().into_iter().find(|v| *v > before)
     })
     .await;
-    eventually("the report to be a row at B", || {
+    eventually(LONG, "the report to be a row at B", || {
         kpi_values(&db_b).contains(&k2).then_some(())
     })
     .await;
     wait_on_bus(&mut public, k2).await;
     assert_eq!(log_b.count(READY_MARKER), 0, "the guest booted again at B");
     let kpi_a = stack.kpi_root("a", "a1");
-    eventually("A to drop the VM's KPI filesystem and export", || {
+    eventually(LONG, "A to drop the VM's KPI filesystem and export", || {
         (!kpi_a.join(&vm).exists() && !kpi_a.join(format!("{vm}.share")).exists()).then_some(())
     })
     .await;

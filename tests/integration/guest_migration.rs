@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nubis_host::test_guest::{SerialLog, DISK_BYTES, READY_MARKER};
 use nubis_host::{Hypervisor as _, LibvirtHypervisor};
-use nubis_testkit::{require_nats_server, wait_until};
+use nubis_testkit::{eventually, require_nats_server};
 use serde_json::{json, Value};
 use sha2::Digest as _;
 
@@ -28,15 +28,6 @@ async fn control(client: &async_nats::Client, site: &str, vm: &str, change: Valu
     ops(client, site, "control", json!({"vm": vm, "change": change}))
         .await
         .unwrap()
-}
-
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    wait_until(LONG, what, || {
-        let r = f().ok_or_else(|| "not yet".to_string());
-        async move { r }
-    })
-    .await
-    .unwrap()
 }
 
 fn sha256(path: &Path) -> String {
@@ -90,7 +81,7 @@ async fn a_real_guest_moves_between_sites_through_the_proxies_and_keeps_running(
     let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
     assert_eq!(m["phase"], "committed", "{m}");
     let log_a = SerialLog::new(vm_dir(&stack, "a", "a1", &vm).join("console.log"));
-    eventually("the guest to boot and count at A", || {
+    eventually(LONG, "the guest to boot and count at A", || {
         (log_a.count(READY_MARKER) == 1 && log_a.last_counter().is_some()).then_some(())
     })
     .await;
@@ -147,7 +138,7 @@ async fn a_real_guest_moves_between_sites_through_the_proxies_and_keeps_running(
     .await;
     assert_eq!(resumed["state"], "enabled", "{resumed}");
     let log_b = SerialLog::new(vm_dir(&stack, "b", "b1", &vm).join("console.log"));
-    let (n, up) = eventually("the counter to continue at B", || {
+    let (n, up) = eventually(LONG, "the counter to continue at B", || {
         log_b.last_counter().filter(|(n, _)| *n > paused_n)
     })
     .await;
@@ -161,7 +152,7 @@ async fn a_real_guest_moves_between_sites_through_the_proxies_and_keeps_running(
     assert_eq!(log_b.count(READY_MARKER), 0, "the guest booted again at B");
 
     // Running, back to A: saved while counting, restored at A, counting on.
-    let before = eventually("a count at B", || log_b.last_counter()).await;
+    let before = eventually(LONG, "a count at B", || log_b.last_counter()).await;
     let r = ops(&op_b, "b", "vms", json!({"vm": vm})).await.unwrap();
     assert_eq!(r["vms"][0]["upstream"], "a", "{r}");
     let r = ops(&op_a, "a", "migrate", json!({"vm": vm, "to_site": "a"}))
@@ -175,7 +166,7 @@ async fn a_real_guest_moves_between_sites_through_the_proxies_and_keeps_running(
     );
     assert_eq!(domains_of(&libvirt, &vm), vec![vm.clone()]);
     let log_a = SerialLog::new(vm_dir(&stack, "a", "a1", &vm).join("console.log"));
-    let (n2, up2) = eventually("the counter to continue at A", || {
+    let (n2, up2) = eventually(LONG, "the counter to continue at A", || {
         log_a.last_counter().filter(|(n, _)| *n > before.0)
     })
     .await;

@@ -23,7 +23,10 @@ use nubis_protocol::message::{
 };
 use nubis_protocol::{SiteId, VmId};
 use nubis_testkit::federation::Role;
-use nubis_testkit::{require_nats_server, wait_until, Federation, DEFAULT_TIMEOUT};
+use nubis_testkit::{eventually, require_nats_server, wait_until, Federation, DEFAULT_TIMEOUT};
+
+/// How long a real guest may take to boot or count again; a guard against hanging only.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -567,16 +570,6 @@ async fn host_agent_stops_answering_when_stopped() {
     }
 }
 
-/// Polls `f` until it returns `Some`; the deadline guards against hanging only.
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    wait_until(Duration::from_secs(180), what, || {
-        let v = f();
-        async move { v.ok_or("not yet") }
-    })
-    .await
-    .unwrap()
-}
-
 /// A real TCG guest moves between two host agents of one site on `qemu:///system`: saved on
 /// h1, its disk, kernel, initrd and memory state copied into h2's slots (as the transfer
 /// proxies would), released on h1 and activated on h2, where it continues counting without
@@ -647,7 +640,7 @@ async fn host_agent_moves_a_real_guest_between_hosts() {
     std::fs::copy(&guest.initrd, slot("initrd")).unwrap();
     assert_eq!(h1.activate(&d).await.unwrap().state, DmtfState::Enabled);
     let log1 = SerialLog::new(dir1.path().join("vms").join(vm).join("console.log"));
-    eventually("the guest to boot and count on h1", || {
+    eventually(GUEST_TIMEOUT, "the guest to boot and count on h1", || {
         (log1.count(READY_MARKER) == 1 && log1.last_counter().is_some()).then_some(())
     })
     .await;
@@ -666,7 +659,7 @@ async fn host_agent_moves_a_real_guest_between_hosts() {
     assert_eq!(h2.activate(&d).await.unwrap().state, DmtfState::Enabled);
 
     let log2 = SerialLog::new(dir2.path().join("vms").join(vm).join("console.log"));
-    let (n, up) = eventually("the counter to continue on h2", || {
+    let (n, up) = eventually(GUEST_TIMEOUT, "the counter to continue on h2", || {
         log2.last_counter().filter(|(n, _)| *n > saved_n)
     })
     .await;

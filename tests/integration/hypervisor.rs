@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nubis_host::hypervisor::HostInfo;
 use nubis_host::sampling::rates;
@@ -20,23 +20,10 @@ use nubis_host::{
     DmtfState, DomainSpec, Hypervisor, HypervisorError, LibvirtConfig, LibvirtHypervisor, Sampler,
     ShutdownOutcome,
 };
+use nubis_testkit::eventually_blocking;
 
 /// Generous bound for anything to happen; a guard against hanging, not a speed requirement.
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// Polls `f` until it returns `Some`, or fails the test after [`DEADLINE`].
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    let mut pause = Duration::from_millis(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(500));
-    }
-}
 
 /// Skips (returns `None`) with a printed reason, or fails under `CI=true`.
 fn prerequisite<T>(what: Result<T, String>) -> Option<T> {
@@ -289,7 +276,7 @@ fn test_driver_statistics_become_rates() {
     let mut sampler = Sampler::new();
     assert!(sampler.observe(first.clone()).unwrap().is_none());
     // The test driver's counters follow the clock; wait until they have moved.
-    let second = wait_for("counters to advance", || {
+    let second = eventually_blocking(DEADLINE, "counters to advance", || {
         let s = hv.stats(name).unwrap();
         (s.taken_at > first.taken_at && s.cpu_time_ns > first.cpu_time_ns).then_some(s)
     });
@@ -347,7 +334,7 @@ fn boot(q: &Qemu, name: &str, dir: &Path) -> (DomainSpec, SerialLog) {
     let log = SerialLog::new(spec.serial_log.clone().unwrap());
     q.hv.define(&spec).unwrap();
     q.hv.start(name).unwrap();
-    wait_for("the guest to boot and count", || {
+    eventually_blocking(DEADLINE, "the guest to boot and count", || {
         (log.count(READY_MARKER) == 1 && log.last_counter().is_some()).then_some(())
     });
     (spec, log)
@@ -367,7 +354,7 @@ fn qemu_guest_runs_saves_restores_and_shuts_down() {
     assert!(first.cpu_time_ns > 0);
     assert!(first.memory.current_kib >= 128 * 1024);
     sampler.observe(first.clone()).unwrap();
-    let second = wait_for("the guest to write to its disk", || {
+    let second = eventually_blocking(DEADLINE, "the guest to write to its disk", || {
         let s = q.hv.stats(name).unwrap();
         let written = |s: &nubis_host::DomainStats| {
             s.disks
@@ -396,7 +383,7 @@ fn qemu_guest_runs_saves_restores_and_shuts_down() {
     let (saved_n, saved_up) = log.last_counter().unwrap();
     q.hv.restore(&state_file, None).unwrap();
     assert_eq!(q.hv.state(name).unwrap(), DmtfState::Enabled);
-    let (n, up) = wait_for("the counter to continue after restore", || {
+    let (n, up) = eventually_blocking(DEADLINE, "the counter to continue after restore", || {
         log.last_counter().filter(|(n, _)| *n > saved_n)
     });
     assert!(up > saved_up, "uptime continues: {up} after {saved_up}");
@@ -444,9 +431,11 @@ fn qemu_guest_restores_with_relocated_disk() {
 
     q.hv.restore(&state_file, Some(&spec)).unwrap();
     assert_eq!(q.hv.state(name).unwrap(), DmtfState::Enabled);
-    wait_for("the counter to continue on the relocated disk", || {
-        dst_log.last_counter().filter(|(n, _)| *n > saved_n)
-    });
+    eventually_blocking(
+        DEADLINE,
+        "the counter to continue on the relocated disk",
+        || dst_log.last_counter().filter(|(n, _)| *n > saved_n),
+    );
     assert_eq!(
         dst_log.count(READY_MARKER),
         0,
@@ -522,7 +511,7 @@ fn qemu_agent_survives_a_libvirtd_restart() {
     // Stop the libvirtd this test found running and start a new one, as an operator would.
     let killed = Command::new("kill").arg(pid.to_string()).status().unwrap();
     assert!(killed.success());
-    wait_for("libvirtd to exit", || {
+    eventually_blocking(DEADLINE, "libvirtd to exit", || {
         (!libvirtd_pids().contains(&pid)).then_some(())
     });
     // Calls fail cleanly while it is down.
@@ -534,10 +523,10 @@ fn qemu_agent_survives_a_libvirtd_restart() {
     assert!(started.success());
 
     // The agent reconnects by itself, and the guest kept running meanwhile.
-    let state = wait_for("the agent to reconnect", || q.hv.state(name).ok());
+    let state = eventually_blocking(DEADLINE, "the agent to reconnect", || q.hv.state(name).ok());
     assert_eq!(state, DmtfState::Enabled);
     let (before, _) = log.last_counter().unwrap();
-    wait_for("the guest to keep counting", || {
+    eventually_blocking(DEADLINE, "the guest to keep counting", || {
         log.last_counter().filter(|(n, _)| *n > before)
     });
 
@@ -571,7 +560,7 @@ fn qemu_guest_mounts_a_share_and_cannot_be_saved_meanwhile() {
     let log = SerialLog::new(spec.serial_log.clone().unwrap());
     q.hv.define(&spec).unwrap();
     q.hv.start(name).unwrap();
-    wait_for("the guest to mount its share and count", || {
+    eventually_blocking(DEADLINE, "the guest to mount its share and count", || {
         (log.count("NUBIS-SHARE kpi") == 1 && log.last_counter().is_some()).then_some(())
     });
     assert!(matches!(

@@ -9,10 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nubis_kpifs::{KpiDir, KpiFs, KpiMount, KpiOptions, KpiRow, KpiRowKind, KpiStore, KpiValue};
-use nubis_testkit::skip_or_fail;
+use nubis_testkit::{eventually_blocking, skip_or_fail};
+
+/// How long a condition may take before the test fails; a guard against hanging only.
+const POLL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Environment variable that turns `restart_child_serves_a_mount` into the mount process of
 /// `restart_after_sigkill_keeps_every_acknowledged_write`.
@@ -40,15 +43,6 @@ fn fuse_available() -> bool {
         return skip_or_fail::<()>("fusermount3 is missing (scripts/setup.d/20-fuse.sh)").is_some();
     }
     true
-}
-
-/// Polls `cond` until it holds; the deadline only guards against a hang.
-fn poll_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cond() {
-        assert!(Instant::now() < deadline, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 struct Fixture {
@@ -614,11 +608,11 @@ fn rows_are_announced_and_publishing_resumes_after_a_remount() {
     fs::write(fx.e("b"), b"\x00sealed").unwrap();
     fs::write(fx.u("a"), "n\n3\n").unwrap();
     let mut seen = Vec::new();
-    poll_until("three events", || {
+    eventually_blocking(POLL_TIMEOUT, "three events", || {
         while let Ok(row) = events.try_recv() {
             seen.push(row);
         }
-        seen.len() == 3
+        (seen.len() == 3).then_some(())
     });
     let ids: Vec<i64> = seen.iter().map(|r| r.rowid).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
@@ -781,7 +775,9 @@ fn restart_after_sigkill_keeps_every_acknowledged_write() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    poll_until("the child's mount", || mnt.join("unencrypted").exists());
+    eventually_blocking(POLL_TIMEOUT, "the child's mount", || {
+        mnt.join("unencrypted").exists().then_some(())
+    });
 
     // Writers record each report whose commit (fsync) returned success.
     let acknowledged = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
@@ -813,8 +809,8 @@ fn restart_after_sigkill_keeps_every_acknowledged_write() {
             }
         }));
     }
-    poll_until("some acknowledged writes", || {
-        acknowledged.lock().unwrap().len() >= 30
+    eventually_blocking(POLL_TIMEOUT, "some acknowledged writes", || {
+        (acknowledged.lock().unwrap().len() >= 30).then_some(())
     });
     child.kill().unwrap();
     child.wait().unwrap();

@@ -240,9 +240,13 @@ impl<L: LocalSite> Roles<L> {
                 tracing::info!(migration.id = %m.id, vm.id = %m.vm, phase = ?m.phase, "resuming migration from the journal");
                 let result = me.resume(&m).await;
                 if let Err(e) = &result {
-                    let _ = me.finish_failed(m.id, e);
+                    if let Err(j) = me.finish_failed(m.id, e) {
+                        tracing::error!(migration.id = %m.id, error = %j.message, "cannot journal the end of a resumed migration");
+                    }
                 }
-                let _ = me.settle_vm_phase(m.id);
+                if let Err(j) = me.settle_vm_phase(m.id) {
+                    tracing::error!(migration.id = %m.id, error = %j.message, "cannot journal the VM's phase after a resumed migration");
+                }
             });
         }
         Ok(n)
@@ -270,7 +274,7 @@ impl<L: LocalSite> Roles<L> {
                 .await?;
                 for (j, other) in m.offers.iter().enumerate() {
                     if j != *offer {
-                        let _ = self.abort_destination(m.id, &record.vm, other).await;
+                        self.release_offer(m.id, &record.vm, other).await;
                     }
                 }
                 self.update_migration(m.id, |r| r.phase = MigrationPhase::Committed)?;
@@ -298,7 +302,7 @@ impl<L: LocalSite> Roles<L> {
             _ => {
                 // Before the transfer started: nothing moved. Release the offers.
                 for other in &m.offers {
-                    let _ = self.abort_destination(m.id, &record.vm, other).await;
+                    self.release_offer(m.id, &record.vm, other).await;
                 }
                 let reason = ErrorReply::new(
                     ErrorCode::Internal,
@@ -481,7 +485,7 @@ impl<L: LocalSite> Roles<L> {
             Ok(p) => p,
             Err(f) => {
                 for other in &offers {
-                    let _ = self.abort_destination(id, &record.vm, other).await;
+                    self.release_offer(id, &record.vm, other).await;
                 }
                 if f.maybe_prepared {
                     tracing::info!(migration.id = %id, error = %f.reply.message, "prepare outcome unknown");
@@ -541,7 +545,7 @@ impl<L: LocalSite> Roles<L> {
             used = true;
             if let Err(e) = self.check_cancelled(id) {
                 for other in &offers[i..] {
-                    let _ = self.abort_destination(id, &record.vm, other).await;
+                    self.release_offer(id, &record.vm, other).await;
                 }
                 return self
                     .roll_back(id, &record.vm, &source, source_via.as_ref(), e)
@@ -573,7 +577,7 @@ impl<L: LocalSite> Roles<L> {
                             // The destination refused to activate: nothing runs there, the
                             // source is still stopped. Discard this offer, try the next one.
                             tracing::warn!(migration.id = %id, offer = i, error = %e.message, "destination refused to activate");
-                            let _ = self.abort_destination(id, &record.vm, ranked).await;
+                            self.release_offer(id, &record.vm, ranked).await;
                             self.update_migration(id, |m| {
                                 m.phase = MigrationPhase::Transferring { offer: i }
                             })?;
@@ -588,7 +592,7 @@ impl<L: LocalSite> Roles<L> {
                     // Unused offers: release their reservations, best effort.
                     for (j, other) in offers.iter().enumerate() {
                         if j != i {
-                            let _ = self.abort_destination(id, &record.vm, other).await;
+                            self.release_offer(id, &record.vm, other).await;
                         }
                     }
                     self.update_migration(id, |m| m.phase = MigrationPhase::Committed)?;
@@ -597,7 +601,7 @@ impl<L: LocalSite> Roles<L> {
                 }
                 Err(e) => {
                     tracing::info!(migration.id = %id, offer = i, error = %e.message, "offer failed; trying the next");
-                    let _ = self.abort_destination(id, &record.vm, ranked).await;
+                    self.release_offer(id, &record.vm, ranked).await;
                 }
             }
         }
@@ -968,6 +972,21 @@ impl<L: LocalSite> Roles<L> {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Releases an offer the migration does not use. Best effort: a reservation that cannot be
+    /// released now (its site unreachable, say) is logged and expires on its own at the
+    /// destination.
+    async fn release_offer(&self, id: MigrationId, vm: &VmId, ranked: &RankedOffer) {
+        if let Err(e) = self.abort_destination(id, vm, ranked).await {
+            tracing::warn!(
+                migration.id = %id,
+                via = ?ranked.via,
+                code = e.code.as_str(),
+                error = %e.message,
+                "an unused offer could not be released; its reservation expires on its own"
+            );
+        }
     }
 
     async fn abort_destination(

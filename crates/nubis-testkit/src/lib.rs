@@ -24,7 +24,7 @@ pub mod wait;
 
 pub use binary::{LocateError, NatsServerBinary, Version, MIN_VERSION, NATS_SERVER_ENV};
 pub use federation::{kept_logs_root, Error, Federation, Role, HUB, HUB_DOMAIN};
-pub use wait::{wait_until, Backoff, WaitError, DEFAULT_TIMEOUT};
+pub use wait::{eventually, eventually_blocking, wait_until, Backoff, WaitError, DEFAULT_TIMEOUT};
 
 /// Whether the tests run under CI (`CI=true`), where a missing prerequisite is a failure.
 pub fn under_ci() -> bool {

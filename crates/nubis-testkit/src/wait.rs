@@ -92,6 +92,47 @@ where
     }
 }
 
+/// Calls `check` until it returns `Some`, and returns that value; panics with `what` after
+/// `timeout`. For conditions with nothing to report while they do not hold yet.
+pub async fn eventually<T>(
+    timeout: Duration,
+    what: impl Into<String>,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let what = what.into();
+    match wait_until(timeout, what.as_str(), || {
+        let v = check().ok_or("not yet");
+        async move { v }
+    })
+    .await
+    {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Like [`eventually`], for tests without an async runtime: blocks the calling thread between
+/// polls.
+pub fn eventually_blocking<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = FIRST_PAUSE;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(LONGEST_PAUSE);
+    }
+}
+
 /// Asserts that a boolean condition becomes true within a timeout ([`DEFAULT_TIMEOUT`] unless
 /// given), polling it with a growing pause. The condition may contain `.await`.
 ///
