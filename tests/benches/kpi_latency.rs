@@ -10,9 +10,7 @@
 // A benchmark is a test harness: a failed setup step should stop it loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../integration/stack.rs"]
-#[allow(dead_code)]
-mod stack;
+use nubis_tests::stack;
 
 use std::time::{Duration, Instant};
 

@@ -15,7 +15,8 @@ mod permissions;
 mod proxy;
 mod python_subscriber;
 mod site;
-mod stack;
+
+use nubis_tests::stack;
 
 /// Tests that use libvirtd's `qemu:///system` share it (one of them restarts it) and two cores:
 /// they run one at a time, across modules.

@@ -1031,15 +1031,8 @@ async fn site_signalled_at(
         Signal::Kill => ("NUBIS_TEST_KILL_AT", "killed"),
         Signal::Stop => ("NUBIS_TEST_STOP_AT", "stopped"),
     };
-    let log = std::fs::File::create(stack.root().join(format!("{site}-site-{label}.log"))).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_nubis-test-site"))
-        .arg("--config")
-        .arg(stack.root().join(format!("{site}.toml")))
-        .env(var, message)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child =
+        stack.spawn_site_process_with(site, &format!("{site}-site-{label}.log"), &[(var, message)]);
     stack.wait_ready(site).await;
     child
 }

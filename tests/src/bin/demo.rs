@@ -22,9 +22,7 @@
 // A demo harness: a failed setup step should stop it loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../integration/stack.rs"]
-#[allow(dead_code)]
-mod stack;
+use nubis_tests::stack;
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -34,6 +34,21 @@ struct Daemon {
     handle: JoinHandle<Result<(), String>>,
 }
 
+/// The `nubis-test-site` binary: `NUBIS_TEST_SITE_BIN`, else beside the running test or
+/// benchmark executable (cargo builds a package's binaries into the directory above `deps/`
+/// before it runs its integration tests and benchmarks).
+fn site_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("NUBIS_TEST_SITE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("nubis-test-site")
+}
+
 /// The running stack.
 pub struct Stack {
     pub fed: Federation,
@@ -43,6 +58,16 @@ pub struct Stack {
     daemons: Vec<Daemon>,
     /// Hosts (site, host) whose agent drives real QEMU guests on `qemu:///system`.
     qemu_hosts: Vec<(&'static str, &'static str)>,
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack")
+            .field("root", &self.dir.path())
+            .field("specs", &self.specs)
+            .field("qemu_hosts", &self.qemu_hosts)
+            .finish_non_exhaustive()
+    }
 }
 
 fn spawn<F, E>(name: String, run: impl FnOnce(CancellationToken) -> F) -> Daemon
@@ -316,15 +341,22 @@ impl Stack {
 
     /// Starts the site daemon of `site` as a process (see [`Stack::site_daemon_as_process`]).
     pub fn spawn_site_process(&self, site: &str) -> std::process::Child {
-        let log = std::fs::File::create(self.path(&format!("{site}-site.log"))).unwrap();
-        // Defined for the integration tests; this file is also compiled into the demo and the
-        // benchmarks, which do not run site daemons as processes.
-        let Some(binary) = option_env!("CARGO_BIN_EXE_nubis-test-site") else {
-            panic!("site daemons run as processes in the integration tests only");
-        };
-        std::process::Command::new(binary)
+        self.spawn_site_process_with(site, &format!("{site}-site.log"), &[])
+    }
+
+    /// Like [`Stack::spawn_site_process`], logging to `log` in the stack's directory, with
+    /// `env` added to its environment (the hooks of `nubis-test-site`).
+    pub fn spawn_site_process_with(
+        &self,
+        site: &str,
+        log: &str,
+        env: &[(&str, &str)],
+    ) -> std::process::Child {
+        let log = std::fs::File::create(self.path(log)).unwrap();
+        std::process::Command::new(site_binary())
             .arg("--config")
             .arg(self.path(&format!("{site}.toml")))
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
