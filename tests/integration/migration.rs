@@ -434,70 +434,110 @@ async fn a_migration_bandwidth_cap_paces_the_transfer() {
     stack.shutdown().await;
 }
 
+/// A migration of `vm` (16 MiB disk) between the two hosts of site a, held with the
+/// Controller stopped right after it journaled the prepared source and before it sends
+/// Initiate transfer: the source proxy publishes on its own, no fetch has begun.
+struct HeldMigration {
+    stack: Stack,
+    op: async_nats::Client,
+    image: Vec<u8>,
+    /// The host the VM runs on, and the other one.
+    home: &'static str,
+    other: &'static str,
+    /// The site daemon of a, stopped (SIGSTOP) until [`HeldMigration::go_on`].
+    controller: std::process::Child,
+    migration: String,
+    /// The last sequence of the source bucket's stream before the migration started.
+    bucket_seq_before: u64,
+}
+
+impl HeldMigration {
+    async fn start(binary: &nubis_testkit::NatsServerBinary, vm: &str) -> Self {
+        let mut stack = Stack::start(binary, one_site_two_hosts()).await;
+        // 16 chunks of 1 MiB: more than a fetch asks for at a time (8).
+        let image = image_bytes(16 << 20);
+        std::fs::write(stack.image_store("a").join("tiny.qcow2"), &image).unwrap();
+        let op = stack.operator("a").await;
+        let r = ops(&op, "a", "deploy", deploy_body(vm, Some("tiny.qcow2")))
+            .await
+            .unwrap();
+        let m = wait_migration(&op, "a", r["migration"].as_str().unwrap()).await;
+        assert_eq!(m["phase"], "committed", "{m}");
+        let (home, other) = if next_hop(&op, "a", vm).await.unwrap() == "host:n1" {
+            ("n1", "n2")
+        } else {
+            ("n2", "n1")
+        };
+        let js = async_nats::jetstream::new(stack.fed.connect("a").await.unwrap());
+        let mut stream = js.get_stream(nubis_proxy::naming::STREAM).await.unwrap();
+        let bucket_seq_before = stream.info().await.unwrap().state.last_sequence;
+        let controller = site_signalled_at(
+            &mut stack,
+            "a",
+            Signal::Stop,
+            "source journaled; starting the transfer",
+        )
+        .await;
+        let r = ops(&op, "a", "migrate", json!({"vm": vm, "to_site": "a"}))
+            .await
+            .unwrap();
+        let migration = r["migration"].as_str().unwrap().to_string();
+        wait_stopped(&controller, "the Controller before Initiate transfer").await;
+        Self {
+            stack,
+            op,
+            image,
+            home,
+            other,
+            controller,
+            migration,
+            bucket_seq_before,
+        }
+    }
+
+    /// Lets the Controller go on; returns the migration as it ends.
+    async fn go_on(&self) -> Value {
+        send_signal(&self.controller, "CONT");
+        wait_migration(&self.op, "a", &self.migration).await
+    }
+
+    /// The disk of `vm` at `host`, if it is there.
+    fn disk(&self, vm: &str, host: &str) -> Option<Vec<u8>> {
+        let path = self
+            .stack
+            .vm_root("a", host)
+            .join(vm)
+            .join("disk-vda.qcow2");
+        std::fs::read(path).ok()
+    }
+
+    async fn shutdown(mut self) {
+        self.controller.kill().unwrap();
+        self.controller.wait().unwrap();
+        self.stack.shutdown().await;
+    }
+}
+
 /// Transfer verification disagrees: a chunk of the disk is corrupted in the Source proxy's
 /// bucket before the destination reads it. Every fetch fails its end-to-end digest; the
 /// Controller repeats Initiate transfer a bounded number of times, has no other offer, and
 /// aborts: the VM runs again at its old host, exactly once, its disk unchanged, and nothing of
 /// it is left at the other host.
 ///
-/// No race: the Controller (its site daemon, a process of its own) is stopped right after it
-/// journaled the prepared source and before it sends Initiate transfer, so no fetch has begun
-/// while the test replaces the chunk; it goes on once the corrupted chunk is in place.
+/// No race: the Controller is held before Initiate transfer (see [`HeldMigration`]) while the
+/// test replaces the chunk, and goes on once the corrupted chunk is in place.
 #[tokio::test]
 async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_aborted() {
-    use async_nats::jetstream;
     let Some(binary) = require_nats_server() else {
         return;
     };
-    let mut stack = Stack::start(&binary, one_site_two_hosts()).await;
-    // 16 chunks of 1 MiB: more than a fetch asks for at a time (8), so the corrupted last
-    // chunk is read after a second pull request.
-    let image = image_bytes(16 << 20);
-    std::fs::write(stack.image_store("a").join("tiny.qcow2"), &image).unwrap();
-    let op_a = stack.operator("a").await;
-    let r = ops(
-        &op_a,
-        "a",
-        "deploy",
-        deploy_body("mismatch-1", Some("tiny.qcow2")),
-    )
-    .await
-    .unwrap();
-    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
-    assert_eq!(m["phase"], "committed", "{m}");
-    let home = next_hop(&op_a, "a", "mismatch-1").await.unwrap();
-    let (home, other) = if home == "host:n1" {
-        ("n1", "n2")
-    } else {
-        ("n2", "n1")
-    };
-
-    let client = stack.fed.connect("a").await.unwrap();
-    let js = jetstream::new(client);
-    let mut stream = js.get_stream(nubis_proxy::naming::STREAM).await.unwrap();
-    // Objects stored from here on belong to this migration's transfer.
-    let before = stream.info().await.unwrap().state.last_sequence;
-
-    let mut controller = site_signalled_at(
-        &mut stack,
-        "a",
-        Signal::Stop,
-        "source journaled; starting the transfer",
-    )
-    .await;
-    let r = ops(
-        &op_a,
-        "a",
-        "migrate",
-        json!({"vm": "mismatch-1", "to_site": "a"}),
-    )
-    .await
-    .unwrap();
-    let migration = r["migration"].as_str().unwrap().to_string();
-    wait_stopped(&controller, "the Controller before Initiate transfer").await;
+    let held = HeldMigration::start(&binary, "mismatch-1").await;
+    let js = async_nats::jetstream::new(held.stack.fed.connect("a").await.unwrap());
+    let stream = js.get_stream(nubis_proxy::naming::STREAM).await.unwrap();
 
     // The source proxy publishes on its own; wait for the disk's info message (written after
     // every chunk is acknowledged).
+    let before = held.bucket_seq_before;
     let (meta_subject, info) = wait_until(LONG, "the source to publish the disk", || {
         let stream = stream.clone();
         async move {
@@ -557,8 +597,7 @@ async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_abort
         .unwrap();
     assert_ne!(stored.payload, last.payload, "the chunk was not replaced");
 
-    send_signal(&controller, "CONT");
-    let m = wait_migration(&op_a, "a", &migration).await;
+    let m = held.go_on().await;
     assert_eq!(m["phase"], "aborted", "{m}");
     // The corrupted bytes were read and caught, on every round the Controller allows.
     assert_eq!(m["failed_rounds"], 3, "{m}");
@@ -567,12 +606,13 @@ async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_abort
         why.contains("disk-vda.qcow2: digest does not match the source"),
         "{m}"
     );
+    let op = &held.op;
     assert_eq!(
-        next_hop(&op_a, "a", "mismatch-1").await.unwrap(),
-        format!("host:{home}")
+        next_hop(op, "a", "mismatch-1").await.unwrap(),
+        format!("host:{}", held.home)
     );
     let q = ops(
-        &op_a,
+        op,
         "a",
         "control",
         json!({"vm": "mismatch-1", "change": {"kind": "query"}}),
@@ -580,18 +620,19 @@ async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_abort
     .await
     .unwrap();
     assert_eq!(q["state"], "enabled", "{q}");
-    let disk = stack
-        .vm_root("a", home)
-        .join("mismatch-1")
-        .join("disk-vda.qcow2");
-    assert!(std::fs::read(disk).unwrap() == image, "the disk changed");
     assert!(
-        !stack.vm_root("a", other).join("mismatch-1").exists(),
+        held.disk("mismatch-1", held.home) == Some(held.image.clone()),
+        "the disk changed"
+    );
+    assert!(
+        !held
+            .stack
+            .vm_root("a", held.other)
+            .join("mismatch-1")
+            .exists(),
         "the other host kept a copy"
     );
-    controller.kill().unwrap();
-    controller.wait().unwrap();
-    stack.shutdown().await;
+    held.shutdown().await;
 }
 
 /// The same migration without the corruption, through the same held Controller: it commits
@@ -601,56 +642,19 @@ async fn a_migration_held_before_initiate_transfer_commits_once_continued() {
     let Some(binary) = require_nats_server() else {
         return;
     };
-    let mut stack = Stack::start(&binary, one_site_two_hosts()).await;
-    let image = image_bytes(16 << 20);
-    std::fs::write(stack.image_store("a").join("tiny.qcow2"), &image).unwrap();
-    let op_a = stack.operator("a").await;
-    let r = ops(
-        &op_a,
-        "a",
-        "deploy",
-        deploy_body("held-1", Some("tiny.qcow2")),
-    )
-    .await
-    .unwrap();
-    let m = wait_migration(&op_a, "a", r["migration"].as_str().unwrap()).await;
-    assert_eq!(m["phase"], "committed", "{m}");
-    let home = next_hop(&op_a, "a", "held-1").await.unwrap();
-    let other = if home == "host:n1" { "n2" } else { "n1" };
-
-    let mut controller = site_signalled_at(
-        &mut stack,
-        "a",
-        Signal::Stop,
-        "source journaled; starting the transfer",
-    )
-    .await;
-    let r = ops(
-        &op_a,
-        "a",
-        "migrate",
-        json!({"vm": "held-1", "to_site": "a"}),
-    )
-    .await
-    .unwrap();
-    let migration = r["migration"].as_str().unwrap().to_string();
-    wait_stopped(&controller, "the Controller before Initiate transfer").await;
-    send_signal(&controller, "CONT");
-    let m = wait_migration(&op_a, "a", &migration).await;
+    let held = HeldMigration::start(&binary, "held-1").await;
+    let m = held.go_on().await;
     assert_eq!(m["phase"], "committed", "{m}");
     assert_eq!(m["failed_rounds"], 0, "{m}");
     assert_eq!(
-        next_hop(&op_a, "a", "held-1").await.unwrap(),
-        format!("host:{other}")
+        next_hop(&held.op, "a", "held-1").await.unwrap(),
+        format!("host:{}", held.other)
     );
-    let disk = stack
-        .vm_root("a", other)
-        .join("held-1")
-        .join("disk-vda.qcow2");
-    assert!(std::fs::read(disk).unwrap() == image, "the disk changed");
-    controller.kill().unwrap();
-    controller.wait().unwrap();
-    stack.shutdown().await;
+    assert!(
+        held.disk("held-1", held.other) == Some(held.image.clone()),
+        "the disk changed"
+    );
+    held.shutdown().await;
 }
 
 /// Failure paths: a destination with no room refuses, and a source site that is down makes
