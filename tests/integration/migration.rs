@@ -165,9 +165,21 @@ async fn scenario_1_placement_is_delegated_a_b_c() {
     assert!(e.contains("unknown_vm"), "{e}");
 
     // Location unawareness: nothing that crossed the hub names a host, a path or a libvirt URI.
+    // Everything that crossed before the marker (heartbeats and monitoring never stop, so no
+    // quiet gap would end the reading).
     let root = stack.root().to_string_lossy().into_owned();
+    let marker = "nubis.test.observer-marker";
+    observer.publish(marker, "end".into()).await.unwrap();
+    observer.flush().await.unwrap();
     let mut count = 0;
-    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), seen.next()).await {
+    loop {
+        let msg = tokio::time::timeout(LONG, seen.next())
+            .await
+            .expect("the observer's marker never came back")
+            .expect("the observer's subscription ended");
+        if msg.subject.as_str() == marker {
+            break;
+        }
         count += 1;
         let text = String::from_utf8_lossy(&msg.payload);
         for secret in [

@@ -527,7 +527,14 @@ async fn specifiers_deliver_exactly_what_they_promise() {
             ),
         }
     }
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), public.next()).await {}
+    // Bounded: a stream that never pauses must not hold the test forever.
+    let drained_by = tokio::time::Instant::now() + LONG;
+    while tokio::time::Instant::now() < drained_by
+        && matches!(
+            tokio::time::timeout(Duration::from_millis(300), public.next()).await,
+            Ok(Some(_))
+        )
+    {}
     for v in [5, 600, 999] {
         write_kpi(&mount, "web", &format!("current_users\n{v}\n"));
         tokio::time::sleep(Duration::from_millis(100)).await;
