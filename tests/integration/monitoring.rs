@@ -159,6 +159,17 @@ async fn stored(stack: &Stack, site: &str, vm: &str) -> Result<u64, String> {
     Ok(v["batches"].as_u64().unwrap_or(0))
 }
 
+/// Waits until `site`'s accounting stream holds `more` batches of `vm` beyond what it holds
+/// as soon as its site daemon answers.
+async fn wait_more_stored(stack: &Stack, site: &str, vm: &str, more: u64) {
+    let now = wait_until(LONG, format!("{site}'s site daemon answers"), || {
+        stored(stack, site, vm)
+    })
+    .await
+    .unwrap();
+    wait_stored(stack, site, vm, now + more).await;
+}
+
 /// Waits until `site`'s accounting stream holds at least `batches` batches of `vm`.
 async fn wait_stored(stack: &Stack, site: &str, vm: &str, batches: u64) {
     wait_until(
@@ -757,15 +768,9 @@ async fn accounting_keeps_every_batch_across_server_restarts() {
     // Batches flow before each restart and go on after it.
     wait_stored(&stack, "c", "vm-acct", 5).await;
     stack.fed.restart("hub").await.unwrap();
-    let n = stored(&stack, "c", "vm-acct").await.unwrap_or(0);
-    wait_stored(&stack, "c", "vm-acct", n + 5).await;
+    wait_more_stored(&stack, "c", "vm-acct", 5).await;
     stack.fed.restart("c").await.unwrap();
-    let n = wait_until(LONG, "c's site daemon answers again", || {
-        stored(&stack, "c", "vm-acct")
-    })
-    .await
-    .unwrap();
-    wait_stored(&stack, "c", "vm-acct", n + 5).await;
+    wait_more_stored(&stack, "c", "vm-acct", 5).await;
     let ids = wait_until(LONG, "accounting at c after the restarts", || async {
         let ids = accounting_ids(&stack, "c", "vm-acct").await;
         if ids.len() > 30 {

@@ -1023,7 +1023,7 @@ async fn a_bandwidth_cap_paces_the_fetch_and_its_progress() {
 #[tokio::test]
 async fn replies_count_only_from_the_proxys_site_and_refusals_name_the_subject_asked() {
     use nubis_protocol::envelope::{self, Addressing, EnvelopeError};
-    use nubis_protocol::message::{Body, ErrorReply, TransferStatusReply};
+    use nubis_protocol::message::{Body, ErrorReply, TransferStatusQuery, TransferStatusReply};
     use nubis_protocol::subject::{ProxyOp, Subject};
     let Some(binary) = require_nats_server() else {
         return;
@@ -1045,11 +1045,9 @@ async fn replies_count_only_from_the_proxys_site_and_refusals_name_the_subject_a
             let msg = requests.next().await.unwrap();
             let req = SignedEnvelope::decode(&msg.payload).unwrap();
             let reply = TransferStatusReply {
-                migration_id: nubis_protocol::codec::from_slice::<
-                    nubis_protocol::message::TransferStatusQuery,
-                >(&req.body)
-                .unwrap()
-                .migration_id,
+                migration_id: nubis_protocol::codec::from_slice::<TransferStatusQuery>(&req.body)
+                    .unwrap()
+                    .migration_id,
                 status: TransferStatus::Pending,
             };
             let addressing = Addressing {
@@ -1088,7 +1086,7 @@ async fn replies_count_only_from_the_proxys_site_and_refusals_name_the_subject_a
     let (bytes, _) = envelope::seal_message(
         &stranger,
         Addressing::request(&site("b"), claimed),
-        &nubis_protocol::message::TransferStatusQuery {
+        &TransferStatusQuery {
             migration_id: mig,
             token: TransferToken::random(),
         },
@@ -1107,7 +1105,7 @@ async fn replies_count_only_from_the_proxys_site_and_refusals_name_the_subject_a
     let (bytes, _) = envelope::seal_message(
         &keys.id("a"),
         Addressing::request(&site("a"), &asked),
-        &nubis_protocol::message::TransferStatusQuery {
+        &TransferStatusQuery {
             migration_id: mig,
             token: TransferToken::random(),
         },

@@ -43,8 +43,19 @@ impl Default for Backoff {
 impl Backoff {
     /// Sleeps for the current pause and lengthens the next one.
     pub async fn pause(&mut self) {
-        tokio::time::sleep(self.next).await;
+        tokio::time::sleep(self.advance()).await;
+    }
+
+    /// Like [`Backoff::pause`], blocking the calling thread.
+    pub fn pause_blocking(&mut self) {
+        std::thread::sleep(self.advance());
+    }
+
+    /// The current pause; lengthens the next one.
+    fn advance(&mut self) -> Duration {
+        let now = self.next;
         self.next = (self.next * 2).min(LONGEST_PAUSE);
+        now
     }
 }
 
@@ -119,7 +130,7 @@ pub fn eventually_blocking<T>(
     mut check: impl FnMut() -> Option<T>,
 ) -> T {
     let deadline = Instant::now() + timeout;
-    let mut pause = FIRST_PAUSE;
+    let mut backoff = Backoff::default();
     loop {
         if let Some(v) = check() {
             return v;
@@ -128,8 +139,7 @@ pub fn eventually_blocking<T>(
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
         );
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(LONGEST_PAUSE);
+        backoff.pause_blocking();
     }
 }
 

@@ -19,7 +19,8 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::Layer as _;
 
-/// Sends this process `signal` when an event with the configured message is logged.
+/// Sends this process `signal` (`KILL` or `STOP`, as `kill` names it) when an event with the
+/// configured message is logged.
 struct SignalAt {
     message: String,
     signal: &'static str,
@@ -53,18 +54,14 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SignalAt {
         {
             return;
         }
-        eprintln!(
-            "NUBIS_TEST_{}_AT reached: {}",
-            &self.signal[3..],
-            self.message
-        );
+        eprintln!("NUBIS_TEST_{}_AT reached: {}", self.signal, self.message);
         // Not an orderly exit or pause: nothing is flushed, and the thread that logged the
         // step waits here (in `kill`) until the signal has taken effect.
         let _ = std::process::Command::new("kill")
-            .arg(format!("-{}", &self.signal[3..]))
+            .arg(format!("-{}", self.signal))
             .arg(std::process::id().to_string())
             .status();
-        if self.signal == "SIGKILL" {
+        if self.signal == "KILL" {
             // `kill` returns only after the signal is queued; never go on past this point.
             loop {
                 std::thread::park();
@@ -97,8 +94,8 @@ async fn main() {
                 .with_writer(std::io::stderr)
                 .with_filter(tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
         )
-        .with(at("NUBIS_TEST_KILL_AT", "SIGKILL").with_filter(hook_filter()))
-        .with(at("NUBIS_TEST_STOP_AT", "SIGSTOP").with_filter(hook_filter()))
+        .with(at("NUBIS_TEST_KILL_AT", "KILL").with_filter(hook_filter()))
+        .with(at("NUBIS_TEST_STOP_AT", "STOP").with_filter(hook_filter()))
         .try_init();
     let config = nubis_site::config::SiteConfig::load(std::path::Path::new(path)).unwrap();
     let token = tokio_util::sync::CancellationToken::new();
