@@ -16,7 +16,7 @@ use nubis_protocol::SiteId;
 use nubis_testkit::{require_nats_server, wait_until, Role};
 use serde_json::{json, Value as Json};
 
-use crate::stack::{ops, SiteSpec, Stack};
+use crate::stack::{ops, wait_migration, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -65,20 +65,8 @@ async fn deploy(stack: &Stack, primary: &str, body: Json) {
     let op = stack.operator(primary).await;
     let v = ops(&op, primary, "deploy", body).await.unwrap();
     let migration = v["migration"].as_str().unwrap().to_string();
-    wait_migration(&op, primary, &migration, "committed").await;
-}
-
-async fn wait_migration(op: &async_nats::Client, site: &str, migration: &str, want: &str) {
-    let end = wait_until(LONG, format!("migration {migration} at {site}"), || async {
-        let v = ops(op, site, "vms", json!({"migration": migration})).await?;
-        match v["phase"].as_str() {
-            Some("committed") | Some("aborted") => Ok(v),
-            other => Err(format!("phase {other:?}: {v}")),
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(end["phase"], want, "{end}");
+    let end = wait_migration(&op, primary, &migration).await;
+    assert_eq!(end["phase"], "committed", "{end}");
 }
 
 /// Writes one KPI report into the VM's mount, as the application in the VM would.

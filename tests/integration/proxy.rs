@@ -468,7 +468,7 @@ async fn unknown_expired_used_and_foreign_tokens_are_refused() {
     let mig = MigrationId::random();
     let s = pa.mint(mint_serve(&[("disk", &f)], mig)).await.unwrap();
 
-    let code = |r: Result<TransferStatus, nubis_proxy::ClientError>| -> ErrorCode {
+    let code = |r: Result<TransferStatus, nubis_proxy::CallError>| -> ErrorCode {
         r.unwrap_err().code().cloned().expect("an error reply")
     };
 
@@ -1069,7 +1069,7 @@ async fn replies_count_only_from_the_proxys_site_and_refusals_name_the_subject_a
     assert!(
         matches!(
             &forged,
-            Err(nubis_proxy::ClientError::Envelope(EnvelopeError::UnknownSender(who))) if who == "b"
+            Err(nubis_proxy::CallError::BadReply { source: EnvelopeError::UnknownSender(who), .. }) if who == "b"
         ),
         "{forged:?}"
     );

@@ -27,6 +27,44 @@ pub struct SiteSpec {
     pub top: &'static str,
 }
 
+impl SiteSpec {
+    /// Site `id` as the tests usually want it: no partners, no hosts, no extra configuration.
+    /// The other builder methods add only what differs.
+    pub fn new(id: &'static str) -> Self {
+        Self {
+            id,
+            partners: Vec::new(),
+            hosts: Vec::new(),
+            policy: "",
+            top: "",
+        }
+    }
+
+    /// Adds partner `site`, with the preference this site gives it.
+    pub fn partner(mut self, site: &'static str, preference: i32) -> Self {
+        self.partners.push((site, preference));
+        self
+    }
+
+    /// Adds host `host`, offering `memory_mib` MiB.
+    pub fn host(mut self, host: &'static str, memory_mib: u64) -> Self {
+        self.hosts.push((host, memory_mib));
+        self
+    }
+
+    /// Sets the extra TOML of the `[policy]` table.
+    pub fn policy(mut self, toml: &'static str) -> Self {
+        self.policy = toml;
+        self
+    }
+
+    /// Sets the extra top-level TOML keys of the site configuration.
+    pub fn top(mut self, toml: &'static str) -> Self {
+        self.top = toml;
+        self
+    }
+}
+
 /// One running daemon.
 struct Daemon {
     name: String,
@@ -407,31 +445,37 @@ pub async fn ops(
     serde_json::from_slice(&msg.payload).map_err(|e| e.to_string())
 }
 
+/// A typed client of `site`'s operator API over an operator connection.
+pub fn ops_client(client: &async_nats::Client, site: &str) -> nubis_bus::ops::OpsClient {
+    nubis_bus::ops::OpsClient::new(
+        client.clone(),
+        nubis_protocol::SiteId::new(site).unwrap(),
+        std::time::Duration::from_secs(10),
+    )
+}
+
 /// Waits (up to two minutes) until `migration` at `site` is committed or aborted; its view.
 pub async fn wait_migration(
     client: &async_nats::Client,
     site: &str,
     migration: &str,
 ) -> serde_json::Value {
-    nubis_testkit::wait_until(
+    let id: nubis_protocol::MigrationId = migration.parse().unwrap();
+    let mut last = None;
+    let end = tokio::time::timeout(
         std::time::Duration::from_secs(120),
-        format!("migration {migration} at {site} ends"),
-        || async {
-            let v = ops(
-                client,
-                site,
-                "vms",
-                serde_json::json!({"migration": migration}),
-            )
-            .await?;
-            match v["phase"].as_str() {
-                Some("committed") | Some("aborted") => Ok(v),
-                other => Err(format!("phase {other:?}: {v}")),
-            }
-        },
+        ops_client(client, site).follow_migration(
+            &id,
+            std::time::Duration::from_millis(100),
+            |v| last = Some(v.clone()),
+        ),
     )
-    .await
-    .unwrap()
+    .await;
+    match end {
+        Ok(Ok(view)) => serde_json::to_value(view).unwrap(),
+        Ok(Err(e)) => panic!("migration {migration} at {site}: {e}"),
+        Err(_) => panic!("migration {migration} at {site} did not end in two minutes: {last:?}"),
+    }
 }
 
 /// The real test guest and libvirtd's `qemu:///system`, or `None` (skipped, or a failure under
@@ -455,21 +499,9 @@ pub fn real_guest() -> Option<(
 /// (host `b1`); start them with [`Stack::start_with_qemu_hosts`] and [`GUEST_HOSTS`].
 pub fn guest_sites() -> Vec<SiteSpec> {
     vec![
-        SiteSpec {
-            id: "a",
-            // Below the local host's preference (0): A places the guest at home.
-            partners: vec![("b", -1)],
-            hosts: vec![("a1", 1024)],
-            policy: "",
-            top: "",
-        },
-        SiteSpec {
-            id: "b",
-            partners: vec![("a", 1)],
-            hosts: vec![("b1", 1024)],
-            policy: "",
-            top: "",
-        },
+        // Below the local host's preference (0): A places the guest at home.
+        SiteSpec::new("a").partner("b", -1).host("a1", 1024),
+        SiteSpec::new("b").partner("a", 1).host("b1", 1024),
     ]
 }
 

@@ -10,11 +10,13 @@ use std::path::PathBuf;
 use async_nats::jetstream;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
+use nubis_protocol::ops::{ImagePutReply, ImagesReply};
 use nubis_protocol::subject::OpsEndpoint;
 use nubis_site::images::{validate_name, UPLOAD_BUCKET};
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::ops_client::{call, connect, Connection, OpsFailure};
+use crate::ops_client::{client, Connection, OpsFailure};
+use crate::output::{self, Printed};
 
 /// Image commands.
 #[derive(Debug, Subcommand)]
@@ -39,10 +41,14 @@ pub enum ImageCommand {
     },
 }
 
-/// Runs an image command; returns its JSON result.
-pub async fn run(cmd: ImageCommand, json_out: bool) -> Result<Value, OpsFailure> {
+/// Runs an image command; returns what to print.
+pub async fn run(cmd: ImageCommand, json_out: bool) -> Result<Printed, OpsFailure> {
     match cmd {
-        ImageCommand::List { conn } => call(&conn, OpsEndpoint::Images, json!({})).await,
+        ImageCommand::List { conn } => {
+            let reply = client(&conn).await?.images().await?;
+            let text = list_text(&reply);
+            Ok(Printed::new(&reply, text))
+        }
         ImageCommand::Put {
             file,
             name,
@@ -71,8 +77,8 @@ pub async fn run(cmd: ImageCommand, json_out: bool) -> Result<Value, OpsFailure>
                 .await
                 .map_err(|e| OpsFailure::User(format!("cannot read {}: {e}", file.display())))?
                 .len();
-            let client = connect(&conn).await?;
-            let js = jetstream::new(client);
+            let ops = client(&conn).await?;
+            let js = jetstream::new(ops.nats().clone());
             let bucket = match js.get_object_store(UPLOAD_BUCKET).await {
                 Ok(b) => b,
                 Err(_) => js
@@ -109,25 +115,63 @@ pub async fn run(cmd: ImageCommand, json_out: bool) -> Result<Value, OpsFailure>
                 .await
                 .map_err(|e| OpsFailure::Unreachable(format!("upload of {name} failed: {e}")))?;
             bar.finish_and_clear();
-            call(
-                &conn,
-                OpsEndpoint::ImagePut,
-                json!({"name": name, "replace": force}),
-            )
-            .await
+            let reply: ImagePutReply = ops
+                .call(
+                    OpsEndpoint::ImagePut,
+                    &json!({"name": name, "replace": force}),
+                )
+                .await?;
+            let i = &reply.image;
+            let text = format!(
+                "imported {} into the image store of site {}: {}, sha256 {}\n",
+                i.name,
+                conn.site,
+                output::bytes(i.bytes as f64),
+                output::or_dash(i.sha256.as_ref())
+            );
+            Ok(Printed::new(&reply, text))
         }
     }
 }
 
-/// Prints an image listing for people.
-pub fn print_list(v: &Value) {
-    println!("{:<40} {:>14} {:>14}", "IMAGE", "BYTES", "MODIFIED_MS");
-    for i in v["images"].as_array().into_iter().flatten() {
-        println!(
-            "{:<40} {:>14} {:>14}",
-            i["name"].as_str().unwrap_or("?"),
-            i["bytes"],
-            i["modified_ms"]
+/// An image listing for people.
+fn list_text(reply: &ImagesReply) -> String {
+    if reply.images.is_empty() {
+        return "no images in the store\n".into();
+    }
+    let mut t = output::Table::new(&["IMAGE", ">SIZE", "MODIFIED"]);
+    for i in &reply.images {
+        t.row(vec![
+            i.name.clone(),
+            output::bytes(i.bytes as f64),
+            output::time(i.modified_ms),
+        ]);
+    }
+    t.render()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_listing_is_aligned_with_sizes_and_times() {
+        let reply: ImagesReply = serde_json::from_value(json!({"images": [
+            {"name": "busybox.qcow2", "bytes": 1572864, "modified_ms": 1767225600000u64},
+            {"name": "a-much-longer-name.raw", "bytes": 12, "modified_ms": 0}]}))
+        .unwrap();
+        let text = list_text(&reply);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "IMAGE                      SIZE  MODIFIED");
+        assert_eq!(
+            lines[1],
+            "busybox.qcow2           1.5 MiB  2026-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            lines[2],
+            "a-much-longer-name.raw     12 B  1970-01-01T00:00:00Z"
         );
     }
 }

@@ -7,6 +7,8 @@
 mod image;
 mod monitor;
 mod ops_client;
+mod output;
+mod site;
 mod vm;
 
 use std::path::PathBuf;
@@ -264,14 +266,6 @@ fn run_site_daemon(config: &std::path::Path) -> Result<(), Failure> {
     })
 }
 
-fn print_json_or(json: bool, value: &serde_json::Value, human: impl FnOnce(&serde_json::Value)) {
-    if json {
-        println!("{value}");
-    } else {
-        human(value);
-    }
-}
-
 fn run_daemon<F, E>(
     what: &str,
     fut: impl FnOnce(tokio_util::sync::CancellationToken) -> F,
@@ -294,36 +288,20 @@ where
     })
 }
 
-fn print_value(json: bool, v: &serde_json::Value) {
-    if json {
-        println!("{v}");
-    } else {
-        match serde_json::to_string_pretty(v) {
-            Ok(text) => println!("{text}"),
-            Err(_) => println!("{v}"),
-        }
-    }
-}
-
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Vm(cmd) => {
-            let v = runtime()?
+            runtime()?
                 .block_on(vm::run(cmd, cli.json))
-                .map_err(ops_failure)?;
-            print_value(cli.json, &v);
+                .map_err(ops_failure)?
+                .print(cli.json);
             Ok(())
         }
         Command::Image(cmd) => {
-            let list = matches!(cmd, image::ImageCommand::List { .. });
-            let v = runtime()?
+            runtime()?
                 .block_on(image::run(cmd, cli.json))
-                .map_err(ops_failure)?;
-            if list && !cli.json {
-                image::print_list(&v);
-            } else {
-                print_value(cli.json, &v);
-            }
+                .map_err(ops_failure)?
+                .print(cli.json);
             Ok(())
         }
         Command::Watch(args) => {
@@ -336,10 +314,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Usage(args) => {
-            let v = runtime()?
+            runtime()?
                 .block_on(monitor::usage(args))
-                .map_err(ops_failure)?;
-            print_json_or(cli.json, &v, monitor::print_usage);
+                .map_err(ops_failure)?
+                .print(cli.json);
             Ok(())
         }
         Command::Proxy { config } => {
@@ -381,70 +359,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
             command: Some(SiteCommand::Status { conn }),
             ..
         } => {
-            let v = runtime()?
-                .block_on(ops_client::call(
-                    &conn,
-                    nubis_protocol::subject::OpsEndpoint::Status,
-                    serde_json::json!({}),
-                ))
-                .map_err(ops_failure)?;
-            print_json_or(cli.json, &v, |v| {
-                println!("site            {}", v["site"].as_str().unwrap_or("?"));
-                println!("version         {}", v["version"].as_str().unwrap_or("?"));
-                println!(
-                    "nats-server     {}",
-                    v["nats_server_version"].as_str().unwrap_or("?")
-                );
-                println!(
-                    "uptime          {} s",
-                    v["uptime_ms"].as_u64().unwrap_or(0) / 1000
-                );
-                println!(
-                    "partners        {} ({} reachable)",
-                    v["partners"].as_u64().unwrap_or(0),
-                    v["partners_reachable"].as_u64().unwrap_or(0)
-                );
-                println!("VMs             {}", v["vms"].as_u64().unwrap_or(0));
-            });
+            runtime()?
+                .block_on(site::status(&conn))
+                .map_err(ops_failure)?
+                .print(cli.json);
             Ok(())
         }
         Command::Sites { conn } => {
-            let v = runtime()?
-                .block_on(ops_client::call(
-                    &conn,
-                    nubis_protocol::subject::OpsEndpoint::Sites,
-                    serde_json::json!({}),
-                ))
-                .map_err(ops_failure)?;
-            print_json_or(cli.json, &v, |v| {
-                println!(
-                    "{:<16} {:<8} {:<8} {:<10} {:>10}",
-                    "SITE", "PARTNER", "TRUSTED", "REACHABLE", "HEARTBEAT"
-                );
-                for s in v["sites"].as_array().into_iter().flatten() {
-                    let age = s["heartbeat_age_ms"].as_u64().unwrap_or(u64::MAX);
-                    let age = if age == u64::MAX {
-                        "never".to_string()
-                    } else {
-                        format!("{:.1}s ago", age as f64 / 1000.0)
-                    };
-                    let yn = |b: &serde_json::Value| {
-                        if b.as_bool().unwrap_or(false) {
-                            "yes"
-                        } else {
-                            "no"
-                        }
-                    };
-                    println!(
-                        "{:<16} {:<8} {:<8} {:<10} {:>10}",
-                        s["site"].as_str().unwrap_or("?"),
-                        yn(&s["partner"]),
-                        yn(&s["trusted"]),
-                        yn(&s["reachable"]),
-                        age
-                    );
-                }
-            });
+            runtime()?
+                .block_on(site::sites(&conn))
+                .map_err(ops_failure)?
+                .print(cli.json);
             Ok(())
         }
         Command::Keys(KeysCommand::Gen { site, out, force }) => {

@@ -13,15 +13,18 @@ use std::time::Duration;
 
 use clap::Args;
 use futures::StreamExt as _;
+use nubis_bus::ops::OpsClient;
 use nubis_protocol::envelope::{now_ms, SignedEnvelope, Verifier, DEFAULT_FRESHNESS_MS};
 use nubis_protocol::identity::{parse_signing_key, SiteIdentity};
 use nubis_protocol::message::{BatchPayload, ClearPayload, MonitoringBatch, Value};
+use nubis_protocol::ops::{UsageReport, VmsReply};
 use nubis_protocol::replay::ReplayCache;
 use nubis_protocol::subject::{OpsEndpoint, Subject};
 use nubis_protocol::{codec, SiteId, VmId};
 use serde_json::{json, Value as Json};
 
-use crate::ops_client::{call, Connection, OpsFailure};
+use crate::ops_client::{client, Connection, OpsFailure};
+use crate::output::{self, Printed};
 
 /// Arguments of `nubis watch`.
 #[derive(Debug, Args)]
@@ -60,7 +63,7 @@ pub struct UsageArgs {
 }
 
 /// `nubis usage`: the site's usage report of one VM.
-pub async fn usage(args: UsageArgs) -> Result<Json, OpsFailure> {
+pub async fn usage(args: UsageArgs) -> Result<Printed, OpsFailure> {
     if let (Some(from), Some(to)) = (args.from, args.to) {
         if from >= to {
             return Err(OpsFailure::User(format!(
@@ -75,33 +78,67 @@ pub async fn usage(args: UsageArgs) -> Result<Json, OpsFailure> {
     if let Some(to) = args.to {
         req["to_ms"] = json!(to);
     }
-    call(&args.conn, OpsEndpoint::Usage, req).await
+    let report: UsageReport = client(&args.conn)
+        .await?
+        .call(OpsEndpoint::Usage, &req)
+        .await?;
+    let text = usage_text(&report);
+    Ok(Printed::new(&report, text))
 }
 
-/// Prints a usage report for people.
-pub fn print_usage(v: &Json) {
-    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
-    println!("VM              {}", v["vm"].as_str().unwrap_or("?"));
-    println!(
-        "period          {} .. {} (ms since epoch)",
-        v["from_ms"], v["to_ms"]
-    );
-    println!("CPU             {:.6} core-hours", f("cpu_core_hours"));
-    println!("memory          {:.6} GiB-hours", f("memory_gib_hours"));
-    println!(
-        "disk            {:.0} bytes read, {:.0} bytes written",
-        f("disk_read_bytes"),
-        f("disk_written_bytes")
-    );
-    println!(
-        "network         {:.0} bytes received, {:.0} bytes sent",
-        f("net_rx_bytes"),
-        f("net_tx_bytes")
-    );
-    println!(
-        "from            {} batches, {} samples ({} sealed batches not readable here)",
-        v["batches"], v["samples"], v["sealed_unreadable"]
-    );
+/// A usage report for people.
+fn usage_text(r: &UsageReport) -> String {
+    let from = if r.from_ms == 0 {
+        "the beginning".to_string()
+    } else {
+        output::time(r.from_ms)
+    };
+    output::fields(&[
+        ("VM", r.vm.to_string()),
+        (
+            "period",
+            format!(
+                "{from} .. {} ({})",
+                output::time(r.to_ms),
+                if r.from_ms == 0 {
+                    "everything recorded".to_string()
+                } else {
+                    output::duration_ms(r.to_ms.saturating_sub(r.from_ms))
+                }
+            ),
+        ),
+        (
+            "CPU",
+            format!("{} core-hours", output::number(r.cpu_core_hours, 4)),
+        ),
+        (
+            "memory",
+            format!("{} GiB-hours", output::number(r.memory_gib_hours, 4)),
+        ),
+        (
+            "disk",
+            format!(
+                "{} read, {} written",
+                output::bytes(r.disk_read_bytes),
+                output::bytes(r.disk_written_bytes)
+            ),
+        ),
+        (
+            "network",
+            format!(
+                "{} received, {} sent",
+                output::bytes(r.net_rx_bytes),
+                output::bytes(r.net_tx_bytes)
+            ),
+        ),
+        (
+            "from",
+            format!(
+                "{} batches, {} samples ({} sealed batches not readable here)",
+                r.batches, r.samples, r.sealed_unreadable
+            ),
+        ),
+    ])
 }
 
 /// Verifiers for the senders of batches, with the keys the operator's own site vouches for:
@@ -111,18 +148,12 @@ struct Keys {
 }
 
 impl Keys {
-    async fn from_site(conn: &Connection, own: &SiteId) -> Result<Self, OpsFailure> {
-        let status = call(conn, OpsEndpoint::Status, json!({})).await?;
-        let sites = call(conn, OpsEndpoint::Sites, json!({})).await?;
-        let mut texts = vec![(
-            own.to_string(),
-            status["signing_key"].as_str().map(str::to_string),
-        )];
-        for s in sites["sites"].as_array().into_iter().flatten() {
-            texts.push((
-                s["site"].as_str().unwrap_or_default().to_string(),
-                s["signing_key"].as_str().map(str::to_string),
-            ));
+    async fn from_site(client: &OpsClient, own: &SiteId) -> Result<Self, OpsFailure> {
+        let status = client.status().await?;
+        let sites = client.sites().await?;
+        let mut texts = vec![(own.to_string(), Some(status.signing_key))];
+        for s in sites.sites {
+            texts.push((s.site.to_string(), s.signing_key));
         }
         let mut verifiers = BTreeMap::new();
         for (site, text) in texts {
@@ -194,44 +225,59 @@ fn batch_json(
     out
 }
 
-fn print_batch(v: &Json) {
+/// A value of a batch for people: floats rounded.
+fn value_text(v: &Json) -> String {
+    match v {
+        Json::Number(n) if n.is_f64() => output::number(n.as_f64().unwrap_or(0.0), 3),
+        Json::String(t) => t.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// One verified batch for people: a line per sample, processed value and encrypted KPI row,
+/// times in ISO-8601 UTC.
+fn batch_text(v: &Json) -> String {
     let seq = &v["seq"];
     let from = v["from"].as_str().unwrap_or("?");
+    let ms = |x: &Json| x.as_u64().map_or_else(|| "?".to_string(), output::time_ms);
     if v["readable"] == json!(false) {
-        println!(
-            "{} seq {seq} from {from}: sealed for the primary site (pass --key to open)",
+        return format!(
+            "{} seq {seq} from {from}: sealed for the primary site (pass --key to open)\n",
             v["subject"].as_str().unwrap_or("?")
         );
-        return;
     }
+    let mut out = String::new();
     for s in v["samples"].as_array().into_iter().flatten() {
-        println!(
-            "{:>15} {} = {}  (raw, seq {seq}, from {from})",
-            s["ts_ms"],
+        out.push_str(&format!(
+            "{} {} = {}  (raw, seq {seq}, from {from})\n",
+            ms(&s["ts_ms"]),
             s["data_point"].as_str().unwrap_or("?"),
-            s["value"]
-        );
+            value_text(&s["value"])
+        ));
     }
     for p in v["processed"].as_array().into_iter().flatten() {
-        println!(
-            "{:>15} {} {} = {} over {} samples [{}, {})  (seq {seq}, from {from})",
-            p["window_end_ms"],
+        let window = match (p["window_start_ms"].as_u64(), p["window_end_ms"].as_u64()) {
+            (Some(a), Some(b)) => output::duration_ms(b.saturating_sub(a)),
+            _ => "?".into(),
+        };
+        out.push_str(&format!(
+            "{} {} {} = {} over {} samples in {window}  (seq {seq}, from {from})\n",
+            ms(&p["window_end_ms"]),
             p["data_point"].as_str().unwrap_or("?"),
             p["aggregate"].as_str().unwrap_or("?"),
-            p["value"],
+            value_text(&p["value"]),
             p["count"],
-            p["window_start_ms"],
-            p["window_end_ms"]
-        );
+        ));
     }
     for k in v["encrypted_kpi"].as_array().into_iter().flatten() {
-        println!(
-            "{:>15} kpi.{} encrypted row of {} bytes  (seq {seq}, from {from})",
-            k["ts_ms"],
+        out.push_str(&format!(
+            "{} kpi.{} encrypted row of {}  (seq {seq}, from {from})\n",
+            ms(&k["ts_ms"]),
             k["table"].as_str().unwrap_or("?"),
-            k["bytes"]
-        );
+            output::bytes(k["bytes"].as_f64().unwrap_or(0.0))
+        ));
     }
+    out
 }
 
 /// `nubis watch`: prints the VM's monitoring as it arrives; returns how many batches were shown.
@@ -251,13 +297,18 @@ pub async fn watch(args: WatchArgs, json_out: bool) -> Result<Json, OpsFailure> 
         ),
         None => None,
     };
+    let ops = client(&args.conn).await?;
     let primary = match &args.primary {
         Some(p) => p.clone(),
         None => {
-            let v = call(&args.conn, OpsEndpoint::Vms, json!({"vm": vm.as_str()})).await?;
-            v["vms"][0]["primary"]
-                .as_str()
-                .map(str::to_string)
+            let reply: VmsReply = ops
+                .call(OpsEndpoint::Vms, &json!({"vm": vm.as_str()}))
+                .await?;
+            reply
+                .vms
+                .into_iter()
+                .next()
+                .map(|v| v.primary.to_string())
                 .ok_or_else(|| {
                     OpsFailure::User(format!(
                         "site {own} does not know VM {vm}; pass --primary <site>"
@@ -274,10 +325,10 @@ pub async fn watch(args: WatchArgs, json_out: bool) -> Result<Json, OpsFailure> 
         )));
     }
 
-    let keys = Keys::from_site(&args.conn, &own).await?;
-    let client = crate::ops_client::connect(&args.conn).await?;
+    let keys = Keys::from_site(&ops, &own).await?;
     let filter = Subject::monitoring_vm(&primary, &vm);
-    let mut sub = client
+    let mut sub = ops
+        .nats()
         .subscribe(filter.as_str().to_string())
         .await
         .map_err(|e| OpsFailure::Unreachable(format!("cannot subscribe to {filter}: {e}")))?;
@@ -309,7 +360,7 @@ pub async fn watch(args: WatchArgs, json_out: bool) -> Result<Json, OpsFailure> 
                 if json_out {
                     println!("{v}");
                 } else {
-                    print_batch(&v);
+                    print!("{}", batch_text(&v));
                 }
             }
             Err(e) => {
@@ -348,4 +399,48 @@ fn open(
         },
     };
     Ok(batch_json(subject, &env.from, &batch, clear.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn usage_shows_its_period_as_utc_times_and_rounded_units() {
+        let r: UsageReport = serde_json::from_value(json!({"vm": "vm-1",
+            "from_ms": 1767225600000u64, "to_ms": 1767225725000u64,
+            "cpu_core_hours": 0.012345678, "memory_gib_hours": 0.5, "disk_read_bytes": 1536.0,
+            "disk_written_bytes": 0.0, "net_rx_bytes": 2048.0, "net_tx_bytes": 10.4,
+            "batches": 3, "samples": 9, "sealed_unreadable": 1}))
+        .unwrap();
+        let text = usage_text(&r);
+        assert!(
+            text.contains("2026-01-01T00:00:00Z .. 2026-01-01T00:02:05Z (2 m 05 s)"),
+            "{text}"
+        );
+        assert!(text.contains("0.0123 core-hours"), "{text}");
+        assert!(text.contains("1.5 KiB read, 0 B written"), "{text}");
+        assert!(text.contains("2.0 KiB received, 10 B sent"), "{text}");
+    }
+
+    #[test]
+    fn a_batch_prints_utc_times_and_rounded_values() {
+        let v = json!({"subject": "s", "from": "b", "seq": 4, "samples": [
+            {"data_point": "cpu.cores", "ts_ms": 1767225600250u64, "value": 0.333333333}],
+            "processed": [{"data_point": "mem.allocated_bytes", "aggregate": "mean",
+                "window_start_ms": 1767225600000u64, "window_end_ms": 1767225602000u64,
+                "value": 268435456.0, "count": 5}],
+            "encrypted_kpi": []});
+        let text = batch_text(&v);
+        assert!(
+            text.contains("2026-01-01T00:00:00.250Z cpu.cores = 0.333  (raw, seq 4, from b)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("2026-01-01T00:00:02.000Z mem.allocated_bytes mean = 268435456 over 5 samples in 2.0 s"),
+            "{text}"
+        );
+    }
 }

@@ -1,10 +1,12 @@
-//! Talking to a site's operator API (`nubis.ops.<site>.<endpoint>`, JSON) from the CLI.
+//! How the CLI reaches a site's operator API: the connection arguments every command shares,
+//! and the failure classes its exit codes are made of. The calls themselves are
+//! `nubis_bus::ops`.
 
 use std::time::Duration;
 
-use async_nats::service::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
 use clap::Args;
-use nubis_protocol::subject::{OpsEndpoint, Subject};
+use nubis_bus::ops::{OpsClient, OpsError};
+use nubis_bus::{ConnectSpec, Credentials};
 use nubis_protocol::SiteId;
 
 /// How the CLI reaches a site.
@@ -27,6 +29,22 @@ pub struct Connection {
     pub timeout: u64,
 }
 
+impl Connection {
+    /// The site named by `--site`.
+    pub fn site_id(&self) -> Result<SiteId, OpsFailure> {
+        SiteId::new(&self.site).map_err(|e| {
+            OpsFailure::User(format!(
+                "--site {:?} is not a valid site id: {e}",
+                self.site
+            ))
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout.max(1))
+    }
+}
+
 /// How an operator request failed.
 #[derive(Debug)]
 pub enum OpsFailure {
@@ -45,63 +63,54 @@ pub enum OpsFailure {
     Internal(String),
 }
 
-/// Connects to the NATS server named by `conn`, with its credentials.
-pub async fn connect(conn: &Connection) -> Result<async_nats::Client, OpsFailure> {
-    let mut options = async_nats::ConnectOptions::new()
-        .name("nubis-cli")
-        .connection_timeout(Duration::from_secs(conn.timeout.max(1)));
-    if let (Some(user), Some(password)) = (&conn.user, &conn.password) {
-        options = options.user_and_password(user.clone(), password.clone());
+/// The error and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
     }
-    options
-        .connect(&conn.nats_url)
-        .await
-        .map_err(|e| OpsFailure::Unreachable(format!("cannot connect to {}: {e}", conn.nats_url)))
+    text
 }
 
-/// Sends `request` (JSON) to `endpoint` of the site and returns the JSON answer.
-pub async fn call(
-    conn: &Connection,
-    endpoint: OpsEndpoint,
-    request: serde_json::Value,
-) -> Result<serde_json::Value, OpsFailure> {
-    let site = SiteId::new(&conn.site).map_err(|e| {
-        OpsFailure::User(format!(
-            "--site {:?} is not a valid site id: {e}",
-            conn.site
-        ))
-    })?;
-    let client = connect(conn).await?;
-    let subject = Subject::ops(&site, endpoint);
-    let payload = serde_json::to_vec(&request).map_err(|e| OpsFailure::Internal(e.to_string()))?;
-    let answer = tokio::time::timeout(
-        Duration::from_secs(conn.timeout.max(1)),
-        client.request(subject.as_str().to_string(), payload.into()),
-    )
-    .await
-    .map_err(|_| {
-        OpsFailure::Unreachable(format!(
-            "site {site} did not answer on {subject} within {}s",
-            conn.timeout
-        ))
-    })?
-    .map_err(|e| match e.kind() {
-        async_nats::RequestErrorKind::NoResponders => {
-            OpsFailure::Unreachable(format!("no site daemon answers on {subject}"))
-        }
-        _ => OpsFailure::Unreachable(format!("request on {subject} failed: {e}")),
-    })?;
-    if let Some(headers) = &answer.headers {
-        if let Some(message) = headers.get(NATS_SERVICE_ERROR) {
-            return Err(OpsFailure::Refused {
-                code: headers
-                    .get(NATS_SERVICE_ERROR_CODE)
-                    .map(|c| c.to_string())
-                    .unwrap_or_default(),
-                message: message.to_string(),
-            });
+impl From<OpsError> for OpsFailure {
+    fn from(e: OpsError) -> Self {
+        match e {
+            OpsError::Refused { status, message } => OpsFailure::Refused {
+                code: if status == 0 {
+                    "?".into()
+                } else {
+                    status.to_string()
+                },
+                message,
+            },
+            OpsError::NoResponders { .. } | OpsError::Timeout { .. } | OpsError::Request { .. } => {
+                OpsFailure::Unreachable(chain(&e))
+            }
+            OpsError::Encode { .. } | OpsError::Decode { .. } => OpsFailure::Internal(chain(&e)),
         }
     }
-    serde_json::from_slice(&answer.payload)
-        .map_err(|e| OpsFailure::Internal(format!("site answered with invalid JSON: {e}")))
+}
+
+/// Connects to the NATS server named by `conn`, with its credentials.
+pub async fn connect(conn: &Connection) -> Result<async_nats::Client, OpsFailure> {
+    let credentials = match (&conn.user, &conn.password) {
+        (Some(user), Some(password)) => Credentials::with_login(&conn.nats_url, user, password),
+        _ => Credentials::anonymous(&conn.nats_url),
+    };
+    nubis_bus::connect(
+        &credentials,
+        &ConnectSpec::tool("nubis-cli", conn.timeout()),
+    )
+    .await
+    .map_err(|e| OpsFailure::Unreachable(chain(&e)))
+}
+
+/// A client of the operator API of the site named by `conn`.
+pub async fn client(conn: &Connection) -> Result<OpsClient, OpsFailure> {
+    let site = conn.site_id()?;
+    let nats = connect(conn).await?;
+    Ok(OpsClient::new(nats, site, conn.timeout()))
 }

@@ -1,15 +1,23 @@
 //! `nubis vm …`: deploy, migrate, evict, control, status, cancel and list VMs through a site's
-//! operator API, with a progress bar (bytes, rate, ETA) that never runs backwards.
+//! operator API, with a progress bar (bytes, rate, ETA) that never runs backwards, and tables
+//! for people (the site's JSON with `--json`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
+use nubis_bus::ops::{OpsClient, FOLLOW_INTERVAL};
+use nubis_protocol::ops::{
+    CancelReply, ControlView, EvictReply, MigrationPhase, MigrationStarted, MigrationView, VmView,
+    VmsReply,
+};
 use nubis_protocol::subject::OpsEndpoint;
+use nubis_protocol::MigrationId;
 use serde_json::{json, Value};
 
-use crate::ops_client::{call, Connection, OpsFailure};
+use crate::ops_client::{client, Connection, OpsFailure};
+use crate::output::{self, Printed};
 
 /// VM commands.
 #[derive(Debug, Subcommand)]
@@ -82,12 +90,13 @@ pub enum VmCommand {
     },
 }
 
-/// Follows a migration until it ends; returns its final view.
+/// Follows a migration until it ends, with a progress bar unless `json_out`; returns its final
+/// view when it committed.
 pub async fn follow(
-    conn: &Connection,
-    migration: &str,
+    client: &OpsClient,
+    migration: &MigrationId,
     json_out: bool,
-) -> Result<Value, OpsFailure> {
+) -> Result<MigrationView, OpsFailure> {
     let bar = if json_out {
         ProgressBar::hidden()
     } else {
@@ -103,45 +112,146 @@ pub async fn follow(
         bar
     };
     let mut shown = 0u64;
-    loop {
-        let v = call(conn, OpsEndpoint::Vms, json!({"migration": migration})).await?;
-        let phase = v["phase"].as_str().unwrap_or("?").to_string();
-        let total = v["bytes_total"].as_u64().unwrap_or(0);
-        let done = v["bytes_done"].as_u64().unwrap_or(0);
-        if total > 0 {
-            bar.set_length(total);
-        }
-        // Never move backwards, whatever a retried transfer reports.
-        if done > shown {
-            shown = done;
-            bar.set_position(shown);
-        }
-        match v["failed_rounds"].as_u64().unwrap_or(0) {
-            0 => bar.set_message(phase.clone()),
-            n => bar.set_message(format!("{phase}, {n} failed transfer round(s)")),
-        }
-        match phase.as_str() {
-            "committed" => {
-                bar.set_position(bar.length().unwrap_or(shown).max(shown));
-                bar.finish_with_message("committed");
-                return Ok(v);
+    let view = client
+        .follow_migration(migration, FOLLOW_INTERVAL, |v| {
+            if v.bytes_total > 0 {
+                bar.set_length(v.bytes_total);
             }
-            "aborted" => {
-                bar.abandon_with_message("aborted");
-                return Err(OpsFailure::Refused {
-                    code: "aborted".into(),
-                    message: match (v["reason"].as_str(), v["last_failure"].as_str()) {
-                        (Some(reason), Some(last)) => {
-                            format!("{reason} (last transfer failure: {last})")
-                        }
-                        (Some(reason), None) => reason.to_string(),
-                        (None, _) => "migration aborted".to_string(),
-                    },
-                });
+            // Never move backwards, whatever a retried transfer reports.
+            if v.bytes_done > shown {
+                shown = v.bytes_done;
+                bar.set_position(shown);
             }
-            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            match v.failed_rounds {
+                0 => bar.set_message(v.phase.to_string()),
+                n => bar.set_message(format!("{}, {n} failed transfer round(s)", v.phase)),
+            }
+        })
+        .await?;
+    match view.phase {
+        MigrationPhase::Committed => {
+            bar.set_position(bar.length().unwrap_or(shown).max(shown));
+            bar.finish_with_message("committed");
+            Ok(view)
+        }
+        _ => {
+            bar.abandon_with_message("aborted");
+            Err(OpsFailure::Refused {
+                code: "aborted".into(),
+                message: match (&view.reason, &view.last_failure) {
+                    (Some(reason), Some(last)) => {
+                        format!("{reason} (last transfer failure: {last})")
+                    }
+                    (Some(reason), None) => reason.clone(),
+                    (None, _) => "migration aborted".to_string(),
+                },
+            })
         }
     }
+}
+
+/// One line on a migration that ended.
+fn migration_done(v: &MigrationView) -> String {
+    format!(
+        "migration {} of VM {} {} after {}: {} moved, {} offer(s), {} failed transfer round(s)\n",
+        v.migration,
+        v.vm,
+        v.phase,
+        output::duration_s(v.elapsed_s),
+        output::bytes(v.bytes_done as f64),
+        v.offers,
+        v.failed_rounds
+    )
+}
+
+/// The progress of a migration: `1.0 MiB / 2.0 MiB (50%)`, or the queue position.
+fn progress(m: &MigrationView) -> String {
+    if m.queue_position > 0 {
+        return format!("queued at {}", m.queue_position);
+    }
+    let pct = (m.bytes_done.saturating_mul(100))
+        .checked_div(m.bytes_total)
+        .map(|p| format!(" ({}%)", p.min(100)))
+        .unwrap_or_default();
+    format!(
+        "{} / {}{pct}",
+        output::bytes(m.bytes_done as f64),
+        output::bytes(m.bytes_total as f64)
+    )
+}
+
+/// The table of many VMs.
+fn vms_table(reply: &VmsReply) -> String {
+    if reply.vms.is_empty() {
+        return "no VMs at this site\n".into();
+    }
+    let mut t = output::Table::new(&[
+        "VM",
+        "PRIMARY",
+        "UPSTREAM",
+        "NEXT HOP",
+        "PHASE",
+        ">VERSION",
+        "LAST MIGRATION",
+    ]);
+    for v in &reply.vms {
+        t.row(vec![
+            v.vm.to_string(),
+            v.primary.to_string(),
+            output::or_dash(v.upstream.as_ref()),
+            output::or_dash(v.next_hop.as_ref()),
+            v.phase.to_string(),
+            v.descriptor_version.to_string(),
+            v.migrations.last().map_or_else(
+                || "-".to_string(),
+                |m| format!("{} ({})", m.phase, output::duration_s(m.elapsed_s)),
+            ),
+        ]);
+    }
+    t.render()
+}
+
+/// One VM in detail, with its migrations.
+fn vm_text(v: &VmView) -> String {
+    let mut text = output::fields(&[
+        ("VM", v.vm.to_string()),
+        ("primary", v.primary.to_string()),
+        ("upstream", output::or_dash(v.upstream.as_ref())),
+        ("next hop", output::or_dash(v.next_hop.as_ref())),
+        ("phase", v.phase.to_string()),
+        ("descriptor", format!("version {}", v.descriptor_version)),
+    ]);
+    if v.migrations.is_empty() {
+        text.push_str("\nno migrations controlled by this site\n");
+        return text;
+    }
+    let mut t = output::Table::new(&[
+        "MIGRATION",
+        "PHASE",
+        ">PROGRESS",
+        ">ELAPSED",
+        ">OFFERS",
+        ">FAILED ROUNDS",
+        "NOTE",
+    ]);
+    for m in &v.migrations {
+        t.row(vec![
+            m.migration.to_string(),
+            m.phase.to_string(),
+            progress(m),
+            output::duration_s(m.elapsed_s),
+            m.offers.to_string(),
+            m.failed_rounds.to_string(),
+            match (&m.reason, &m.last_failure) {
+                (Some(r), _) => r.clone(),
+                (None, Some(f)) => format!("last failure: {f}"),
+                (None, None) => String::new(),
+            },
+        ]);
+    }
+    text.push('\n');
+    text.push_str(&t.render());
+    text
 }
 
 /// A VM id from free text: lower case, other characters replaced by `-`.
@@ -214,8 +324,8 @@ fn descriptor_request(
     Ok(json)
 }
 
-/// Runs a VM command; returns the JSON to print (and prints human output itself).
-pub async fn run(cmd: VmCommand, json_out: bool) -> Result<Value, OpsFailure> {
+/// Runs a VM command; returns what to print (the progress of a migration it prints itself).
+pub async fn run(cmd: VmCommand, json_out: bool) -> Result<Printed, OpsFailure> {
     match cmd {
         VmCommand::Deploy {
             file,
@@ -224,18 +334,20 @@ pub async fn run(cmd: VmCommand, json_out: bool) -> Result<Value, OpsFailure> {
             conn,
         } => {
             let req = descriptor_request(&file, vm, json_out)?;
-            let v = call(&conn, OpsEndpoint::Deploy, req).await?;
-            let migration = v["migration"].as_str().unwrap_or_default().to_string();
+            let client = client(&conn).await?;
+            let started: MigrationStarted = client.call(OpsEndpoint::Deploy, &req).await?;
             if !json_out {
                 println!(
-                    "deploying VM {} (placement {migration})",
-                    v["vm"].as_str().unwrap_or("?")
+                    "deploying VM {} (placement {})",
+                    started.vm, started.migration
                 );
             }
             if no_wait {
-                return Ok(v);
+                let text = format!("follow it with `nubis vm status {}`\n", started.vm);
+                return Ok(Printed::new(&started, text));
             }
-            follow(&conn, &migration, json_out).await
+            let view = follow(&client, &started.migration, json_out).await?;
+            Ok(Printed::new(&view, migration_done(&view)))
         }
         VmCommand::Migrate {
             vm,
@@ -244,39 +356,141 @@ pub async fn run(cmd: VmCommand, json_out: bool) -> Result<Value, OpsFailure> {
             no_wait,
             conn,
         } => {
-            let v = call(
-                &conn,
-                OpsEndpoint::Migrate,
-                json!({"vm": vm, "to_site": to_site, "max_bytes_per_sec": max_rate}),
-            )
-            .await?;
-            let migration = v["migration"].as_str().unwrap_or_default().to_string();
+            let client = client(&conn).await?;
+            let started: MigrationStarted = client
+                .call(
+                    OpsEndpoint::Migrate,
+                    &json!({"vm": vm, "to_site": to_site, "max_bytes_per_sec": max_rate}),
+                )
+                .await?;
             if !json_out {
-                println!("migrating VM {vm} (migration {migration})");
+                println!("migrating VM {vm} (migration {})", started.migration);
             }
             if no_wait {
-                return Ok(v);
+                let text = format!("follow it with `nubis vm status {vm}`\n");
+                return Ok(Printed::new(&started, text));
             }
-            follow(&conn, &migration, json_out).await
+            let view = follow(&client, &started.migration, json_out).await?;
+            Ok(Printed::new(&view, migration_done(&view)))
         }
-        VmCommand::Evict { vm, conn } => call(&conn, OpsEndpoint::Evict, json!({"vm": vm})).await,
+        VmCommand::Evict { vm, conn } => {
+            let reply: EvictReply = client(&conn)
+                .await?
+                .call(OpsEndpoint::Evict, &json!({"vm": vm}))
+                .await?;
+            let text = match (&reply.migration, &reply.notice, &reply.sent_to) {
+                (Some(m), _, _) => format!(
+                    "VM {} must leave: this site is its primary and moves it (migration {m})\n",
+                    reply.vm
+                ),
+                (None, notice, to) => format!(
+                    "eviction notice {} for VM {} sent to {}, which must move it\n",
+                    output::or_dash(notice.as_ref()),
+                    reply.vm,
+                    output::or_dash(to.as_ref())
+                ),
+            };
+            Ok(Printed::new(&reply, text))
+        }
         VmCommand::Control { vm, action, conn } => {
             let change = if action == "query" {
                 json!({"kind": "query"})
             } else {
                 json!({"kind": "set_state", "transition": action})
             };
-            call(
-                &conn,
-                OpsEndpoint::Control,
-                json!({"vm": vm, "change": change}),
-            )
-            .await
+            let reply: ControlView = client(&conn)
+                .await?
+                .call(OpsEndpoint::Control, &json!({"vm": vm, "change": change}))
+                .await?;
+            let cim = reply
+                .cim_enabled_state
+                .map_or_else(|| "none".to_string(), |c| c.to_string());
+            let state = serde_json::to_value(reply.state)
+                .ok()
+                .and_then(|s| s.as_str().map(str::to_string))
+                .unwrap_or_else(|| format!("{:?}", reply.state));
+            let text = format!(
+                "VM {}: {state} (CIM EnabledState {cim}), descriptor version {}\n",
+                reply.vm, reply.descriptor_version
+            );
+            Ok(Printed::new(&reply, text))
         }
-        VmCommand::Status { vm, conn } => call(&conn, OpsEndpoint::Vms, json!({"vm": vm})).await,
+        VmCommand::Status { vm, conn } => {
+            let reply: VmsReply = client(&conn)
+                .await?
+                .call(OpsEndpoint::Vms, &json!({"vm": vm}))
+                .await?;
+            let text = match reply.vms.as_slice() {
+                [one] => vm_text(one),
+                _ => vms_table(&reply),
+            };
+            Ok(Printed::new(&reply, text))
+        }
         VmCommand::Cancel { migration, conn } => {
-            call(&conn, OpsEndpoint::Cancel, json!({"migration": migration})).await
+            let reply: CancelReply = client(&conn)
+                .await?
+                .call(OpsEndpoint::Cancel, &json!({"migration": migration}))
+                .await?;
+            let text = format!(
+                "migration {} is cancelling (it was in phase {}); it aborts at its next step\n",
+                reply.migration, reply.cancelling_in_phase
+            );
+            Ok(Printed::new(&reply, text))
         }
-        VmCommand::List { conn } => call(&conn, OpsEndpoint::Vms, json!({})).await,
+        VmCommand::List { conn } => {
+            let reply: VmsReply = client(&conn)
+                .await?
+                .call(OpsEndpoint::Vms, &json!({}))
+                .await?;
+            let text = vms_table(&reply);
+            Ok(Printed::new(&reply, text))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn reply() -> VmsReply {
+        serde_json::from_value(json!({"vms": [{
+            "vm": "vm-1", "primary": "a", "upstream": null, "next_hop": "site:b",
+            "phase": "placed", "descriptor_version": 3,
+            "migrations": [{"migration": "9a2b0c1d2e3f40516273849a0b1c2d3e", "vm": "vm-1",
+                "phase": "committed", "reason": null, "bytes_done": 1048576,
+                "bytes_total": 2097152, "offers": 2, "queue_position": 0, "elapsed_s": 125.2,
+                "failed_rounds": 1, "last_failure": "digest does not match"}]
+        }]}))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_vm_shows_its_migrations_with_units() {
+        let text = vm_text(&reply().vms[0]);
+        assert!(text.contains("next hop    site:b"), "{text}");
+        assert!(text.contains("1.0 MiB / 2.0 MiB (50%)"), "{text}");
+        assert!(text.contains("2 m 05 s"), "{text}");
+        assert!(
+            text.contains("last failure: digest does not match"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_vm_list_is_a_table() {
+        let text = vms_table(&reply());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].starts_with("VM    PRIMARY  UPSTREAM  NEXT HOP"),
+            "{text}"
+        );
+        assert!(lines[1].contains("committed (2 m 05 s)"), "{text}");
+        assert_eq!(
+            vms_table(&VmsReply { vms: vec![] }),
+            "no VMs at this site\n"
+        );
     }
 }

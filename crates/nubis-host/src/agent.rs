@@ -15,6 +15,7 @@
 //! within the grace period, drain the NATS connection. The VMs keep running; a restarted agent
 //! finds them again from its VM directories.
 
+use nubis_bus::ConnectSpec;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ use tracing::Instrument as _;
 
 use crate::capacity::Resources;
 use crate::config::HostConfig;
-use crate::engine::{Engine, MonitorQuery, MonitoredVm, OpError};
+use crate::engine::{Engine, MonitorQuery, MonitoredVm, OpError, WaitOver};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::libvirt::{LibvirtConfig, LibvirtHypervisor};
 use crate::monitor::{self, MonitorSettings};
@@ -58,14 +59,8 @@ pub enum AgentError {
     #[error("vm directories")]
     Files(#[from] VmFilesError),
     /// The site's nats-server could not be reached.
-    #[error("cannot connect to nats at {url}")]
-    Connect {
-        /// The URL.
-        url: String,
-        /// The cause.
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    #[error(transparent)]
+    Connect(#[from] nubis_bus::ConnectError),
     /// A subscription could not be made.
     #[error("cannot subscribe to {subject}")]
     Subscribe {
@@ -160,6 +155,8 @@ enum Command {
         MonitorQuery,
         oneshot::Sender<Result<Vec<MonitoredVm>, HypervisorError>>,
     ),
+    /// A long wait of an operation ended on its own thread; the engine finishes the operation.
+    WaitOver(WaitOver),
 }
 
 fn encode_reply<T: Serialize>(reply: &HostReply<T>) -> Bytes {
@@ -210,23 +207,36 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-fn handle<H: Hypervisor>(engine: &mut Engine<H>, request: Request) -> Bytes {
+fn handle<H: Hypervisor + 'static>(
+    engine: &mut Engine<H>,
+    request: Request,
+    reply: oneshot::Sender<Bytes>,
+) {
+    // The requester may have given up; the operation is done either way.
+    let send = move |bytes: Bytes| {
+        let _ = reply.send(bytes);
+    };
     match request {
-        Request::Capacity => reply_of(Ok(engine.capacity())),
-        Request::Reserve(r) => reply_of(engine.reserve(&r.vm, &r.descriptor)),
-        Request::Activate(r) => reply_of(engine.activate(&r.vm, &r.descriptor)),
-        Request::Prepare(r) => reply_of(engine.prepare(&r.vm, r.mode)),
-        Request::Resume(r) => reply_of(engine.resume_after_abort(&r.vm)),
-        Request::Release(r) => reply_of(engine.release(&r.vm)),
-        Request::Control(r) => reply_of(engine.control(&r.vm, r.transition)),
-        Request::Update(r) => reply_of(engine.update(&r.vm, &r.descriptor)),
-        Request::State(r) => reply_of(engine.state(&r.vm)),
-        Request::List => reply_of(engine.list()),
+        Request::Capacity => send(reply_of(Ok(engine.capacity()))),
+        Request::Reserve(r) => send(reply_of(engine.reserve(&r.vm, &r.descriptor))),
+        Request::Activate(r) => send(reply_of(engine.activate(&r.vm, &r.descriptor))),
+        Request::Prepare(r) => engine.prepare(&r.vm, r.mode, move |result| send(reply_of(result))),
+        Request::Resume(r) => send(reply_of(engine.resume_after_abort(&r.vm))),
+        Request::Release(r) => send(reply_of(engine.release(&r.vm))),
+        Request::Control(r) => {
+            engine.control(&r.vm, r.transition, move |result| send(reply_of(result)))
+        }
+        Request::Update(r) => send(reply_of(engine.update(&r.vm, &r.descriptor))),
+        Request::State(r) => send(reply_of(engine.state(&r.vm))),
+        Request::List => send(reply_of(engine.list())),
     }
 }
 
 /// The engine thread: runs commands until every sender is gone.
-fn engine_loop<H: Hypervisor>(mut engine: Engine<H>, mut commands: mpsc::Receiver<Command>) {
+fn engine_loop<H: Hypervisor + 'static>(
+    mut engine: Engine<H>,
+    mut commands: mpsc::Receiver<Command>,
+) {
     while let Some(command) = commands.blocking_recv() {
         match command {
             Command::Handle(request, reply) => {
@@ -234,9 +244,11 @@ fn engine_loop<H: Hypervisor>(mut engine: Engine<H>, mut commands: mpsc::Receive
                     Some(vm) => tracing::info_span!("host_op", vm.id = %vm),
                     None => tracing::info_span!("host_op", vm.id = tracing::field::Empty),
                 };
-                let bytes = span.in_scope(|| handle(&mut engine, request));
-                // The requester may have given up; the operation is done either way.
-                let _ = reply.send(bytes);
+                // A request about a VM in a long wait runs once its operation has finished.
+                let vm = request.vm().cloned();
+                engine.run_for(vm.as_ref(), move |engine| {
+                    span.in_scope(|| handle(engine, request, reply));
+                });
             }
             Command::Capacity(reply) => {
                 let _ = reply.send(engine.capacity());
@@ -244,6 +256,7 @@ fn engine_loop<H: Hypervisor>(mut engine: Engine<H>, mut commands: mpsc::Receive
             Command::Monitor(query, reply) => {
                 let _ = reply.send(engine.monitored(&query));
             }
+            Command::WaitOver(over) => engine.wait_over(over),
         }
     }
     tracing::debug!("engine stopped");
@@ -310,16 +323,9 @@ async fn run_inner(config: HostConfig, shutdown: CancellationToken) -> Result<()
         .await
         .map_err(|e| AgentError::Engine(std::io::Error::other(e)))??;
 
-    let mut options = async_nats::ConnectOptions::new()
-        .name(format!("nubis-host-{}-{}", config.site, config.host));
-    if let Some(c) = &config.nats_credentials {
-        options = options.user_and_password(c.user.clone(), c.password.clone());
-    }
+    let spec = ConnectSpec::daemon(format!("nubis-host-{}-{}", config.site, config.host));
     let client = tokio::select! {
-        r = options.connect(&config.nats_url) => r.map_err(|source| AgentError::Connect {
-            url: config.nats_url.clone(),
-            source,
-        })?,
+        r = nubis_bus::connect(&config.nats, &spec) => r?,
         () = shutdown.cancelled() => return Ok(()),
     };
 
@@ -342,6 +348,16 @@ async fn run_inner(config: HostConfig, shutdown: CancellationToken) -> Result<()
     }
 
     let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+    // A long wait reports through the command channel and keeps it open until it has: the
+    // engine thread ends only after the operations it started have finished.
+    let reports = commands.downgrade();
+    let engine = engine.with_wait_reports(move || {
+        let commands = reports.upgrade()?;
+        // The wait's thread is outside the runtime, so it may block on a full channel.
+        Some(move |over| {
+            let _ = commands.blocking_send(Command::WaitOver(over));
+        })
+    });
     let engine_thread = std::thread::Builder::new()
         .name(format!("nubis-host-{}", config.host))
         .spawn(move || engine_loop(engine, receiver))

@@ -44,55 +44,7 @@ pub const DEFAULT_MONITOR_TICK_MS: u64 = 250;
 /// Default of `monitor_outbox`.
 pub const DEFAULT_MONITOR_OUTBOX: usize = 10_000;
 
-/// Why a configuration could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}")]
-    Io {
-        /// The configuration file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML of the expected shape (the message names the key).
-    #[error("{path}: {message}")]
-    Parse {
-        /// The configuration file.
-        path: PathBuf,
-        /// What the TOML parser said, including the key and line.
-        message: String,
-    },
-    /// A key has a value that cannot be used.
-    #[error("{path}: `{key}` {reason}")]
-    Invalid {
-        /// The configuration file.
-        path: PathBuf,
-        /// The offending key.
-        key: &'static str,
-        /// What is wrong with it.
-        reason: String,
-    },
-}
-
-/// Credentials for the site's nats-server.
-#[derive(Clone, PartialEq, Eq)]
-pub struct NatsCredentials {
-    /// User name.
-    pub user: String,
-    /// Password.
-    pub password: String,
-}
-
-impl std::fmt::Debug for NatsCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsCredentials")
-            .field("user", &self.user)
-            .field("password", &"<redacted>")
-            .finish()
-    }
-}
+pub use nubis_bus::config::{ConfigError, Credentials, Login};
 
 /// Capacity figures that replace what the agent would measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -113,10 +65,8 @@ pub struct HostConfig {
     pub site: SiteId,
     /// This host.
     pub host: HostId,
-    /// The site's nats-server.
-    pub nats_url: String,
-    /// Optional credentials.
-    pub nats_credentials: Option<NatsCredentials>,
+    /// How to reach the site's nats-server.
+    pub nats: Credentials,
     /// The libvirt connection URI.
     pub libvirt_uri: String,
     /// Software emulation or KVM.
@@ -202,52 +152,18 @@ fn default_report_interval_ms() -> u64 {
 impl HostConfig {
     /// Reads and validates the configuration file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = nubis_bus::config::read(path)?;
         Self::parse(&text, path)
     }
 
     /// Validates configuration `text` read from `path` (relative paths resolve against its
     /// folder).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            key,
-            reason,
-        };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
+        let invalid = |key: &'static str, reason: String| ConfigError::invalid(path, key, reason);
+        let raw: RawConfig = nubis_bus::config::parse_toml(text, path)?;
         let site = SiteId::new(raw.site).map_err(|e| invalid("site", e.to_string()))?;
         let host = HostId::new(raw.host).map_err(|e| invalid("host", e.to_string()))?;
-        if !(raw.nats_url.starts_with("nats://") || raw.nats_url.starts_with("tls://")) {
-            return Err(invalid(
-                "nats_url",
-                "must start with nats:// or tls://".into(),
-            ));
-        }
-        let nats_credentials = match (raw.nats_user, raw.nats_password) {
-            (None, None) => None,
-            (Some(user), Some(password)) if !user.is_empty() => {
-                Some(NatsCredentials { user, password })
-            }
-            (Some(_), Some(_)) => return Err(invalid("nats_user", "must not be empty".into())),
-            (Some(_), None) => {
-                return Err(invalid(
-                    "nats_password",
-                    "is required with nats_user".into(),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "nats_user",
-                    "is required with nats_password".into(),
-                ))
-            }
-        };
+        let nats = Credentials::from_keys(path, raw.nats_url, raw.nats_user, raw.nats_password)?;
         if raw.libvirt_uri.is_empty() || !raw.libvirt_uri.contains("://") {
             return Err(invalid(
                 "libvirt_uri",
@@ -336,8 +252,7 @@ impl HostConfig {
             kpi_share: raw.kpi_share.unwrap_or(false),
             site,
             host,
-            nats_url: raw.nats_url,
-            nats_credentials,
+            nats,
             libvirt_uri: raw.libvirt_uri,
             accelerator,
             vm_root,
@@ -377,7 +292,7 @@ vm_root = "vms"
         assert_eq!(c.vm_root, PathBuf::from("/etc/nubis/vms"));
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.capacity, CapacityOverrides::default());
-        assert_eq!(c.nats_credentials, None);
+        assert_eq!(c.nats.login, None);
         let c = parse(&GOOD.replace("vm_root = \"vms\"\n", "")).unwrap();
         assert_eq!(c.vm_root, PathBuf::from(DEFAULT_VM_ROOT));
     }
@@ -393,7 +308,7 @@ vm_root = "vms"
         assert_eq!(c.capacity.vcpus, Some(4));
         assert_eq!(c.capacity.memory_mib, Some(2048));
         assert_eq!(c.capacity.disk_bytes, None);
-        let creds = c.nats_credentials.unwrap();
+        let creds = c.nats.login.unwrap();
         assert_eq!(creds.user, "u");
         assert!(
             !format!("{creds:?}").contains("\"p\""),
@@ -401,7 +316,7 @@ vm_root = "vms"
         );
     }
 
-    fn invalid_key(text: &str) -> &'static str {
+    fn invalid_key(text: &str) -> String {
         match parse(text) {
             Err(ConfigError::Invalid { key, .. }) => key,
             other => panic!("{other:?}"),

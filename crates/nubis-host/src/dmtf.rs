@@ -1,65 +1,13 @@
 //! VM states in the terms of DMTF's CIM (`CIM_EnabledLogicalElement.EnabledState`), which the
-//! paper's Control interface uses, and their mapping from libvirt's domain states.
+//! paper's Control interface uses, and their mapping from libvirt's domain states. The states
+//! themselves and their CIM numbers are the protocol's [`DmtfState`].
 
-use serde::{Deserialize, Serialize};
 use virt::domain::{DomainPausedReason, DomainShutoffReason, DomainState, DomainStateReason};
 use virt::enumutil::Enum;
 
-/// The state of a VM as CIM `EnabledState` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum DmtfState {
-    /// The hypervisor cannot tell (CIM 0).
-    Unknown,
-    /// Running (CIM 2).
-    Enabled,
-    /// Defined but not running (CIM 3).
-    Disabled,
-    /// Being shut down (CIM 4).
-    ShuttingDown,
-    /// Memory state saved to a file, not running (CIM 6, "Enabled but Offline").
-    Suspended,
-    /// Paused in memory (CIM 9, "Quiesce").
-    Paused,
-    /// Being started (CIM 10).
-    Starting,
-}
-
-impl DmtfState {
-    /// The CIM `EnabledState` number.
-    pub fn cim_value(self) -> u16 {
-        match self {
-            DmtfState::Unknown => 0,
-            DmtfState::Enabled => 2,
-            DmtfState::Disabled => 3,
-            DmtfState::ShuttingDown => 4,
-            DmtfState::Suspended => 6,
-            DmtfState::Paused => 9,
-            DmtfState::Starting => 10,
-        }
-    }
-
-    /// The state for a CIM `EnabledState` number, if it is one of ours.
-    pub fn from_cim_value(v: u16) -> Option<Self> {
-        Some(match v {
-            0 => DmtfState::Unknown,
-            2 => DmtfState::Enabled,
-            3 => DmtfState::Disabled,
-            4 => DmtfState::ShuttingDown,
-            6 => DmtfState::Suspended,
-            9 => DmtfState::Paused,
-            10 => DmtfState::Starting,
-            _ => return None,
-        })
-    }
-
-    /// Whether the domain holds a running (or paused) emulator.
-    pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            DmtfState::Enabled | DmtfState::Paused | DmtfState::ShuttingDown | DmtfState::Starting
-        )
-    }
-}
+/// The state of a VM as CIM `EnabledState` values: the protocol's own type, so the host and the
+/// wire share one table of CIM numbers.
+pub use nubis_protocol::message::DmtfState;
 
 /// Maps a libvirt state and its reason.
 ///
@@ -99,22 +47,6 @@ mod tests {
     use virt::domain::{DomainRunningReason, DomainShutdownReason};
 
     use super::*;
-
-    #[test]
-    fn cim_values_round_trip() {
-        for s in [
-            DmtfState::Unknown,
-            DmtfState::Enabled,
-            DmtfState::Disabled,
-            DmtfState::ShuttingDown,
-            DmtfState::Suspended,
-            DmtfState::Paused,
-            DmtfState::Starting,
-        ] {
-            assert_eq!(DmtfState::from_cim_value(s.cim_value()), Some(s));
-        }
-        assert_eq!(DmtfState::from_cim_value(5), None);
-    }
 
     #[test]
     fn maps_libvirt_states() {

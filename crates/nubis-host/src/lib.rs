@@ -7,7 +7,7 @@
 //!   real guests, `test:///default` for fast tests), reconnecting when libvirtd restarts.
 //! - [`spec`]: [`DomainSpec`], the host-internal description of a domain, and
 //!   [`domain_xml`] turning it into libvirt domain XML.
-//! - [`dmtf`]: VM states as DMTF/CIM `EnabledState` values.
+//! - [`dmtf`]: libvirt's domain states mapped to the protocol's DMTF/CIM [`DmtfState`].
 //! - [`sampling`]: infrastructure measurements, snapshots of counters turned into rates.
 //! - [`capacity`]: what the host has, what its VMs hold, and whether one more fits.
 //! - [`test_guest`]: the tiny real guest used by tests.
@@ -18,7 +18,8 @@
 //! - [`agent`]: [`agent::run`], the daemon answering the site on
 //!   `nubis.site.<site>.host.<host>.<op>` and publishing its capacity.
 //! - [`engine`]: the operations themselves (reserve, activate, prepare, resume after abort,
-//!   release, control, update, state, list), idempotent and run one at a time.
+//!   release, control, update, state, list), idempotent and run one at a time per VM; a save or
+//!   a graceful shutdown waits on a thread of its own, so other VMs are served meanwhile.
 //! - [`vm_files`]: the per-VM directories under the VM root.
 //! - [`producer`]: the monitoring [`Producer`] of one VM (paper section IV): monitoring and
 //!   delivery intervals, raw and processed formats, predicates; pure and synchronous.
@@ -41,6 +42,8 @@ pub mod producer;
 pub mod sampling;
 pub mod spec;
 pub mod test_guest;
+#[cfg(test)]
+mod test_support;
 pub mod vm_files;
 
 pub use agent::{run, AgentError};

@@ -118,12 +118,5 @@ pub enum OvfError {
 /// Truncates a value quoted in an error so a huge attribute cannot flood a log line.
 pub(crate) fn clip(value: &str) -> String {
     const LIMIT: usize = 120;
-    if value.len() <= LIMIT {
-        return value.to_owned();
-    }
-    let mut cut = LIMIT;
-    while !value.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}…", &value[..cut])
+    nubis_protocol::clip::clip_marked(value, LIMIT)
 }

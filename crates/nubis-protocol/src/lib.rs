@@ -5,12 +5,14 @@
 //! as a [`envelope::SignedEnvelope`] whose body is one of the typed messages in [`message`],
 //! published on a subject built by [`subject::Subject`].
 
+pub mod clip;
 pub mod codec;
 pub mod descriptor;
 pub mod envelope;
 pub mod identity;
 pub mod ids;
 pub mod message;
+pub mod ops;
 pub mod replay;
 pub mod seal;
 pub mod subject;

@@ -23,35 +23,16 @@ use nubis_protocol::message::ProxyId;
 use nubis_protocol::SiteId;
 use serde::Deserialize;
 
-/// Why the configuration was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML of this shape (the cause names the key).
-    #[error("invalid configuration in {path}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: toml::de::Error,
-    },
-    /// A value is out of range.
-    #[error("invalid value for {key}: {reason}")]
-    Value {
-        /// The key.
-        key: &'static str,
-        /// Why.
-        reason: &'static str,
-    },
+pub use nubis_bus::config::{ConfigError, Credentials};
+
+/// A transfer setting out of range (the key and why).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{key}` {reason}")]
+pub struct InvalidSetting {
+    /// The key, e.g. `transfer.chunk_size`.
+    pub key: &'static str,
+    /// Why.
+    pub reason: &'static str,
 }
 
 /// A pinned partner key (the bilateral contract).
@@ -65,31 +46,41 @@ pub struct PartnerConfig {
 }
 
 /// The whole proxy configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// The site this proxy belongs to (also its JetStream domain).
     pub site: SiteId,
     /// This proxy's id within the site.
     pub proxy: ProxyId,
-    /// The site's nats-server.
-    pub nats_url: String,
-    /// NATS user (the site's `site` user), if the server wants credentials.
-    #[serde(default)]
-    pub nats_user: Option<String>,
-    /// Its password.
-    #[serde(default)]
-    pub nats_password: Option<String>,
+    /// How to reach the site's nats-server (`nats_url`, `nats_user`, `nats_password`).
+    pub nats: Credentials,
     /// The site's identity (signs everything the proxy sends).
     pub identity_file: PathBuf,
     /// Directory of the token store and replay cache.
     pub store_dir: PathBuf,
     /// Partners whose proxies may ask this one.
-    #[serde(default)]
     pub partners: Vec<PartnerConfig>,
     /// Transfer tuning and policy.
-    #[serde(default)]
     pub transfer: TransferSettings,
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    site: SiteId,
+    proxy: ProxyId,
+    nats_url: String,
+    #[serde(default)]
+    nats_user: Option<String>,
+    #[serde(default)]
+    nats_password: Option<String>,
+    identity_file: PathBuf,
+    store_dir: PathBuf,
+    #[serde(default)]
+    partners: Vec<PartnerConfig>,
+    #[serde(default)]
+    transfer: TransferSettings,
 }
 
 /// Tuning and policy of transfers.
@@ -154,45 +145,45 @@ impl Default for TransferSettings {
 
 impl TransferSettings {
     /// Checks ranges; the errors name the key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if !(4096..=(7 << 20)).contains(&self.chunk_size) {
-            return Err(ConfigError::Value {
+            return Err(InvalidSetting {
                 key: "transfer.chunk_size",
                 reason: "must be between 4 KiB and 7 MiB (below max_payload)",
             });
         }
         if self.publish_window == 0 {
-            return Err(ConfigError::Value {
+            return Err(InvalidSetting {
                 key: "transfer.publish_window",
                 reason: "must be at least 1",
             });
         }
         if self.fetch_window == 0 {
-            return Err(ConfigError::Value {
+            return Err(InvalidSetting {
                 key: "transfer.fetch_window",
                 reason: "must be at least 1",
             });
         }
         if self.checkpoint_bytes == 0 {
-            return Err(ConfigError::Value {
+            return Err(InvalidSetting {
                 key: "transfer.checkpoint_bytes",
                 reason: "must be positive",
             });
         }
         if self.bucket_max_bytes <= 0 {
-            return Err(ConfigError::Value {
+            return Err(InvalidSetting {
                 key: "transfer.bucket_max_bytes",
                 reason: "must be positive: the bucket must never grow without bound",
             });
         }
         if self.max_bytes_per_sec == Some(0) {
-            return Err(ConfigError::Value {
+            return Err(InvalidSetting {
                 key: "transfer.max_bytes_per_sec",
                 reason: "must be positive; leave it out for no cap",
             });
         }
         if self.default_ttl_ms == 0 || self.default_ttl_ms > self.max_ttl_ms {
-            return Err(ConfigError::Value {
+            return Err(InvalidSetting {
                 key: "transfer.default_ttl_ms",
                 reason: "must be positive and at most max_ttl_ms",
             });
@@ -207,18 +198,21 @@ impl TransferSettings {
 }
 
 impl Config {
-    /// Loads and validates `path`.
+    /// Loads and validates `path`; errors name the file and the key.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        config.transfer.validate()?;
-        Ok(config)
+        let raw: RawConfig = nubis_bus::config::parse_toml(&nubis_bus::config::read(path)?, path)?;
+        raw.transfer
+            .validate()
+            .map_err(|e| ConfigError::invalid(path, e.key, e.reason))?;
+        Ok(Self {
+            site: raw.site,
+            proxy: raw.proxy,
+            nats: Credentials::from_keys(path, raw.nats_url, raw.nats_user, raw.nats_password)?,
+            identity_file: raw.identity_file,
+            store_dir: raw.store_dir,
+            partners: raw.partners,
+            transfer: raw.transfer,
+        })
     }
 }
 
@@ -239,16 +233,15 @@ mod tests {
         assert_eq!(c.transfer.chunk_size, 1 << 20);
         std::fs::write(
             &p,
-            "site = \"a\"\nproxy = \"p1\"\nnats_url = \"n\"\nidentity_file = \"/k\"\nstore_dir = \"/s\"\n[transfer]\nchunk_size = 100000000\n",
+            "site = \"a\"\nproxy = \"p1\"\nnats_url = \"nats://x:4222\"\nidentity_file = \"/k\"\nstore_dir = \"/s\"\n[transfer]\nchunk_size = 100000000\n",
         )
         .unwrap();
-        assert!(matches!(
-            Config::load(&p),
-            Err(ConfigError::Value {
-                key: "transfer.chunk_size",
-                ..
-            })
-        ));
+        let err = Config::load(&p).unwrap_err();
+        assert_eq!(err.key(), Some("transfer.chunk_size"), "{err}");
+        assert!(
+            err.to_string().starts_with(&p.display().to_string()),
+            "{err}"
+        );
         std::fs::write(&p, "site = \"a\"\nbogus = 1\n").unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
     }

@@ -2,9 +2,9 @@
 
 use nubis_protocol::message::ErrorCode;
 
-use crate::client::ClientError;
 use crate::objects::ObjectError;
 use crate::store::StoreError;
+use nubis_bus::CallError;
 
 /// Why a proxy operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +52,7 @@ pub enum ProxyError {
     },
     /// The source proxy could not be asked.
     #[error("source proxy unreachable")]
-    SourceUnreachable(#[source] ClientError),
+    SourceUnreachable(#[source] CallError),
     /// The acknowledged digests differ from the served ones.
     #[error("digests do not match the served files")]
     DigestMismatch,

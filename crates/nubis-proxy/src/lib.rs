@@ -10,11 +10,15 @@
 //! writes each file under a temporary name, verifies its SHA-256 end to end, fsyncs and renames
 //! it, and acknowledges the digests to the source, whose status only then turns succeeded.
 //!
-//! Code map: [`proxy`] (the proxy and its tasks), [`objects`] (the bucket format), [`io`]
-//! (blocking file reading and writing), [`extents`] (SEEK_DATA/SEEK_HOLE), [`hashing`]
-//! (whole-file digests of sparse files), [`pace`] (bandwidth caps), [`naming`] (object names from tokens), [`store`]
-//! (the token table), [`client`] (signed requests to a proxy), [`config`].
+//! Code map: [`proxy`] (the proxy's lifecycle; its token operations in `tokens.rs`, the task of
+//! a transfer in `transfer.rs`, serving, receiving and relaying in `serve.rs`, `receive.rs` and
+//! `relay.rs`, their shared chunk loop in `chunks.rs`, the bus service in `service.rs`),
+//! [`objects`] (the bucket format), [`io`] (blocking file reading and writing), [`extents`]
+//! (SEEK_DATA/SEEK_HOLE), [`hashing`] (whole-file digests of sparse files), [`pace`]
+//! (bandwidth caps), [`naming`] (object names from tokens), [`store`] (the token table),
+//! [`client`] (signed requests to a proxy), [`config`].
 
+mod chunks;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -26,19 +30,27 @@ pub mod naming;
 pub mod objects;
 pub mod pace;
 pub mod proxy;
+mod receive;
+mod relay;
+mod serve;
+mod service;
 pub mod store;
+mod tokens;
+mod transfer;
 
+use nubis_bus::{ConnectSpec, Inbox};
 use std::sync::Arc;
 
 use nubis_protocol::identity::{parse_signing_key, SiteIdentity};
 use nubis_protocol::message::ProxyUri;
 use tokio_util::sync::CancellationToken;
 
-pub use client::{ClientError, ProxyClient};
-pub use config::{Config, ConfigError, TransferSettings};
+pub use client::ProxyClient;
+pub use config::{Config, ConfigError, InvalidSetting, TransferSettings};
 /// The key type of [`ProxyParams::partners`].
 pub use ed25519_dalek::VerifyingKey;
 pub use error::ProxyError;
+pub use nubis_bus::CallError;
 pub use proxy::{ProxyParams, StartError, TransferProxy, TransferStats};
 
 /// Why `nubis proxy` stopped with an error.
@@ -65,14 +77,8 @@ pub enum RunError {
         found: String,
     },
     /// The site's nats-server could not be reached.
-    #[error("cannot connect to {url}")]
-    Connect {
-        /// The URL.
-        url: String,
-        /// The cause.
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    #[error(transparent)]
+    Connect(#[from] nubis_bus::ConnectError),
     /// The proxy could not start.
     #[error("proxy failed to start")]
     Start(#[from] StartError),
@@ -98,21 +104,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         })?;
         partners.push((p.site.clone(), key));
     }
-    let mut options = async_nats::ConnectOptions::new()
-        .name(format!("nubis-proxy-{}-{}", config.site, config.proxy))
-        .custom_inbox_prefix(nubis_protocol::subject::Subject::reply_inbox_prefix(
-            &config.site,
-        ));
-    if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
-        options = options.user_and_password(user.clone(), password.clone());
-    }
-    let client = options
-        .connect(&config.nats_url)
-        .await
-        .map_err(|source| RunError::Connect {
-            url: config.nats_url.clone(),
-            source,
-        })?;
+    let spec = ConnectSpec::daemon(format!("nubis-proxy-{}-{}", config.site, config.proxy))
+        .inbox(Inbox::Federation(config.site.clone()));
+    let client = nubis_bus::connect(&config.nats, &spec).await?;
     let params = ProxyParams {
         uri: ProxyUri::new(config.site.clone(), config.proxy.clone()),
         identity: Arc::new(identity),

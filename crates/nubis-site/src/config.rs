@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
 use nubis_protocol::descriptor::{DataPoint, Predicate, PredicateOp};
-use nubis_protocol::identity::{parse_sealing_key, parse_signing_key, KeyError, SiteIdentity};
+use nubis_protocol::identity::{parse_sealing_key, parse_signing_key, SiteIdentity};
 use nubis_protocol::message::{HostId, ProxyId, ProxyUri};
 use nubis_protocol::{SiteId, VmId};
 use serde::{Deserialize, Serialize};
@@ -15,46 +15,7 @@ use serde::{Deserialize, Serialize};
 /// Longest accounting retention accepted, in seconds (100 years).
 pub const MAX_ACCOUNTING_AGE_S: u64 = 100 * 365 * 24 * 3600;
 
-/// Why a configuration could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}")]
-    Io {
-        /// The configuration file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML of the expected shape (the message names the key).
-    #[error("{path}: {message}")]
-    Parse {
-        /// The configuration file.
-        path: PathBuf,
-        /// What the TOML parser said, including the key and line.
-        message: String,
-    },
-    /// A key has a value that cannot be used.
-    #[error("{path}: `{key}` {reason}")]
-    Invalid {
-        /// The configuration file.
-        path: PathBuf,
-        /// The offending key, e.g. `partners[1].signing_key`.
-        key: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The key file named by `key_file` cannot be used.
-    #[error("{path}: `key_file`")]
-    Key {
-        /// The configuration file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: KeyError,
-    },
-}
+pub use nubis_bus::config::{ConfigError, Credentials, Login};
 
 /// Which offers a site passes upstream in its answer to a Migration request (paper III-C,
 /// Migration request handler step 4).
@@ -342,15 +303,6 @@ pub struct Partner {
     pub preferred: bool,
 }
 
-/// Credentials for the site's own NATS connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NatsAuth {
-    /// User name.
-    pub user: String,
-    /// Password.
-    pub password: String,
-}
-
 /// The validated configuration of one site daemon.
 #[derive(Debug)]
 pub struct SiteConfig {
@@ -358,10 +310,8 @@ pub struct SiteConfig {
     pub site: SiteId,
     /// The site's secret keys.
     pub identity: Arc<SiteIdentity>,
-    /// URL of the site's own (leaf) nats-server.
-    pub nats_url: String,
-    /// Credentials for it, if it requires them.
-    pub nats_auth: Option<NatsAuth>,
+    /// How to reach the site's own (leaf) nats-server.
+    pub nats: Credentials,
     /// JetStream domain of the federation hub (where the directory lives).
     pub hub_domain: String,
     /// Directory for the journal and the replay cache.
@@ -389,10 +339,7 @@ pub struct SiteConfig {
 impl SiteConfig {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = nubis_bus::config::read(path)?;
         Self::parse(&text, path)
     }
 
@@ -403,10 +350,7 @@ impl SiteConfig {
             key,
             reason,
         };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
+        let raw: RawConfig = nubis_bus::config::parse_toml(text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| {
             if p.is_absolute() {
@@ -416,34 +360,13 @@ impl SiteConfig {
             }
         };
 
-        if !(raw.nats_url.starts_with("nats://") || raw.nats_url.starts_with("tls://")) {
-            return Err(invalid(
-                "nats_url".into(),
-                "must start with nats:// or tls://".into(),
-            ));
-        }
         if raw.hub_domain.is_empty() || raw.hub_domain.contains(['.', '*', '>', ' ']) {
             return Err(invalid(
                 "hub_domain".into(),
                 "must be a plain JetStream domain name".into(),
             ));
         }
-        let nats_auth = match (raw.nats_user, raw.nats_password) {
-            (Some(user), Some(password)) => Some(NatsAuth { user, password }),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(invalid(
-                    "nats_password".into(),
-                    "is required with nats_user".into(),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "nats_user".into(),
-                    "is required with nats_password".into(),
-                ))
-            }
-        };
+        let nats = Credentials::from_keys(path, raw.nats_url, raw.nats_user, raw.nats_password)?;
         if raw.directory.heartbeat_ms == 0 {
             return Err(invalid(
                 "directory.heartbeat_ms".into(),
@@ -499,6 +422,7 @@ impl SiteConfig {
         let identity =
             SiteIdentity::load(&resolve(&raw.key_file)).map_err(|source| ConfigError::Key {
                 path: path.to_path_buf(),
+                key: "key_file".into(),
                 source,
             })?;
         if identity.site() != &raw.site {
@@ -572,8 +496,7 @@ impl SiteConfig {
             max_concurrent_migrations: raw.max_concurrent_migrations,
             site: raw.site,
             identity: Arc::new(identity),
-            nats_url: raw.nats_url,
-            nats_auth,
+            nats,
             hub_domain: raw.hub_domain,
             data_dir,
             policy: raw.policy,
@@ -592,6 +515,7 @@ impl SiteConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nubis_protocol::identity::KeyError;
     use std::os::unix::fs::PermissionsExt;
 
     struct Fixture {

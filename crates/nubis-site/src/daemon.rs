@@ -23,7 +23,8 @@ use crate::journal::Journal;
 use crate::monitoring::{MigrateFn, Monitoring, MonitoringDeps};
 use crate::ops::{self, OpsContext};
 use crate::roles::Roles;
-use nubis_proxy::client::ProxyClient;
+use nubis_bus::proxy::ProxyClient;
+use nubis_bus::{CallPolicy, ConnectSpec, Inbox, SignedClient};
 
 /// Oldest nats-server release whose JetStream API the daemon can use.
 pub const MIN_NATS_SERVER: (u64, u64) = (2, 10);
@@ -35,14 +36,8 @@ const GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum SiteError {
     /// The site's nats-server could not be reached.
-    #[error("cannot connect to nats-server at {url}")]
-    Connect {
-        /// The URL tried.
-        url: String,
-        /// The cause.
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    #[error(transparent)]
+    Connect(#[from] nubis_bus::ConnectError),
     /// The site's nats-server is too old.
     #[error("nats-server {found} is too old; nubis needs {}.{} or newer", MIN_NATS_SERVER.0, MIN_NATS_SERVER.1)]
     NatsServerTooOld {
@@ -95,23 +90,9 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
     let site = config.site.clone();
     let started_ms = now_ms();
 
-    let mut options = async_nats::ConnectOptions::new()
-        .name(format!("nubis-site-{site}"))
-        .custom_inbox_prefix(nubis_protocol::subject::Subject::reply_inbox_prefix(&site))
-        .max_reconnects(None);
-    if let Some(auth) = &config.nats_auth {
-        options = options.user_and_password(auth.user.clone(), auth.password.clone());
-    }
-    let client = tokio::time::timeout(Duration::from_secs(30), options.connect(&config.nats_url))
-        .await
-        .map_err(|_| SiteError::Connect {
-            url: config.nats_url.clone(),
-            source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
-        })?
-        .map_err(|source| SiteError::Connect {
-            url: config.nats_url.clone(),
-            source,
-        })?;
+    let spec =
+        ConnectSpec::daemon(format!("nubis-site-{site}")).inbox(Inbox::Federation(site.clone()));
+    let client = nubis_bus::connect(&config.nats, &spec).await?;
     let server_version = client.server_info().version;
     if !server_version_ok(&server_version) {
         return Err(SiteError::NatsServerTooOld {
@@ -212,31 +193,20 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
     }
 
     let journal = Journal::open(&config.data_dir.join("journal")).map_err(SiteError::Journal)?;
-    let fed = FederationClient::new(
+    let signed = SignedClient::new(
         client.clone(),
         identity.clone(),
         request_verifier.clone(),
-        Duration::from_secs(10),
+        CallPolicy::with_timeout(Duration::from_secs(10)),
     );
-    let proxy = ProxyClient::new(client.clone(), identity.clone(), request_verifier.clone());
+    let fed = FederationClient::new(signed.clone());
+    let proxy = ProxyClient::from_signed(signed);
     // Site-internal requests (to host agents) get replies on a site-internal inbox, which the
     // leaf connection never carries: their bodies name host paths. `_INBOX.>` replies do cross
     // the hub (federation replies need them), so they must not carry anything site-internal.
-    let mut internal_options = async_nats::ConnectOptions::new()
-        .name(format!("nubis-site-{site}-internal"))
-        .custom_inbox_prefix(nubis_protocol::subject::Subject::site_inbox_prefix(&site))
-        .max_reconnects(None);
-    if let Some(auth) = &config.nats_auth {
-        internal_options =
-            internal_options.user_and_password(auth.user.clone(), auth.password.clone());
-    }
-    let internal = internal_options
-        .connect(&config.nats_url)
-        .await
-        .map_err(|source| SiteError::Connect {
-            url: config.nats_url.clone(),
-            source,
-        })?;
+    let spec = ConnectSpec::daemon(format!("nubis-site-{site}-internal"))
+        .inbox(Inbox::SiteInternal(site.clone()));
+    let internal = nubis_bus::connect(&config.nats, &spec).await?;
     let local = NatsLocalSite::new(
         site.clone(),
         internal.clone(),
@@ -316,7 +286,7 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
     let monitoring = Monitoring::new(
         MonitoringDeps {
             config: config.clone(),
-            journal: roles.journal.clone(),
+            journal: roles.journal().clone(),
             directory: directory.clone(),
             accounting,
             public: client.clone(),
@@ -350,7 +320,7 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
     if let Err(e) = service.stop().await {
         tracing::warn!(error = %e, "cannot stop the operator API cleanly");
     }
-    if let Err(e) = roles.journal.flush() {
+    if let Err(e) = roles.journal().flush() {
         tracing::warn!(error = %e, "cannot flush the journal");
     }
     if let Err(e) = request_verifier.replay_cache().flush() {

@@ -5,50 +5,21 @@
 //! the site is the proxy URI and the opaque token the proxy minted.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
+use nubis_bus::proxy::ProxyClient;
+use nubis_bus::CallError;
 use nubis_protocol::descriptor::VmDescriptor;
-use nubis_protocol::message::host::{HostCallError, HostClient, HostTransport, TransportError};
+use nubis_protocol::message::host::{HostCallError, HostClient, TransportError};
 use nubis_protocol::message::{
     CapacityHint, ControlChange, ControlReply, DmtfState, Endpoint, ErrorCode, ErrorReply,
     FetchTransfer, HostId, LocalFile, MintToken, Offer, OfferTerms, PrepareMode, ProxyUri,
     ReleaseOutcome, ReleaseToken, TokenPurpose, TransferStatus, TransferToken,
 };
-use nubis_protocol::subject::Subject;
 use nubis_protocol::{MigrationId, SiteId, VmId};
-use nubis_proxy::client::{ClientError, ProxyClient};
+
+pub use nubis_bus::host::NatsTransport;
 
 use crate::local::{LocalSite, PreparedSource};
-
-/// Host-agent requests over a NATS connection.
-#[derive(Debug, Clone)]
-pub struct NatsTransport(pub async_nats::Client);
-
-impl HostTransport for NatsTransport {
-    async fn request(
-        &self,
-        subject: Subject,
-        payload: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, TransportError> {
-        match tokio::time::timeout(
-            timeout,
-            self.0.request(subject.as_str().to_string(), payload.into()),
-        )
-        .await
-        {
-            Err(_) => Err(TransportError::Timeout(timeout)),
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                Err(TransportError::NoResponders)
-            }
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
-                Err(TransportError::Timeout(timeout))
-            }
-            Ok(Err(e)) => Err(TransportError::Other(e.to_string())),
-            Ok(Ok(m)) => Ok(m.payload.to_vec()),
-        }
-    }
-}
 
 /// The site's infrastructure, reached over NATS.
 #[derive(Debug, Clone)]
@@ -76,10 +47,12 @@ fn host_error(e: HostCallError) -> ErrorReply {
     }
 }
 
-fn proxy_error(e: ClientError) -> ErrorReply {
-    match e.code() {
-        Some(code) => ErrorReply::new(code.clone(), format!("transfer proxy: {e}")),
-        None => ErrorReply::new(ErrorCode::Internal, format!("transfer proxy: {e}")),
+fn proxy_error(e: CallError) -> ErrorReply {
+    match e {
+        CallError::Refused { reply, .. } => {
+            ErrorReply::new(reply.code, format!("transfer proxy: {}", reply.message))
+        }
+        other => ErrorReply::new(ErrorCode::Internal, format!("transfer proxy: {other}")),
     }
 }
 
@@ -204,7 +177,9 @@ impl LocalSite for NatsLocalSite {
                 Ok(m) => m,
                 Err(e) => {
                     // Without a token the reservation is useless: give it back.
-                    let _ = client.release(&descriptor.id).await;
+                    if let Err(r) = client.release(&descriptor.id).await {
+                        tracing::warn!(vm.id = %descriptor.id, host = %host, error = %r, "cannot release a reservation; the host keeps it until the VM is released");
+                    }
                     last_refusal = Some(proxy_error(e));
                     continue;
                 }

@@ -177,6 +177,48 @@ pub struct MigrationRecord {
     /// Why the last failed round failed.
     #[serde(default)]
     pub last_failure: Option<String>,
+    /// Why the migration is being rolled back (set on entering [`MigrationPhase::Aborting`]),
+    /// kept for the reason of the final [`MigrationPhase::Aborted`].
+    #[serde(default)]
+    pub abort_reason: Option<String>,
+    /// Whether `source`'s token already carried a transfer to an earlier offer: a serving
+    /// token carries one transfer, so the current offer needs a freshly prepared one.
+    #[serde(default)]
+    pub source_spent: bool,
+    /// Indices into `offers` whose reservation was released.
+    #[serde(default)]
+    pub released: Vec<usize>,
+}
+
+impl MigrationRecord {
+    /// A new migration of `vm`, queued, started at `now_ms`.
+    pub fn queued(
+        id: MigrationId,
+        vm: VmId,
+        reason: String,
+        max_bytes_per_sec: Option<u64>,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            id,
+            vm,
+            reason,
+            phase: MigrationPhase::Queued,
+            offers: Vec::new(),
+            source: None,
+            source_via: None,
+            bytes_done: 0,
+            bytes_total: 0,
+            started_ms: now_ms,
+            updated_ms: now_ms,
+            max_bytes_per_sec,
+            failed_rounds: 0,
+            last_failure: None,
+            abort_reason: None,
+            source_spent: false,
+            released: Vec::new(),
+        }
+    }
 }
 
 /// The journal.

@@ -10,6 +10,8 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod directory;
+#[cfg(test)]
+pub(crate) mod fakes;
 pub mod federation;
 pub mod images;
 pub mod infrastructure;
@@ -17,6 +19,7 @@ pub mod journal;
 pub mod local;
 pub mod monitoring;
 pub mod ops;
+pub mod peers;
 pub mod roles;
 pub mod sla;
 pub mod usage;

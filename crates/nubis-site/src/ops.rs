@@ -10,6 +10,11 @@ use std::sync::Arc;
 use async_nats::service::{self, ServiceExt as _};
 use futures::StreamExt as _;
 use nubis_protocol::envelope::now_ms;
+use nubis_protocol::ops::{
+    CancelReply, CancelRequest, ControlView, ImagePutReply, ImagePutRequest, ImageView,
+    ImagesReply, MigrationStarted, SiteStatus, SiteView, SitesReply, UsageQuery, UsageReport,
+    VmsQuery, VmsReply,
+};
 use nubis_protocol::subject::{OpsEndpoint, Subject};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -53,45 +58,11 @@ pub struct OpsContext<L> {
     pub local_js: async_nats::jetstream::Context,
 }
 
-#[derive(Debug, Serialize)]
-struct StatusReply<'a> {
-    site: &'a str,
-    version: &'static str,
-    started_ms: u64,
-    uptime_ms: u64,
-    nats_server_version: &'a str,
-    partners: usize,
-    partners_reachable: usize,
-    hosts: Vec<String>,
-    vms: usize,
-    /// The site's own signing key, `ed25519:<base64>`.
-    signing_key: String,
-}
-
-#[derive(Debug, Serialize)]
-struct SiteView {
-    site: String,
-    partner: bool,
-    trusted: bool,
-    reachable: bool,
-    heartbeat_age_ms: u64,
-    proxies: Vec<String>,
-    /// The key batches and messages of the site verify against, `ed25519:<base64>`: the pinned
-    /// key of a partner, else the key of the site's directory entry.
-    signing_key: Option<String>,
-}
-
 fn key_text(bytes: &[u8; 32]) -> String {
     format!(
         "ed25519:{}",
         base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
     )
-}
-
-/// The JSON answer of the `sites` endpoint.
-#[derive(Debug, Serialize)]
-struct SitesReply {
-    sites: Vec<SiteView>,
 }
 
 fn service_error(code: usize, status: impl Into<String>) -> service::error::Error {
@@ -127,7 +98,7 @@ impl<L: LocalSite> OpsContext<L> {
             .iter()
             .filter(|(site, _)| **site != self.config.site)
             .map(|(site, record)| SiteView {
-                site: site.to_string(),
+                site: site.clone(),
                 partner: self.config.partner(site).is_some(),
                 trusted: record.trusted,
                 reachable: record.reachable(now, liveness),
@@ -143,7 +114,7 @@ impl<L: LocalSite> OpsContext<L> {
         for p in &self.config.partners {
             if !view.contains_key(&p.site) {
                 out.push(SiteView {
-                    site: p.site.to_string(),
+                    site: p.site.clone(),
                     partner: true,
                     trusted: false,
                     reachable: false,
@@ -167,70 +138,53 @@ impl<L: LocalSite> OpsContext<L> {
         } else {
             payload
         };
-        let to_json = |v: serde_json::Value| {
-            serde_json::to_vec(&v).map_err(|e| service_error(500, format!("internal error: {e}")))
-        };
         match endpoint {
             OpsEndpoint::Deploy => {
                 let req: DeployRequest = parse(payload)?;
                 let (vm, migration) = self.roles.deploy(req).map_err(refusal)?;
-                return to_json(
-                    serde_json::json!({"vm": vm.as_str(), "migration": migration.to_string()}),
-                );
+                to_json(&MigrationStarted { vm, migration })
             }
             OpsEndpoint::Migrate => {
                 let req: MigrateRequest = parse(payload)?;
                 let trigger = crate::controller::Trigger::Operator {
                     to_site: req.to_site,
                 };
-                let id = self
+                let migration = self
                     .roles
                     .start_migration_capped(req.vm.clone(), trigger, req.max_bytes_per_sec)
                     .map_err(refusal)?;
-                return to_json(
-                    serde_json::json!({"vm": req.vm.as_str(), "migration": id.to_string()}),
-                );
+                to_json(&MigrationStarted {
+                    vm: req.vm,
+                    migration,
+                })
             }
             OpsEndpoint::Evict => {
                 let req: VmRef = parse(payload)?;
-                return to_json(self.roles.evict(&req.vm).map_err(refusal)?);
+                to_json(&self.roles.evict(&req.vm).map_err(refusal)?)
             }
             OpsEndpoint::Control => {
                 let req: ControlOp = parse(payload)?;
                 let reply = self.roles.control_vm(req).await.map_err(refusal)?;
-                return to_json(serde_json::json!({
-                    "vm": reply.vm.as_str(),
-                    "state": reply.state,
-                    "cim_enabled_state": reply.state.cim_enabled_state(),
-                    "descriptor_version": reply.descriptor_version,
-                }));
+                to_json(&ControlView {
+                    vm: reply.vm,
+                    state: reply.state,
+                    cim_enabled_state: reply.state.cim_enabled_state(),
+                    descriptor_version: reply.descriptor_version,
+                })
             }
             OpsEndpoint::Cancel => {
-                #[derive(serde::Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct Cancel {
-                    migration: nubis_protocol::MigrationId,
-                }
-                let req: Cancel = parse(payload)?;
+                let req: CancelRequest = parse(payload)?;
                 let phase = self
                     .roles
                     .cancel_migration(&req.migration)
                     .map_err(refusal)?;
-                return to_json(
-                    serde_json::json!({"migration": req.migration.to_string(), "cancelling_in_phase": format!("{phase:?}")}),
-                );
+                to_json(&CancelReply {
+                    migration: req.migration,
+                    cancelling_in_phase: format!("{phase:?}"),
+                })
             }
             OpsEndpoint::Usage => {
-                #[derive(serde::Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct Query {
-                    vm: nubis_protocol::VmId,
-                    #[serde(default)]
-                    from_ms: u64,
-                    #[serde(default)]
-                    to_ms: Option<u64>,
-                }
-                let q: Query = parse(payload)?;
+                let q: UsageQuery = parse(payload)?;
                 let to_ms = q.to_ms.unwrap_or_else(now_ms);
                 if q.from_ms > to_ms {
                     return Err(service_error(
@@ -238,34 +192,39 @@ impl<L: LocalSite> OpsContext<L> {
                         "malformed request: from_ms is later than to_ms",
                     ));
                 }
-                let report = self
+                let r = self
                     .monitoring
                     .usage(&q.vm, q.from_ms, to_ms)
                     .await
                     .map_err(refusal)?;
-                return serde_json::to_vec(&report)
-                    .map_err(|e| service_error(500, format!("internal error: {e}")));
+                to_json(&UsageReport {
+                    vm: r.vm,
+                    from_ms: r.from_ms,
+                    to_ms: r.to_ms,
+                    cpu_core_hours: r.usage.cpu_core_hours,
+                    memory_gib_hours: r.usage.memory_gib_hours,
+                    disk_read_bytes: r.usage.disk_read_bytes,
+                    disk_written_bytes: r.usage.disk_written_bytes,
+                    net_rx_bytes: r.usage.net_rx_bytes,
+                    net_tx_bytes: r.usage.net_tx_bytes,
+                    batches: r.usage.batches,
+                    samples: r.usage.samples,
+                    sealed_unreadable: r.usage.sealed_unreadable,
+                })
             }
             OpsEndpoint::Images => {
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]
                 struct Query {}
-                if !payload.is_empty() {
-                    let _: Query = parse(payload)?;
-                }
+                let _: Query = parse(payload)?;
                 let images = crate::images::list(&self.config.image_store)
                     .map_err(|e| service_error(500, format!("internal error: {e}")))?;
-                return to_json(serde_json::json!({"images": images}));
+                to_json(&ImagesReply {
+                    images: images.into_iter().map(image_view).collect(),
+                })
             }
             OpsEndpoint::ImagePut => {
-                #[derive(serde::Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct Put {
-                    name: String,
-                    #[serde(default)]
-                    replace: bool,
-                }
-                let q: Put = parse(payload)?;
+                let q: ImagePutRequest = parse(payload)?;
                 use crate::images::ImageError as E;
                 let info = crate::images::import(
                     &self.local_js,
@@ -280,7 +239,9 @@ impl<L: LocalSite> OpsContext<L> {
                     E::Digest { .. } => service_error(422, format!("{e} (transfer_failed)")),
                     E::Bucket(_) | E::Io { .. } => service_error(500, format!("{e} (internal)")),
                 })?;
-                return to_json(serde_json::json!({"image": info}));
+                to_json(&ImagePutReply {
+                    image: image_view(info),
+                })
             }
             OpsEndpoint::Monitoring => {
                 #[derive(serde::Deserialize)]
@@ -290,70 +251,72 @@ impl<L: LocalSite> OpsContext<L> {
                     vm: Option<nubis_protocol::VmId>,
                 }
                 let q: Query = parse(payload)?;
-                return to_json(self.monitoring.report(q.vm.as_ref()));
+                to_json(&self.monitoring.report(q.vm.as_ref()))
             }
-            _ => {}
-        }
-        {
-            serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(payload).map_err(
-                |e| service::error::Error {
-                    status: format!("malformed request: expected a JSON object ({e})"),
-                    code: 400,
-                },
-            )?;
-        }
-        let now = now_ms();
-        let json = match endpoint {
             OpsEndpoint::Status => {
+                object(payload)?;
+                let now = now_ms();
                 let sites = self.sites(now);
-                serde_json::to_vec(&StatusReply {
-                    site: self.config.site.as_str(),
-                    version: env!("CARGO_PKG_VERSION"),
+                to_json(&SiteStatus {
+                    site: self.config.site.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
                     started_ms: self.started_ms,
                     uptime_ms: now.saturating_sub(self.started_ms),
-                    nats_server_version: &self.nats_server_version,
-                    partners: self.config.partners.len(),
-                    partners_reachable: sites.iter().filter(|s| s.partner && s.reachable).count(),
+                    nats_server_version: self.nats_server_version.clone(),
+                    partners: self.config.partners.len() as u64,
+                    partners_reachable: sites.iter().filter(|s| s.partner && s.reachable).count()
+                        as u64,
                     hosts: self.config.hosts.iter().map(|h| h.to_string()).collect(),
-                    vms: self.roles.journal.vms().map(|v| v.len()).unwrap_or(0),
+                    vms: self
+                        .roles
+                        .journal()
+                        .vms()
+                        .map(|v| v.len() as u64)
+                        .unwrap_or(0),
                     signing_key: key_text(self.config.identity.public().signing.as_bytes()),
                 })
             }
-            OpsEndpoint::Sites => serde_json::to_vec(&SitesReply {
-                sites: self.sites(now),
-            }),
-            OpsEndpoint::Vms => {
-                #[derive(serde::Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct Query {
-                    #[serde(default)]
-                    vm: Option<nubis_protocol::VmId>,
-                    #[serde(default)]
-                    migration: Option<nubis_protocol::MigrationId>,
-                }
-                let q: Query = parse(payload)?;
-                if let Some(m) = q.migration {
-                    let view = self.roles.migration_view_of(&m).map_err(refusal)?;
-                    serde_json::to_vec(&view)
-                } else {
-                    let vms = self.roles.vm_views(q.vm.as_ref()).map_err(refusal)?;
-                    serde_json::to_vec(&serde_json::json!({"vms": vms}))
-                }
-            }
-            other => {
-                return Err(service::error::Error {
-                    status: format!(
-                        "endpoint {} is not available in this version",
-                        other.as_str()
-                    ),
-                    code: 501,
+            OpsEndpoint::Sites => {
+                object(payload)?;
+                to_json(&SitesReply {
+                    sites: self.sites(now_ms()),
                 })
             }
-        };
-        json.map_err(|e| service::error::Error {
-            status: format!("internal error: {e}"),
-            code: 500,
+            OpsEndpoint::Vms => {
+                let q: VmsQuery = parse(payload)?;
+                if let Some(m) = q.migration {
+                    to_json(&self.roles.migration_view_of(&m).map_err(refusal)?)
+                } else {
+                    let vms = self.roles.vm_views(q.vm.as_ref()).map_err(refusal)?;
+                    to_json(&VmsReply { vms })
+                }
+            }
+        }
+    }
+}
+
+/// Checks that a request without parameters is a JSON object (whose fields are ignored).
+fn object(payload: &[u8]) -> Result<(), service::error::Error> {
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(payload)
+        .map(drop)
+        .map_err(|e| {
+            service_error(
+                400,
+                format!("malformed request: expected a JSON object ({e})"),
+            )
         })
+}
+
+fn to_json<T: Serialize>(answer: &T) -> Result<Vec<u8>, service::error::Error> {
+    serde_json::to_vec(answer).map_err(|e| service_error(500, format!("internal error: {e}")))
+}
+
+fn image_view(info: crate::images::ImageInfo) -> ImageView {
+    ImageView {
+        name: info.name,
+        bytes: info.bytes,
+        modified_ms: info.modified_ms,
+        sha256: info.sha256,
     }
 }
 

@@ -1,19 +1,20 @@
 //! What an operator asks of a site about VMs: deploy (primary placement), migrate, evict,
 //! control, cancel and status — in the JSON shapes of the operator API (`subjects.md`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nubis_protocol::descriptor::{MonitoringSpecifier, PrimaryKeys, VirtualHardware, VmDescriptor};
+use nubis_protocol::descriptor::{PrimaryKeys, VmDescriptor};
 use nubis_protocol::envelope::now_ms;
 use nubis_protocol::message::{
-    ControlChange, ControlReply, ControlRequest, ErrorCode, ErrorReply, EvictionAccepted,
-    EvictionNotice, NoticeId,
+    ControlReply, ControlRequest, ErrorCode, ErrorReply, EvictionAccepted, EvictionNotice, NoticeId,
 };
+pub use nubis_protocol::ops::{
+    ControlOp, DeployRequest, MigrateRequest, MigrationView, VmRef, VmView,
+};
+use nubis_protocol::ops::{EvictReply, MigrationPhase as PhaseView, PlacementPhase};
 use nubis_protocol::subject::FederationOp;
 use nubis_protocol::{MigrationId, VmId};
-use serde::{Deserialize, Serialize};
 
 use crate::config::EvictionPolicy;
 use crate::controller::Trigger;
@@ -24,103 +25,6 @@ use crate::roles::{internal, Roles};
 /// How long an eviction notice gives the upstream site to move the VM.
 const EVICTION_DEADLINE: Duration = Duration::from_secs(600);
 
-/// `deploy`: a new VM for which this site is the primary.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeployRequest {
-    /// The VM id (unique in the federation; a-z, 0-9, '-', '_').
-    pub vm: VmId,
-    /// A human-readable name.
-    #[serde(default)]
-    pub name: String,
-    /// Virtual hardware.
-    pub hardware: VirtualHardware,
-    /// Monitoring specifiers.
-    #[serde(default)]
-    pub monitoring: Vec<MonitoringSpecifier>,
-    /// Free properties.
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-}
-
-/// `migrate`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MigrateRequest {
-    /// The VM.
-    pub vm: VmId,
-    /// Only offers from (or through) this partner, or `"local"`-site hosts when it names this site.
-    #[serde(default)]
-    pub to_site: Option<nubis_protocol::SiteId>,
-    /// A bandwidth cap for the file transfer, in bytes per second; none by default.
-    #[serde(default)]
-    pub max_bytes_per_sec: Option<u64>,
-}
-
-/// `evict` / `status` of one VM.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmRef {
-    /// The VM.
-    pub vm: VmId,
-}
-
-/// `control`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControlOp {
-    /// The VM.
-    pub vm: VmId,
-    /// The change.
-    pub change: ControlChange,
-}
-
-/// A migration as the operator sees it.
-#[derive(Debug, Clone, Serialize)]
-pub struct MigrationView {
-    /// The migration id.
-    pub migration: String,
-    /// The VM.
-    pub vm: String,
-    /// Phase name.
-    pub phase: String,
-    /// Why it ended without moving the VM, if it did.
-    pub reason: Option<String>,
-    /// Bytes moved so far (never decreases).
-    pub bytes_done: u64,
-    /// Bytes to move.
-    pub bytes_total: u64,
-    /// Offers collected.
-    pub offers: usize,
-    /// Position in the queue of waiting migrations (0 = running).
-    pub queue_position: usize,
-    /// Seconds since it started.
-    pub elapsed_s: f64,
-    /// Transfer rounds that failed (a digest mismatch, a lost source, ...), over every offer.
-    pub failed_rounds: u32,
-    /// Why the last failed round failed.
-    pub last_failure: Option<String>,
-}
-
-/// A VM as the operator sees it. Where it runs is shown only as this site's next hop.
-#[derive(Debug, Clone, Serialize)]
-pub struct VmView {
-    /// The VM.
-    pub vm: String,
-    /// Its primary site.
-    pub primary: String,
-    /// Who delegated it here.
-    pub upstream: Option<String>,
-    /// The next hop: `site:<id>` or `host:<id>` (hosts only for this site's own).
-    pub next_hop: Option<String>,
-    /// Placement phase.
-    pub phase: String,
-    /// Descriptor version.
-    pub descriptor_version: u64,
-    /// Migrations of this VM controlled by this site, newest last.
-    pub migrations: Vec<MigrationView>,
-}
-
 fn hop(h: &NextHop) -> String {
     match h {
         NextHop::Site(s) => format!("site:{s}"),
@@ -128,16 +32,16 @@ fn hop(h: &NextHop) -> String {
     }
 }
 
-fn phase_name(p: &MigrationPhase) -> (String, Option<String>) {
+fn phase_view(p: &MigrationPhase) -> (PhaseView, Option<String>) {
     match p {
-        MigrationPhase::Queued => ("queued".into(), None),
-        MigrationPhase::Requesting => ("requesting".into(), None),
-        MigrationPhase::Preparing => ("preparing".into(), None),
-        MigrationPhase::Transferring { .. } => ("transferring".into(), None),
-        MigrationPhase::Committing { .. } => ("committing".into(), None),
-        MigrationPhase::Committed => ("committed".into(), None),
-        MigrationPhase::Aborting => ("aborting".into(), None),
-        MigrationPhase::Aborted { reason } => ("aborted".into(), Some(reason.clone())),
+        MigrationPhase::Queued => (PhaseView::Queued, None),
+        MigrationPhase::Requesting => (PhaseView::Requesting, None),
+        MigrationPhase::Preparing => (PhaseView::Preparing, None),
+        MigrationPhase::Transferring { .. } => (PhaseView::Transferring, None),
+        MigrationPhase::Committing { .. } => (PhaseView::Committing, None),
+        MigrationPhase::Committed => (PhaseView::Committed, None),
+        MigrationPhase::Aborting => (PhaseView::Aborting, None),
+        MigrationPhase::Aborted { reason } => (PhaseView::Aborted, Some(reason.clone())),
     }
 }
 
@@ -159,13 +63,13 @@ impl<L: LocalSite> Roles<L> {
     /// Primary placement: records the VM as this site's own and places it with the Main
     /// migration algorithm, its source being this site's image store.
     pub fn deploy(self: &Arc<Self>, req: DeployRequest) -> Result<(VmId, MigrationId), ErrorReply> {
-        if self.journal.vm(&req.vm).map_err(internal)?.is_some() {
+        if self.journal().vm(&req.vm).map_err(internal)?.is_some() {
             return Err(ErrorReply::new(
                 ErrorCode::Conflict,
                 format!("VM {} already exists", req.vm),
             ));
         }
-        let public = self.config.identity.public();
+        let public = self.config().identity.public();
         let descriptor = VmDescriptor {
             id: req.vm.clone(),
             name: if req.name.is_empty() {
@@ -186,7 +90,7 @@ impl<L: LocalSite> Roles<L> {
         descriptor.validate().map_err(|e| {
             ErrorReply::new(ErrorCode::Malformed, format!("invalid VM descriptor: {e}"))
         })?;
-        self.journal
+        self.journal()
             .put_vm(&VmRecord {
                 vm: req.vm.clone(),
                 primary: self.site().clone(),
@@ -202,8 +106,8 @@ impl<L: LocalSite> Roles<L> {
 
     /// Forced migration up the chain, started here: the VM must leave this site. The site that
     /// delegated it is told (and must act); at the primary this site acts itself.
-    pub fn evict(self: &Arc<Self>, vm: &VmId) -> Result<serde_json::Value, ErrorReply> {
-        let record = self.journal.vm(vm).map_err(internal)?.ok_or_else(|| {
+    pub fn evict(self: &Arc<Self>, vm: &VmId) -> Result<EvictReply, ErrorReply> {
+        let record = self.journal().vm(vm).map_err(internal)?.ok_or_else(|| {
             ErrorReply::new(
                 ErrorCode::UnknownVm,
                 format!("VM {vm} is not known at this site"),
@@ -217,10 +121,13 @@ impl<L: LocalSite> Roles<L> {
                     reason: "evicted by the operator of the running site".into(),
                     deadline_ms: now_ms() + EVICTION_DEADLINE.as_millis() as u64,
                 };
-                self.journal.put_outgoing(&notice, up).map_err(internal)?;
-                Ok(
-                    serde_json::json!({"vm": vm.as_str(), "notice": notice.notice_id.to_string(), "sent_to": up.as_str()}),
-                )
+                self.journal().put_outgoing(&notice, up).map_err(internal)?;
+                Ok(EvictReply {
+                    vm: vm.clone(),
+                    notice: Some(notice.notice_id.to_string()),
+                    sent_to: Some(up.clone()),
+                    migration: None,
+                })
             }
             None => {
                 let id = self.start_migration(
@@ -229,25 +136,32 @@ impl<L: LocalSite> Roles<L> {
                         from: self.site().clone(),
                     },
                 )?;
-                Ok(serde_json::json!({"vm": vm.as_str(), "migration": id.to_string()}))
+                Ok(EvictReply {
+                    vm: vm.clone(),
+                    notice: None,
+                    sent_to: None,
+                    migration: Some(id),
+                })
             }
         }
     }
 
     /// Delivers pending outgoing eviction notices; each stays journaled until accepted.
     pub async fn deliver_evictions(&self) {
-        let Ok(pending) = self.journal.outgoing() else {
+        let Ok(pending) = self.journal().outgoing() else {
             return;
         };
         for p in pending {
             let r: Result<EvictionAccepted, _> = self
-                .fed
+                .peers()
                 .call(&p.from, FederationOp::MigrationEvict, &p.notice)
                 .await;
             match r {
                 Ok(_) => {
                     tracing::info!(vm.id = %p.notice.vm, to = %p.from, "eviction notice accepted");
-                    let _ = self.journal.remove_outgoing(&p);
+                    if let Err(e) = self.journal().remove_outgoing(&p) {
+                        tracing::warn!(vm.id = %p.notice.vm, error = %e, "cannot forget a delivered eviction notice; it will be delivered again");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(vm.id = %p.notice.vm, to = %p.from, error = %e, "eviction notice not accepted yet; will retry")
@@ -261,34 +175,39 @@ impl<L: LocalSite> Roles<L> {
     /// the notice on to that upstream (delivered by [`Roles::deliver_evictions`] until accepted)
     /// — and forgets notices whose VM has moved. The primary site always migrates.
     pub fn act_on_evictions(self: &Arc<Self>) {
-        let Ok(pending) = self.journal.evictions() else {
+        let Ok(pending) = self.journal().evictions() else {
             return;
         };
+        let forget = |p: &_| {
+            if let Err(e) = self.journal().remove_eviction(p) {
+                tracing::warn!(error = %e, "cannot forget a settled eviction notice; it will be looked at again");
+            }
+        };
         for p in pending {
-            let record = match self.journal.vm(&p.notice.vm) {
+            let record = match self.journal().vm(&p.notice.vm) {
                 Ok(Some(r)) => r,
                 _ => {
-                    let _ = self.journal.remove_eviction(&p);
+                    forget(&p);
                     continue;
                 }
             };
             if record.downstream != Some(NextHop::Site(p.from.clone())) {
-                let _ = self.journal.remove_eviction(&p);
+                forget(&p);
                 continue;
             }
             if record.phase == VmPhase::Migrating {
                 continue;
             }
             if let (EvictionPolicy::PassUp, Some(up)) =
-                (self.config.policy.eviction, record.upstream.as_ref())
+                (self.config().policy.eviction, record.upstream.as_ref())
             {
                 // Journaled for delivery before the incoming notice is let go, so the notice
                 // is never lost between the two.
                 let onward = p.notice.clone();
-                match self.journal.put_outgoing(&onward, up) {
+                match self.journal().put_outgoing(&onward, up) {
                     Ok(()) => {
                         tracing::info!(vm.id = %p.notice.vm, to = %up, "passing the eviction notice up");
-                        let _ = self.journal.remove_eviction(&p);
+                        forget(&p);
                     }
                     Err(e) => {
                         tracing::warn!(vm.id = %p.notice.vm, error = %e, "cannot pass the eviction notice up yet")
@@ -330,16 +249,16 @@ impl<L: LocalSite> Roles<L> {
         m: &crate::journal::MigrationRecord,
         queue_position: usize,
     ) -> MigrationView {
-        let (phase, reason) = phase_name(&m.phase);
+        let (phase, reason) = phase_view(&m.phase);
         MigrationView {
-            migration: m.id.to_string(),
-            vm: m.vm.to_string(),
+            migration: m.id,
+            vm: m.vm.clone(),
             phase,
             reason,
             bytes_done: m.bytes_done,
             bytes_total: m.bytes_total,
-            offers: m.offers.len(),
-            queue_position,
+            offers: m.offers.len() as u64,
+            queue_position: queue_position as u64,
             elapsed_s: (m.updated_ms.saturating_sub(m.started_ms)) as f64 / 1000.0,
             failed_rounds: m.failed_rounds,
             last_failure: m.last_failure.clone(),
@@ -348,23 +267,22 @@ impl<L: LocalSite> Roles<L> {
 
     /// One VM, or every VM this site is responsible for.
     pub fn vm_views(&self, only: Option<&VmId>) -> Result<Vec<VmView>, ErrorReply> {
-        let migrations = self.journal.migrations().map_err(internal)?;
+        let migrations = self.journal().migrations().map_err(internal)?;
         let mut out = Vec::new();
-        for r in self.journal.vms().map_err(internal)? {
+        for r in self.journal().vms().map_err(internal)? {
             if only.is_some_and(|v| *v != r.vm) {
                 continue;
             }
             out.push(VmView {
-                vm: r.vm.to_string(),
-                primary: r.primary.to_string(),
-                upstream: r.upstream.as_ref().map(|u| u.to_string()),
+                vm: r.vm.clone(),
+                primary: r.primary.clone(),
+                upstream: r.upstream.clone(),
                 next_hop: r.downstream.as_ref().map(hop),
                 phase: match r.phase {
-                    VmPhase::Unplaced => "unplaced",
-                    VmPhase::Placed => "placed",
-                    VmPhase::Migrating => "migrating",
-                }
-                .into(),
+                    VmPhase::Unplaced => PlacementPhase::Unplaced,
+                    VmPhase::Placed => PlacementPhase::Placed,
+                    VmPhase::Migrating => PlacementPhase::Migrating,
+                },
                 descriptor_version: r.descriptor.version,
                 migrations: migrations
                     .iter()
@@ -386,7 +304,7 @@ impl<L: LocalSite> Roles<L> {
 
     /// One migration.
     pub fn migration_view_of(&self, id: &MigrationId) -> Result<MigrationView, ErrorReply> {
-        let all = self.journal.migrations().map_err(internal)?;
+        let all = self.journal().migrations().map_err(internal)?;
         all.iter()
             .find(|m| m.id == *id)
             .map(|m| self.migration_view(m, queue_position(&all, m)))

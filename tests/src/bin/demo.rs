@@ -28,15 +28,20 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use nubis_bus::ops::OpsClient;
 use nubis_host::test_guest::{GuestImage, SerialLog, READY_MARKER};
 use nubis_host::{Hypervisor as _, LibvirtConfig, LibvirtHypervisor};
 use nubis_protocol::codec;
 use nubis_protocol::envelope::{now_ms, SignedEnvelope, Verifier};
-use nubis_protocol::message::{BatchPayload, ClearPayload, MonitoringBatch, Value};
+use nubis_protocol::message::{BatchPayload, ClearPayload, DmtfState, MonitoringBatch, Value};
+use nubis_protocol::ops::{
+    ControlView, MigrationPhase, MigrationStarted, MigrationView, UsageQuery, UsageReport, VmView,
+};
 use nubis_protocol::replay::ReplayCache;
-use nubis_protocol::SiteId;
+use nubis_protocol::subject::OpsEndpoint;
+use nubis_protocol::{MigrationId, SiteId, VmId};
 use serde_json::{json, Value as Json};
-use stack::{ops, SiteSpec, Stack};
+use stack::{SiteSpec, Stack};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -96,13 +101,13 @@ fn say(text: &str) {
     println!("\n\x1b[1m== {text}\x1b[0m");
 }
 
+/// Follows `migration` at the site of `client` until it commits (an abort or a step that takes
+/// too long is an error).
 async fn follow(
-    client: &async_nats::Client,
-    site: &str,
-    migration: &str,
+    client: &OpsClient,
+    migration: &MigrationId,
     ci: bool,
-) -> Result<Json, String> {
-    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+) -> Result<MigrationView, String> {
     // Interactive runs show a bar (bytes, rate, ETA); `--ci` prints each phase once.
     let bar = if ci {
         indicatif::ProgressBar::hidden()
@@ -117,40 +122,68 @@ async fn follow(
         .progress_chars("=> "),
     );
     let mut shown = 0u64;
-    let mut last_phase = String::new();
-    loop {
-        let v = ops(client, site, "vms", json!({"migration": migration})).await?;
-        let done = v["bytes_done"].as_u64().unwrap_or(0).max(shown);
-        shown = done;
-        let total = v["bytes_total"].as_u64().unwrap_or(0);
-        let phase = v["phase"].as_str().unwrap_or("?").to_string();
-        bar.set_length(total.max(done));
-        bar.set_position(done);
-        bar.set_message(phase.clone());
-        if ci && phase != last_phase {
-            let pct = (done * 100).checked_div(total).unwrap_or(0);
-            println!("   {phase:<13} {done:>10} / {total:<10} bytes ({pct:>3}%)");
+    let mut last_phase = None;
+    let followed = tokio::time::timeout(
+        STEP_TIMEOUT,
+        client.follow_migration(migration, Duration::from_millis(100), |v| {
+            let done = v.bytes_done.max(shown);
+            shown = done;
+            let total = v.bytes_total;
+            bar.set_length(total.max(done));
+            bar.set_position(done);
+            bar.set_message(v.phase.to_string());
+            if ci && last_phase != Some(v.phase) {
+                let pct = (done * 100).checked_div(total).unwrap_or(0);
+                println!(
+                    "   {:<13} {done:>10} / {total:<10} bytes ({pct:>3}%)",
+                    v.phase.as_str()
+                );
+            }
+            last_phase = Some(v.phase);
+        }),
+    )
+    .await;
+    match followed {
+        Ok(Ok(v)) if v.phase == MigrationPhase::Committed => {
+            bar.finish();
+            if !ci {
+                println!();
+            }
+            Ok(v)
         }
-        last_phase.clone_from(&phase);
-        match phase.as_str() {
-            "committed" => {
-                bar.finish();
-                if !ci {
-                    println!();
-                }
-                return Ok(v);
-            }
-            "aborted" => {
-                bar.abandon();
-                return Err(format!("migration aborted: {}", v["reason"]));
-            }
-            _ if std::time::Instant::now() > deadline => {
-                bar.abandon();
-                return Err("migration did not finish in time".into());
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        Ok(Ok(v)) => {
+            bar.abandon();
+            Err(format!(
+                "migration aborted: {}",
+                v.reason.unwrap_or_else(|| "no reason given".into())
+            ))
+        }
+        Ok(Err(e)) => {
+            bar.abandon();
+            Err(format!("following migration {migration}: {e}"))
+        }
+        Err(_) => {
+            bar.abandon();
+            Err("migration did not finish in time".into())
         }
     }
+}
+
+/// The usage report of `vm` at the site of `client`, over everything recorded.
+async fn usage_of(client: &OpsClient, vm: &VmId) -> Result<UsageReport, String> {
+    client
+        .usage(&UsageQuery {
+            vm: vm.clone(),
+            from_ms: 0,
+            to_ms: None,
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// A DMTF state as JSON text (`"paused"`, `"enabled"`, ...), as the walk has always shown it.
+fn state_name(state: DmtfState) -> String {
+    serde_json::to_string(&state).unwrap_or_else(|_| format!("{state:?}"))
 }
 
 /// A monitoring batch as the primary's consumer sees it: verified with the sender's key and,
@@ -239,20 +272,20 @@ async fn watch_until(
     }
 }
 
-async fn view(client: &async_nats::Client, site: &str, vm: &str) -> Result<Json, String> {
-    let v = ops(client, site, "vms", json!({"vm": vm})).await?;
-    Ok(v["vms"][0].clone())
+async fn view(client: &OpsClient, vm: &str) -> Result<VmView, String> {
+    let vm = VmId::new(vm).map_err(|e| e.to_string())?;
+    client.vm(&vm).await.map_err(|e| e.to_string())
 }
 
 async fn show_chain(stack: &Stack, vm: &str, sites: &[&str]) -> Result<(), String> {
     for site in sites {
-        let op = stack.operator(site).await;
-        match view(&op, site, vm).await {
+        let op = stack::ops_client(&stack.operator(site).await, site);
+        match view(&op, vm).await {
             Ok(v) => println!(
                 "   site {site}: upstream {:<6} next hop {:<16} ({})",
-                v["upstream"].as_str().unwrap_or("-"),
-                v["next_hop"].as_str().unwrap_or("-"),
-                v["phase"].as_str().unwrap_or("?")
+                v.upstream.as_ref().map_or("-", |u| u.as_str()),
+                v.next_hop.as_deref().unwrap_or("-"),
+                v.phase
             ),
             Err(_) => println!("   site {site}: not on the chain"),
         }
@@ -262,7 +295,9 @@ async fn show_chain(stack: &Stack, vm: &str, sites: &[&str]) -> Result<(), Strin
 
 async fn walk(stack: &Stack, ci: bool, guest: Option<&RealGuest>) -> Result<(), String> {
     let op_a = stack.operator("a").await;
-    let op_b = stack.operator("b").await;
+    let ops_a = stack::ops_client(&op_a, "a");
+    let ops_b = stack::ops_client(&stack.operator("b").await, "b");
+    let vm = VmId::new(VM).map_err(|e| e.to_string())?;
 
     say("Usage scenario 1: deploy an OVF at site a, which has no room");
     let ovf_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/demo.ovf");
@@ -327,12 +362,12 @@ async fn walk(stack: &Stack, ci: bool, guest: Option<&RealGuest>) -> Result<(), 
         .subscribe("nubis.mon.a.shop-web.>")
         .await
         .map_err(|e| e.to_string())?;
-    let r = ops(&op_a, "a", "deploy", deploy).await?;
-    follow(&op_a, "a", r["migration"].as_str().unwrap_or_default(), ci).await?;
-    let first = view(&op_b, "b", "shop-web").await?["next_hop"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let r: MigrationStarted = ops_a
+        .call(OpsEndpoint::Deploy, &deploy)
+        .await
+        .map_err(|e| e.to_string())?;
+    follow(&ops_a, &r.migration, ci).await?;
+    let first = view(&ops_b, "shop-web").await?.next_hop.unwrap_or_default();
     let (x, y) = if first == "site:c" {
         ("c", "d")
     } else {
@@ -389,55 +424,55 @@ async fn walk(stack: &Stack, ci: bool, guest: Option<&RealGuest>) -> Result<(), 
     if !kpi {
         return Err("the predicate let current_users = 12 through".into());
     }
-    let usage = ops(&op_a, "a", "usage", json!({"vm": "shop-web"})).await?;
+    let usage = usage_of(&ops_a, &vm).await?;
     println!(
         "   a's accounting so far: {} batches, {:.6} GiB-hours of memory",
-        usage["batches"],
-        usage["memory_gib_hours"].as_f64().unwrap_or(0.0)
+        usage.batches, usage.memory_gib_hours
     );
 
     say("Control interface: the primary pauses and resumes the VM two hops away");
     for transition in ["pause", "resume"] {
-        let v = ops(
-            &op_a,
-            "a",
-            "control",
-            json!({"vm": "shop-web", "change": {"kind": "set_state", "transition": transition}}),
-        )
-        .await?;
+        let v: ControlView = ops_a
+            .call(
+                OpsEndpoint::Control,
+                &json!({"vm": "shop-web", "change": {"kind": "set_state", "transition": transition}}),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
         println!(
             "   {transition:<6} -> {} (CIM EnabledState {})",
-            v["state"], v["cim_enabled_state"]
+            state_name(v.state),
+            v.cim_enabled_state
+                .map_or_else(|| "null".to_string(), |c| c.to_string())
         );
     }
 
     say(&format!(
         "Usage scenario 2: site {x} drains its host and evicts the VM"
     ));
-    let op_x = stack.operator(x).await;
-    let notice = ops(&op_x, x, "evict", json!({"vm": "shop-web"})).await?;
+    let ops_x = stack::ops_client(&stack.operator(x).await, x);
+    let notice = ops_x.evict(&vm).await.map_err(|e| e.to_string())?;
     println!(
         "   eviction notice {} sent to {}",
-        notice["notice"], notice["sent_to"]
+        notice.notice.unwrap_or_default(),
+        notice.sent_to.map(|s| s.to_string()).unwrap_or_default()
     );
     // b, the site that delegated the VM, acts as Controller: follow its migration.
     let deadline = std::time::Instant::now() + STEP_TIMEOUT;
-    let before = view(&op_b, "b", "shop-web").await?["migrations"]
-        .as_array()
-        .map_or(0, Vec::len);
+    let before = view(&ops_b, "shop-web").await?.migrations.len();
     let migration = loop {
-        let v = view(&op_b, "b", "shop-web").await?;
-        if let Some(m) = v["migrations"].as_array().and_then(|m| m.get(before)) {
-            break m["migration"].as_str().unwrap_or_default().to_string();
+        let v = view(&ops_b, "shop-web").await?;
+        if let Some(m) = v.migrations.get(before) {
+            break m.migration;
         }
         if std::time::Instant::now() > deadline {
-            return Err(format!("b did not start moving the VM: {v}"));
+            return Err(format!("b did not start moving the VM: {v:?}"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let before_move = console(stack, x).last_counter();
     println!("   b is the Controller of migration {migration}, {x} -> {y} directly:");
-    follow(&op_b, "b", &migration, ci).await?;
+    follow(&ops_b, &migration, ci).await?;
     if let (Some(_), Some((n, up))) = (guest, before_move) {
         let (m, up2) = counted(stack, y, n).await?;
         let log = console(stack, y);
@@ -449,21 +484,21 @@ async fn walk(stack: &Stack, ci: bool, guest: Option<&RealGuest>) -> Result<(), 
              counter {m}, uptime {up2:.1} s, no reboot"
         );
     }
-    let v = view(&op_b, "b", "shop-web").await?;
-    if v["next_hop"] != format!("site:{y}") {
-        return Err(format!("the VM did not move to {y}: {v}"));
+    let v = view(&ops_b, "shop-web").await?;
+    if v.next_hop != Some(format!("site:{y}")) {
+        return Err(format!("the VM did not move to {y}: {v:?}"));
     }
     show_chain(stack, "shop-web", &["a", "b", "c", "d"]).await?;
-    let q = ops(
-        &op_a,
-        "a",
-        "control",
-        json!({"vm": "shop-web", "change": {"kind": "query"}}),
-    )
-    .await?;
-    println!("   state seen from a: {}", q["state"]);
-    if q["state"] != "enabled" {
-        return Err(format!("the VM is not running after the eviction: {q}"));
+    let q: ControlView = ops_a
+        .call(
+            OpsEndpoint::Control,
+            &json!({"vm": "shop-web", "change": {"kind": "query"}}),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("   state seen from a: {}", state_name(q.state));
+    if q.state != DmtfState::Enabled {
+        return Err(format!("the VM is not running after the eviction: {q:?}"));
     }
 
     say("Monitoring follows the VM: same subject, new producer, nothing to change at a");
@@ -489,18 +524,18 @@ async fn walk(stack: &Stack, ci: bool, guest: Option<&RealGuest>) -> Result<(), 
     .await?;
 
     say("Usage, from a's accounting stream (the paper's billing purpose)");
-    let u = ops(&op_a, "a", "usage", json!({"vm": "shop-web"})).await?;
+    let u = usage_of(&ops_a, &vm).await?;
     println!(
-        "   {} batches, {} samples: {:.6} CPU core-hours, {:.6} GiB-hours, {} bytes read, {} bytes sent",
-        u["batches"],
-        u["samples"],
-        u["cpu_core_hours"].as_f64().unwrap_or(0.0),
-        u["memory_gib_hours"].as_f64().unwrap_or(0.0),
-        u["disk_read_bytes"],
-        u["net_tx_bytes"]
+        "   {} batches, {} samples: {:.6} CPU core-hours, {:.6} GiB-hours, {:.0} bytes read, {:.0} bytes sent",
+        u.batches,
+        u.samples,
+        u.cpu_core_hours,
+        u.memory_gib_hours,
+        u.disk_read_bytes,
+        u.net_tx_bytes
     );
-    if u["batches"].as_u64().unwrap_or(0) == 0 {
-        return Err(format!("a holds no accounting for the VM: {u}"));
+    if u.batches == 0 {
+        return Err(format!("a holds no accounting for the VM: {u:?}"));
     }
     Ok(())
 }

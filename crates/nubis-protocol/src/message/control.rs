@@ -140,6 +140,14 @@ impl DmtfState {
             _ => Self::Unknown,
         }
     }
+
+    /// Whether a VM in this state holds a running (or paused) emulator on its host.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            Self::Enabled | Self::Paused | Self::ShuttingDown | Self::Starting
+        )
+    }
 }
 
 /// Reply to a [`ControlRequest`]: the VM's state after the change.
@@ -161,22 +169,41 @@ impl Body for ControlReply {
 mod tests {
     use super::*;
 
+    const ALL: [DmtfState; 8] = [
+        DmtfState::Enabled,
+        DmtfState::Disabled,
+        DmtfState::ShuttingDown,
+        DmtfState::Suspended,
+        DmtfState::Paused,
+        DmtfState::Starting,
+        DmtfState::Migrating,
+        DmtfState::Unknown,
+    ];
+
     #[test]
     fn cim_numbers_round_trip() {
-        for s in [
-            DmtfState::Enabled,
-            DmtfState::Disabled,
-            DmtfState::ShuttingDown,
-            DmtfState::Suspended,
-            DmtfState::Paused,
-            DmtfState::Starting,
-            DmtfState::Unknown,
-        ] {
-            let n = s.cim_enabled_state().unwrap();
-            assert_eq!(DmtfState::from_cim_enabled_state(n), s);
+        for s in ALL {
+            match s.cim_enabled_state() {
+                Some(n) => assert_eq!(DmtfState::from_cim_enabled_state(n), s),
+                None => assert_eq!(s, DmtfState::Migrating),
+            }
         }
         assert_eq!(DmtfState::Migrating.cim_enabled_state(), None);
         assert_eq!(StateTransition::Pause.cim_requested_state(), 9);
+    }
+
+    #[test]
+    fn only_states_with_an_emulator_are_active() {
+        let active: Vec<DmtfState> = ALL.into_iter().filter(|s| s.is_active()).collect();
+        assert_eq!(
+            active,
+            vec![
+                DmtfState::Enabled,
+                DmtfState::ShuttingDown,
+                DmtfState::Paused,
+                DmtfState::Starting
+            ]
+        );
     }
 
     #[test]

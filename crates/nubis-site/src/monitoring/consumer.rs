@@ -1,0 +1,178 @@
+//! Batches on the public monitoring subjects (consumer role): the subscriptions for the VMs this
+//! site is responsible for but does not run, its Consumer registrations, and verifying what
+//! arrives with the sender's pinned or directory key.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ed25519_dalek::VerifyingKey;
+use nubis_protocol::envelope::{now_ms, SignedEnvelope};
+use nubis_protocol::message::ConsumerRegistration;
+use nubis_protocol::subject::{ParsedSubject, Subject};
+use nubis_protocol::{SiteId, VmId};
+use tokio_util::sync::CancellationToken;
+
+use super::{DropReason, Monitoring, Path};
+use crate::config::SiteConfig;
+use crate::directory::SiteRecord;
+use crate::journal::NextHop;
+
+/// How often the bus subscriptions are brought in line with the VM records.
+const RESUBSCRIBE_EVERY: Duration = Duration::from_millis(500);
+
+/// The key that verifies `from`'s batches: its pinned partner key, else its directory entry's.
+pub fn sender_key(
+    config: &SiteConfig,
+    directory: &BTreeMap<SiteId, SiteRecord>,
+    from: &SiteId,
+) -> Option<VerifyingKey> {
+    if let Some(p) = config.partner(from) {
+        return Some(p.signing_key);
+    }
+    let record = directory.get(from)?;
+    if record.entry.site != *from {
+        return None;
+    }
+    VerifyingKey::from_bytes(&record.entry.signing_key).ok()
+}
+
+impl Monitoring {
+    /// Subscribes to the public monitoring subjects of the VMs this site is responsible for but
+    /// does not run, and drops the subscriptions of VMs it no longer is.
+    pub(super) async fn keep_bus_subscriptions(self: Arc<Self>, cancel: CancellationToken) {
+        let mut held: HashMap<(SiteId, VmId), CancellationToken> = HashMap::new();
+        let mut tick = tokio::time::interval(RESUBSCRIBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let records = match self.deps.journal.vms() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the VM records");
+                    continue;
+                }
+            };
+            let wanted: HashSet<(SiteId, VmId)> = records
+                .into_iter()
+                .filter(|r| matches!(r.downstream, Some(NextHop::Site(_))))
+                .map(|r| (r.primary, r.vm))
+                .collect();
+            held.retain(|key, token| {
+                let keep = wanted.contains(key);
+                if !keep {
+                    tracing::debug!(vm.id = %key.1, "monitoring subscription dropped");
+                    token.cancel();
+                }
+                keep
+            });
+            for key in wanted {
+                if held.contains_key(&key) {
+                    continue;
+                }
+                let subject = Subject::monitoring_vm(&key.0, &key.1);
+                match self
+                    .deps
+                    .public
+                    .subscribe(subject.as_str().to_string())
+                    .await
+                {
+                    Ok(sub) => {
+                        tracing::debug!(vm.id = %key.1, subject = %subject, "monitoring subscription added");
+                        let token = cancel.child_token();
+                        self.spawn_loop(token.clone(), sub, Path::Bus);
+                        self.register_consumer(&key.1);
+                        held.insert(key, token);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, subject = %subject, "cannot subscribe; will retry")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Registers this site as a GMA Consumer of `vm`'s monitoring in the directory (best
+    /// effort, in the background: the subscription does not wait for the hub).
+    pub(super) fn register_consumer(&self, vm: &VmId) {
+        let registration = ConsumerRegistration {
+            consumer_site: self.site.clone(),
+            vm: vm.clone(),
+            data_points: Vec::new(),
+            heartbeat_ms: now_ms(),
+        };
+        let directory = self.deps.directory.clone();
+        self.tracker.spawn(async move {
+            if let Err(e) = directory.register_consumer(&registration).await {
+                tracing::warn!(error = %e, vm.id = %registration.vm, "cannot register as consumer");
+            }
+        });
+    }
+
+    /// A batch on the public monitoring subject of a VM this site is responsible for.
+    pub(super) async fn bus(&self, subject: &str, payload: &[u8]) {
+        let Ok(ParsedSubject::Monitoring {
+            primary,
+            vm,
+            data_point,
+        }) = Subject::parse(subject)
+        else {
+            return self.drop_batch(
+                DropReason::WrongSubject,
+                subject,
+                "not a monitoring subject",
+            );
+        };
+        let env = match SignedEnvelope::decode(payload) {
+            Ok(env) => env,
+            Err(e) => return self.drop_batch(DropReason::of(&e), subject, &e.to_string()),
+        };
+        if env.from == self.site.as_str() {
+            // This site's own publication, heard back.
+            return;
+        }
+        let Ok(from) = SiteId::new(env.from.as_str()) else {
+            return self.drop_batch(DropReason::Forged, subject, "sender is not a site id");
+        };
+        let key = sender_key(&self.deps.config, &self.deps.directory.snapshot(), &from);
+        let Some(key) = key else {
+            return self.drop_batch(
+                DropReason::Forged,
+                subject,
+                &format!("no key known for site {from}"),
+            );
+        };
+        let opened =
+            match self
+                .deps
+                .verifier
+                .open_event_with_key(payload, subject, now_ms(), &from, &key)
+            {
+                Ok(o) => o,
+                Err(e) => return self.drop_batch(DropReason::of(&e), subject, &e.to_string()),
+            };
+        let Some((batch, record)) = self.batch_on_record(&opened, subject, &primary, &vm) else {
+            return;
+        };
+        self.note_received(&vm, &self.counters.received.bus);
+        match self
+            .deps
+            .accounting
+            .store(
+                &vm,
+                &data_point,
+                batch.message_id(),
+                Bytes::copy_from_slice(payload),
+            )
+            .await
+        {
+            Ok(s) if !s.duplicate => self.evaluate_sla(&record, &batch).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, vm.id = %vm, "batch not stored"),
+        }
+    }
+}

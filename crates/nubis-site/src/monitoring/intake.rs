@@ -1,0 +1,152 @@
+//! Batches from the site's own host agents (producer role): checked against the VM's record,
+//! signed, delivered, stored and acknowledged; their Producers registered in the directory.
+
+use nubis_protocol::codec;
+use nubis_protocol::descriptor::DataPoint;
+use nubis_protocol::envelope::now_ms;
+use nubis_protocol::message::{
+    BatchStored, ErrorCode, ErrorReply, HostReply, MonitoringBatch, ProducedBatch,
+    ProducerRegistration,
+};
+use nubis_protocol::subject::Subject;
+
+use super::{internal_error, target, DropReason, Monitoring};
+use crate::accounting::AccountingError;
+use crate::journal::{NextHop, VmRecord};
+
+/// Checks a produced batch against this site's record of its VM; returns that record.
+pub fn check_intake<'r>(
+    record: Option<&'r VmRecord>,
+    batch: &MonitoringBatch,
+) -> Result<&'r VmRecord, DropReason> {
+    let Some(record) = record else {
+        return Err(DropReason::UnknownVm);
+    };
+    if !matches!(record.downstream, Some(NextHop::Host(_))) {
+        return Err(DropReason::UnknownVm);
+    }
+    if record.primary != batch.primary_site {
+        return Err(DropReason::Refused);
+    }
+    Ok(record)
+}
+
+impl Monitoring {
+    /// A batch from one of this site's host agents; answers once it is stored.
+    pub(super) async fn intake(&self, msg: async_nats::Message) {
+        let answer = match self.intake_batch(&msg.payload).await {
+            Ok(stored) => HostReply::Ok(stored),
+            Err(e) => {
+                tracing::info!(code = e.code.as_str(), error = %e.message, "batch refused");
+                HostReply::Error(e)
+            }
+        };
+        let Some(reply) = msg.reply else {
+            return;
+        };
+        match codec::to_vec(&answer) {
+            Ok(bytes) => {
+                if let Err(e) = self.deps.internal.publish(reply, bytes.into()).await {
+                    tracing::warn!(error = %e, "cannot answer host agent");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot encode answer to host agent"),
+        }
+    }
+
+    pub(super) async fn intake_batch(&self, payload: &[u8]) -> Result<BatchStored, ErrorReply> {
+        let produced: ProducedBatch = codec::from_slice(payload).map_err(|e| {
+            self.counters.drop_for(DropReason::Malformed);
+            ErrorReply::new(ErrorCode::Malformed, format!("not a produced batch: {e}"))
+        })?;
+        let ProducedBatch { data_point, batch } = produced;
+        let record = self.record(&batch.vm)?;
+        let record = match check_intake(record.as_ref(), &batch) {
+            Ok(r) => r,
+            Err(reason) => {
+                self.counters.drop_for(reason);
+                return Err(match reason {
+                    DropReason::Refused => ErrorReply::new(
+                        ErrorCode::Refused,
+                        format!(
+                            "VM {} has primary site {}, not {}",
+                            batch.vm,
+                            record
+                                .as_ref()
+                                .map(|r| r.primary.to_string())
+                                .unwrap_or_default(),
+                            batch.primary_site
+                        ),
+                    ),
+                    _ => ErrorReply::new(
+                        ErrorCode::UnknownVm,
+                        format!("VM {} does not run on a host of this site", batch.vm),
+                    ),
+                });
+            }
+        };
+        self.note_received(&batch.vm, &self.counters.received.intake);
+        // Delivered before it is stored: if the site stops in between, the host agent resends
+        // and the next hop de-duplicates, where storing first could lose the delivery.
+        let target = target(self.deps.config.monitoring.delivery, &self.site, record);
+        let envelope = self
+            .deliver(target.as_ref(), &data_point, &batch)
+            .await
+            .map_err(|e| ErrorReply::new(ErrorCode::from_wire(e.code()), e.to_string()))?;
+        let stored = self
+            .deps
+            .accounting
+            .store(&batch.vm, &data_point, batch.message_id(), envelope)
+            .await
+            .map_err(|e: AccountingError| internal_error(e))?;
+        self.register_producer(&batch, &data_point);
+        if !stored.duplicate {
+            self.evaluate_sla(record, &batch).await;
+        }
+        Ok(BatchStored {
+            producer: batch.producer,
+            epoch_ms: batch.epoch_ms,
+            seq: batch.seq,
+            duplicate: stored.duplicate,
+        })
+    }
+
+    /// Registers a Producer in the directory the first time it is seen (best effort; retried
+    /// with its next batch if the directory cannot be written).
+    pub(super) fn register_producer(&self, batch: &MonitoringBatch, data_point: &DataPoint) {
+        let key = (batch.vm.clone(), batch.producer.clone());
+        let first = self
+            .producers
+            .lock()
+            .map(|mut p| p.insert(key.clone()))
+            .unwrap_or(false);
+        if !first {
+            return;
+        }
+        let registration = ProducerRegistration {
+            vm: batch.vm.clone(),
+            primary_site: batch.primary_site.clone(),
+            producer: batch.producer.clone(),
+            data_points: vec![data_point.clone()],
+            subject: Subject::monitoring_vm(&batch.primary_site, &batch.vm)
+                .as_str()
+                .to_string(),
+            heartbeat_ms: now_ms(),
+        };
+        let directory = self.deps.directory.clone();
+        let producers = self.producers.clone();
+        self.tracker.spawn(async move {
+            match directory.register_producer(&registration).await {
+                Ok(_) => {
+                    tracing::debug!(vm.id = %registration.vm, producer = %registration.producer, "producer registered")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, vm.id = %registration.vm, "cannot register producer; will retry");
+                    if let Ok(mut p) = producers.lock() {
+                        p.remove(&key);
+                    }
+                }
+            }
+        });
+    }
+}

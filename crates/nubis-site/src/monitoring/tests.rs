@@ -1,0 +1,200 @@
+//! Tests of the delivery policy, the intake checks, the choice of verifying key and the drop
+//! reasons.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use nubis_protocol::envelope::EnvelopeError;
+use nubis_protocol::identity::SiteIdentity;
+use nubis_protocol::message::{BatchPayload, ClearPayload, MonitoringBatch, ProducerId};
+use nubis_protocol::{SiteId, VmId};
+
+use crate::config::{Delivery, SiteConfig};
+use crate::directory::SiteRecord;
+use crate::journal::{NextHop, VmRecord};
+
+use super::*;
+use crate::config::{Credentials, DirectoryTiming, MonitoringConfig, Partner, Policy};
+use crate::journal::VmPhase;
+use nubis_protocol::message::{HostId, ProxyUri, SiteEntry};
+
+fn site(s: &str) -> SiteId {
+    SiteId::new(s).unwrap()
+}
+
+fn vm(s: &str) -> VmId {
+    VmId::new(s).unwrap()
+}
+
+fn record(primary: &str, upstream: Option<&str>, downstream: Option<NextHop>) -> VmRecord {
+    let descriptor = serde_json::from_value(serde_json::json!({
+        "id": "vm-1", "name": "vm one", "version": 1, "primary_site": primary,
+        "primary_keys": {"signing": vec![7u8; 32], "sealing": vec![9u8; 32]},
+        "hardware": {"vcpus": 1, "memory_mib": 512},
+    }))
+    .unwrap();
+    VmRecord {
+        vm: vm("vm-1"),
+        primary: site(primary),
+        upstream: upstream.map(site),
+        downstream,
+        descriptor,
+        phase: VmPhase::Placed,
+    }
+}
+
+fn batch(primary: &str) -> MonitoringBatch {
+    MonitoringBatch {
+        vm: vm("vm-1"),
+        primary_site: site(primary),
+        producer: ProducerId::new("p1").unwrap(),
+        epoch_ms: 1,
+        seq: 0,
+        payload: BatchPayload::Clear(ClearPayload::default()),
+    }
+}
+
+fn host() -> Option<NextHop> {
+    Some(NextHop::Host(HostId::new("h1").unwrap()))
+}
+
+#[test]
+fn relay_goes_up_one_hop_and_the_primary_or_bus_publishes() {
+    let c = site("c");
+    let at_c = record("a", Some("b"), host());
+    assert_eq!(
+        target(Delivery::Relay, &c, &at_c),
+        Some(Target::Relay(site("b")))
+    );
+    assert_eq!(target(Delivery::Bus, &c, &at_c), Some(Target::Public));
+    let at_a = record("a", None, Some(NextHop::Site(site("b"))));
+    assert_eq!(
+        target(Delivery::Relay, &site("a"), &at_a),
+        Some(Target::Public)
+    );
+    // A non-primary record without upstream cannot be relayed, and is not made public.
+    let broken = record("a", None, host());
+    assert_eq!(target(Delivery::Relay, &c, &broken), None);
+}
+
+#[test]
+fn intake_needs_a_local_host_and_the_records_primary() {
+    assert_eq!(check_intake(None, &batch("a")), Err(DropReason::UnknownVm));
+    let delegated = record("a", None, Some(NextHop::Site(site("b"))));
+    assert_eq!(
+        check_intake(Some(&delegated), &batch("a")),
+        Err(DropReason::UnknownVm)
+    );
+    let unplaced = record("a", None, None);
+    assert_eq!(
+        check_intake(Some(&unplaced), &batch("a")),
+        Err(DropReason::UnknownVm)
+    );
+    let local = record("a", Some("a"), host());
+    assert_eq!(
+        check_intake(Some(&local), &batch("z")),
+        Err(DropReason::Refused)
+    );
+    assert_eq!(check_intake(Some(&local), &batch("a")), Ok(&local));
+}
+
+fn config_with_partner(own: &str, partner: &SiteIdentity) -> SiteConfig {
+    SiteConfig {
+        site: site(own),
+        identity: Arc::new(SiteIdentity::generate(site(own))),
+        nats: Credentials::anonymous("nats://127.0.0.1:4222"),
+        hub_domain: "hub".into(),
+        data_dir: "/nonexistent".into(),
+        policy: Policy::default(),
+        directory: DirectoryTiming::default(),
+        partners: vec![Partner {
+            site: partner.site().clone(),
+            signing_key: partner.public().signing,
+            sealing_key: partner.public().sealing,
+            preference: 0,
+            price_milli: 0,
+            preferred: false,
+        }],
+        hosts: Vec::new(),
+        proxy: "nats://a/proxy/p1".parse::<ProxyUri>().unwrap(),
+        image_store: "/nonexistent".into(),
+        max_concurrent_migrations: 1,
+        monitoring: MonitoringConfig::default(),
+        sla: Vec::new(),
+    }
+}
+
+fn directory_record(id: &SiteIdentity, claimed_site: &str) -> SiteRecord {
+    SiteRecord {
+        entry: SiteEntry {
+            site: site(claimed_site),
+            signing_key: id.public().signing.to_bytes(),
+            sealing_key: id.public().sealing,
+            proxies: Vec::new(),
+            subjects: Vec::new(),
+            heartbeat_ms: 1,
+            started_ms: 1,
+        },
+        trusted: false,
+        revision: 1,
+    }
+}
+
+#[test]
+fn pinned_keys_win_over_the_directory_which_covers_other_sites() {
+    let b = SiteIdentity::generate(site("b"));
+    let c = SiteIdentity::generate(site("c"));
+    let impostor = SiteIdentity::generate(site("b"));
+    let config = config_with_partner("a", &b);
+    let mut view = BTreeMap::new();
+    view.insert(site("b"), directory_record(&impostor, "b"));
+    view.insert(site("c"), directory_record(&c, "c"));
+    view.insert(site("d"), directory_record(&c, "x"));
+    assert_eq!(
+        sender_key(&config, &view, &site("b")),
+        Some(b.public().signing)
+    );
+    assert_eq!(
+        sender_key(&config, &view, &site("c")),
+        Some(c.public().signing)
+    );
+    assert_eq!(sender_key(&config, &view, &site("d")), None);
+    assert_eq!(sender_key(&config, &view, &site("e")), None);
+}
+
+#[test]
+fn envelope_refusals_map_to_drop_reasons_and_are_counted() {
+    assert_eq!(
+        DropReason::of(&EnvelopeError::BadSignature),
+        DropReason::Forged
+    );
+    assert_eq!(
+        DropReason::of(&EnvelopeError::UnknownSender("x".into())),
+        DropReason::Forged
+    );
+    assert_eq!(
+        DropReason::of(&EnvelopeError::Replayed),
+        DropReason::Replayed
+    );
+    assert_eq!(
+        DropReason::of(&EnvelopeError::Stale { skew_ms: 1 }),
+        DropReason::Stale
+    );
+    assert_eq!(
+        DropReason::of(&EnvelopeError::WrongRecipient("x".into())),
+        DropReason::WrongSubject
+    );
+    assert_eq!(
+        DropReason::of(&EnvelopeError::TooDeep),
+        DropReason::Malformed
+    );
+    let counters = MonitoringCounters::default();
+    counters.drop_for(DropReason::Stale);
+    counters.drop_for(DropReason::Stale);
+    counters.drop_for(DropReason::Refused);
+    assert_eq!(counters.dropped(DropReason::Stale), 2);
+    assert_eq!(counters.dropped(DropReason::Refused), 1);
+    assert_eq!(counters.dropped(DropReason::Forged), 0);
+    let names: HashSet<&str> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
+    assert_eq!(names.len(), DropReason::ALL.len());
+}

@@ -1,0 +1,228 @@
+//! The Destination's handlers (section III-C.2): the Migration request handler, with delegation
+//! to partners (the Intermediary acting as Controller for step 2) and the exposure policy, and
+//! the Initiate transfer handler.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use nubis_protocol::envelope::now_ms;
+use nubis_protocol::message::{
+    ErrorCode, ErrorReply, InitiateTransfer, MigrationRequest, Offer, Offers, TransferStatusReply,
+};
+use nubis_protocol::subject::FederationOp;
+use nubis_protocol::SiteId;
+
+use crate::config::Exposure;
+use crate::journal::{NextHop, Route, RouteSide, VmRecord};
+use crate::local::LocalSite;
+use crate::peers::Peers;
+
+use super::{internal, malformed, Roles};
+
+/// How long a destination offer stays reserved if nobody initiates a transfer on it.
+pub const OFFER_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// How long a delegated Migration request may take at the next site.
+const DELEGATION_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl<L: LocalSite, P: Peers> Roles<L, P> {
+    /// The Migration request handler (Destination), with delegation (Intermediary).
+    pub async fn migration_request(
+        &self,
+        from: &SiteId,
+        req: MigrationRequest,
+    ) -> Result<Offers, ErrorReply> {
+        let policy = &self.config.policy;
+        if req.descriptor.id != req.vm {
+            return Err(malformed("descriptor id differs from the VM id"));
+        }
+        if !self
+            .journal
+            .first_sight(&req.request_id, now_ms())
+            .map_err(internal)?
+        {
+            return Err(ErrorReply::new(
+                ErrorCode::LoopDetected,
+                "this Migration request was seen here before",
+            ));
+        }
+        if req.depth > req.max_depth || req.depth > policy.delegation.max_depth {
+            return Err(ErrorReply::new(
+                ErrorCode::DepthExceeded,
+                "delegation chain too long for this site",
+            ));
+        }
+        if req.descriptor.primary_site != *self.site() && !policy.accept_foreign {
+            return Err(ErrorReply::new(
+                ErrorCode::Refused,
+                "this site does not accept foreign VMs",
+            ));
+        }
+        req.descriptor.validate().map_err(malformed)?;
+
+        // Step 2: local hosts, except the one the VM already runs on (a local migration).
+        let current_host = match self.journal.vm(&req.vm).map_err(internal)? {
+            Some(VmRecord {
+                downstream: Some(NextHop::Host(h)),
+                ..
+            }) => Some(h),
+            _ => None,
+        };
+        let mut offers: Vec<Offer> = Vec::new();
+        if from == self.site()
+            || policy.accept_foreign
+            || req.descriptor.primary_site == *self.site()
+        {
+            match self
+                .local
+                .local_offers(req.migration_id, &req.descriptor, current_host.as_ref())
+                .await
+            {
+                Ok(local) => {
+                    for (host, mut offer) in local {
+                        offer.terms.depth = req.depth;
+                        self.put_destination_route(from, &req, &offer, NextHop::Host(host))?;
+                        offers.push(offer);
+                    }
+                }
+                Err(e) => tracing::info!(code = e.code.as_str(), "no local offer: {}", e.message),
+            }
+        }
+
+        // Step 3: delegation to partners, acting as Controller for step 2.
+        let depth_left = req.depth < req.max_depth.min(policy.delegation.max_depth);
+        if policy.delegation.allowed && depth_left && from != self.site() {
+            let delegated = self.delegate(from, &req).await;
+            for (partner, partner_offers) in delegated {
+                let preferred = self.config.partner(&partner).is_some_and(|p| p.preferred);
+                for offer in partner_offers {
+                    self.put_destination_route(from, &req, &offer, NextHop::Site(partner.clone()))?;
+                    let keep = match policy.expose {
+                        Exposure::All => true,
+                        Exposure::OnlyPreferred => preferred,
+                        Exposure::OnlyLocal => false,
+                    };
+                    if keep {
+                        offers.push(offer);
+                    }
+                }
+            }
+        }
+        tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, offers = offers.len(), "migration request answered");
+        Ok(Offers {
+            request_id: req.request_id,
+            offers,
+        })
+    }
+
+    /// Journals where an offer's token leads, so that later operations naming it are forwarded.
+    fn put_destination_route(
+        &self,
+        from: &SiteId,
+        req: &MigrationRequest,
+        offer: &Offer,
+        next: NextHop,
+    ) -> Result<(), ErrorReply> {
+        self.journal
+            .put_route(&Route {
+                token: offer.token,
+                migration_id: req.migration_id,
+                vm: req.vm.clone(),
+                side: RouteSide::Destination,
+                next,
+                upstream: from.clone(),
+                descriptor: Some(req.descriptor.clone()),
+                expires_ms: offer.expires_ms,
+            })
+            .map_err(internal)
+    }
+
+    /// Sends the Migration request on to every delegation partner except `from`, in parallel.
+    pub(crate) async fn delegate(
+        &self,
+        from: &SiteId,
+        req: &MigrationRequest,
+    ) -> Vec<(SiteId, Vec<Offer>)> {
+        let targets: Vec<SiteId> = self
+            .delegation_targets()
+            .into_iter()
+            .filter(|p| p != from && *p != req.descriptor.primary_site)
+            .collect();
+        let onward = MigrationRequest {
+            depth: req.depth + 1,
+            ..req.clone()
+        };
+        let calls = targets.iter().map(|p| {
+            let onward = &onward;
+            async move {
+                let r: Result<Offers, _> = self
+                    .peers
+                    .call_with_timeout(
+                        p,
+                        FederationOp::MigrationRequest,
+                        onward,
+                        DELEGATION_TIMEOUT,
+                    )
+                    .await;
+                (p.clone(), r)
+            }
+        });
+        let mut out = Vec::new();
+        for (p, r) in join_all(calls).await {
+            match r {
+                Ok(o) => out.push((p, o.offers)),
+                Err(e) => tracing::info!(partner = %p, error = %e, "no offers from partner"),
+            }
+        }
+        out
+    }
+
+    /// The partners this site may delegate to.
+    pub(crate) fn delegation_targets(&self) -> Vec<SiteId> {
+        let d = &self.config.policy.delegation;
+        if d.partners.is_empty() {
+            self.config
+                .partners
+                .iter()
+                .map(|p| p.site.clone())
+                .collect()
+        } else {
+            d.partners.clone()
+        }
+    }
+
+    /// The Initiate transfer handler (Destination), forwarded by Intermediaries by token.
+    pub async fn initiate(
+        &self,
+        _from: &SiteId,
+        req: InitiateTransfer,
+    ) -> Result<TransferStatusReply, ErrorReply> {
+        let route = self.route(&req.destination.token, RouteSide::Destination)?;
+        let r = &req;
+        let reply = self
+            .forward(
+                &route.next,
+                FederationOp::TransferInitiate,
+                r,
+                move |_| async move {
+                    let status = self
+                        .local
+                        .initiate(
+                            r.migration_id,
+                            &r.vm,
+                            &r.source,
+                            &r.destination.token,
+                            r.max_bytes_per_sec,
+                        )
+                        .await?;
+                    Ok(TransferStatusReply {
+                        migration_id: r.migration_id,
+                        status,
+                    })
+                },
+            )
+            .await?;
+        tracing::debug!(migration.id = %req.migration_id, vm.id = %req.vm, "initiate transfer answered");
+        Ok(reply)
+    }
+}

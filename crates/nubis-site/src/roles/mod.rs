@@ -1,0 +1,161 @@
+//! The paper's roles at one site (section III-C), one module per role: the Destination
+//! ([`destination`]: Migration request handler with delegation, Initiate transfer handler), the
+//! Source ([`source`]: Forced migration and Transfer verification handlers), the hand-over at
+//! either end ([`hand_over`]: commit, abort), the VM's chain of responsibility ([`chain`]:
+//! eviction notices, the Control interface) — and, for every one of them, the Intermediary's
+//! forwarding to the next hop ([`intermediary`]). The Controller lives in [`crate::controller`].
+//!
+//! Operations that name a transfer token are routed by the token's [`Route`]; operations that
+//! name a VM are routed by the VM's [`VmRecord`]. A site never learns more than the next hop.
+
+mod chain;
+mod destination;
+mod hand_over;
+mod intermediary;
+mod source;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use nubis_protocol::envelope::Opened;
+use nubis_protocol::message::{
+    AbortMigration, CommitMigration, ControlRequest, ErrorCode, ErrorReply, EvictionNotice,
+    InitiateTransfer, MigrationRequest, PrepareMigration, TransferToken, TransferVerification,
+};
+use nubis_protocol::subject::FederationOp;
+use nubis_protocol::{MigrationId, SiteId, VmId};
+use tokio::sync::Semaphore;
+
+use crate::config::SiteConfig;
+use crate::federation::{sign_reply, FederationClient, HandlerResult};
+use crate::journal::{Journal, Route, RouteSide, VmRecord};
+use crate::local::LocalSite;
+use crate::peers::Peers;
+
+pub use destination::OFFER_TTL_MS;
+
+/// Everything a role handler needs: the site's configuration, its journal, its partners
+/// (`P`, the federation) and its own hosts and proxy (`L`).
+#[derive(Debug)]
+pub struct Roles<L, P = FederationClient> {
+    config: Arc<SiteConfig>,
+    journal: Journal,
+    peers: P,
+    local: L,
+    /// Migrations an operator asked to cancel.
+    cancelled: Mutex<HashSet<MigrationId>>,
+    /// Slots for migrations this site runs as Controller at the same time; the rest queue.
+    slots: Arc<Semaphore>,
+}
+
+pub(crate) fn internal(e: impl std::fmt::Display) -> ErrorReply {
+    ErrorReply::new(ErrorCode::Internal, e.to_string())
+}
+
+fn malformed(e: impl std::fmt::Display) -> ErrorReply {
+    ErrorReply::new(ErrorCode::Malformed, e.to_string())
+}
+
+impl<L: LocalSite, P: Peers> Roles<L, P> {
+    /// Roles over `journal`, `peers` and `local` with `config`'s policies.
+    pub fn new(config: Arc<SiteConfig>, journal: Journal, peers: P, local: L) -> Self {
+        let slots = Arc::new(Semaphore::new(config.max_concurrent_migrations));
+        Self {
+            slots,
+            config,
+            journal,
+            peers,
+            local,
+            cancelled: Default::default(),
+        }
+    }
+
+    /// This site.
+    pub fn site(&self) -> &SiteId {
+        &self.config.site
+    }
+
+    /// The site's configuration.
+    pub fn config(&self) -> &SiteConfig {
+        &self.config
+    }
+
+    /// The site's crash-safe journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// The site's partners.
+    pub fn peers(&self) -> &P {
+        &self.peers
+    }
+
+    /// The site's own hosts and proxy.
+    pub(crate) fn local(&self) -> &L {
+        &self.local
+    }
+
+    /// The migrations an operator asked to cancel.
+    pub(crate) fn cancelled(&self) -> &Mutex<HashSet<MigrationId>> {
+        &self.cancelled
+    }
+
+    /// The Controller's slots for concurrent migrations.
+    pub(crate) fn slots(&self) -> &Arc<Semaphore> {
+        &self.slots
+    }
+
+    /// Dispatches a verified federation request to its role and signs the answer.
+    pub async fn handle(self: Arc<Self>, op: FederationOp, request: Opened) -> HandlerResult {
+        let from = request.from.clone();
+        macro_rules! run {
+            ($body:ty, $method:ident) => {{
+                let body: $body = request.body().map_err(malformed)?;
+                let reply = self.$method(&from, body).await?;
+                sign_reply(&self.config.identity, &request, &reply).map_err(internal)
+            }};
+        }
+        match op {
+            FederationOp::MigrationRequest => run!(MigrationRequest, migration_request),
+            FederationOp::MigrationPrepare => run!(PrepareMigration, prepare),
+            FederationOp::MigrationEvict => run!(EvictionNotice, eviction),
+            FederationOp::MigrationCommit => run!(CommitMigration, commit),
+            FederationOp::MigrationAbort => run!(AbortMigration, abort),
+            FederationOp::TransferInitiate => run!(InitiateTransfer, initiate),
+            FederationOp::TransferVerify => run!(TransferVerification, verify),
+            FederationOp::VmControl => run!(ControlRequest, control),
+        }
+    }
+
+    /// This site's record of `vm`, or `UnknownVm`.
+    pub(crate) fn vm_record(&self, vm: &VmId) -> Result<VmRecord, ErrorReply> {
+        self.journal.vm(vm).map_err(internal)?.ok_or_else(|| {
+            ErrorReply::new(
+                ErrorCode::UnknownVm,
+                format!("VM {vm} is not known at this site"),
+            )
+        })
+    }
+
+    fn route(&self, token: &TransferToken, side: RouteSide) -> Result<Route, ErrorReply> {
+        match self.journal.route(token).map_err(internal)? {
+            Some(r) if r.side == side => Ok(r),
+            _ => Err(ErrorReply::new(
+                ErrorCode::UnknownToken,
+                "no transfer with this token passes through this site",
+            )),
+        }
+    }
+
+    /// Checks that `from` may act on `vm` here: its upstream, or this site itself.
+    fn check_upstream(&self, from: &SiteId, record: &VmRecord) -> Result<(), ErrorReply> {
+        if from == self.site() || record.upstream.as_ref() == Some(from) {
+            Ok(())
+        } else {
+            Err(ErrorReply::new(
+                ErrorCode::Refused,
+                format!("site {from} did not delegate VM {} to this site", record.vm),
+            ))
+        }
+    }
+}

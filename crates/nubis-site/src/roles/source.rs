@@ -1,0 +1,88 @@
+//! The Source's handlers (section III-C.2): the Forced migration handler (prepare), forwarded
+//! down the VM's chain, and the Transfer verification handler, forwarded by token.
+
+use nubis_protocol::envelope::now_ms;
+use nubis_protocol::message::{
+    ErrorCode, ErrorReply, PrepareMigration, Prepared, TransferStatusReply, TransferVerification,
+};
+use nubis_protocol::subject::FederationOp;
+use nubis_protocol::SiteId;
+
+use crate::journal::{Route, RouteSide};
+use crate::local::LocalSite;
+use crate::peers::Peers;
+
+use super::{internal, Roles, OFFER_TTL_MS};
+
+impl<L: LocalSite, P: Peers> Roles<L, P> {
+    /// The Forced migration handler (Source), forwarded down the chain by Intermediaries.
+    pub async fn prepare(
+        &self,
+        from: &SiteId,
+        req: PrepareMigration,
+    ) -> Result<Prepared, ErrorReply> {
+        let record = self.vm_record(&req.vm)?;
+        self.check_upstream(from, &record)?;
+        let Some(next) = record.downstream else {
+            return Err(ErrorReply::new(ErrorCode::UnknownVm, "VM is not placed"));
+        };
+        let r = &req;
+        let prepared = self
+            .forward(
+                &next,
+                FederationOp::MigrationPrepare,
+                r,
+                move |h| async move {
+                    let p = self
+                        .local
+                        .prepare_source(r.migration_id, &r.vm, &h, r.mode)
+                        .await?;
+                    Ok(Prepared {
+                        migration_id: r.migration_id,
+                        source: p.endpoint,
+                        total_bytes: p.total_bytes,
+                    })
+                },
+            )
+            .await?;
+        self.journal
+            .put_route(&Route {
+                token: prepared.source.token,
+                migration_id: req.migration_id,
+                vm: req.vm.clone(),
+                side: RouteSide::Source,
+                next,
+                upstream: from.clone(),
+                descriptor: None,
+                expires_ms: now_ms() + OFFER_TTL_MS,
+            })
+            .map_err(internal)?;
+        tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, "forced migration answered");
+        Ok(prepared)
+    }
+
+    /// The Transfer verification handler (Source), forwarded by Intermediaries by token.
+    pub async fn verify(
+        &self,
+        _from: &SiteId,
+        req: TransferVerification,
+    ) -> Result<TransferStatusReply, ErrorReply> {
+        let route = self.route(&req.source.token, RouteSide::Source)?;
+        let r = &req;
+        let reply = self
+            .forward(
+                &route.next,
+                FederationOp::TransferVerify,
+                r,
+                move |_| async move {
+                    Ok(TransferStatusReply {
+                        migration_id: r.migration_id,
+                        status: self.local.verify(r.migration_id, &r.source.token).await?,
+                    })
+                },
+            )
+            .await?;
+        tracing::debug!(migration.id = %req.migration_id, vm.id = %req.vm, "transfer verification answered");
+        Ok(reply)
+    }
+}
