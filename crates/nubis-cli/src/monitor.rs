@@ -109,33 +109,33 @@ fn usage_text(r: &UsageReport) -> String {
         ),
         (
             "CPU",
-            format!("{} core-hours", output::number(r.cpu_core_hours, 4)),
+            format!("{} core-hours", output::number(r.usage.cpu_core_hours, 4)),
         ),
         (
             "memory",
-            format!("{} GiB-hours", output::number(r.memory_gib_hours, 4)),
+            format!("{} GiB-hours", output::number(r.usage.memory_gib_hours, 4)),
         ),
         (
             "disk",
             format!(
                 "{} read, {} written",
-                output::bytes(r.disk_read_bytes),
-                output::bytes(r.disk_written_bytes)
+                output::bytes(r.usage.disk_read_bytes),
+                output::bytes(r.usage.disk_written_bytes)
             ),
         ),
         (
             "network",
             format!(
                 "{} received, {} sent",
-                output::bytes(r.net_rx_bytes),
-                output::bytes(r.net_tx_bytes)
+                output::bytes(r.usage.net_rx_bytes),
+                output::bytes(r.usage.net_tx_bytes)
             ),
         ),
         (
             "from",
             format!(
                 "{} batches, {} samples ({} sealed batches not readable here)",
-                r.batches, r.samples, r.sealed_unreadable
+                r.usage.batches, r.usage.samples, r.usage.sealed_unreadable
             ),
         ),
     ])

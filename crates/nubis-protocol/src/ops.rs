@@ -358,15 +358,9 @@ pub struct CancelReply {
     pub cancelling_in_phase: String,
 }
 
-/// `usage`: a VM's integrated usage over a period, from the site's accounting stream.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UsageReport {
-    /// The VM.
-    pub vm: VmId,
-    /// Start of the period (inclusive, ms since the Unix epoch).
-    pub from_ms: u64,
-    /// End of the period (exclusive, ms since the Unix epoch).
-    pub to_ms: u64,
+/// The integrated usage of one VM over a period.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
     /// ∫ `cpu.cores` dt, in core-hours.
     pub cpu_core_hours: f64,
     /// ∫ `mem.allocated_bytes` dt, in GiB-hours.
@@ -385,6 +379,20 @@ pub struct UsageReport {
     pub samples: u64,
     /// Batches within the period whose sealed payload the site cannot open.
     pub sealed_unreadable: u64,
+}
+
+/// `usage`: a VM's integrated usage over a period, from the site's accounting stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// The VM.
+    pub vm: VmId,
+    /// Start of the period (inclusive, ms since the Unix epoch).
+    pub from_ms: u64,
+    /// End of the period (exclusive, ms since the Unix epoch).
+    pub to_ms: u64,
+    /// The integrated usage (its fields sit beside `vm` in the JSON).
+    #[serde(flatten)]
+    pub usage: Usage,
 }
 
 /// One image of the site's image store.

@@ -12,8 +12,8 @@ use futures::StreamExt as _;
 use nubis_protocol::envelope::now_ms;
 use nubis_protocol::ops::{
     CancelReply, CancelRequest, ControlView, ImagePutReply, ImagePutRequest, ImageView,
-    ImagesReply, MigrationStarted, SiteStatus, SiteView, SitesReply, UsageQuery, UsageReport,
-    VmsQuery, VmsReply,
+    ImagesReply, MigrationStarted, SiteStatus, SiteView, SitesReply, UsageQuery, VmsQuery,
+    VmsReply,
 };
 use nubis_protocol::subject::{OpsEndpoint, Subject};
 use serde::Serialize;
@@ -197,20 +197,7 @@ impl<L: LocalSite> OpsContext<L> {
                     .usage(&q.vm, q.from_ms, to_ms)
                     .await
                     .map_err(refusal)?;
-                to_json(&UsageReport {
-                    vm: r.vm,
-                    from_ms: r.from_ms,
-                    to_ms: r.to_ms,
-                    cpu_core_hours: r.usage.cpu_core_hours,
-                    memory_gib_hours: r.usage.memory_gib_hours,
-                    disk_read_bytes: r.usage.disk_read_bytes,
-                    disk_written_bytes: r.usage.disk_written_bytes,
-                    net_rx_bytes: r.usage.net_rx_bytes,
-                    net_tx_bytes: r.usage.net_tx_bytes,
-                    batches: r.usage.batches,
-                    samples: r.usage.samples,
-                    sealed_unreadable: r.usage.sealed_unreadable,
-                })
+                to_json(&r)
             }
             OpsEndpoint::Images => {
                 #[derive(serde::Deserialize)]

@@ -20,7 +20,6 @@ use std::collections::{BTreeMap, HashSet};
 
 use nubis_protocol::descriptor::{Aggregate, DataPoint};
 use nubis_protocol::message::{BatchPayload, ClearPayload, MonitoringBatch, ProducerId};
-use serde::Serialize;
 
 /// Data point integrated into `cpu_core_hours`.
 pub const CPU_CORES: &str = "cpu.cores";
@@ -48,28 +47,7 @@ pub struct StoredBatch {
     pub batch: MonitoringBatch,
 }
 
-/// The integrated usage of one VM.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Usage {
-    /// ∫ `cpu.cores` dt, in core-hours.
-    pub cpu_core_hours: f64,
-    /// ∫ `mem.allocated_bytes` dt, in GiB-hours.
-    pub memory_gib_hours: f64,
-    /// ∫ `disk.read_bytes_rate` dt, in bytes.
-    pub disk_read_bytes: f64,
-    /// ∫ `disk.write_bytes_rate` dt, in bytes.
-    pub disk_written_bytes: f64,
-    /// ∫ `net.rx_bytes_rate` dt, in bytes.
-    pub net_rx_bytes: f64,
-    /// ∫ `net.tx_bytes_rate` dt, in bytes.
-    pub net_tx_bytes: f64,
-    /// Distinct batches stored within the range.
-    pub batches: u64,
-    /// Raw samples timed within the range plus processed values whose window overlaps it.
-    pub samples: u64,
-    /// Batches stored within the range whose sealed payload this site cannot open.
-    pub sealed_unreadable: u64,
-}
+pub use nubis_protocol::ops::Usage;
 
 /// Which field a data point's integral goes to, and the divisor from value × ms to its unit.
 fn quantity(data_point: &DataPoint) -> Option<(usize, f64)> {
@@ -89,18 +67,17 @@ fn overlap(start: u64, end: u64, from: u64, to: u64) -> u64 {
     end.min(to).saturating_sub(start.max(from))
 }
 
-impl Usage {
-    fn add(&mut self, field: usize, amount: f64) {
-        let slot = match field {
-            0 => &mut self.cpu_core_hours,
-            1 => &mut self.memory_gib_hours,
-            2 => &mut self.disk_read_bytes,
-            3 => &mut self.disk_written_bytes,
-            4 => &mut self.net_rx_bytes,
-            _ => &mut self.net_tx_bytes,
-        };
-        *slot += amount;
-    }
+/// Adds `amount` to the integral `field` (as [`quantity`] numbers them) of `usage`.
+fn add(usage: &mut Usage, field: usize, amount: f64) {
+    let slot = match field {
+        0 => &mut usage.cpu_core_hours,
+        1 => &mut usage.memory_gib_hours,
+        2 => &mut usage.disk_read_bytes,
+        3 => &mut usage.disk_written_bytes,
+        4 => &mut usage.net_rx_bytes,
+        _ => &mut usage.net_tx_bytes,
+    };
+    *slot += amount;
 }
 
 /// Integrates the batches of one VM over `[from_ms, to_ms)`.
@@ -164,7 +141,7 @@ pub fn compute(
                 continue;
             }
             if let Some((field, divisor)) = quantity(&p.data_point) {
-                usage.add(field, p.value * covered as f64 / divisor);
+                add(&mut usage, field, p.value * covered as f64 / divisor);
             }
         }
     }
@@ -176,7 +153,8 @@ pub fn compute(
         for (&ts, &value) in points {
             if let Some(prev) = previous {
                 if value.is_finite() {
-                    usage.add(
+                    add(
+                        &mut usage,
                         field,
                         value * overlap(prev, ts, from_ms, to_ms) as f64 / divisor,
                     );

@@ -427,7 +427,7 @@ async fn walk(stack: &Stack, ci: bool, guest: Option<&RealGuest>) -> Result<(), 
     let usage = usage_of(&ops_a, &vm).await?;
     println!(
         "   a's accounting so far: {} batches, {:.6} GiB-hours of memory",
-        usage.batches, usage.memory_gib_hours
+        usage.usage.batches, usage.usage.memory_gib_hours
     );
 
     say("Control interface: the primary pauses and resumes the VM two hops away");
@@ -524,7 +524,7 @@ async fn walk(stack: &Stack, ci: bool, guest: Option<&RealGuest>) -> Result<(), 
     .await?;
 
     say("Usage, from a's accounting stream (the paper's billing purpose)");
-    let u = usage_of(&ops_a, &vm).await?;
+    let u = usage_of(&ops_a, &vm).await?.usage;
     println!(
         "   {} batches, {} samples: {:.6} CPU core-hours, {:.6} GiB-hours, {:.0} bytes read, {:.0} bytes sent",
         u.batches,

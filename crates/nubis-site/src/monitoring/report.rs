@@ -7,28 +7,15 @@ use nubis_protocol::codec;
 use nubis_protocol::envelope::SignedEnvelope;
 use nubis_protocol::message::{Body, ErrorCode, ErrorReply, MonitoringBatch};
 use nubis_protocol::VmId;
-use serde::Serialize;
 
 use super::{internal_error, DropReason, Monitoring};
-use crate::usage::{self, StoredBatch, Usage};
+use crate::usage::{self, StoredBatch};
 
 /// How far before the start of a usage range the stream is read, so that the first sample in
 /// the range finds the sample before it.
 pub const USAGE_LOOKBACK_MS: u64 = 15 * 60 * 1000;
 
-/// The JSON answer of the `usage` operator endpoint.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct UsageReport {
-    /// The VM.
-    pub vm: VmId,
-    /// Start of the range (inclusive, ms since the Unix epoch).
-    pub from_ms: u64,
-    /// End of the range (exclusive, ms since the Unix epoch).
-    pub to_ms: u64,
-    /// The integrated usage.
-    #[serde(flatten)]
-    pub usage: Usage,
-}
+pub use nubis_protocol::ops::UsageReport;
 
 impl Monitoring {
     /// The usage of `vm` over `[from_ms, to_ms)` from this site's accounting stream.
