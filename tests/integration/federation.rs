@@ -13,7 +13,6 @@ use nubis_testkit::{
     kept_logs_root, require_nats_server, wait_until, Federation, LocateError, NatsServerBinary,
     DEFAULT_TIMEOUT, HUB, HUB_DOMAIN, MIN_VERSION,
 };
-use tokio::io::AsyncReadExt;
 
 /// The transfer proxies' bucket: the only bucket of a site's JetStream domain that partners may
 /// read (`nats-config/hub-leaf-user.conf`).
@@ -30,6 +29,35 @@ fn image_bytes(len: usize) -> Vec<u8> {
             state.to_le_bytes()[0]
         })
         .collect()
+}
+
+/// Reads object `name` of site `domain`'s transfer bucket as a partner may: its info by a
+/// stored-message get, its chunks through a named pull consumer filtered on its chunk subject
+/// (the stock reader's unnamed consumer is refused to partners, see `nats-config/README.md`).
+async fn read_via(client: async_nats::Client, domain: &str, name: &str) -> Vec<u8> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static READER: AtomicUsize = AtomicUsize::new(0);
+    let js = jetstream::with_domain(client, domain);
+    let store = js.get_object_store(TRANSFER_BUCKET).await.unwrap();
+    let info = store.info(name).await.unwrap();
+    let stream = js
+        .get_stream_no_info(format!("OBJ_{TRANSFER_BUCKET}"))
+        .await
+        .unwrap();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            name: Some(format!("read-{}", READER.fetch_add(1, Ordering::Relaxed))),
+            filter_subject: format!("$O.{TRANSFER_BUCKET}.C.{}", info.nuid),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut chunks = consumer.messages().await.unwrap().take(info.chunks);
+    let mut read = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        read.extend_from_slice(&chunk.unwrap().payload);
+    }
+    read
 }
 
 async fn kv_bucket(js: &jetstream::Context, bucket: &str) -> kv::Store {
@@ -51,11 +79,11 @@ async fn kv_bucket_in_hub_domain_written_from_a_is_read_and_watched_from_b() {
     let client_a = federation.connect("a").await.unwrap();
     let client_b = federation.connect("b").await.unwrap();
 
-    let kv_a = kv_bucket(
-        &jetstream::with_domain(client_a.clone(), HUB_DOMAIN),
-        DIRECTORY_BUCKET,
-    )
-    .await;
+    // The hub's operator created the bucket when the hub started.
+    let kv_a = jetstream::with_domain(client_a.clone(), HUB_DOMAIN)
+        .get_key_value(DIRECTORY_BUCKET)
+        .await
+        .unwrap();
     let kv_b = jetstream::with_domain(client_b.clone(), HUB_DOMAIN)
         .get_key_value(DIRECTORY_BUCKET)
         .await
@@ -141,16 +169,20 @@ async fn object_in_site_a_store_is_read_from_site_b_through_domain_a() {
     assert_eq!(info.size, image.len());
     assert_eq!(info.chunks, 3);
 
-    let store_via_a = jetstream::with_domain(client_b.clone(), "a")
-        .get_object_store(TRANSFER_BUCKET)
-        .await
-        .unwrap();
-    let mut object = store_via_a.get("vm-1.img").await.unwrap();
-    let mut read = Vec::new();
-    object.read_to_end(&mut read).await.unwrap();
+    let read = read_via(client_b.clone(), "a", "vm-1.img").await;
     assert_eq!(read.len(), image.len());
     assert!(read == image, "object read through domain a differs");
-    assert!(store_via_a.get("vm-2.img").await.is_err());
+    let mut via_a = jetstream::with_domain(client_b.clone(), "a");
+    via_a.set_timeout(Duration::from_secs(2));
+    let store_via_a = via_a.get_object_store(TRANSFER_BUCKET).await.unwrap();
+    assert!(store_via_a.info("vm-2.img").await.is_err());
+    // The stock reader's consumer (unnamed, pushed to a subject of the reader's choosing) is
+    // not one a partner may create.
+    let mut stock = store_via_a.get("vm-1.img").await.unwrap();
+    let mut read = Vec::new();
+    assert!(tokio::io::AsyncReadExt::read_to_end(&mut stock, &mut read)
+        .await
+        .is_err());
 
     // Site b's own domain has no such store, and a domain nobody serves answers with an error
     // rather than hanging.
@@ -190,16 +222,7 @@ async fn site_data_survives_a_crash_and_a_restart_and_is_reachable_again() {
         .put("vm-1.img", &mut &b"image of vm-1"[..])
         .await
         .unwrap();
-    let read_via_a = |client: async_nats::Client| async move {
-        let store = jetstream::with_domain(client, "a")
-            .get_object_store(TRANSFER_BUCKET)
-            .await
-            .unwrap();
-        let mut object = store.get("vm-1.img").await.unwrap();
-        let mut read = Vec::new();
-        object.read_to_end(&mut read).await.unwrap();
-        read
-    };
+    let read_via_a = |client: async_nats::Client| read_via(client, "a", "vm-1.img");
 
     // A crash: while a is down, its domain does not answer partners.
     federation.kill("a").await.unwrap();
@@ -236,11 +259,10 @@ async fn hub_restart_keeps_the_directory_and_every_site_rejoins() {
         .await
         .unwrap();
     let client_c = federation.connect("c").await.unwrap();
-    let directory = kv_bucket(
-        &jetstream::with_domain(client_c.clone(), HUB_DOMAIN),
-        DIRECTORY_BUCKET,
-    )
-    .await;
+    let directory = jetstream::with_domain(client_c.clone(), HUB_DOMAIN)
+        .get_key_value(DIRECTORY_BUCKET)
+        .await
+        .unwrap();
     directory
         .put("site.c", Bytes::from_static(b"c"))
         .await

@@ -7,6 +7,7 @@ mod federation;
 mod guest_kpi;
 mod guest_migration;
 mod host_agent;
+mod hostile;
 mod hypervisor;
 mod kpifs;
 mod migration;

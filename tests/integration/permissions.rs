@@ -21,11 +21,11 @@ use nubis_testkit::{require_nats_server, Federation, Role, DEFAULT_TIMEOUT, HUB_
 const PROBE_POLL: Duration = Duration::from_millis(200);
 /// How long a request that must fail may take to fail: denied requests are dropped without an
 /// answer, so they end in a timeout unless the server knows nobody can answer.
-const DENIED_REQUEST: Duration = Duration::from_secs(2);
+pub(crate) const DENIED_REQUEST: Duration = Duration::from_secs(2);
 
 /// Publishes probes on `subject` until `sub` receives one, so that the subscription's interest
 /// has reached every server between `publisher` and it.
-async fn await_interest(publisher: &Client, subject: &str, sub: &mut Subscriber) {
+pub(crate) async fn await_interest(publisher: &Client, subject: &str, sub: &mut Subscriber) {
     let deadline = tokio::time::Instant::now() + DEFAULT_TIMEOUT;
     loop {
         publisher
@@ -45,7 +45,7 @@ async fn await_interest(publisher: &Client, subject: &str, sub: &mut Subscriber)
 
 /// Everything `sub` receives until a message with `marker` as payload (which is not included),
 /// skipping left-over probes.
-async fn until_marker(sub: &mut Subscriber, marker: &str) -> Vec<Message> {
+pub(crate) async fn until_marker(sub: &mut Subscriber, marker: &str) -> Vec<Message> {
     let mut seen = Vec::new();
     tokio::time::timeout(DEFAULT_TIMEOUT, async {
         while let Some(msg) = sub.next().await {
@@ -66,7 +66,7 @@ async fn until_marker(sub: &mut Subscriber, marker: &str) -> Vec<Message> {
 /// A round trip to the server: once a message sent to the client's own inbox has come back,
 /// the server has processed everything the client sent before it, and the client has received
 /// everything the server sent it before. (`Client::flush` only empties the socket buffer.)
-async fn round_trip(client: &Client) {
+pub(crate) async fn round_trip(client: &Client) {
     let inbox = client.new_inbox();
     let mut echo = client.subscribe(inbox.clone()).await.unwrap();
     client.publish(inbox, "echo".into()).await.unwrap();
@@ -78,7 +78,7 @@ async fn round_trip(client: &Client) {
 
 /// A message `sub` has received already, if any. A subscription the server refused has ended,
 /// and counts as having received nothing.
-async fn pending(sub: &mut Subscriber) -> Option<Message> {
+pub(crate) async fn pending(sub: &mut Subscriber) -> Option<Message> {
     tokio::time::timeout(Duration::ZERO, sub.next())
         .await
         .ok()
@@ -86,7 +86,7 @@ async fn pending(sub: &mut Subscriber) -> Option<Message> {
 }
 
 /// Sends a request that must not be answered; returns whether it failed (it must).
-async fn request_fails(client: &Client, subject: &str) -> bool {
+pub(crate) async fn request_fails(client: &Client, subject: &str) -> bool {
     match tokio::time::timeout(
         DENIED_REQUEST,
         client.request(subject.to_owned(), "{}".into()),
@@ -212,7 +212,7 @@ async fn a_site_writes_only_its_own_directory_entry_and_reads_every_entry() {
         js.set_timeout(DENIED_REQUEST);
     }
 
-    // The first site to start creates the bucket, as the site daemon does.
+    // The hub's operator created the bucket when the hub started; sites only open it.
     let kv_a = nubis_site::directory::open_bucket(&js_a).await.unwrap();
     kv_a.put("site.a", Bytes::from_static(b"entry of a"))
         .await
@@ -517,7 +517,7 @@ async fn every_server_wants_credentials_of_its_own() {
 }
 
 /// Whether a JetStream call through another site's domain failed (it must).
-fn refused<T: std::fmt::Debug, E>(what: &str, result: Result<T, E>) {
+pub(crate) fn refused<T: std::fmt::Debug, E>(what: &str, result: Result<T, E>) {
     if let Ok(answer) = result {
         panic!("{what} was allowed: {answer:?}");
     }

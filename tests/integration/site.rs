@@ -450,13 +450,18 @@ async fn gma_registrations_are_found_by_vm_id_and_trusted_only_from_partners() {
             consumer_site: SiteId::new("a").unwrap(),
             vm: vm.clone(),
             data_points: vec![DataPoint::new("cpu.utilisation").unwrap()],
+            downstream: None,
             heartbeat_ms: now_ms(),
         })
         .await
         .unwrap();
     // A forgery: c writes a producer entry that claims to be signed by b.
     let impostor = SiteIdentity::generate(SiteId::new("b").unwrap());
-    let key = DirectoryKey::producer(&vm, &ProducerId::new("p-forged").unwrap());
+    let key = DirectoryKey::producer(
+        &SiteId::new("c").unwrap(),
+        &vm,
+        &ProducerId::new("p-forged").unwrap(),
+    );
     let env = envelope::sign(
         &impostor,
         Addressing::broadcast(key.subject().as_str()),

@@ -276,7 +276,12 @@ impl Stack {
         let hosts: String = spec
             .hosts
             .iter()
-            .map(|(h, _)| format!("[[hosts]]\nid = \"{h}\"\n"))
+            .map(|(h, _)| {
+                format!(
+                    "[[hosts]]\nid = \"{h}\"\nvm_root = \"{}\"\n",
+                    self.vm_root(site, h).display()
+                )
+            })
             .collect();
         let site_toml = format!(
             "site = \"{site}\"\nkey_file = \"{site}.key\"\nnats_url = \"{url}\"\nnats_user = \"{user}\"\nnats_password = \"{password}\"\n\
@@ -300,11 +305,20 @@ impl Stack {
                 )
             })
             .collect();
+        // The proxy serves and receives only under the site's host VM roots and image store.
+        let roots: Vec<String> = spec
+            .hosts
+            .iter()
+            .map(|(h, _)| self.vm_root(site, h))
+            .chain([self.image_store(site)])
+            .map(|p| format!("{:?}", p.display().to_string()))
+            .collect();
         let proxy_toml = format!(
             "site = \"{site}\"\nproxy = \"p1\"\nnats_url = \"{url}\"\nnats_user = \"{user}\"\nnats_password = \"{password}\"\n\
-             identity_file = \"{}\"\nstore_dir = \"{}\"\n\n{proxy_partners}",
+             identity_file = \"{}\"\nstore_dir = \"{}\"\n\n[transfer]\nroots = [{}]\n\n{proxy_partners}",
             self.path(&format!("{site}.key")).display(),
             self.path(&format!("{site}-proxy")).display(),
+            roots.join(", "),
         );
         let proxy_path = self.write(&format!("{site}-proxy.toml"), &proxy_toml);
         let site_config = nubis_site::config::SiteConfig::load(&site_path).unwrap();

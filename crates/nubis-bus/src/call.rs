@@ -242,8 +242,20 @@ impl SignedClient {
             body,
         )
         .map_err(|e| send_error(e.into()))?;
+        // On a federation connection the reply comes on an inbox that only the site asked may
+        // publish to (the hub's permissions), so no third site can answer first. Other
+        // connections (site-internal, default inbox) keep their own inbox.
+        let fresh = self.client.new_inbox();
+        let inbox = match fresh.strip_prefix(&Subject::reply_inbox_prefix(self.identity.site())) {
+            Some(unique) => format!(
+                "{}{unique}",
+                Subject::call_inbox_prefix(self.identity.site(), signer)
+            ),
+            None => fresh,
+        };
         let request = async_nats::Request::new()
             .payload(bytes.into())
+            .inbox(inbox)
             .timeout(Some(timeout));
         let answer = self
             .client

@@ -1,11 +1,17 @@
 //! What the three daemons (site, proxy, host agent) share in their configuration files: the
 //! error type, which always names the file and the key, the TOML reading, and the credentials
 //! that reach the site's nats-server.
+//!
+//! A password is never shown: [`Secret`] and [`Login`] print `<redacted>` in `Debug`, and it can
+//! stay out of the configuration file altogether with `nats_password_file`, a file only its
+//! owner may read (the same rule as key files), which the CLI's `--password-file` shares.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use nubis_protocol::identity::KeyError;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +54,94 @@ pub enum ConfigError {
         #[source]
         source: KeyError,
     },
+    /// A password file named by the configuration cannot be used.
+    #[error("{path}: `{key}`")]
+    PasswordFile {
+        /// The configuration file.
+        path: PathBuf,
+        /// The key naming the password file, `nats_password_file`.
+        key: String,
+        /// The cause.
+        #[source]
+        source: PasswordFileError,
+    },
+}
+
+/// Why a password file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordFileError {
+    /// The file could not be read.
+    #[error("cannot read {file}")]
+    Io {
+        /// The password file.
+        file: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Users other than its owner may read the file.
+    #[error("{file} is readable by group or others (mode {mode:o}); chmod 600 it")]
+    Loose {
+        /// The password file.
+        file: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The file holds no password.
+    #[error("{file} is empty")]
+    Empty {
+        /// The password file.
+        file: PathBuf,
+    },
+}
+
+/// Reads the password in `file`: its content without the trailing line break. Refused when the
+/// file's group or others may read or write it, as key files are.
+pub fn read_password_file(file: &Path) -> Result<Secret, PasswordFileError> {
+    let io = |source| PasswordFileError::Io {
+        file: file.to_path_buf(),
+        source,
+    };
+    let mode = std::fs::metadata(file).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PasswordFileError::Loose {
+            file: file.to_path_buf(),
+            mode,
+        });
+    }
+    let text = std::fs::read_to_string(file).map_err(io)?;
+    let password = text.strip_suffix('\n').unwrap_or(&text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        return Err(PasswordFileError::Empty {
+            file: file.to_path_buf(),
+        });
+    }
+    Ok(Secret(password.to_string()))
+}
+
+/// A password as a configuration file gives it: deserialized from a string, never shown in
+/// `Debug`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// `text`, to be kept secret.
+    pub fn new(text: impl Into<String>) -> Self {
+        Self(text.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl ConfigError {
@@ -63,7 +157,9 @@ impl ConfigError {
     /// The offending key, when the error names one.
     pub fn key(&self) -> Option<&str> {
         match self {
-            Self::Invalid { key, .. } | Self::Key { key, .. } => Some(key),
+            Self::Invalid { key, .. } | Self::Key { key, .. } | Self::PasswordFile { key, .. } => {
+                Some(key)
+            }
             Self::Io { .. } | Self::Parse { .. } => None,
         }
     }
@@ -104,7 +200,7 @@ impl std::fmt::Debug for Login {
 }
 
 /// How a daemon reaches its site's nats-server: the keys `nats_url`, `nats_user` and
-/// `nats_password` of every daemon's configuration file.
+/// `nats_password` (or `nats_password_file`) of every daemon's configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// The server, `nats://` or `tls://`.
@@ -137,12 +233,15 @@ impl Credentials {
         }
     }
 
-    /// Validates the values of `nats_url`, `nats_user` and `nats_password` read from `path`.
+    /// Validates the values of `nats_url`, `nats_user` and `nats_password` or
+    /// `nats_password_file` read from `path`; a relative password file resolves against the
+    /// folder of `path`.
     pub fn from_keys(
         path: &Path,
         url: String,
         user: Option<String>,
-        password: Option<String>,
+        password: Option<Secret>,
+        password_file: Option<PathBuf>,
     ) -> Result<Self, ConfigError> {
         if !(url.starts_with("nats://") || url.starts_with("tls://")) {
             return Err(ConfigError::invalid(
@@ -151,6 +250,41 @@ impl Credentials {
                 "must start with nats:// or tls://",
             ));
         }
+        let authority = url.split_once("://").map_or("", |(_, rest)| {
+            rest.split(['/', '?', '#']).next().unwrap_or_default()
+        });
+        if authority.contains('@') {
+            // A URL is shown in errors and logs: a login in it would be too.
+            return Err(ConfigError::invalid(
+                path,
+                "nats_url",
+                "must not carry a user or password; use nats_user and nats_password_file",
+            ));
+        }
+        let password = match (password, password_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    path,
+                    "nats_password_file",
+                    "cannot be given with nats_password",
+                ))
+            }
+            (Some(p), None) => Some(p.0),
+            (None, Some(file)) => {
+                let file = match path.parent() {
+                    Some(dir) if file.is_relative() => dir.join(file),
+                    _ => file,
+                };
+                let secret =
+                    read_password_file(&file).map_err(|source| ConfigError::PasswordFile {
+                        path: path.to_path_buf(),
+                        key: "nats_password_file".into(),
+                        source,
+                    })?;
+                Some(secret.0)
+            }
+            (None, None) => None,
+        };
         let login = match (user, password) {
             (None, None) => None,
             (Some(user), Some(_)) if user.is_empty() => {
@@ -189,8 +323,108 @@ mod tests {
             Path::new("/etc/nubis/x.toml"),
             url.into(),
             user.map(String::from),
-            password.map(String::from),
+            password.map(Secret::new),
+            None,
         )
+    }
+
+    /// A configuration file beside a password file holding `content` with `mode`.
+    fn password_file(content: &str, mode: u32) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nats.pw");
+        std::fs::write(&file, content).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        let config = dir.path().join("site.toml");
+        (dir, config)
+    }
+
+    fn from_file(config: &Path, file: &str) -> Result<Credentials, ConfigError> {
+        Credentials::from_keys(
+            config,
+            "nats://x".into(),
+            Some("site".into()),
+            None,
+            Some(PathBuf::from(file)),
+        )
+    }
+
+    #[test]
+    fn a_password_file_beside_the_configuration_gives_the_password() {
+        let (dir, config) = password_file("s3cret\n", 0o600);
+        let c = from_file(&config, "nats.pw").unwrap();
+        assert_eq!(c, Credentials::with_login("nats://x", "site", "s3cret"));
+        // An absolute path works from anywhere.
+        let abs = dir.path().join("nats.pw");
+        let c = from_file(Path::new("/etc/nubis/x.toml"), abs.to_str().unwrap()).unwrap();
+        assert_eq!(c.login.map(|l| l.password).as_deref(), Some("s3cret"));
+        assert_eq!(
+            read_password_file(&abs).unwrap().expose(),
+            "s3cret",
+            "the one reader the CLI shares"
+        );
+    }
+
+    #[test]
+    fn a_loose_empty_or_missing_password_file_is_refused_naming_the_key() {
+        for mode in [0o640, 0o604, 0o660] {
+            let (_dir, config) = password_file("s3cret", mode);
+            let err = from_file(&config, "nats.pw").unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::PasswordFile { key, source: PasswordFileError::Loose { .. }, .. } if key == "nats_password_file"),
+                "{mode:o}: {err:?}"
+            );
+        }
+        let (_dir, config) = password_file("\n", 0o600);
+        let err = from_file(&config, "nats.pw").unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::PasswordFile {
+                source: PasswordFileError::Empty { .. },
+                ..
+            }
+        ));
+        let err = from_file(&config, "absent.pw").unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::PasswordFile {
+                source: PasswordFileError::Io { .. },
+                ..
+            }
+        ));
+        assert_eq!(err.key(), Some("nats_password_file"));
+    }
+
+    #[test]
+    fn a_password_and_a_password_file_together_are_refused() {
+        let (_dir, config) = password_file("s3cret", 0o600);
+        let err = Credentials::from_keys(
+            &config,
+            "nats://x".into(),
+            Some("site".into()),
+            Some(Secret::new("other")),
+            Some(PathBuf::from("nats.pw")),
+        )
+        .unwrap_err();
+        assert_eq!(err.key(), Some("nats_password_file"));
+    }
+
+    #[test]
+    fn secrets_and_logins_are_redacted_in_debug() {
+        let secret = Secret::new("s3cret");
+        assert_eq!(format!("{secret:?}"), "<redacted>");
+        let login = Login {
+            user: "site".into(),
+            password: "s3cret".into(),
+        };
+        assert!(!format!("{login:?}").contains("s3cret"));
+        assert!(!format!("{login:#?}").contains("s3cret"));
+        let raw: Secret = toml::from_str::<std::collections::BTreeMap<String, Secret>>(
+            "nats_password = \"s3cret\"",
+        )
+        .unwrap()
+        .remove("nats_password")
+        .unwrap();
+        assert_eq!(raw.expose(), "s3cret");
     }
 
     #[test]
@@ -199,6 +433,10 @@ mod tests {
             |r: Result<Credentials, ConfigError>| r.err().and_then(|e| e.key().map(String::from));
         assert_eq!(
             key(keys("http://x", None, None)).as_deref(),
+            Some("nats_url")
+        );
+        assert_eq!(
+            key(keys("nats://u:s3cret@x:4222", None, None)).as_deref(),
             Some("nats_url")
         );
         assert_eq!(

@@ -23,5 +23,5 @@ pub mod proxy;
 pub mod serve;
 
 pub use call::{CallError, CallPolicy, SignedClient, Target};
-pub use config::{ConfigError, Credentials, Login};
+pub use config::{ConfigError, Credentials, Login, Secret};
 pub use connect::{connect, ConnectError, ConnectSpec, Inbox};

@@ -2,6 +2,7 @@
 //! and the failure classes its exit codes are made of. The calls themselves are
 //! `nubis_bus::ops`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -9,8 +10,10 @@ use nubis_bus::ops::{OpsClient, OpsError};
 use nubis_bus::{ConnectSpec, Credentials};
 use nubis_protocol::SiteId;
 
-/// How the CLI reaches a site.
-#[derive(Debug, Clone, Args)]
+/// How the CLI reaches a site. The password comes from `--password-file` (a file only its owner
+/// may read), `NUBIS_NATS_PASSWORD`, or `--password` (visible to other users in the process
+/// list: prefer the other two); `Debug` never shows it.
+#[derive(Clone, Args)]
 pub struct Connection {
     /// The site to talk to.
     #[arg(long, env = "NUBIS_SITE")]
@@ -21,15 +24,42 @@ pub struct Connection {
     /// NATS user (the site's operator account).
     #[arg(long, env = "NUBIS_NATS_USER")]
     pub user: Option<String>,
-    /// NATS password.
+    /// NATS password (prefer --password-file or NUBIS_NATS_PASSWORD: a command line is
+    /// visible to other users).
     #[arg(long, env = "NUBIS_NATS_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// A file holding the NATS password, readable by its owner only (mode 600).
+    #[arg(long, conflicts_with = "password")]
+    pub password_file: Option<PathBuf>,
     /// How long to wait for the site's answer, in seconds.
     #[arg(long, default_value_t = 5)]
     pub timeout: u64,
 }
 
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("site", &self.site)
+            .field("nats_url", &self.nats_url)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
 impl Connection {
+    /// The password, from `--password-file`, else `--password` or `NUBIS_NATS_PASSWORD`.
+    pub fn password(&self) -> Result<Option<String>, OpsFailure> {
+        match &self.password_file {
+            Some(file) => nubis_bus::config::read_password_file(file)
+                .map(|s| Some(s.expose().to_string()))
+                .map_err(|e| OpsFailure::User(format!("--password-file: {}", chain(&e)))),
+            None => Ok(self.password.clone()),
+        }
+    }
+
     /// The site named by `--site`.
     pub fn site_id(&self) -> Result<SiteId, OpsFailure> {
         SiteId::new(&self.site).map_err(|e| {
@@ -96,7 +126,7 @@ impl From<OpsError> for OpsFailure {
 
 /// Connects to the NATS server named by `conn`, with its credentials.
 pub async fn connect(conn: &Connection) -> Result<async_nats::Client, OpsFailure> {
-    let credentials = match (&conn.user, &conn.password) {
+    let credentials = match (&conn.user, conn.password()?) {
         (Some(user), Some(password)) => Credentials::with_login(&conn.nats_url, user, password),
         _ => Credentials::anonymous(&conn.nats_url),
     };
@@ -113,4 +143,48 @@ pub async fn client(conn: &Connection) -> Result<OpsClient, OpsFailure> {
     let site = conn.site_id()?;
     let nats = connect(conn).await?;
     Ok(OpsClient::new(nats, site, conn.timeout()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        conn: Connection,
+    }
+
+    fn parse(args: &[&str]) -> Result<Connection, clap::Error> {
+        let mut all = vec!["nubis", "--site", "a"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).map(|c| c.conn)
+    }
+
+    #[test]
+    fn the_password_never_shows_in_debug() {
+        let conn = parse(&["--user", "operator", "--password", "s3cret"]).unwrap();
+        assert_eq!(conn.password().unwrap().as_deref(), Some("s3cret"));
+        assert!(!format!("{conn:?}").contains("s3cret"));
+        assert!(!format!("{conn:#?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_password_can_come_from_a_private_file_but_not_with_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nats.pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = file.to_str().unwrap();
+        let conn = parse(&["--user", "operator", "--password-file", path]).unwrap();
+        assert_eq!(conn.password().unwrap().as_deref(), Some("s3cret"));
+        assert!(!format!("{conn:?}").contains("s3cret"));
+        let both = parse(&["--password", "x", "--password-file", path]).unwrap_err();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let loose = parse(&["--password-file", path]).unwrap();
+        assert!(matches!(loose.password(), Err(OpsFailure::User(_))));
+    }
 }

@@ -7,7 +7,7 @@
 //! host = "h1"                           # the host id, unique within the site
 //! nats_url = "nats://127.0.0.1:4222"    # the site's own nats-server
 //! # nats_user = "host-h1"               # optional, with nats_password
-//! # nats_password = "…"
+//! # nats_password = "…"                 # or nats_password_file = "nats.pw" (mode 600)
 //! libvirt_uri = "qemu:///system"        # or "test:///default"
 //! accelerator = "tcg"                   # "tcg" (default) or "kvm"
 //! vm_root = "/var/lib/nubis/vms"        # default; relative paths resolve against this file
@@ -44,6 +44,7 @@ pub const DEFAULT_MONITOR_TICK_MS: u64 = 250;
 /// Default of `monitor_outbox`.
 pub const DEFAULT_MONITOR_OUTBOX: usize = 10_000;
 
+use nubis_bus::config::Secret;
 pub use nubis_bus::config::{ConfigError, Credentials, Login};
 
 /// Capacity figures that replace what the agent would measure.
@@ -105,7 +106,8 @@ struct RawConfig {
     host: String,
     nats_url: String,
     nats_user: Option<String>,
-    nats_password: Option<String>,
+    nats_password: Option<Secret>,
+    nats_password_file: Option<PathBuf>,
     libvirt_uri: String,
     #[serde(default)]
     accelerator: Option<String>,
@@ -163,7 +165,13 @@ impl HostConfig {
         let raw: RawConfig = nubis_bus::config::parse_toml(text, path)?;
         let site = SiteId::new(raw.site).map_err(|e| invalid("site", e.to_string()))?;
         let host = HostId::new(raw.host).map_err(|e| invalid("host", e.to_string()))?;
-        let nats = Credentials::from_keys(path, raw.nats_url, raw.nats_user, raw.nats_password)?;
+        let nats = Credentials::from_keys(
+            path,
+            raw.nats_url,
+            raw.nats_user,
+            raw.nats_password,
+            raw.nats_password_file,
+        )?;
         if raw.libvirt_uri.is_empty() || !raw.libvirt_uri.contains("://") {
             return Err(invalid(
                 "libvirt_uri",
@@ -314,6 +322,23 @@ vm_root = "vms"
             !format!("{creds:?}").contains("\"p\""),
             "the password is not logged"
         );
+    }
+
+    #[test]
+    fn the_nats_password_can_come_from_a_private_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("nats.pw");
+        std::fs::write(&pw, "s3cret").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let text = format!("{GOOD}nats_user = \"u\"\nnats_password_file = \"nats.pw\"\n");
+        let path = dir.path().join("host.toml");
+        let c = HostConfig::parse(&text, &path).unwrap();
+        assert_eq!(c.nats.login.as_ref().unwrap().password, "s3cret");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o604)).unwrap();
+        let err = HostConfig::parse(&text, &path).unwrap_err();
+        assert_eq!(err.key(), Some("nats_password_file"), "{err}");
     }
 
     fn invalid_key(text: &str) -> String {

@@ -21,6 +21,7 @@
 //!   release, control, update, state, list), idempotent and run one at a time per VM; a save or
 //!   a graceful shutdown waits on a thread of its own, so other VMs are served meanwhile.
 //! - [`vm_files`]: the per-VM directories under the VM root.
+//! - [`qcow2`]: the header of a received qcow2 image, refused when it names another file.
 //! - [`producer`]: the monitoring [`Producer`] of one VM (paper section IV): monitoring and
 //!   delivery intervals, raw and processed formats, predicates; pure and synchronous.
 //! - [`monitor`]: the task that feeds the Producers with measurements and KPI rows, mounts the
@@ -39,6 +40,7 @@ pub mod hypervisor;
 pub mod libvirt;
 pub mod monitor;
 pub mod producer;
+pub mod qcow2;
 pub mod sampling;
 pub mod spec;
 pub mod test_guest;

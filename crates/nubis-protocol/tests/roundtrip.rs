@@ -491,6 +491,7 @@ fn eviction_and_directory_round_trip() {
         consumer_site: a,
         vm,
         data_points: vec![dp],
+        downstream: Some(SiteId::new("b").unwrap()),
         heartbeat_ms: 9,
     });
 }

@@ -88,6 +88,7 @@ async fn bench() -> anyhow::Result<()> {
         publish_window: window,
         fetch_window,
         bucket_max_bytes: 6 << 30,
+        roots: vec![work.path().to_path_buf()],
         ..TransferSettings::default()
     };
     let mut proxies = Vec::new();

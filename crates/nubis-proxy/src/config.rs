@@ -4,6 +4,8 @@
 //! site = "site-a"
 //! proxy = "p1"
 //! nats_url = "nats://127.0.0.1:4222"
+//! # nats_user = "site"                  # optional, with nats_password, or with
+//! # nats_password_file = "nats.pw"      # a file only its owner may read (mode 600)
 //! identity_file = "/etc/nubis/site-a.key"
 //! store_dir = "/var/lib/nubis/proxy-p1"
 //!
@@ -12,6 +14,9 @@
 //! signing_key = "ed25519:…"
 //!
 //! [transfer]
+//! # The only directories whose files this proxy serves and receives into: the VM roots of
+//! # the site's hosts and the site's image store. Required.
+//! roots = ["/var/lib/nubis/site-a/vms", "/var/lib/nubis/site-a/images"]
 //! relay_allowed = false
 //! bucket_max_bytes = 8589934592
 //! ```
@@ -23,6 +28,7 @@ use nubis_protocol::message::ProxyId;
 use nubis_protocol::SiteId;
 use serde::Deserialize;
 
+use nubis_bus::config::Secret;
 pub use nubis_bus::config::{ConfigError, Credentials};
 
 /// A transfer setting out of range (the key and why).
@@ -74,7 +80,9 @@ struct RawConfig {
     #[serde(default)]
     nats_user: Option<String>,
     #[serde(default)]
-    nats_password: Option<String>,
+    nats_password: Option<Secret>,
+    #[serde(default)]
+    nats_password_file: Option<PathBuf>,
     identity_file: PathBuf,
     store_dir: PathBuf,
     #[serde(default)]
@@ -87,6 +95,11 @@ struct RawConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TransferSettings {
+    /// The directories this proxy may read served files from and write received files into:
+    /// the VM roots of its site's hosts (`vm_root` in each `host.toml`) and the site's image
+    /// store. A mint request naming a file or directory anywhere else (after symbolic links
+    /// are resolved) is refused, whoever asks. Absolute; at least one.
+    pub roots: Vec<PathBuf>,
     /// Bytes per object chunk (at most the servers' `max_payload` minus headers).
     pub chunk_size: usize,
     /// Chunks published but not yet acknowledged, per file.
@@ -125,6 +138,7 @@ pub struct TransferSettings {
 impl Default for TransferSettings {
     fn default() -> Self {
         Self {
+            roots: Vec::new(),
             chunk_size: 1 << 20,
             publish_window: 32,
             fetch_window: 8,
@@ -146,6 +160,18 @@ impl Default for TransferSettings {
 impl TransferSettings {
     /// Checks ranges; the errors name the key.
     pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.roots.is_empty() {
+            return Err(InvalidSetting {
+                key: "transfer.roots",
+                reason: "must name the VM roots of the site's hosts and its image store",
+            });
+        }
+        if self.roots.iter().any(|r| !r.is_absolute()) {
+            return Err(InvalidSetting {
+                key: "transfer.roots",
+                reason: "must be absolute paths",
+            });
+        }
         if !(4096..=(7 << 20)).contains(&self.chunk_size) {
             return Err(InvalidSetting {
                 key: "transfer.chunk_size",
@@ -207,7 +233,13 @@ impl Config {
         Ok(Self {
             site: raw.site,
             proxy: raw.proxy,
-            nats: Credentials::from_keys(path, raw.nats_url, raw.nats_user, raw.nats_password)?,
+            nats: Credentials::from_keys(
+                path,
+                raw.nats_url,
+                raw.nats_user,
+                raw.nats_password,
+                raw.nats_password_file,
+            )?,
             identity_file: raw.identity_file,
             store_dir: raw.store_dir,
             partners: raw.partners,
@@ -221,19 +253,55 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_nats_password_can_come_from_a_private_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("nats.pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = dir.path().join("proxy.toml");
+        std::fs::write(
+            &p,
+            "site = \"a\"\nproxy = \"p1\"\nnats_url = \"nats://127.0.0.1:4222\"\nnats_user = \"site\"\nnats_password_file = \"nats.pw\"\nidentity_file = \"/k\"\nstore_dir = \"/s\"\n[transfer]\nroots = [\"/vms\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.nats.login.as_ref().unwrap().password, "s3cret");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = Config::load(&p).unwrap_err();
+        assert_eq!(err.key(), Some("nats_password_file"), "{err}");
+    }
+
+    #[test]
     fn minimal_config_loads_and_bad_values_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("proxy.toml");
         std::fs::write(
             &p,
-            "site = \"a\"\nproxy = \"p1\"\nnats_url = \"nats://127.0.0.1:4222\"\nidentity_file = \"/k\"\nstore_dir = \"/s\"\n",
+            "site = \"a\"\nproxy = \"p1\"\nnats_url = \"nats://127.0.0.1:4222\"\nidentity_file = \"/k\"\nstore_dir = \"/s\"\n[transfer]\nroots = [\"/vms\"]\n",
         )
         .unwrap();
         let c = Config::load(&p).unwrap();
         assert_eq!(c.transfer.chunk_size, 1 << 20);
+        assert_eq!(c.transfer.roots, vec![PathBuf::from("/vms")]);
+        // The roots are required, and absolute.
+        for transfer in [
+            "",
+            "[transfer]\nroots = []\n",
+            "[transfer]\nroots = [\"vms\"]\n",
+        ] {
+            std::fs::write(
+                &p,
+                format!("site = \"a\"\nproxy = \"p1\"\nnats_url = \"nats://127.0.0.1:4222\"\nidentity_file = \"/k\"\nstore_dir = \"/s\"\n{transfer}"),
+            )
+            .unwrap();
+            let err = Config::load(&p).unwrap_err();
+            assert_eq!(err.key(), Some("transfer.roots"), "{err}");
+        }
         std::fs::write(
             &p,
-            "site = \"a\"\nproxy = \"p1\"\nnats_url = \"nats://x:4222\"\nidentity_file = \"/k\"\nstore_dir = \"/s\"\n[transfer]\nchunk_size = 100000000\n",
+            "site = \"a\"\nproxy = \"p1\"\nnats_url = \"nats://x:4222\"\nidentity_file = \"/k\"\nstore_dir = \"/s\"\n[transfer]\nroots = [\"/vms\"]\nchunk_size = 100000000\n",
         )
         .unwrap();
         let err = Config::load(&p).unwrap_err();

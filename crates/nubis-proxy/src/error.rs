@@ -39,6 +39,13 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    /// A file to serve, or the directory to receive into, lies outside the proxy's roots
+    /// (`[transfer] roots`), once symbolic links are resolved.
+    #[error("file {name:?} is outside the directories this proxy may use")]
+    OutsideRoots {
+        /// Logical name (never the path).
+        name: String,
+    },
     /// A request was malformed (e.g. a relative path or a duplicated file name).
     #[error("invalid request: {0}")]
     Invalid(&'static str),
@@ -74,9 +81,10 @@ impl ProxyError {
             Self::UnknownToken => ErrorCode::UnknownToken,
             Self::ExpiredToken => ErrorCode::ExpiredToken,
             Self::TokenUsed => ErrorCode::TokenUsed,
-            Self::WrongPurpose { .. } | Self::NotOwnSite(_) | Self::RelayNotAllowed => {
-                ErrorCode::Refused
-            }
+            Self::WrongPurpose { .. }
+            | Self::NotOwnSite(_)
+            | Self::RelayNotAllowed
+            | Self::OutsideRoots { .. } => ErrorCode::Refused,
             Self::File { .. } | Self::Invalid(_) => ErrorCode::Malformed,
             Self::SourceRefused { code, .. } => code.clone(),
             Self::SourceUnreachable(_) => ErrorCode::Timeout,

@@ -16,11 +16,13 @@
 //! [`objects`] (the bucket format), [`io`] (blocking file reading and writing), [`extents`]
 //! (SEEK_DATA/SEEK_HOLE), [`hashing`] (whole-file digests of sparse files), [`pace`]
 //! (bandwidth caps), [`naming`] (object names from tokens), [`store`] (the token table),
-//! [`client`] (signed requests to a proxy), [`config`].
+//! [`client`] (signed requests to a proxy), [`config`], [`confine`] (the directories a proxy
+//! may read and write, and the names a manifest may not use).
 
 mod chunks;
 pub mod client;
 pub mod config;
+pub mod confine;
 pub mod error;
 pub mod extents;
 pub mod hashing;

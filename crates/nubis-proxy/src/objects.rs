@@ -74,23 +74,68 @@ pub enum ObjectError {
     Deleted,
 }
 
-/// The bucket in this site's domain, created with `max_bytes` if missing.
+/// Most consumers the transfer bucket holds at once. Partners create them to fetch (one per
+/// object being read), and NATS permissions cannot say how many a partner may create, so the
+/// stream itself bounds them.
+pub const MAX_CONSUMERS: i32 = 256;
+
+/// Longest a consumer of the transfer bucket may stay without activity before the server
+/// deletes it, whatever its creator asked: a consumer left behind, durable or not, goes away.
+/// The proxies' own readers ask for less.
+pub const CONSUMER_INACTIVE_LIMIT: Duration = Duration::from_secs(60);
+
+/// The consumer limits of the transfer bucket.
+fn consumer_limits() -> jetstream::stream::ConsumerLimits {
+    jetstream::stream::ConsumerLimits {
+        inactive_threshold: CONSUMER_INACTIVE_LIMIT,
+        max_ack_pending: 0,
+    }
+}
+
+/// The bucket in this site's domain, created with `max_bytes` if missing: the stream of the
+/// ADR-20 object store `nubis-xfer`, with a bound on its consumers. An existing bucket gets the
+/// consumer limits if it lacks them (its consumer count cannot be changed after creation).
 pub async fn ensure_bucket(js: &jetstream::Context, max_bytes: i64) -> Result<Stream, ObjectError> {
-    if let Ok(stream) = js.get_stream(STREAM).await {
+    if let Ok(mut stream) = js.get_stream(STREAM).await {
+        let mut config = stream.cached_info().config.clone();
+        if config.consumer_limits != Some(consumer_limits()) {
+            config.consumer_limits = Some(consumer_limits());
+            js.update_stream(config)
+                .await
+                .map_err(|e| ObjectError::Bucket(e.to_string()))?;
+            stream
+                .info()
+                .await
+                .map_err(|e| ObjectError::Bucket(e.to_string()))?;
+        }
         return Ok(stream);
     }
-    js.create_object_store(jetstream::object_store::Config {
-        bucket: BUCKET.to_string(),
+    js.create_stream(jetstream::stream::Config {
+        name: STREAM.to_string(),
         description: Some("nubis transfer proxies: VM files in flight".to_string()),
+        subjects: vec![format!("$O.{BUCKET}.C.>"), format!("$O.{BUCKET}.M.>")],
         max_bytes,
         storage: jetstream::stream::StorageType::File,
+        discard: jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        allow_direct: true,
+        max_consumers: MAX_CONSUMERS,
+        consumer_limits: Some(consumer_limits()),
         ..Default::default()
     })
     .await
-    .map_err(|e| ObjectError::Bucket(e.to_string()))?;
-    js.get_stream(STREAM)
-        .await
-        .map_err(|e| ObjectError::Bucket(e.to_string()))
+    .map_err(|e| ObjectError::Bucket(e.to_string()))
+}
+
+/// A consumer name nobody can guess ahead of its creation, so that no partner can take it
+/// first: a process-wide counter hashed with the standard library's randomly keyed hasher.
+fn consumer_name() -> String {
+    use std::hash::BuildHasher as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let hash = std::collections::hash_map::RandomState::new().hash_one(seq);
+    format!("nubis-{hash:016x}{seq:x}")
 }
 
 /// The bucket of another site (or this one), without creating it.
@@ -324,9 +369,12 @@ impl ObjectFollower {
             }
         };
         // A pull consumer whose requests ask for `window` chunks: what is in flight towards
-        // this reader (across the leaf connections) never exceeds that many chunks.
+        // this reader (across the leaf connections) never exceeds that many chunks. It is named,
+        // so it is created on `CONSUMER.CREATE.<stream>.<name>.<filter>`: the one form whose
+        // subject carries the filter, which the hub lets partners use on chunk subjects only.
         let consumer = stream
             .create_consumer(OrderedConfig {
+                name: Some(consumer_name()),
                 filter_subject: chunk_subject.clone(),
                 deliver_policy,
                 max_batch: i64::try_from(window.max(1)).unwrap_or(i64::MAX),

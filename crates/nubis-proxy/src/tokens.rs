@@ -13,6 +13,7 @@ use nubis_protocol::message::{
 };
 use tracing::{info, warn};
 
+use crate::confine::{within_roots, ConfineError};
 use crate::error::ProxyError;
 use crate::io::shape;
 use crate::naming::TokenObjects;
@@ -26,8 +27,30 @@ use nubis_protocol::message::ErrorReply;
 /// How long a fetch request waits for its transfer to end before it answers with progress.
 const FIRST_ANSWER_WAIT: Duration = Duration::from_millis(100);
 
+/// Refuses a path outside the proxy's roots (see [`crate::confine`]); `name` is what the error
+/// may say instead of the path.
+fn confined(roots: &[std::path::PathBuf], path: &str, name: &str) -> Result<(), ProxyError> {
+    match within_roots(roots, Path::new(path)) {
+        Ok(_) => Ok(()),
+        Err(ConfineError::Resolve(source)) => Err(ProxyError::File {
+            name: name.to_string(),
+            source,
+        }),
+        Err(ConfineError::Outside) => {
+            warn!(
+                file = name,
+                "mint refused: the path is outside the proxy's roots"
+            );
+            Err(ProxyError::OutsideRoots {
+                name: name.to_string(),
+            })
+        }
+    }
+}
+
 impl TransferProxy {
-    /// Mints a token (site-internal). Serving and relaying start at once.
+    /// Mints a token (site-internal). Serving and relaying start at once. Files to serve and
+    /// the directory to receive into must lie under the proxy's roots, whoever named them.
     pub async fn mint(&self, req: MintToken) -> Result<Minted, ProxyError> {
         let s = &self.inner.settings;
         let mut total = 0;
@@ -44,6 +67,7 @@ impl TransferProxy {
                     if !Path::new(&f.path).is_absolute() {
                         return Err(ProxyError::Invalid("file paths must be absolute"));
                     }
+                    confined(&s.roots, &f.path, &f.name)?;
                     let sh = shape(Path::new(&f.path)).map_err(|source| ProxyError::File {
                         name: f.name.clone(),
                         source,
@@ -57,6 +81,7 @@ impl TransferProxy {
                 if !p.is_absolute() {
                     return Err(ProxyError::Invalid("receive directory must be absolute"));
                 }
+                confined(&s.roots, dir, "receive directory")?;
                 let meta = std::fs::metadata(p).map_err(|source| ProxyError::File {
                     name: "receive directory".to_string(),
                     source,

@@ -354,6 +354,7 @@ impl TransferProxy {
         if m.files.windows(2).any(|w| w[0].name == w[1].name) {
             return Err(TaskError::Manifest("duplicate file name".to_string()));
         }
+        crate::confine::check_manifest_names(&m.files).map_err(TaskError::Manifest)?;
         Ok(m)
     }
 }

@@ -2,9 +2,11 @@
 //! the site's own domain (its leaf server), never in the hub's.
 //!
 //! One writer task owns the stream. Each batch is stored as the signed envelope bytes the site
-//! sent or received, on `nubis.acct.<site>.<vm>`, with the batch's message id as `Nats-Msg-Id`
-//! so that a batch stored twice (a host agent's retry, a batch reaching the site by relay and by
-//! bus) is kept once. A store completes only when the server has acknowledged it; until then the
+//! sent or received, on `nubis.acct.<site>.<vm>`, with the batch's message id scoped by the
+//! site that signed the envelope as `Nats-Msg-Id` ([`message_id`]), so that a batch stored twice
+//! by the same sender (a host agent's retry, a relay hop's resend) is kept once, while a batch
+//! that another site sent first under the same producer, epoch and sequence number can never
+//! make the genuine one a duplicate. A store completes only when the server has acknowledged it; until then the
 //! writer retries with backoff, re-creating the stream if it has to, because the site's
 //! nats-server may be restarting. A host agent is answered only after that acknowledgement, so
 //! an acknowledged batch is on disk in a file-backed stream and survives restarts of either
@@ -19,6 +21,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt as _;
 use nubis_protocol::descriptor::DataPoint;
+use nubis_protocol::message::MonitoringBatch;
 use nubis_protocol::subject::{Subject, ACCOUNTING_STREAM};
 use nubis_protocol::{SiteId, VmId};
 use tokio::sync::{mpsc, oneshot};
@@ -98,6 +101,12 @@ impl std::fmt::Debug for Job {
             .field("message_id", &self.message_id)
             .finish_non_exhaustive()
     }
+}
+
+/// The `Nats-Msg-Id` of `batch` signed by `sender` (this site for its own hosts' batches):
+/// `<sender>.<producer>.<epoch_ms>.<seq>`.
+pub fn message_id(sender: &SiteId, batch: &MonitoringBatch) -> String {
+    format!("{sender}.{}", batch.message_id())
 }
 
 /// The stream's configuration for `site`.
@@ -329,5 +338,21 @@ mod tests {
         assert_eq!(c.storage, stream::StorageType::File);
         assert_eq!(c.max_age, Duration::from_secs(3600));
         assert_eq!(c.duplicate_window, DUPLICATE_WINDOW);
+    }
+
+    #[test]
+    fn message_ids_are_scoped_by_the_sender() {
+        let batch = MonitoringBatch {
+            vm: VmId::new("vm-1").unwrap(),
+            primary_site: SiteId::new("a").unwrap(),
+            producer: nubis_protocol::message::ProducerId::new("p1").unwrap(),
+            epoch_ms: 7,
+            seq: 3,
+            payload: nubis_protocol::message::BatchPayload::Clear(Default::default()),
+        };
+        let c = message_id(&SiteId::new("c").unwrap(), &batch);
+        let x = message_id(&SiteId::new("x").unwrap(), &batch);
+        assert_eq!(c, "c.p1.7.3");
+        assert_ne!(c, x);
     }
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 /// Longest accounting retention accepted, in seconds (100 years).
 pub const MAX_ACCOUNTING_AGE_S: u64 = 100 * 365 * 24 * 3600;
 
+use nubis_bus::config::Secret;
 pub use nubis_bus::config::{ConfigError, Credentials, Login};
 
 /// Which offers a site passes upstream in its answer to a Migration request (paper III-C,
@@ -244,6 +245,7 @@ struct RawPartner {
 #[serde(deny_unknown_fields)]
 struct RawHost {
     id: String,
+    vm_root: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -255,7 +257,9 @@ struct RawConfig {
     #[serde(default)]
     nats_user: Option<String>,
     #[serde(default)]
-    nats_password: Option<String>,
+    nats_password: Option<Secret>,
+    #[serde(default)]
+    nats_password_file: Option<PathBuf>,
     #[serde(default = "default_hub_domain")]
     hub_domain: String,
     data_dir: PathBuf,
@@ -324,6 +328,10 @@ pub struct SiteConfig {
     pub partners: Vec<Partner>,
     /// Local VM hosts.
     pub hosts: Vec<HostId>,
+    /// The VM root of each local host (its `host.toml`'s `vm_root`): a VM's files on a host
+    /// are `<vm_root>/<vm id>/<logical name>`, computed here and never taken from a host's
+    /// answer.
+    pub vm_roots: std::collections::HashMap<HostId, PathBuf>,
     /// The site's Transfer proxy.
     pub proxy: ProxyUri,
     /// Directory of the primary site's VM images (the source of primary placements).
@@ -366,7 +374,13 @@ impl SiteConfig {
                 "must be a plain JetStream domain name".into(),
             ));
         }
-        let nats = Credentials::from_keys(path, raw.nats_url, raw.nats_user, raw.nats_password)?;
+        let nats = Credentials::from_keys(
+            path,
+            raw.nats_url,
+            raw.nats_user,
+            raw.nats_password,
+            raw.nats_password_file,
+        )?;
         if raw.directory.heartbeat_ms == 0 {
             return Err(invalid(
                 "directory.heartbeat_ms".into(),
@@ -437,10 +451,20 @@ impl SiteConfig {
         }
 
         let mut hosts = Vec::with_capacity(raw.hosts.len());
+        let mut vm_roots = std::collections::HashMap::with_capacity(raw.hosts.len());
         for (i, h) in raw.hosts.into_iter().enumerate() {
-            hosts.push(
-                HostId::new(&h.id).map_err(|e| invalid(format!("hosts[{i}].id"), e.to_string()))?,
-            );
+            let id =
+                HostId::new(&h.id).map_err(|e| invalid(format!("hosts[{i}].id"), e.to_string()))?;
+            if !h.vm_root.is_absolute() {
+                return Err(invalid(
+                    format!("hosts[{i}].vm_root"),
+                    "must be the absolute vm_root of the host's host.toml".into(),
+                ));
+            }
+            if vm_roots.insert(id.clone(), h.vm_root).is_some() {
+                return Err(invalid(format!("hosts[{i}].id"), "is listed twice".into()));
+            }
+            hosts.push(id);
         }
         let proxy = ProxyId::new(&raw.proxy).map_err(|e| invalid("proxy".into(), e.to_string()))?;
         if raw.max_concurrent_migrations == 0 {
@@ -503,6 +527,7 @@ impl SiteConfig {
             directory: raw.directory,
             partners,
             hosts,
+            vm_roots,
         })
     }
 
@@ -556,6 +581,24 @@ mod tests {
         assert_eq!(c.partners[0].preference, 5);
         assert_eq!(c.policy, Policy::default());
         assert_eq!(c.data_dir, f.dir.path().join("data"));
+    }
+
+    #[test]
+    fn the_nats_password_can_come_from_a_private_file() {
+        let f = fixture();
+        let pw = f.dir.path().join("nats.pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = good(&f).replace(
+            "data_dir = \"data\"\n",
+            "data_dir = \"data\"\nnats_user = \"site\"\nnats_password_file = \"nats.pw\"\n",
+        );
+        let c = parse(&f, &text).unwrap();
+        assert_eq!(c.nats.login.as_ref().unwrap().password, "s3cret");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = parse(&f, &text).unwrap_err();
+        assert_eq!(err.key(), Some("nats_password_file"), "{err}");
     }
 
     #[test]

@@ -20,9 +20,6 @@ use nubis_protocol::subject::{DirectoryKey, DIRECTORY_BUCKET};
 use nubis_protocol::{SiteId, VmId};
 use tokio_util::sync::CancellationToken;
 
-/// Largest directory value accepted by the bucket.
-const MAX_VALUE_BYTES: i32 = 64 * 1024;
-
 /// Why a directory operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
@@ -95,27 +92,36 @@ pub struct Directory {
     verifier: Verifier,
     own_key: DirectoryKey,
     own_revision: Mutex<Option<u64>>,
+    /// This site's own registrations, rewritten with every heartbeat until withdrawn. Bounded by
+    /// the VMs of this site's own hosts and the VMs it consumes: nothing remote adds to it.
+    held: Mutex<BTreeMap<DirectoryKey, Held>>,
     view: RwLock<BTreeMap<SiteId, SiteRecord>>,
     counters: DirectoryCounters,
 }
 
-/// Opens the directory bucket in `js` (a context bound to the hub's domain), creating it if absent.
+/// Opens the directory bucket in `js` (a context bound to the hub's domain).
+///
+/// The bucket belongs to the hub operator, who creates it with its final configuration when the
+/// hub starts (`nats-config/directory-bucket.json`); a site can neither create nor reconfigure
+/// it, so a missing bucket is an error here, retried by the caller.
 pub async fn open_bucket(js: &jetstream::Context) -> Result<kv::Store, DirectoryError> {
-    match js.get_key_value(DIRECTORY_BUCKET).await {
-        Ok(store) => Ok(store),
-        Err(get_err) => {
-            tracing::debug!(error = %get_err, "directory bucket not found; creating it");
-            js.create_key_value(kv::Config {
-                bucket: DIRECTORY_BUCKET.to_string(),
-                description: "nubis federation directory (signed site entries, GMA registrations)"
-                    .to_string(),
-                history: 1,
-                max_value_size: MAX_VALUE_BYTES,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| DirectoryError::Bucket(e.into()))
+    js.get_key_value(DIRECTORY_BUCKET)
+        .await
+        .map_err(|e| DirectoryError::Bucket(e.into()))
+}
+
+/// A registration this site wrote and keeps fresh until it is withdrawn.
+#[derive(Debug, Clone)]
+enum Held {
+    Producer(ProducerRegistration),
+    Consumer(ConsumerRegistration),
+}
+
+impl Held {
+    fn vm(&self) -> &VmId {
+        match self {
+            Self::Producer(r) => &r.vm,
+            Self::Consumer(r) => &r.vm,
         }
     }
 }
@@ -131,6 +137,7 @@ impl Directory {
             verifier,
             own_key,
             own_revision: Mutex::new(None),
+            held: Mutex::new(BTreeMap::new()),
             view: RwLock::new(BTreeMap::new()),
             counters: DirectoryCounters::default(),
         }
@@ -203,7 +210,35 @@ impl Directory {
         if let Ok(mut g) = self.own_revision.lock() {
             *g = Some(revision);
         }
+        self.refresh_registrations().await;
         Ok(revision)
+    }
+
+    /// Rewrites every registration this site holds with a fresh heartbeat (best effort: a
+    /// failed write is retried with the next heartbeat), so a reader can tell a live
+    /// registration from one left by a site that stopped.
+    async fn refresh_registrations(&self) {
+        let held: Vec<(DirectoryKey, Held)> = self
+            .held
+            .lock()
+            .map(|h| h.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        let now = envelope::now_ms();
+        for (key, reg) in held {
+            let written = match reg {
+                Held::Producer(mut r) => {
+                    r.heartbeat_ms = now;
+                    self.put_registration(&key, &r).await
+                }
+                Held::Consumer(mut r) => {
+                    r.heartbeat_ms = now;
+                    self.put_registration(&key, &r).await
+                }
+            };
+            if let Err(e) = written {
+                tracing::warn!(error = %e, key = key.as_str(), "cannot refresh registration; will retry");
+            }
+        }
     }
 
     /// Watches every site entry until `cancel`, keeping the local view current.
@@ -332,30 +367,74 @@ impl Directory {
             })
     }
 
-    /// Registers this site as a GMA Consumer of `vm`'s monitoring.
+    /// Registers this site as a GMA Consumer of `vm`'s monitoring, and keeps the registration
+    /// fresh with every heartbeat until [`Directory::withdraw_vm`]. The key is always this
+    /// site's own, whatever `reg` names as the consumer.
     pub async fn register_consumer(
         &self,
         reg: &ConsumerRegistration,
     ) -> Result<u64, DirectoryError> {
-        self.put_registration(&DirectoryKey::consumer(&reg.vm, &reg.consumer_site), reg)
-            .await
+        let key = DirectoryKey::consumer(&reg.vm, self.identity.site());
+        self.hold(&key, Held::Consumer(reg.clone()));
+        self.put_registration(&key, reg).await
     }
 
-    /// Registers a GMA Producer (run by this site's hosts) of `vm`'s monitoring.
+    /// Registers a GMA Producer (run by this site's hosts) of `vm`'s monitoring under this
+    /// site's own key, and keeps it fresh with every heartbeat until [`Directory::withdraw_vm`].
     pub async fn register_producer(
         &self,
         reg: &ProducerRegistration,
     ) -> Result<u64, DirectoryError> {
-        self.put_registration(&DirectoryKey::producer(&reg.vm, &reg.producer), reg)
-            .await
+        let key = DirectoryKey::producer(self.identity.site(), &reg.vm, &reg.producer);
+        self.hold(&key, Held::Producer(reg.clone()));
+        self.put_registration(&key, reg).await
     }
 
-    /// Every registration under `prefix`, with the site that signed it and whether that
-    /// signature verified against a pinned key (a non-partner's entry is shown, never trusted;
-    /// one that fails verification against a pinned key is dropped and counted as forged).
+    fn hold(&self, key: &DirectoryKey, reg: Held) {
+        if let Ok(mut held) = self.held.lock() {
+            held.insert(key.clone(), reg);
+        }
+    }
+
+    /// Removes every registration this site wrote for `vm` (its Producers and its Consumer
+    /// registration) when the VM leaves the site, and stops refreshing them. Returns how many
+    /// keys were deleted.
+    pub async fn withdraw_vm(&self, vm: &VmId) -> Result<usize, DirectoryError> {
+        let keys: Vec<DirectoryKey> = self
+            .held
+            .lock()
+            .map(|mut held| {
+                let keys: Vec<DirectoryKey> = held
+                    .iter()
+                    .filter(|(_, r)| r.vm() == vm)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in &keys {
+                    held.remove(k);
+                }
+                keys
+            })
+            .unwrap_or_default();
+        for key in &keys {
+            self.kv
+                .delete(key.as_str())
+                .await
+                .map_err(|e| DirectoryError::Write {
+                    key: key.as_str().to_string(),
+                    source: e.into(),
+                })?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Every registration whose key matches `filter` (NATS tokens, `*` for any one), with the
+    /// site that signed it and whether that signature verified against a pinned key (a
+    /// non-partner's entry is shown, never trusted; one that fails verification against a pinned
+    /// key, or is signed by another site than the one its key names, is dropped and counted as
+    /// forged).
     async fn registrations<B: nubis_protocol::message::Body>(
         &self,
-        prefix: &str,
+        filter: &str,
     ) -> Result<Vec<Registration<B>>, DirectoryError> {
         let mut keys = self
             .kv
@@ -365,9 +444,12 @@ impl Directory {
         let mut out = Vec::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| DirectoryError::Watch(e.into()))?;
-            if !key.starts_with(prefix) {
+            if !key_matches(&key, filter) {
                 continue;
             }
+            let writer = DirectoryKey::from_stored(key.as_str())
+                .writer()
+                .map(str::to_owned);
             let Some(entry) = self
                 .kv
                 .entry(key.clone())
@@ -376,8 +458,16 @@ impl Directory {
             else {
                 continue;
             };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
             let subject = format!("$KV.{DIRECTORY_BUCKET}.{key}");
+            let signed_by_writer = |signer: &SiteId| writer.as_deref() == Some(signer.as_str());
             match self.verifier.open_record(&entry.value, &subject) {
+                Ok(opened) if !signed_by_writer(&opened.from) => {
+                    self.counters.forged.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key, signer = %opened.from, "registration signed by another site than its key names; ignored");
+                }
                 Ok(opened) => {
                     if let Ok(body) = opened.body::<B>() {
                         out.push(Registration {
@@ -389,7 +479,7 @@ impl Directory {
                 }
                 Err(envelope::EnvelopeError::UnknownSender(_)) => {
                     let decoded = SignedEnvelope::decode(&entry.value).ok().and_then(|env| {
-                        let signer = SiteId::new(env.from).ok()?;
+                        let signer = SiteId::new(env.from).ok().filter(signed_by_writer)?;
                         let body = nubis_protocol::codec::from_slice::<B>(&env.body).ok()?;
                         Some(Registration {
                             signer,
@@ -414,7 +504,8 @@ impl Directory {
         &self,
         vm: &VmId,
     ) -> Result<Vec<Registration<ProducerRegistration>>, DirectoryError> {
-        self.registrations(&format!("producer.{vm}.")).await
+        self.registrations(&DirectoryKey::producers_filter(vm))
+            .await
     }
 
     /// The GMA Consumers of `vm`'s monitoring.
@@ -422,7 +513,51 @@ impl Directory {
         &self,
         vm: &VmId,
     ) -> Result<Vec<Registration<ConsumerRegistration>>, DirectoryError> {
-        self.registrations(&format!("consumer.{vm}.")).await
+        self.registrations(&DirectoryKey::consumers_filter(vm))
+            .await
+    }
+
+    /// The downstream site that `site`'s Consumer registration of `vm` names, verified
+    /// against `key` (`site`'s pinned or directory key): `site`'s word that the VM's chain goes
+    /// on there. `None` when it has no such registration, names none, or does not verify (the
+    /// latter counted as forged). Only `site` can write its registration's key.
+    pub async fn vouched_downstream(
+        &self,
+        vm: &VmId,
+        site: &SiteId,
+        key: &ed25519_dalek::VerifyingKey,
+    ) -> Result<Option<SiteId>, DirectoryError> {
+        let dk = DirectoryKey::consumer(vm, site);
+        let Some(entry) = self
+            .kv
+            .entry(dk.as_str())
+            .await
+            .map_err(|e| DirectoryError::Watch(e.into()))?
+        else {
+            return Ok(None);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        let subject = dk.subject();
+        let opened = match self.verifier.open_record_with_key(
+            &entry.value,
+            subject.as_str(),
+            site,
+            key,
+        ) {
+            Ok(o) => o,
+            Err(e) => {
+                self.counters.forged.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(key = dk.as_str(), error = %e, "consumer registration does not verify; ignored");
+                return Ok(None);
+            }
+        };
+        Ok(opened
+            .body::<ConsumerRegistration>()
+            .ok()
+            .filter(|r| r.consumer_site == *site && r.vm == *vm)
+            .and_then(|r| r.downstream))
     }
 
     /// A copy of the current view.
@@ -433,5 +568,31 @@ impl Directory {
     /// What the watcher refused so far.
     pub fn counters(&self) -> &DirectoryCounters {
         &self.counters
+    }
+}
+
+/// Whether `key` matches `filter` token by token, `*` matching any one token.
+fn key_matches(key: &str, filter: &str) -> bool {
+    let (mut k, mut f) = (key.split('.'), filter.split('.'));
+    loop {
+        match (k.next(), f.next()) {
+            (None, None) => return true,
+            (Some(kt), Some(ft)) if ft == "*" || ft == kt => {}
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_matches;
+
+    #[test]
+    fn filters_match_whole_tokens() {
+        assert!(key_matches("producer.b.vm-1.p1", "producer.*.vm-1.*"));
+        assert!(!key_matches("producer.b.vm-10.p1", "producer.*.vm-1.*"));
+        assert!(!key_matches("producer.b.vm-1.p1.x", "producer.*.vm-1.*"));
+        assert!(!key_matches("producer.vm-1.p1", "producer.*.vm-1.*"));
+        assert!(key_matches("consumer.vm-1.a", "consumer.vm-1.*"));
     }
 }

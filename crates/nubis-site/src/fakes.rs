@@ -450,9 +450,10 @@ impl LocalSite for FakeLocal {
     async fn control(
         &self,
         _descriptor: &VmDescriptor,
-        _host: &HostId,
+        host: &HostId,
         _change: &ControlChange,
     ) -> Result<ControlReply, ErrorReply> {
+        self.fake.answer(host.as_str(), "control").await;
         Err(ErrorReply::new(
             ErrorCode::Refused,
             "the fake site has no Control interface",
@@ -487,7 +488,9 @@ impl TestSite {
             "site = \"a\"\nkey_file = \"a.key\"\nnats_url = \"nats://127.0.0.1:4222\"\ndata_dir = \"data\"\n",
         );
         for h in hosts {
-            text.push_str(&format!("[[hosts]]\nid = \"{h}\"\n"));
+            text.push_str(&format!(
+                "[[hosts]]\nid = \"{h}\"\nvm_root = \"/var/lib/nubis/{h}/vms\"\n"
+            ));
         }
         for (site, preference) in [("b", 0), ("c", 5), ("d", 1)] {
             let partner = SiteIdentity::generate(SiteId::new(site).unwrap());

@@ -3,8 +3,15 @@
 //!
 //! Host file paths appear only here, between this site and its own hosts and proxy; what leaves
 //! the site is the proxy URI and the opaque token the proxy minted.
+//!
+//! The paths the proxy is asked to serve or receive into come from the site's configuration
+//! (each host's `vm_root`, the image store), never from a host agent's answer: a host agent
+//! that answers a file or directory other than `<vm_root>/<vm>/<logical name>` of a VM file
+//! (a broken-into host naming the site's key file, say) gets no token minted, and the
+//! operation is refused (`refused`, "host agent named files outside the vm's directory").
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use nubis_bus::proxy::ProxyClient;
 use nubis_bus::CallError;
@@ -27,6 +34,7 @@ pub struct NatsLocalSite {
     site: SiteId,
     transport: NatsTransport,
     hosts: Vec<HostId>,
+    vm_roots: HashMap<HostId, PathBuf>,
     proxy: ProxyClient,
     proxy_uri: ProxyUri,
     image_store: PathBuf,
@@ -57,11 +65,13 @@ fn proxy_error(e: CallError) -> ErrorReply {
 }
 
 impl NatsLocalSite {
-    /// Infrastructure of `site`: its `hosts`, its proxy at `proxy_uri`, its image store.
+    /// Infrastructure of `site`: its `hosts` with the VM root of each, its proxy at
+    /// `proxy_uri`, its image store.
     pub fn new(
         site: SiteId,
         client: async_nats::Client,
         hosts: Vec<HostId>,
+        vm_roots: HashMap<HostId, PathBuf>,
         proxy: ProxyClient,
         proxy_uri: ProxyUri,
         image_store: PathBuf,
@@ -70,11 +80,22 @@ impl NatsLocalSite {
             site,
             transport: NatsTransport(client),
             hosts,
+            vm_roots,
             proxy,
             proxy_uri,
             image_store,
             failures_reported: Default::default(),
         }
+    }
+
+    /// The directory of `vm` on `host`, from the site's configuration.
+    fn vm_dir(&self, host: &HostId, vm: &VmId) -> Result<PathBuf, ErrorReply> {
+        self.vm_roots
+            .get(host)
+            .map(|root| root.join(vm.as_str()))
+            .ok_or_else(|| {
+                ErrorReply::new(ErrorCode::Internal, "the host has no configured vm_root")
+            })
     }
 
     fn host(&self, host: &HostId) -> HostClient<NatsTransport> {
@@ -132,6 +153,48 @@ impl NatsLocalSite {
     }
 }
 
+/// Whether `name` is the logical name of a file that moves with a VM: a disk image, the
+/// direct-boot kernel and initial RAM disk, or the saved memory state (never the host agent's
+/// own files, such as the descriptor, the domain marker or the guest's console log).
+pub fn is_vm_file_name(name: &str) -> bool {
+    nubis_protocol::descriptor::is_image_name(name)
+        && (matches!(name, "kernel" | "initrd" | "state.sav")
+            || (name.starts_with("disk-") && (name.ends_with(".raw") || name.ends_with(".qcow2"))))
+}
+
+/// The files a host agent named, each as `<dir>/<name>`, if every one is a VM file at exactly
+/// that path; otherwise why not (for the log: it names paths).
+pub fn confined<'a>(
+    dir: &Path,
+    named: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<Vec<LocalFile>, String> {
+    let mut files: Vec<LocalFile> = Vec::new();
+    for (name, path) in named {
+        if !is_vm_file_name(name) {
+            return Err(format!("{name:?} is not a vm file"));
+        }
+        let expected = dir.join(name);
+        if Path::new(path) != expected {
+            return Err(format!("{name:?} is at {path:?}, not {expected:?}"));
+        }
+        if files.iter().any(|f| &f.name == name) {
+            return Err(format!("{name:?} is named twice"));
+        }
+        files.push(LocalFile {
+            name: name.clone(),
+            path: expected.to_string_lossy().into_owned(),
+        });
+    }
+    Ok(files)
+}
+
+fn outside_vm_dir() -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::Refused,
+        "host agent named files outside the vm's directory",
+    )
+}
+
 /// Tokens are released with the migration id they were minted for; commit and abort requests
 /// carry the token only, so the release uses an all-zero id the proxy ignores for lookups.
 const ANY_MIGRATION: MigrationId = MigrationId([0; 16]);
@@ -154,12 +217,24 @@ impl LocalSite for NatsLocalSite {
                     continue;
                 }
             };
-            let dir = reserved
-                .slots
-                .first()
-                .and_then(|s| std::path::Path::new(&s.path).parent())
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let dir = self.vm_dir(host, &descriptor.id).and_then(|dir| {
+                confined(&dir, reserved.slots.iter().map(|s| (&s.name, &s.path)))
+                    .map(|_| dir)
+                    .map_err(|e| {
+                        tracing::warn!(vm.id = %descriptor.id, host = %host, "reservation refused: {e}");
+                        outside_vm_dir()
+                    })
+            });
+            let dir = match dir {
+                Ok(d) => d.to_string_lossy().into_owned(),
+                Err(r) => {
+                    if let Err(e) = client.release(&descriptor.id).await {
+                        tracing::warn!(vm.id = %descriptor.id, host = %host, error = %e, "cannot release a reservation; the host keeps it until the VM is released");
+                    }
+                    last_refusal = Some(r);
+                    continue;
+                }
+            };
             let minted = self
                 .proxy
                 .mint(
@@ -232,14 +307,12 @@ impl LocalSite for NatsLocalSite {
             .prepare(vm, mode)
             .await
             .map_err(host_error)?;
-        let files = prepared
-            .files
-            .into_iter()
-            .map(|f| LocalFile {
-                name: f.name,
-                path: f.path,
-            })
-            .collect();
+        let dir = self.vm_dir(host, vm)?;
+        let files =
+            confined(&dir, prepared.files.iter().map(|f| (&f.name, &f.path))).map_err(|e| {
+                tracing::warn!(vm.id = %vm, host = %host, "prepared files refused: {e}");
+                outside_vm_dir()
+            })?;
         self.mint_serve(migration, vm, host.clone(), files).await
     }
 
@@ -462,5 +535,59 @@ impl LocalSite for NatsLocalSite {
             state,
             descriptor_version: version,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(files: &[(&str, &str)]) -> Vec<(String, String)> {
+        files
+            .iter()
+            .map(|(n, p)| (n.to_string(), p.to_string()))
+            .collect()
+    }
+
+    fn check(dir: &str, files: &[(&str, &str)]) -> Result<Vec<LocalFile>, String> {
+        let files = named(files);
+        confined(Path::new(dir), files.iter().map(|(n, p)| (n, p)))
+    }
+
+    #[test]
+    fn host_files_must_be_vm_files_in_the_vm_directory() {
+        // The legitimate answer: the VM's files, each in its directory under its name.
+        let ok = check(
+            "/vms/web-1",
+            &[
+                ("disk-vda.qcow2", "/vms/web-1/disk-vda.qcow2"),
+                ("state.sav", "/vms/web-1/state.sav"),
+                ("kernel", "/vms/web-1/kernel"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 3);
+        assert_eq!(ok[0].path, "/vms/web-1/disk-vda.qcow2");
+        // A file elsewhere, a way out, another VM's directory, a control file: refused.
+        for bad in [
+            ("state.sav", "/etc/nubis/a/a.key"),
+            ("state.sav", "/vms/web-1/../../etc/nubis/a/a.key"),
+            ("state.sav", "/vms/web-2/state.sav"),
+            ("disk-vda.qcow2", "/vms/web-1/state.sav"),
+            ("descriptor.msgpack", "/vms/web-1/descriptor.msgpack"),
+            ("domain", "/vms/web-1/domain"),
+            ("console.log", "/vms/web-1/console.log"),
+            ("../a.key", "/vms/a.key"),
+        ] {
+            assert!(check("/vms/web-1", &[bad]).is_err(), "{bad:?}");
+        }
+        assert!(check(
+            "/vms/web-1",
+            &[
+                ("state.sav", "/vms/web-1/state.sav"),
+                ("state.sav", "/vms/web-1/state.sav")
+            ]
+        )
+        .is_err());
     }
 }

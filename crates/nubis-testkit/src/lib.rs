@@ -23,7 +23,9 @@ pub mod monitor;
 pub mod wait;
 
 pub use binary::{LocateError, NatsServerBinary, Version, MIN_VERSION, NATS_SERVER_ENV};
-pub use federation::{kept_logs_root, Error, Federation, Role, HUB, HUB_DOMAIN};
+pub use federation::{
+    kept_logs_root, Error, Federation, Role, DIRECTORY_BUCKET_CONFIG, HUB, HUB_DOMAIN,
+};
 pub use wait::{eventually, eventually_blocking, wait_until, Backoff, WaitError, DEFAULT_TIMEOUT};
 
 /// Whether the tests run under CI (`CI=true`), where a missing prerequisite is a failure.

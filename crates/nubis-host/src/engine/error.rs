@@ -43,6 +43,16 @@ pub enum OpError {
     /// A file the VM needs is not in its directory.
     #[error("file {0} of the vm has not been received")]
     MissingFile(String),
+    /// A received file cannot be used as the disk it stands for: an image that names another
+    /// file (a backing or external data file), is not of its declared format, is larger than
+    /// the descriptor declares, or is not a regular file. No domain is defined with it.
+    #[error("disk image {name} is refused: {reason}")]
+    UnsafeImage {
+        /// The file's logical name.
+        name: String,
+        /// Why, without any path.
+        reason: String,
+    },
     /// The hypervisor refused or failed.
     #[error("hypervisor")]
     Hypervisor(#[from] HypervisorError),
@@ -93,7 +103,9 @@ impl OpError {
                 ErrorCode::Internal,
                 "cannot prepare the vm's kpi share".into(),
             ),
-            Self::UnsupportedFormat(_) => (ErrorCode::Refused, self.to_string()),
+            Self::UnsupportedFormat(_) | Self::UnsafeImage { .. } => {
+                (ErrorCode::Refused, self.to_string())
+            }
             Self::Hypervisor(e) => hypervisor_reply(e),
             Self::Files(_) => (ErrorCode::Internal, "cannot use the vm's files".into()),
         };

@@ -383,6 +383,41 @@ fn records_verify_without_freshness_or_replay() {
 }
 
 #[test]
+fn records_verify_against_an_explicit_key_and_only_for_its_sender() {
+    let w = world();
+    let c = SiteIdentity::generate(site("c"));
+    let subj = "$KV.nubis-directory.consumer.vm-1.c";
+    let raw = sign(&c, Addressing::broadcast(subj), &ping(), 1)
+        .unwrap()
+        .encode()
+        .unwrap();
+    assert!(matches!(
+        w.verifier_b.open_record(&raw, subj),
+        Err(EnvelopeError::UnknownSender(_))
+    ));
+    let key = c.public().signing;
+    for _ in 0..2 {
+        let opened = w
+            .verifier_b
+            .open_record_with_key(&raw, subj, &site("c"), &key)
+            .unwrap();
+        assert_eq!(opened.from, site("c"));
+    }
+    // c's key given for another sender, or another key for c: refused.
+    assert!(matches!(
+        w.verifier_b
+            .open_record_with_key(&raw, subj, &site("d"), &key),
+        Err(EnvelopeError::UnknownSender(_))
+    ));
+    let other = SiteIdentity::generate(site("c")).public().signing;
+    assert!(matches!(
+        w.verifier_b
+            .open_record_with_key(&raw, subj, &site("c"), &other),
+        Err(EnvelopeError::BadSignature)
+    ));
+}
+
+#[test]
 fn events_verify_against_an_explicit_key() {
     let w = world();
     let c = SiteIdentity::generate(site("c"));

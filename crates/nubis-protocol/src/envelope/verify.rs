@@ -123,7 +123,30 @@ impl Verifier {
     /// freshness window and the replay cache do not apply; the caller compares the record's own
     /// sequence (e.g. a heartbeat time) with what it already holds.
     pub fn open_record(&self, raw: &[u8], subject: &str) -> Result<Opened, EnvelopeError> {
-        let (env, from) = self.check_signed(raw)?;
+        self.open_record_by(raw, subject, None)
+    }
+
+    /// Verifies a signed record like [`Verifier::open_record`], but against `key` given by the
+    /// caller for `sender` (a site outside the bilateral contracts, whose key the caller took
+    /// from the federation directory). A record from any other sender is refused as
+    /// [`EnvelopeError::UnknownSender`].
+    pub fn open_record_with_key(
+        &self,
+        raw: &[u8],
+        subject: &str,
+        sender: &SiteId,
+        key: &VerifyingKey,
+    ) -> Result<Opened, EnvelopeError> {
+        self.open_record_by(raw, subject, Some((sender, key)))
+    }
+
+    fn open_record_by(
+        &self,
+        raw: &[u8],
+        subject: &str,
+        key: Option<(&SiteId, &VerifyingKey)>,
+    ) -> Result<Opened, EnvelopeError> {
+        let (env, from) = self.check_signed_by(raw, key)?;
         if env.to != BROADCAST {
             return Err(EnvelopeError::WrongRecipient(env.to.clone()));
         }
@@ -199,12 +222,8 @@ impl Verifier {
         })
     }
 
-    /// Decodes `raw` and checks size, version, sender and signature.
-    fn check_signed(&self, raw: &[u8]) -> Result<(SignedEnvelope, SiteId), EnvelopeError> {
-        self.check_signed_by(raw, None)
-    }
-
-    /// Like [`Self::check_signed`], against `key` when given instead of the pinned keys.
+    /// Decodes `raw` and checks size, version, sender and signature: against `key` when given,
+    /// else against the pinned keys.
     fn check_signed_by(
         &self,
         raw: &[u8],

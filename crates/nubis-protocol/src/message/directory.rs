@@ -54,7 +54,8 @@ impl Body for ProxyEntry {
     const TYPE: &'static str = "ProxyEntry";
 }
 
-/// A GMA Producer: what it publishes for one VM. Key `producer.<vm>.<producer>`.
+/// A GMA Producer: what it publishes for one VM. Key `producer.<site>.<vm>.<producer>`, written
+/// by the site whose hosts run it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProducerRegistration {
     /// The VM measured.
@@ -86,6 +87,10 @@ pub struct ConsumerRegistration {
     /// The data points it wants; empty means all.
     #[serde(default)]
     pub data_points: Vec<DataPoint>,
+    /// The site it delegated the VM to, named only under bus delivery: its word that this site
+    /// is the next one of the VM's chain, so that the sites above may accept its batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downstream: Option<SiteId>,
     /// Time of this heartbeat, in milliseconds since the Unix epoch.
     pub heartbeat_ms: u64,
 }

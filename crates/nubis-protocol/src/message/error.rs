@@ -59,6 +59,8 @@ open_string_enum!(
         Conflict => "conflict",
         /// An unexpected failure at the answering site.
         Internal => "internal",
+        /// The transfer token was minted for another migration or VM than the request names.
+        TokenMismatch => "token_mismatch",
     }
 );
 
@@ -125,7 +127,7 @@ mod tests {
                 .bytes()
                 .all(|c| c.is_ascii_lowercase() || c == b'_'));
         }
-        assert_eq!(ErrorCode::KNOWN.len(), 24);
+        assert_eq!(ErrorCode::KNOWN.len(), 25);
         assert!(ErrorReply::new(ErrorCode::Busy, "later").retryable);
         assert!(!ErrorReply::new(ErrorCode::BadSignature, "no").retryable);
     }

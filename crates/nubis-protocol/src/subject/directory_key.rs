@@ -1,4 +1,9 @@
 //! Key names of the federation directory bucket.
+//!
+//! Every key carries the id of the one site that may write it, in a fixed position, so that the
+//! hub's permissions can give each site's leaf connection exactly its own keys
+//! (`nats-config/hub-leaf-user.conf`): `site.<site>`, `proxy.<site>.…`,
+//! `producer.<site>.…` and `consumer.<vm>.<site>`.
 
 use std::fmt;
 
@@ -21,9 +26,10 @@ impl DirectoryKey {
         Self(format!("proxy.{}.{}", uri.site(), uri.proxy()))
     }
 
-    /// `producer.<vm>.<producer>`: a [`crate::message::ProducerRegistration`].
-    pub fn producer(vm: &VmId, producer: &ProducerId) -> Self {
-        Self(format!("producer.{vm}.{producer}"))
+    /// `producer.<site>.<vm>.<producer>`: a [`crate::message::ProducerRegistration`] written by
+    /// `site`, the site whose hosts run the Producer.
+    pub fn producer(site: &SiteId, vm: &VmId, producer: &ProducerId) -> Self {
+        Self(format!("producer.{site}.{vm}.{producer}"))
     }
 
     /// `consumer.<vm>.<site>`: a [`crate::message::ConsumerRegistration`].
@@ -47,9 +53,32 @@ impl DirectoryKey {
         "site.*"
     }
 
-    /// Key filter for watching the producers of one VM: `producer.<vm>.*`.
+    /// Key filter for watching the producers of one VM, whatever site registered them:
+    /// `producer.*.<vm>.*`.
     pub fn producers_filter(vm: &VmId) -> String {
-        format!("producer.{vm}.*")
+        format!("producer.*.{vm}.*")
+    }
+
+    /// Key filter for the consumers of one VM: `consumer.<vm>.*`.
+    pub fn consumers_filter(vm: &VmId) -> String {
+        format!("consumer.{vm}.*")
+    }
+
+    /// The site that alone may write this key (the one its layout names), if the key is one of
+    /// the directory's forms.
+    pub fn writer(&self) -> Option<&str> {
+        let mut parts = self.0.split('.');
+        let site = match parts.next()? {
+            "site" | "proxy" | "producer" => parts.next()?,
+            "consumer" => parts.nth(1)?,
+            _ => return None,
+        };
+        Some(site)
+    }
+
+    /// A key read from the bucket.
+    pub fn from_stored(key: impl Into<String>) -> Self {
+        Self(key.into())
     }
 }
 

@@ -271,12 +271,21 @@ impl Subject {
         Self(format!("nubis.site.{site}.>"))
     }
 
-    /// `nubis.reply.<site>`: the reply-inbox prefix of every process of a site that sends
-    /// requests across sites (site daemon, proxy, JetStream across domains). The hub delivers
-    /// `nubis.reply.<site>.>` only to that site; replies on the default `_INBOX` never leave a
-    /// site.
+    /// `nubis.reply.<site>._any`: the connection-wide reply-inbox prefix of every process of a
+    /// site that sends requests across sites (JetStream across domains, plain requests). The hub
+    /// delivers `nubis.reply.<site>.>` only to that site; replies on the default `_INBOX` never
+    /// leave a site. Any site may publish under `_any` (the token cannot be a site id, which
+    /// starts with a letter or digit), so signed calls take their replies on
+    /// [`Subject::call_inbox_prefix`] instead.
     pub fn reply_inbox_prefix(site: &SiteId) -> String {
-        format!("nubis.reply.{site}")
+        format!("nubis.reply.{site}._any")
+    }
+
+    /// `nubis.reply.<requester>.<responder>`: the prefix of the inbox of one signed call from
+    /// `requester` answered by `responder`. The hub lets only `responder` publish under it, so
+    /// no third site can put a reply in the way of the real one.
+    pub fn call_inbox_prefix(requester: &SiteId, responder: &SiteId) -> String {
+        format!("nubis.reply.{requester}.{responder}")
     }
 
     /// `nubis.site.<site>.inbox`: the reply-inbox prefix of a site's site-internal requests, so

@@ -238,13 +238,23 @@ fn directory_keys() {
     assert_eq!(DirectoryKey::site(&a).as_str(), "site.a");
     assert_eq!(DirectoryKey::proxy(&uri).as_str(), "proxy.a.p1");
     assert_eq!(
-        DirectoryKey::producer(&vm, &p).as_str(),
-        "producer.vm-1.prod-7"
+        DirectoryKey::producer(&a, &vm, &p).as_str(),
+        "producer.a.vm-1.prod-7"
     );
     assert_eq!(DirectoryKey::consumer(&vm, &a).as_str(), "consumer.vm-1.a");
     assert_eq!(
         DirectoryKey::site(&a).subject().as_str(),
         "$KV.nubis-directory.site.a"
     );
-    assert_eq!(DirectoryKey::producers_filter(&vm), "producer.vm-1.*");
+    assert_eq!(DirectoryKey::producers_filter(&vm), "producer.*.vm-1.*");
+    assert_eq!(DirectoryKey::consumers_filter(&vm), "consumer.vm-1.*");
+    for key in [
+        DirectoryKey::site(&a),
+        DirectoryKey::proxy(&uri),
+        DirectoryKey::producer(&a, &vm, &p),
+        DirectoryKey::consumer(&vm, &a),
+    ] {
+        assert_eq!(key.writer(), Some("a"), "{key}");
+    }
+    assert_eq!(DirectoryKey::from_stored("other.a").writer(), None);
 }

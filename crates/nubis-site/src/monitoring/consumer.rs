@@ -1,6 +1,7 @@
 //! Batches on the public monitoring subjects (consumer role): the subscriptions for the VMs this
-//! site is responsible for but does not run, its Consumer registrations, and verifying what
-//! arrives with the sender's pinned or directory key.
+//! site is responsible for but does not run, its Consumer registrations (which, under bus
+//! delivery, vouch for the site's downstream), and verifying what arrives with the sender's
+//! pinned or directory key and accepting it from the VM's chain only.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -14,8 +15,9 @@ use nubis_protocol::subject::{ParsedSubject, Subject};
 use nubis_protocol::{SiteId, VmId};
 use tokio_util::sync::CancellationToken;
 
-use super::{DropReason, Monitoring, Path};
-use crate::config::SiteConfig;
+use super::{target, DropReason, Monitoring, Path, Target};
+use crate::accounting;
+use crate::config::{Delivery, SiteConfig};
 use crate::directory::SiteRecord;
 use crate::journal::NextHop;
 
@@ -42,7 +44,8 @@ impl Monitoring {
     /// Subscribes to the public monitoring subjects of the VMs this site is responsible for but
     /// does not run, and drops the subscriptions of VMs it no longer is.
     pub(super) async fn keep_bus_subscriptions(self: Arc<Self>, cancel: CancellationToken) {
-        let mut held: HashMap<(SiteId, VmId), CancellationToken> = HashMap::new();
+        // Per VM: the subscription, and the downstream site it was registered with.
+        let mut held: HashMap<(SiteId, VmId), (CancellationToken, SiteId)> = HashMap::new();
         let mut tick = tokio::time::interval(RESUBSCRIBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -57,21 +60,30 @@ impl Monitoring {
                     continue;
                 }
             };
-            let wanted: HashSet<(SiteId, VmId)> = records
+            let wanted: HashMap<(SiteId, VmId), SiteId> = records
                 .into_iter()
-                .filter(|r| matches!(r.downstream, Some(NextHop::Site(_))))
-                .map(|r| (r.primary, r.vm))
+                .filter_map(|r| match r.downstream {
+                    Some(NextHop::Site(d)) => Some(((r.primary, r.vm), d)),
+                    _ => None,
+                })
                 .collect();
-            held.retain(|key, token| {
-                let keep = wanted.contains(key);
+            held.retain(|key, (token, _)| {
+                let keep = wanted.contains_key(key);
                 if !keep {
                     tracing::debug!(vm.id = %key.1, "monitoring subscription dropped");
                     token.cancel();
                 }
                 keep
             });
-            for key in wanted {
-                if held.contains_key(&key) {
+            let delegated: HashSet<&VmId> = wanted.keys().map(|(_, vm)| vm).collect();
+            self.chains.retain(|vm| delegated.contains(vm));
+            for (key, downstream) in wanted {
+                if let Some((_, registered)) = held.get_mut(&key) {
+                    if *registered != downstream {
+                        // The VM moved below this site: vouch for the new downstream.
+                        self.register_consumer(&key.1, &downstream);
+                        *registered = downstream;
+                    }
                     continue;
                 }
                 let subject = Subject::monitoring_vm(&key.0, &key.1);
@@ -85,8 +97,8 @@ impl Monitoring {
                         tracing::debug!(vm.id = %key.1, subject = %subject, "monitoring subscription added");
                         let token = cancel.child_token();
                         self.spawn_loop(token.clone(), sub, Path::Bus);
-                        self.register_consumer(&key.1);
-                        held.insert(key, token);
+                        self.register_consumer(&key.1, &downstream);
+                        held.insert(key, (token, downstream));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, subject = %subject, "cannot subscribe; will retry")
@@ -97,12 +109,15 @@ impl Monitoring {
     }
 
     /// Registers this site as a GMA Consumer of `vm`'s monitoring in the directory (best
-    /// effort, in the background: the subscription does not wait for the hub).
-    pub(super) fn register_consumer(&self, vm: &VmId) {
+    /// effort, in the background: the subscription does not wait for the hub). Under bus
+    /// delivery the registration names `downstream`, vouching for it to the sites above.
+    pub(super) fn register_consumer(&self, vm: &VmId, downstream: &SiteId) {
+        let vouch = self.deps.config.monitoring.delivery == Delivery::Bus;
         let registration = ConsumerRegistration {
             consumer_site: self.site.clone(),
             vm: vm.clone(),
             data_points: Vec::new(),
+            downstream: vouch.then(|| downstream.clone()),
             heartbeat_ms: now_ms(),
         };
         let directory = self.deps.directory.clone();
@@ -158,18 +173,40 @@ impl Monitoring {
         let Some((batch, record)) = self.batch_on_record(&opened, subject, &primary, &vm) else {
             return;
         };
+        if record.upstream.as_ref() == Some(&from) || record.primary == from {
+            // Published above this site (by the primary, or by an upstream under bus
+            // delivery): a batch that came up the chain through this site, or none of its
+            // business. Not this site's to store.
+            tracing::trace!(vm.id = %vm, site.from = %from, "batch from above ignored");
+            return;
+        }
+        if !self.on_chain(&record, &from).await {
+            return self.drop_batch(
+                DropReason::WrongSender,
+                subject,
+                &format!("site {from} is not on the VM's chain below this site"),
+            );
+        }
         self.note_received(&vm, &self.counters.received.bus);
-        match self
+        let stored = self
             .deps
             .accounting
             .store(
                 &vm,
                 &data_point,
-                batch.message_id(),
+                accounting::message_id(&from, &batch),
                 Bytes::copy_from_slice(payload),
             )
-            .await
-        {
+            .await;
+        // Under relay delivery this site passes the batch up, as if it had been relayed to it:
+        // it does not vouch for its downstream, so the sites above cannot take it from the bus.
+        let target = target(self.deps.config.monitoring.delivery, &self.site, &record);
+        if let Some(relay @ Target::Relay(_)) = &target {
+            if let Err(e) = self.deliver(Some(relay), &data_point, &batch).await {
+                tracing::warn!(error = %e, vm.id = %vm, "cannot sign batch to pass it on");
+            }
+        }
+        match stored {
             Ok(s) if !s.duplicate => self.evaluate_sla(&record, &batch).await,
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, vm.id = %vm, "batch not stored"),

@@ -11,7 +11,7 @@ use nubis_protocol::message::{
 use nubis_protocol::subject::Subject;
 
 use super::{internal_error, target, DropReason, Monitoring};
-use crate::accounting::AccountingError;
+use crate::accounting::{self, AccountingError};
 use crate::journal::{NextHop, VmRecord};
 
 /// Checks a produced batch against this site's record of its VM; returns that record.
@@ -96,7 +96,12 @@ impl Monitoring {
         let stored = self
             .deps
             .accounting
-            .store(&batch.vm, &data_point, batch.message_id(), envelope)
+            .store(
+                &batch.vm,
+                &data_point,
+                accounting::message_id(&self.site, &batch),
+                envelope,
+            )
             .await
             .map_err(|e: AccountingError| internal_error(e))?;
         self.register_producer(&batch, &data_point);

@@ -16,7 +16,10 @@
 //!   to `nubis.mon.<primary>.<vm>.>` and verifies what arrives with the sender's pinned partner
 //!   key, or else with the signing key of the sender's entry in the federation directory. The
 //!   hub lets each site write only its own `site.<id>` directory key, so that key speaks for the
-//!   site even without a bilateral contract.
+//!   site even without a bilateral contract. A verified batch is accepted only from a site of
+//!   the VM's chain below this one (`chain.rs`): its downstream partner, or a site that the
+//!   chain from there vouches for. Publications from above (the primary, the upstream) are
+//!   ignored; anything else is dropped as `wrong_sender`.
 //!
 //! Delivery policy (`[monitoring] delivery`), at the site that produces a batch and at every
 //! site that a batch is relayed to:
@@ -57,6 +60,7 @@ use crate::directory::Directory;
 use crate::journal::{Journal, VmRecord};
 use crate::sla::SlaEvaluator;
 
+mod chain;
 mod consumer;
 mod counters;
 mod intake;
@@ -66,6 +70,7 @@ mod sla;
 #[cfg(test)]
 mod tests;
 
+pub use chain::{extends, MAX_CHAIN, RESOLVE_EVERY};
 pub use consumer::sender_key;
 use counters::VmStats;
 pub use counters::{DropReason, MonitoringCounters, PathCounters};
@@ -134,6 +139,7 @@ pub struct Monitoring {
     vms: Mutex<BTreeMap<VmId, VmStats>>,
     sla: Mutex<SlaEvaluator>,
     producers: Arc<Mutex<HashSet<(VmId, ProducerId)>>>,
+    chains: chain::Chains,
     slots: Arc<Semaphore>,
     tracker: TaskTracker,
 }
@@ -162,6 +168,7 @@ impl Monitoring {
             counters: MonitoringCounters::default(),
             vms: Mutex::new(BTreeMap::new()),
             producers: Arc::new(Mutex::new(HashSet::new())),
+            chains: chain::Chains::default(),
             slots: Arc::new(Semaphore::new(CONCURRENCY)),
             tracker,
         })

@@ -11,6 +11,7 @@ use nubis_protocol::subject::Subject;
 use nubis_protocol::SiteId;
 
 use super::{DropReason, Monitoring};
+use crate::accounting;
 use crate::config::Delivery;
 use crate::journal::{NextHop, VmRecord};
 
@@ -114,7 +115,7 @@ impl Monitoring {
             .store(
                 &vm,
                 &data_point,
-                batch.message_id(),
+                accounting::message_id(&opened.from, &batch),
                 Bytes::copy_from_slice(payload),
             )
             .await;

@@ -116,6 +116,7 @@ fn config_with_partner(own: &str, partner: &SiteIdentity) -> SiteConfig {
             preferred: false,
         }],
         hosts: Vec::new(),
+        vm_roots: Default::default(),
         proxy: "nats://a/proxy/p1".parse::<ProxyUri>().unwrap(),
         image_store: "/nonexistent".into(),
         max_concurrent_migrations: 1,
@@ -197,4 +198,42 @@ fn envelope_refusals_map_to_drop_reasons_and_are_counted() {
     assert_eq!(counters.dropped(DropReason::Forged), 0);
     let names: HashSet<&str> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
     assert_eq!(names.len(), DropReason::ALL.len());
+}
+
+#[test]
+fn the_downstream_partner_is_always_on_the_chain_and_others_only_once_read() {
+    let chains = chain::Chains::default();
+    let (vm1, b, c, x) = (vm("vm-1"), site("b"), site("c"), site("x"));
+    let t0 = std::time::Instant::now();
+    assert_eq!(chains.lookup(&vm1, &b, &b, t0), chain::Lookup::OnChain);
+    // c is unknown: the chain is to be read, and only once per RESOLVE_EVERY.
+    assert_eq!(chains.lookup(&vm1, &b, &c, t0), chain::Lookup::Resolve);
+    assert_eq!(chains.lookup(&vm1, &b, &x, t0), chain::Lookup::Off);
+    chains.store(&vm1, vec![b.clone(), c.clone()], t0);
+    assert_eq!(chains.lookup(&vm1, &b, &c, t0), chain::Lookup::OnChain);
+    assert_eq!(chains.lookup(&vm1, &b, &x, t0), chain::Lookup::Off);
+    let later = t0 + RESOLVE_EVERY;
+    assert_eq!(chains.lookup(&vm1, &b, &x, later), chain::Lookup::Resolve);
+    assert_eq!(chains.lookup(&vm1, &b, &x, later), chain::Lookup::Off);
+    // The VM moved to another downstream: the chain read below the old one no longer counts.
+    let d = site("d");
+    assert_eq!(chains.lookup(&vm1, &d, &c, later), chain::Lookup::Resolve);
+    chains.store(&vm1, vec![d.clone()], later);
+    assert_eq!(chains.lookup(&vm1, &d, &c, later), chain::Lookup::Off);
+    assert_eq!(chains.lookup(&vm1, &d, &d, later), chain::Lookup::OnChain);
+    // Forgotten when the VM is no longer delegated from here.
+    chains.retain(|_| false);
+    assert_eq!(chains.lookup(&vm1, &d, &c, later), chain::Lookup::Resolve);
+}
+
+#[test]
+fn a_vouch_never_loops_back_nor_grows_the_chain_without_bound() {
+    let own = site("a");
+    let chain = vec![site("b"), site("c")];
+    assert!(extends(&chain, &own, &site("d")));
+    assert!(!extends(&chain, &own, &own), "back to this site");
+    assert!(!extends(&chain, &own, &site("b")), "a loop");
+    let long: Vec<SiteId> = (0..MAX_CHAIN).map(|i| site(&format!("s{i}"))).collect();
+    assert!(!extends(&long, &own, &site("z")));
+    assert!(extends(&long[..MAX_CHAIN - 1], &own, &site("z")));
 }

@@ -2,6 +2,7 @@
 //! (Forced migration up the chain) and the Control interface, forwarded down the chain to the
 //! host that runs the VM.
 
+use nubis_protocol::descriptor::VmDescriptor;
 use nubis_protocol::message::{
     ControlChange, ControlReply, ControlRequest, ErrorCode, ErrorReply, EvictionAccepted,
     EvictionNotice,
@@ -9,11 +10,32 @@ use nubis_protocol::message::{
 use nubis_protocol::subject::FederationOp;
 use nubis_protocol::SiteId;
 
-use crate::journal::NextHop;
+use crate::journal::{NextHop, VmRecord};
 use crate::local::LocalSite;
 use crate::peers::Peers;
 
 use super::{internal, Roles};
+
+/// Checks that a descriptor update keeps what identifies the VM: its id (the host applies the
+/// new descriptor to the VM it names), its primary site and the primary's keys. Even the VM's
+/// upstream may change only the VM, never turn the record into one of another VM or primary.
+pub(crate) fn check_update(record: &VmRecord, descriptor: &VmDescriptor) -> Result<(), ErrorReply> {
+    if descriptor.id != record.vm {
+        return Err(ErrorReply::new(
+            ErrorCode::Malformed,
+            "descriptor id differs from the VM id",
+        ));
+    }
+    if descriptor.primary_site != record.primary
+        || descriptor.primary_keys != record.descriptor.primary_keys
+    {
+        return Err(ErrorReply::new(
+            ErrorCode::Conflict,
+            "a descriptor update cannot change the VM's primary or its keys",
+        ));
+    }
+    Ok(())
+}
 
 impl<L: LocalSite, P: Peers> Roles<L, P> {
     /// Eviction notice from the downstream site (Forced migration up the chain): accepted and
@@ -45,6 +67,9 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
     ) -> Result<ControlReply, ErrorReply> {
         let mut record = self.vm_record(&req.vm)?;
         self.check_upstream(from, &record)?;
+        if let ControlChange::UpdateDescriptor { descriptor } = &req.change {
+            check_update(&record, descriptor)?;
+        }
         let Some(next) = &record.downstream else {
             return Err(ErrorReply::new(ErrorCode::UnknownVm, "VM is not placed"));
         };

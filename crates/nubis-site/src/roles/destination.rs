@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use futures::future::join_all;
+use nubis_protocol::descriptor::VmDescriptor;
 use nubis_protocol::envelope::now_ms;
 use nubis_protocol::message::{
     ErrorCode, ErrorReply, InitiateTransfer, MigrationRequest, Offer, Offers, TransferStatusReply,
@@ -24,6 +25,40 @@ pub const OFFER_TTL_MS: u64 = 10 * 60 * 1000;
 
 /// How long a delegated Migration request may take at the next site.
 const DELEGATION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Checks a partner's Migration request against what site `me` knows (`held`: its record of
+/// the VM, if any). Only `me` itself may name `me` as a VM's primary; a VM `me` already holds
+/// may be offered a new place only at the request of its upstream, under the primary and keys
+/// on record. Anything else would let a partner bypass the exposure policy or, on commit, take
+/// over a VM it has no part in.
+pub(crate) fn check_claims(
+    me: &SiteId,
+    from: &SiteId,
+    descriptor: &VmDescriptor,
+    held: Option<&VmRecord>,
+) -> Result<(), ErrorReply> {
+    match held {
+        None if descriptor.primary_site == *me => Err(ErrorReply::new(
+            ErrorCode::Refused,
+            format!("site {me} is not the primary of VM {}", descriptor.id),
+        )),
+        None => Ok(()),
+        Some(r) if r.upstream.as_ref() != Some(from) => Err(ErrorReply::new(
+            ErrorCode::Conflict,
+            format!("VM {} is held here for another site", r.vm),
+        )),
+        Some(r)
+            if r.primary != descriptor.primary_site
+                || r.descriptor.primary_keys != descriptor.primary_keys =>
+        {
+            Err(ErrorReply::new(
+                ErrorCode::Conflict,
+                format!("VM {} has another primary on record", r.vm),
+            ))
+        }
+        Some(_) => Ok(()),
+    }
+}
 
 impl<L: LocalSite, P: Peers> Roles<L, P> {
     /// The Migration request handler (Destination), with delegation (Intermediary).
@@ -52,6 +87,12 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 "delegation chain too long for this site",
             ));
         }
+        // Claims are checked before the policy trusts them: only this site's own requests may
+        // name it as the primary.
+        let held = self.journal.vm(&req.vm).map_err(internal)?;
+        if from != self.site() {
+            check_claims(self.site(), from, &req.descriptor, held.as_ref())?;
+        }
         if req.descriptor.primary_site != *self.site() && !policy.accept_foreign {
             return Err(ErrorReply::new(
                 ErrorCode::Refused,
@@ -61,7 +102,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         req.descriptor.validate().map_err(malformed)?;
 
         // Step 2: local hosts, except the one the VM already runs on (a local migration).
-        let current_host = match self.journal.vm(&req.vm).map_err(internal)? {
+        let current_host = match held {
             Some(VmRecord {
                 downstream: Some(NextHop::Host(h)),
                 ..
@@ -191,14 +232,22 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         }
     }
 
-    /// The Initiate transfer handler (Destination), forwarded by Intermediaries by token.
+    /// The Initiate transfer handler (Destination), forwarded by Intermediaries by token. Only
+    /// the site the offer was made to may use its token, and only for the offer's migration and
+    /// VM.
     pub async fn initiate(
         &self,
-        _from: &SiteId,
+        from: &SiteId,
         req: InitiateTransfer,
     ) -> Result<TransferStatusReply, ErrorReply> {
-        let route = self.route(&req.destination.token, RouteSide::Destination)?;
-        let r = &req;
+        let route = self.route(
+            from,
+            &req.destination.token,
+            RouteSide::Destination,
+            &req.migration_id,
+            &req.vm,
+        )?;
+        let (r, route_ref) = (&req, &route);
         let reply = self
             .forward(
                 &route.next,
@@ -208,15 +257,15 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                     let status = self
                         .local
                         .initiate(
-                            r.migration_id,
-                            &r.vm,
+                            route_ref.migration_id,
+                            &route_ref.vm,
                             &r.source,
-                            &r.destination.token,
+                            &route_ref.token,
                             r.max_bytes_per_sec,
                         )
                         .await?;
                     Ok(TransferStatusReply {
-                        migration_id: r.migration_id,
+                        migration_id: route_ref.migration_id,
                         status,
                     })
                 },

@@ -3,17 +3,18 @@
 //! go of it, and abort, by which the destination discards and the source resumes. Both are
 //! forwarded by token and idempotent.
 
+use nubis_protocol::descriptor::VmDescriptor;
 use nubis_protocol::message::{
     AbortMigration, Aborted, CommitMigration, Committed, ErrorCode, ErrorReply, HandOverSide,
 };
 use nubis_protocol::subject::FederationOp;
 use nubis_protocol::SiteId;
 
-use crate::journal::{RouteSide, VmPhase, VmRecord};
+use crate::journal::{NextHop, Route, RouteSide, VmPhase, VmRecord};
 use crate::local::LocalSite;
 use crate::peers::Peers;
 
-use super::{internal, Roles};
+use super::{check_route, internal, unknown_token, Roles};
 
 fn route_side(side: HandOverSide) -> RouteSide {
     match side {
@@ -24,8 +25,9 @@ fn route_side(side: HandOverSide) -> RouteSide {
 
 impl<L: LocalSite, P: Peers> Roles<L, P> {
     /// Commit at one end: the destination chain takes over responsibility for the VM, the
-    /// source chain lets go of it. Idempotent: a repeated commit finds no route and succeeds if
-    /// the record already reflects it.
+    /// source chain lets go of it. Only the site the route was opened for may commit, and only
+    /// the route's migration of the route's VM. Idempotent: a repeated commit finds no route and
+    /// succeeds if the record already reflects it.
     pub async fn commit(
         &self,
         from: &SiteId,
@@ -38,8 +40,13 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         let route = match self.journal.route(&req.endpoint.token).map_err(internal)? {
             Some(r) if r.side == route_side(req.side) => r,
             _ => {
-                // Already committed (a retry after a lost reply) when the record says so.
-                let record = self.journal.vm(&req.vm).map_err(internal)?;
+                // Already committed (a retry after a lost reply) when the record says so. Only
+                // the VM's upstream learns anything from the answer.
+                let record = self
+                    .journal
+                    .vm(&req.vm)
+                    .map_err(internal)?
+                    .filter(|r| from == self.site() || r.upstream.as_ref() == Some(from));
                 let already = match req.side {
                     HandOverSide::Destination => record.is_some_and(|r| r.phase == VmPhase::Placed),
                     // The route goes only after the release is done; an Intermediary on both
@@ -49,26 +56,22 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 return if already {
                     Ok(done)
                 } else {
-                    Err(ErrorReply::new(
-                        ErrorCode::UnknownToken,
-                        "no transfer with this token passes through this site",
-                    ))
+                    Err(unknown_token())
                 };
             }
         };
-        if &route.upstream != from && from != self.site() {
-            return Err(ErrorReply::new(
-                ErrorCode::Refused,
-                "commit from a site that is not on this transfer's path",
-            ));
-        }
+        check_route(&route, from, &req.migration_id, &req.vm)?;
         match req.side {
             HandOverSide::Destination => {
                 let descriptor = route
                     .descriptor
                     .clone()
                     .ok_or_else(|| internal("destination route without descriptor"))?;
-                let (r, d, descriptor_ref) = (&req, &done, &descriptor);
+                let previous = self.journal.vm(&route.vm).map_err(internal)?;
+                if let Some(p) = &previous {
+                    self.check_take_over(&route, p, &descriptor)?;
+                }
+                let (r, d, descriptor_ref, route_ref) = (&req, &done, &descriptor, &route);
                 let _: Committed = self
                     .forward(
                         &route.next,
@@ -76,14 +79,13 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                         r,
                         move |h| async move {
                             self.local
-                                .commit_destination(descriptor_ref, &h, &r.endpoint.token)
+                                .commit_destination(descriptor_ref, &h, &route_ref.token)
                                 .await?;
                             Ok(d.clone())
                         },
                     )
                     .await?;
-                tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, "destination commit applied");
-                let previous = self.journal.vm(&req.vm).map_err(internal)?;
+                tracing::info!(migration.id = %route.migration_id, vm.id = %route.vm, "destination commit applied");
                 let upstream = if route.upstream == *self.site() {
                     previous.as_ref().and_then(|r| r.upstream.clone())
                 } else {
@@ -91,7 +93,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 };
                 self.journal
                     .put_vm(&VmRecord {
-                        vm: req.vm.clone(),
+                        vm: route.vm.clone(),
                         primary: descriptor.primary_site.clone(),
                         upstream,
                         downstream: Some(route.next.clone()),
@@ -101,7 +103,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                     .map_err(internal)?;
             }
             HandOverSide::Source => {
-                let (r, d) = (&req, &done);
+                let (r, d, route_ref) = (&req, &done, &route);
                 let _: Committed = self
                     .forward(
                         &route.next,
@@ -109,25 +111,46 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                         r,
                         move |h| async move {
                             self.local
-                                .commit_source(&r.vm, Some(&h), &r.endpoint.token)
+                                .commit_source(&route_ref.vm, Some(&h), &route_ref.token)
                                 .await?;
                             Ok(d.clone())
                         },
                     )
                     .await?;
-                tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, "source commit applied");
+                tracing::info!(migration.id = %route.migration_id, vm.id = %route.vm, "source commit applied");
                 // Leave the chain unless the destination commit already re-pointed this site.
-                if let Some(record) = self.journal.vm(&req.vm).map_err(internal)? {
+                if let Some(record) = self.journal.vm(&route.vm).map_err(internal)? {
                     if record.downstream.as_ref() == Some(&route.next) {
-                        self.journal.remove_vm(&req.vm).map_err(internal)?;
+                        self.journal.remove_vm(&route.vm).map_err(internal)?;
                     }
                 }
             }
         }
-        self.journal
-            .remove_route(&req.endpoint.token)
-            .map_err(internal)?;
+        self.journal.remove_route(&route.token).map_err(internal)?;
         Ok(done)
+    }
+
+    /// Checks that committing `route` may replace `previous`, this site's record of the same
+    /// VM: only a migration asked for by the VM's own upstream (or by this site) moves a VM the
+    /// site already holds, and never under another primary. A VM id is chosen by its primary,
+    /// so a partner's offer for an id that meanwhile came to be held here for someone else must
+    /// not take it over.
+    fn check_take_over(
+        &self,
+        route: &Route,
+        previous: &VmRecord,
+        descriptor: &VmDescriptor,
+    ) -> Result<(), ErrorReply> {
+        let upstream_ok =
+            route.upstream == *self.site() || previous.upstream.as_ref() == Some(&route.upstream);
+        if upstream_ok && previous.primary == descriptor.primary_site {
+            Ok(())
+        } else {
+            Err(ErrorReply::new(
+                ErrorCode::Conflict,
+                format!("VM {} is held here for another site", route.vm),
+            ))
+        }
     }
 
     /// Abort at one end: the destination discards, the source resumes. Idempotent.
@@ -145,28 +168,35 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 "token belongs to the other end",
             ));
         }
-        if &route.upstream != from && from != self.site() {
+        check_route(&route, from, &req.migration_id, &req.vm)?;
+        let record = self.journal.vm(&route.vm).map_err(internal)?;
+        if req.side == HandOverSide::Destination
+            && matches!(route.next, NextHop::Host(_))
+            && record.as_ref().and_then(|r| r.downstream.as_ref()) == Some(&route.next)
+        {
+            // An offer is never made on the host the VM runs on, so the VM there is the
+            // committed one: discarding it would destroy a running VM.
             return Err(ErrorReply::new(
-                ErrorCode::Refused,
-                "abort from a site that is not on this transfer's path",
+                ErrorCode::Conflict,
+                format!("VM {} already runs where this offer was made", route.vm),
             ));
         }
-        let (r, d) = (&req, &done);
+        let (r, d, route_ref) = (&req, &done, &route);
         let _: Aborted = self
             .forward(
                 &route.next,
                 FederationOp::MigrationAbort,
                 r,
                 move |h| async move {
-                    match r.side {
-                        HandOverSide::Destination => {
+                    match route_ref.side {
+                        RouteSide::Destination => {
                             self.local
-                                .abort_destination(&r.vm, &h, &r.endpoint.token)
+                                .abort_destination(&route_ref.vm, &h, &route_ref.token)
                                 .await?
                         }
-                        HandOverSide::Source => {
+                        RouteSide::Source => {
                             self.local
-                                .abort_source(&r.vm, Some(&h), &r.endpoint.token)
+                                .abort_source(&route_ref.vm, Some(&h), &route_ref.token)
                                 .await?
                         }
                     }
@@ -174,16 +204,14 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 },
             )
             .await?;
-        tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, side = ?req.side, "abort applied");
-        if req.side == HandOverSide::Source {
-            if let Some(mut record) = self.journal.vm(&req.vm).map_err(internal)? {
+        tracing::info!(migration.id = %route.migration_id, vm.id = %route.vm, side = ?req.side, "abort applied");
+        if route.side == RouteSide::Source {
+            if let Some(mut record) = self.journal.vm(&route.vm).map_err(internal)? {
                 record.phase = VmPhase::Placed;
                 self.journal.put_vm(&record).map_err(internal)?;
             }
         }
-        self.journal
-            .remove_route(&req.endpoint.token)
-            .map_err(internal)?;
+        self.journal.remove_route(&route.token).map_err(internal)?;
         Ok(done)
     }
 }

@@ -13,6 +13,8 @@ mod destination;
 mod hand_over;
 mod intermediary;
 mod source;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -54,6 +56,38 @@ pub(crate) fn internal(e: impl std::fmt::Display) -> ErrorReply {
 
 fn malformed(e: impl std::fmt::Display) -> ErrorReply {
     ErrorReply::new(ErrorCode::Malformed, e.to_string())
+}
+
+fn unknown_token() -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::UnknownToken,
+        "no transfer with this token passes through this site",
+    )
+}
+
+/// Checks that a request naming a route's token asks for exactly what the token was minted
+/// for: it comes from the site the route was opened for (the one that received the offer or
+/// asked for the prepare), and names the route's migration and VM. A token is a capability for
+/// one transfer, never for whatever VM its holder names next to it.
+pub(crate) fn check_route(
+    route: &Route,
+    from: &SiteId,
+    migration: &MigrationId,
+    vm: &VmId,
+) -> Result<(), ErrorReply> {
+    if route.upstream != *from {
+        return Err(ErrorReply::new(
+            ErrorCode::Refused,
+            format!("this transfer was not opened for site {from}"),
+        ));
+    }
+    if route.migration_id != *migration || route.vm != *vm {
+        return Err(ErrorReply::new(
+            ErrorCode::TokenMismatch,
+            "the token was minted for another migration or VM",
+        ));
+    }
+    Ok(())
 }
 
 impl<L: LocalSite, P: Peers> Roles<L, P> {
@@ -137,13 +171,22 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         })
     }
 
-    fn route(&self, token: &TransferToken, side: RouteSide) -> Result<Route, ErrorReply> {
+    /// The route of `token` at end `side`, once [`check_route`] allowed `from` to use it for
+    /// `migration` of `vm`.
+    fn route(
+        &self,
+        from: &SiteId,
+        token: &TransferToken,
+        side: RouteSide,
+        migration: &MigrationId,
+        vm: &VmId,
+    ) -> Result<Route, ErrorReply> {
         match self.journal.route(token).map_err(internal)? {
-            Some(r) if r.side == side => Ok(r),
-            _ => Err(ErrorReply::new(
-                ErrorCode::UnknownToken,
-                "no transfer with this token passes through this site",
-            )),
+            Some(r) if r.side == side => {
+                check_route(&r, from, migration, vm)?;
+                Ok(r)
+            }
+            _ => Err(unknown_token()),
         }
     }
 

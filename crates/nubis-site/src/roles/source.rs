@@ -61,14 +61,21 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         Ok(prepared)
     }
 
-    /// The Transfer verification handler (Source), forwarded by Intermediaries by token.
+    /// The Transfer verification handler (Source), forwarded by Intermediaries by token. Only
+    /// the site that asked for the prepare may use its token, and only for its migration and VM.
     pub async fn verify(
         &self,
-        _from: &SiteId,
+        from: &SiteId,
         req: TransferVerification,
     ) -> Result<TransferStatusReply, ErrorReply> {
-        let route = self.route(&req.source.token, RouteSide::Source)?;
-        let r = &req;
+        let route = self.route(
+            from,
+            &req.source.token,
+            RouteSide::Source,
+            &req.migration_id,
+            &req.vm,
+        )?;
+        let (r, route_ref) = (&req, &route);
         let reply = self
             .forward(
                 &route.next,
@@ -76,8 +83,11 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 r,
                 move |_| async move {
                     Ok(TransferStatusReply {
-                        migration_id: r.migration_id,
-                        status: self.local.verify(r.migration_id, &r.source.token).await?,
+                        migration_id: route_ref.migration_id,
+                        status: self
+                            .local
+                            .verify(route_ref.migration_id, &route_ref.token)
+                            .await?,
                     })
                 },
             )

@@ -103,6 +103,12 @@ pub enum Error {
         #[source]
         source: async_nats::ConnectError,
     },
+    /// The hub refused to create the directory bucket.
+    #[error("cannot create the directory bucket at the hub: {last}")]
+    Bucket {
+        /// The hub's last answer.
+        last: String,
+    },
     /// A monitoring endpoint could not be read.
     #[error("cannot read monitoring endpoint of {server:?}")]
     Monitor {

@@ -23,6 +23,7 @@ use crate::binary::NatsServerBinary;
 use crate::monitor;
 use crate::wait::DEFAULT_TIMEOUT;
 
+mod bucket;
 mod error;
 mod readiness;
 mod role;
@@ -30,6 +31,7 @@ mod server;
 #[cfg(test)]
 mod tests;
 
+pub use bucket::DIRECTORY_BUCKET_CONFIG;
 pub use error::Error;
 pub use role::Role;
 use server::{render_template, Server};
@@ -174,6 +176,7 @@ impl Federation {
     async fn boot(&mut self) -> Result<(), Error> {
         self.hub.spawn(&self.binary)?;
         self.hub.wait_started(DEFAULT_TIMEOUT).await?;
+        self.create_directory_bucket().await?;
         let hub_leaf = format!("{HOST}:{}", self.hub.leaf_port.unwrap_or_default());
         for site in &mut self.sites {
             site.values.insert("HUB_LEAF_URL", hub_leaf.clone());

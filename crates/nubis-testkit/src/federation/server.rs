@@ -17,8 +17,8 @@ use crate::wait::Backoff;
 /// How long a server may take to exit after being asked to, before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// One nats-server process and everything needed to start it again the same way.
-#[derive(Debug)]
+/// One nats-server process and everything needed to start it again the same way. `Debug` names
+/// the template's placeholders but shows none of their values: they include every password.
 pub(super) struct Server {
     pub(super) name: String,
     pub(super) dir: PathBuf,
@@ -30,6 +30,20 @@ pub(super) struct Server {
     /// The hub's leaf-node port; sites have none.
     pub(super) leaf_port: Option<u16>,
     pub(super) child: Option<Child>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("name", &self.name)
+            .field("dir", &self.dir)
+            .field("placeholders", &self.values.keys().collect::<Vec<_>>())
+            .field("client_port", &self.client_port)
+            .field("http_port", &self.http_port)
+            .field("leaf_port", &self.leaf_port)
+            .field("running", &self.child.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Server {
@@ -125,10 +139,11 @@ impl Server {
         let (user, password) = self.credentials(role)?;
         let mut options = async_nats::ConnectOptions::with_user_and_password(user, password)
             .name(format!("nubis-testkit-{}-{role}", self.name));
-        // Site processes that talk across sites take their replies on `nubis.reply.<site>.`,
-        // the only replies the hub carries to them (see nats-config/README.md).
+        // Site processes that talk across sites take their replies on `nubis.reply.<site>._any.`,
+        // the only replies the hub carries to them besides those of signed calls (see
+        // nats-config/README.md).
         if self.is_hub() || matches!(role, Role::Site | Role::Admin) {
-            options = options.custom_inbox_prefix(format!("nubis.reply.{}", self.name));
+            options = options.custom_inbox_prefix(format!("nubis.reply.{}._any", self.name));
         }
         options.connect(url).await.map_err(|source| Error::Connect {
             server: self.name.clone(),

@@ -81,6 +81,13 @@ fn credentials_exist_for_every_role_at_a_site_and_only_the_operator_at_the_hub()
         let err = hub.credentials(role).unwrap_err();
         assert!(matches!(err, Error::NoSuchUser { .. }), "{err}");
     }
+    for server in [&hub, &site] {
+        let shown = format!("{server:?}");
+        assert!(
+            !shown.contains("pw-") && !shown.contains("hub-pw"),
+            "{shown}"
+        );
+    }
     assert_eq!(hub.default_role(), Role::Operator);
     assert_eq!(site.default_role(), Role::Site);
 }
