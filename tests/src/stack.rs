@@ -273,6 +273,7 @@ impl Stack {
         let url = self.fed.site_url(site).unwrap();
         let (user, password) = self.fed.credentials(site, Role::Site).unwrap();
         let (host_user, host_password) = self.fed.credentials(site, Role::Host).unwrap();
+        let (proxy_user, proxy_password) = self.fed.credentials(site, Role::Proxy).unwrap();
         let hosts: String = spec
             .hosts
             .iter()
@@ -314,7 +315,7 @@ impl Stack {
             .map(|p| format!("{:?}", p.display().to_string()))
             .collect();
         let proxy_toml = format!(
-            "site = \"{site}\"\nproxy = \"p1\"\nnats_url = \"{url}\"\nnats_user = \"{user}\"\nnats_password = \"{password}\"\n\
+            "site = \"{site}\"\nproxy = \"p1\"\nnats_url = \"{url}\"\nnats_user = \"{proxy_user}\"\nnats_password = \"{proxy_password}\"\n\
              identity_file = \"{}\"\nstore_dir = \"{}\"\n\n[transfer]\nroots = [{}]\n\n{proxy_partners}",
             self.path(&format!("{site}.key")).display(),
             self.path(&format!("{site}-proxy")).display(),

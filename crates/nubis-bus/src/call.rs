@@ -13,6 +13,8 @@ use nubis_protocol::message::{Body, ErrorCode, ErrorReply};
 use nubis_protocol::subject::Subject;
 use nubis_protocol::SiteId;
 
+use crate::replies::Replies;
+
 /// Why a signed request did not produce the expected reply.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -142,6 +144,10 @@ pub struct SignedClient {
     identity: Arc<SiteIdentity>,
     verifier: Arc<Verifier>,
     policy: CallPolicy,
+    /// Whether `client` takes its replies on the site's federation inbox (then every call's
+    /// reply comes on an inbox only the site asked may publish to).
+    federation: bool,
+    replies: Arc<Replies>,
 }
 
 impl SignedClient {
@@ -152,11 +158,16 @@ impl SignedClient {
         verifier: Arc<Verifier>,
         policy: CallPolicy,
     ) -> Self {
+        let federation = client
+            .new_inbox()
+            .starts_with(&Subject::reply_inbox_prefix(identity.site()));
         Self {
             client,
             identity,
             verifier,
             policy,
+            federation,
+            replies: Arc::default(),
         }
     }
 
@@ -242,36 +253,54 @@ impl SignedClient {
             body,
         )
         .map_err(|e| send_error(e.into()))?;
-        // On a federation connection the reply comes on an inbox that only the site asked may
-        // publish to (the hub's permissions), so no third site can answer first. Other
-        // connections (site-internal, default inbox) keep their own inbox.
-        let fresh = self.client.new_inbox();
-        let inbox = match fresh.strip_prefix(&Subject::reply_inbox_prefix(self.identity.site())) {
-            Some(unique) => format!(
-                "{}{unique}",
-                Subject::call_inbox_prefix(self.identity.site(), signer)
-            ),
-            None => fresh,
+        let timed_out = || CallError::Timeout {
+            site: signer.clone(),
+            op,
         };
-        let request = async_nats::Request::new()
-            .payload(bytes.into())
-            .inbox(inbox)
-            .timeout(Some(timeout));
-        let answer = self
-            .client
-            .send_request(subject.as_str().to_string(), request)
-            .await
-            .map_err(|e| match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => CallError::Unreachable {
-                    site: signer.clone(),
-                    op,
-                },
-                async_nats::RequestErrorKind::TimedOut => CallError::Timeout {
-                    site: signer.clone(),
-                    op,
-                },
-                _ => send_error(e.into()),
-            })?;
+        let answer = if self.federation {
+            // The reply comes on an inbox that only the site asked may publish to (the hub's
+            // permissions), so no third site can answer first; one subscription per site asked.
+            let waiting = self
+                .replies
+                .wait(&self.client, self.identity.site(), signer)
+                .await
+                .map_err(|e| send_error(e.into()))?;
+            self.client
+                .publish_with_reply(
+                    subject.as_str().to_string(),
+                    waiting.reply_to.clone(),
+                    bytes.into(),
+                )
+                .await
+                .map_err(|e| send_error(e.into()))?;
+            match tokio::time::timeout(timeout, &mut { waiting }.reply).await {
+                Err(_) => return Err(timed_out()),
+                Ok(Err(_)) => return Err(send_error("the connection closed".into())),
+                Ok(Ok(m)) if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) => {
+                    return Err(CallError::Unreachable {
+                        site: signer.clone(),
+                        op,
+                    })
+                }
+                Ok(Ok(m)) => m,
+            }
+        } else {
+            // Site-internal and default connections keep their own inbox.
+            let request = async_nats::Request::new()
+                .payload(bytes.into())
+                .timeout(Some(timeout));
+            self.client
+                .send_request(subject.as_str().to_string(), request)
+                .await
+                .map_err(|e| match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => CallError::Unreachable {
+                        site: signer.clone(),
+                        op,
+                    },
+                    async_nats::RequestErrorKind::TimedOut => timed_out(),
+                    _ => send_error(e.into()),
+                })?
+        };
         let bad = |source| CallError::BadReply {
             site: signer.clone(),
             op,

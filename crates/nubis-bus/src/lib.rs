@@ -20,6 +20,7 @@ pub mod federation;
 pub mod host;
 pub mod ops;
 pub mod proxy;
+mod replies;
 pub mod serve;
 
 pub use call::{CallError, CallPolicy, SignedClient, Target};

@@ -107,6 +107,8 @@ pub struct OpsClient {
     client: async_nats::Client,
     site: SiteId,
     timeout: Duration,
+    /// The operator whose per-operator subjects are used; `None` for the shared subjects.
+    operator: Option<String>,
 }
 
 impl OpsClient {
@@ -116,7 +118,25 @@ impl OpsClient {
             client,
             site,
             timeout,
+            operator: None,
         }
+    }
+
+    /// Calls as `operator` on `nubis.ops.<site>.<operator>.<endpoint>`, the subjects the site's
+    /// server lets only that operator's NATS user publish to (so the site records who called).
+    /// A name that cannot be an operator's is ignored (the shared subjects are used).
+    pub fn as_operator(mut self, operator: &str) -> Self {
+        self.operator =
+            nubis_protocol::subject::is_operator_name(operator).then(|| operator.to_owned());
+        self
+    }
+
+    /// The subject of `endpoint` for this client.
+    fn subject(&self, endpoint: OpsEndpoint) -> Subject {
+        self.operator
+            .as_deref()
+            .and_then(|op| Subject::ops_by(&self.site, op, endpoint))
+            .unwrap_or_else(|| Subject::ops(&self.site, endpoint))
     }
 
     /// The site asked.
@@ -135,7 +155,7 @@ impl OpsClient {
         Q: Serialize + ?Sized,
         T: DeserializeOwned,
     {
-        let subject = Subject::ops(&self.site, endpoint);
+        let subject = self.subject(endpoint);
         let payload = serde_json::to_vec(request).map_err(|source| OpsError::Encode {
             subject: subject.to_string(),
             source,
@@ -200,7 +220,7 @@ impl OpsClient {
 
     /// `vms` of one VM.
     pub async fn vm(&self, vm: &VmId) -> Result<VmView, OpsError> {
-        let subject = Subject::ops(&self.site, OpsEndpoint::Vms);
+        let subject = self.subject(OpsEndpoint::Vms);
         let reply: VmsReply = self
             .call(
                 OpsEndpoint::Vms,

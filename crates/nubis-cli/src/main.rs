@@ -4,8 +4,10 @@
 //! configuration), 3 refusal by a peer, 4 internal failure, 5 site unreachable. Every error
 //! message says what to do next.
 
+mod audit;
 mod image;
 mod monitor;
+mod operator;
 mod ops_client;
 mod output;
 mod site;
@@ -71,6 +73,11 @@ enum Command {
     Watch(monitor::WatchArgs),
     /// Report a VM's resource usage (CPU-hours, GiB-hours, bytes) from the site's accounting.
     Usage(monitor::UsageArgs),
+    /// Show the site's record of mutating operator calls (who, what, when, outcome).
+    Audit(audit::AuditArgs),
+    /// Manage a site's operators (NATS users with the `read` or `operate` role).
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Run a Transfer proxy (`nubis proxy --config proxy.toml`).
     Proxy {
         /// The proxy's configuration file.
@@ -97,6 +104,13 @@ enum SiteCommand {
         #[command(flatten)]
         conn: ops_client::Connection,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorCommand {
+    /// Generate an operator's NATS user: a random password into a 0600 file, and the user
+    /// block (with the role's permissions) to paste into the site server's configuration.
+    Add(operator::AddArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,6 +206,11 @@ fn ops_failure(e: ops_client::OpsFailure) -> Failure {
             EXIT_REFUSED,
             format!("the site refused the request ({code}): {message}"),
             "read the site's message above; `nubis site status` shows its state".to_string(),
+        ),
+        F::Forbidden { subject, server } => (
+            EXIT_REFUSED,
+            format!("the site's server refused to carry the request on {subject}: this NATS user may not publish there (server: {server})"),
+            "the operator's role does not allow this endpoint; ask the site administrator for an operator with the `operate` role (`nubis operator add NAME --role operate`)".to_string(),
         ),
         F::Internal(m) => (EXIT_INTERNAL, m, "this is a bug; please report it with the output above".to_string()),
     };
@@ -318,6 +337,44 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .block_on(monitor::usage(args))
                 .map_err(ops_failure)?
                 .print(cli.json);
+            Ok(())
+        }
+        Command::Audit(args) => {
+            runtime()?
+                .block_on(audit::run(args))
+                .map_err(ops_failure)?
+                .print(cli.json);
+            Ok(())
+        }
+        Command::Operator(OperatorCommand::Add(args)) => {
+            let added = operator::add(&args).map_err(|e| match e {
+                operator::AddError::Name(m) => Failure {
+                    hint: Some("use lower-case letters, digits, '-' and '_', e.g. alice".into()),
+                    ..user(anyhow::anyhow!(m))
+                },
+                operator::AddError::Io(path, e) => Failure {
+                    hint: Some(
+                        "choose another --password-file, or pass --force to replace it".into(),
+                    ),
+                    ..user(
+                        anyhow::Error::new(e).context(format!("cannot write {}", path.display())),
+                    )
+                },
+            })?;
+            if cli.json {
+                println!("{}", serde_json::json!(added));
+            } else {
+                eprintln!(
+                    "wrote the password of {} to {} (mode 0600)",
+                    added.user,
+                    added.password_file.display()
+                );
+                println!(
+                    "# Operator {} of site {}, role {}: paste into the `users` list of the FED account\n# of the site's nats-server configuration, then reload it (`nats-server --signal reload`).",
+                    added.user, added.site, added.role
+                );
+                print!("{}", added.block);
+            }
             Ok(())
         }
         Command::Proxy { config } => {

@@ -3,6 +3,7 @@
 //! `nubis_bus::ops`.
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::Args;
@@ -89,6 +90,13 @@ pub enum OpsFailure {
         /// The site's message.
         message: String,
     },
+    /// The server refused to carry the request: the user's role does not allow it.
+    Forbidden {
+        /// The subject of the request.
+        subject: String,
+        /// The server's report.
+        server: String,
+    },
     /// Something failed on this side.
     Internal(String),
 }
@@ -116,12 +124,34 @@ impl From<OpsError> for OpsFailure {
                 },
                 message,
             },
-            OpsError::NoResponders { .. } | OpsError::Timeout { .. } | OpsError::Request { .. } => {
-                OpsFailure::Unreachable(chain(&e))
+            OpsError::NoResponders { ref subject } | OpsError::Timeout { ref subject, .. } => {
+                match violation_for(subject) {
+                    Some(violation) => OpsFailure::Forbidden {
+                        subject: subject.clone(),
+                        server: violation,
+                    },
+                    None => OpsFailure::Unreachable(chain(&e)),
+                }
             }
+            OpsError::Request { .. } => OpsFailure::Unreachable(chain(&e)),
             OpsError::Encode { .. } | OpsError::Decode { .. } => OpsFailure::Internal(chain(&e)),
         }
     }
+}
+
+/// The permissions violations the server reported on this process's connection. The server
+/// drops a message its user may not publish and tells the client only through an `-ERR`, so a
+/// refused request just goes unanswered: its failure is explained from what is noted here.
+static VIOLATIONS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The violation the server reported for `subject`, if any.
+fn violation_for(subject: &str) -> Option<String> {
+    let seen = VIOLATIONS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    seen.iter()
+        .find(|m| m.contains(&format!("\"{subject}\"")) || m.ends_with(subject))
+        .cloned()
 }
 
 /// Connects to the NATS server named by `conn`, with its credentials.
@@ -130,19 +160,46 @@ pub async fn connect(conn: &Connection) -> Result<async_nats::Client, OpsFailure
         (Some(user), Some(password)) => Credentials::with_login(&conn.nats_url, user, password),
         _ => Credentials::anonymous(&conn.nats_url),
     };
-    nubis_bus::connect(
-        &credentials,
-        &ConnectSpec::tool("nubis-cli", conn.timeout()),
-    )
-    .await
-    .map_err(|e| OpsFailure::Unreachable(chain(&e)))
+    let spec = ConnectSpec::tool("nubis-cli", conn.timeout());
+    let options =
+        nubis_bus::connect::options(&credentials, &spec).event_callback(|event| async move {
+            if let async_nats::Event::ServerError(async_nats::ServerError::Other(message)) = event {
+                if message
+                    .to_ascii_lowercase()
+                    .contains("permissions violation")
+                {
+                    VIOLATIONS
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(message);
+                }
+            }
+        });
+    tokio::time::timeout(spec.timeout, options.connect(&credentials.url))
+        .await
+        .map_err(|_| {
+            OpsFailure::Unreachable(format!("cannot connect to {}: timed out", credentials.url))
+        })?
+        .map_err(|e| {
+            OpsFailure::Unreachable(format!(
+                "cannot connect to {}: {}",
+                credentials.url,
+                chain(&e)
+            ))
+        })
 }
 
-/// A client of the operator API of the site named by `conn`.
+/// A client of the operator API of the site named by `conn`: as the operator named by `--user`
+/// (on `nubis.ops.<site>.<user>.<endpoint>`, the subjects the server lets only that user
+/// publish to), or on the shared subjects without a user.
 pub async fn client(conn: &Connection) -> Result<OpsClient, OpsFailure> {
     let site = conn.site_id()?;
     let nats = connect(conn).await?;
-    Ok(OpsClient::new(nats, site, conn.timeout()))
+    let client = OpsClient::new(nats, site, conn.timeout());
+    Ok(match &conn.user {
+        Some(user) => client.as_operator(user),
+        None => client,
+    })
 }
 
 #[cfg(test)]

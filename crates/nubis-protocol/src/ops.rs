@@ -39,6 +39,10 @@ pub struct SiteStatus {
     pub vms: u64,
     /// The site's own signing key, `ed25519:<base64>`.
     pub signing_key: String,
+    /// Entries in each bounded table remote input fills (the replay cache and the journal's
+    /// tables), by table name; empty from a site that does not report them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tables: BTreeMap<String, u64>,
 }
 
 /// One site as another site sees it in the directory.

@@ -90,6 +90,7 @@ impl ProxyError {
             Self::SourceUnreachable(_) => ErrorCode::Timeout,
             Self::DigestMismatch => ErrorCode::TransferFailed,
             Self::NotReady => ErrorCode::Busy,
+            Self::Store(StoreError::Full { .. }) => ErrorCode::Busy,
             Self::Store(_) => ErrorCode::Internal,
             Self::Bucket(ObjectError::BucketFull) => ErrorCode::NoCapacity,
             Self::Bucket(_) => ErrorCode::Internal,

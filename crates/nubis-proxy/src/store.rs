@@ -3,8 +3,15 @@
 //! This is the only place where a token meets a host and its paths; nothing in here is ever
 //! sent to another site. Records survive a restart so an interrupted transfer resumes and a
 //! released or expired token stays refused.
+//!
+//! The table is bounded: released tokens are removed, expired ones become tombstones that
+//! garbage collection removes after a while, and a new token is refused ([`StoreError::Full`],
+//! answered `busy`) while the store holds as many records as it may, so no flood of mint
+//! requests grows it without limit and no record already written is dropped to make room.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use nubis_protocol::codec::{self, CodecError};
 use nubis_protocol::message::{
@@ -24,7 +31,17 @@ pub enum StoreError {
     /// A record could not be encoded or decoded.
     #[error("record codec failed")]
     Codec(#[from] CodecError),
+    /// The store holds as many records (live tokens and tombstones) as it may.
+    #[error("token store full ({max} records)")]
+    Full {
+        /// The bound.
+        max: usize,
+    },
 }
+
+/// How many records (live tokens and tombstones) the store holds at most unless told otherwise:
+/// far more than the transfers a site runs at once, far less than would strain the proxy.
+pub const DEFAULT_MAX_RECORDS: usize = 100_000;
 
 /// Everything the proxy knows about one token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +118,9 @@ impl TokenRecord {
 pub struct TokenStore {
     db: sled::Db,
     tokens: sled::Tree,
+    /// Records held (counted once on open, then kept up to date).
+    records: Arc<AtomicUsize>,
+    max_records: usize,
 }
 
 impl TokenStore {
@@ -111,7 +131,40 @@ impl TokenStore {
             .flush_every_ms(Some(200))
             .open()?;
         let tokens = db.open_tree("tokens")?;
-        Ok(Self { db, tokens })
+        let records = Arc::new(AtomicUsize::new(tokens.len()));
+        Ok(Self {
+            db,
+            tokens,
+            records,
+            max_records: DEFAULT_MAX_RECORDS,
+        })
+    }
+
+    /// Changes how many records the store may hold.
+    pub fn with_max_records(mut self, max: usize) -> Self {
+        self.max_records = max;
+        self
+    }
+
+    /// Records held (live tokens and tombstones).
+    pub fn len(&self) -> usize {
+        self.records.load(Ordering::Relaxed)
+    }
+
+    /// Whether the store holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes the record of a newly minted token, refusing it with [`StoreError::Full`] when the
+    /// store holds as many records as it may.
+    pub fn put_new(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        if self.len() >= self.max_records {
+            return Err(StoreError::Full {
+                max: self.max_records,
+            });
+        }
+        self.put(record)
     }
 
     /// The record of `token`.
@@ -125,7 +178,13 @@ impl TokenStore {
     /// Writes `record` durably: a state change that is lost could make a finished transfer run
     /// again or a failed one look fine.
     pub fn put(&self, record: &TokenRecord) -> Result<(), StoreError> {
-        self.tokens.insert(record.token.0, codec::to_vec(record)?)?;
+        if self
+            .tokens
+            .insert(record.token.0, codec::to_vec(record)?)?
+            .is_none()
+        {
+            self.records.fetch_add(1, Ordering::Relaxed);
+        }
         self.db.flush()?;
         Ok(())
     }
@@ -146,7 +205,9 @@ impl TokenStore {
 
     /// Forgets `token`.
     pub fn remove(&self, token: &TransferToken) -> Result<(), StoreError> {
-        self.tokens.remove(token.0)?;
+        if self.tokens.remove(token.0)?.is_some() {
+            self.records.fetch_sub(1, Ordering::Relaxed);
+        }
         self.db.flush()?;
         Ok(())
     }
@@ -165,5 +226,56 @@ impl TokenStore {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> TokenRecord {
+        TokenRecord {
+            token: TransferToken::random(),
+            migration_id: MigrationId::random(),
+            vm: VmId::new("v").unwrap(),
+            host: HostId::new("h").unwrap(),
+            purpose: TokenPurpose::Receive { dir: "/r".into() },
+            created_ms: 1,
+            expires_ms: 2,
+            status: TransferStatus::Pending,
+            expired: false,
+            digests: Vec::new(),
+            source: None,
+            total_bytes: 0,
+            used: false,
+            complete: false,
+            file_names: Vec::new(),
+            max_bytes_per_sec: None,
+            partial: None,
+        }
+    }
+
+    #[test]
+    fn minting_is_bounded_and_a_removal_makes_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::open(dir.path()).unwrap().with_max_records(2);
+        let (a, b) = (record(), record());
+        store.put_new(&a).unwrap();
+        store.put_new(&b).unwrap();
+        assert!(matches!(
+            store.put_new(&record()),
+            Err(StoreError::Full { max: 2 })
+        ));
+        // Records already written are kept and still change.
+        store.update(&a.token, |r| r.used = true).unwrap();
+        assert!(store.get(&a.token).unwrap().unwrap().used);
+        assert_eq!(store.len(), 2);
+        store.remove(&b.token).unwrap();
+        store.put_new(&record()).unwrap();
+        drop(store);
+        // The count survives a reopen.
+        let store = TokenStore::open(dir.path()).unwrap().with_max_records(2);
+        assert_eq!(store.len(), 2);
+        assert!(store.put_new(&record()).is_err());
     }
 }

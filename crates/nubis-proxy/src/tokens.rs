@@ -121,7 +121,7 @@ impl TransferProxy {
             max_bytes_per_sec: None,
             partial: None,
         };
-        self.inner.store.put(&rec)?;
+        self.inner.store.put_new(&rec)?;
         info!(migration.id = %rec.migration_id, vm.id = %rec.vm, "token minted");
         if matches!(
             rec.purpose,

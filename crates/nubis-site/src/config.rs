@@ -281,6 +281,10 @@ struct RawConfig {
     monitoring: MonitoringConfig,
     #[serde(default)]
     sla: Vec<SlaRule>,
+    #[serde(default)]
+    limits: crate::quota::Limits,
+    #[serde(default)]
+    retention: crate::retention::Retention,
 }
 
 fn default_proxy() -> String {
@@ -342,6 +346,10 @@ pub struct SiteConfig {
     pub monitoring: MonitoringConfig,
     /// SLA rules evaluated on the monitoring data this site can read.
     pub sla: Vec<SlaRule>,
+    /// Per-partner limits (the `[limits]` table).
+    pub limits: crate::quota::Limits,
+    /// Freshness, retention and bounds of what partners send (the `[retention]` table).
+    pub retention: crate::retention::Retention,
 }
 
 impl SiteConfig {
@@ -507,8 +515,16 @@ impl SiteConfig {
                 ));
             }
         }
+        if let Some((key, reason)) = raw.limits.invalid() {
+            return Err(invalid(key.into(), reason.into()));
+        }
+        if let Some((key, reason)) = raw.retention.invalid() {
+            return Err(invalid(key.into(), reason.into()));
+        }
         let data_dir = resolve(&raw.data_dir);
         Ok(Self {
+            limits: raw.limits,
+            retention: raw.retention,
             monitoring: raw.monitoring,
             sla: raw.sla,
             proxy: ProxyUri::new(raw.site.clone(), proxy),

@@ -108,13 +108,14 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
     // The request verifier and its persistent replay cache are used by the migration handlers.
     let replay = ReplayCache::open(
         &config.data_dir.join("replay"),
-        2 * DEFAULT_FRESHNESS_MS,
+        config.retention.replay_retain_ms(),
         Durability::Sync,
     )
     .map_err(|source| SiteError::State {
         path: config.data_dir.display().to_string(),
         source,
-    })?;
+    })?
+    .with_max_per_sender(config.retention.replay_per_partner);
     let identity = config.identity.clone();
     let mut pinned: Vec<_> = config
         .partners
@@ -123,7 +124,10 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         .collect();
     // The site's own key is pinned too: its Transfer proxy answers signed with it.
     pinned.push((site.clone(), identity.public().signing));
-    let request_verifier = Arc::new(Verifier::new(site.clone(), pinned.clone(), replay));
+    let request_verifier = Arc::new(
+        Verifier::new(site.clone(), pinned.clone(), replay)
+            .with_freshness_ms(config.retention.freshness_ms),
+    );
     let record_verifier = Verifier::new(
         site.clone(),
         pinned,
@@ -192,7 +196,16 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         });
     }
 
-    let journal = Journal::open(&config.data_dir.join("journal")).map_err(SiteError::Journal)?;
+    let journal = Journal::open(&config.data_dir.join("journal"))
+        .map_err(SiteError::Journal)?
+        .with_limits(config.retention.journal_limits());
+    crate::retention::spawn_collector(
+        &config.retention,
+        journal.clone(),
+        request_verifier.clone(),
+        &tracker,
+        cancel.clone(),
+    );
     let signed = SignedClient::new(
         client.clone(),
         identity.clone(),
@@ -236,6 +249,13 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         Ok(n) => tracing::info!(migrations = n, "resuming migrations from the journal"),
         Err(e) => tracing::warn!(error = %e.message, "cannot read the migration journal"),
     }
+    // Offers never taken up are released at their expiry, those that expired meanwhile first.
+    crate::expiry::start(
+        roles.clone(),
+        Duration::from_millis(config.limits.sweep_interval_ms),
+        &tracker,
+        cancel.clone(),
+    );
     // Eviction notices: deliver ours upstream, act on those from downstream; both journaled.
     {
         let roles = roles.clone();
@@ -307,8 +327,9 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         directory: directory.clone(),
         started_ms,
         nats_server_version: server_version,
+        request_verifier: request_verifier.clone(),
     });
-    let service = ops::serve(client.clone(), ctx, &tracker, cancel.clone()).await?;
+    let services = ops::serve(client.clone(), ctx, &tracker, cancel.clone()).await?;
     tracing::info!(site.id = %site, "site daemon running");
 
     shutdown.cancelled().await;
@@ -318,8 +339,10 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
     if tokio::time::timeout(GRACE, tracker.wait()).await.is_err() {
         tracing::warn!("tasks did not finish within the grace period");
     }
-    if let Err(e) = service.stop().await {
-        tracing::warn!(error = %e, "cannot stop the operator API cleanly");
+    for service in services {
+        if let Err(e) = service.stop().await {
+            tracing::warn!(error = %e, "cannot stop the operator API cleanly");
+        }
     }
     if let Err(e) = roles.journal().flush() {
         tracing::warn!(error = %e, "cannot flush the journal");

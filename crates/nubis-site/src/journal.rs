@@ -13,6 +13,10 @@ use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+mod bounds;
+
+pub use bounds::{refusal, JournalLimits, Sight};
+
 /// Why the journal failed.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -22,6 +26,14 @@ pub enum JournalError {
     /// A record could not be encoded or decoded.
     #[error("journal record")]
     Codec(#[from] codec::CodecError),
+    /// A table remote input fills holds as many entries of this partner as it may.
+    #[error("table {table} is full for partner {partner}")]
+    Full {
+        /// The table.
+        table: &'static str,
+        /// The partner.
+        partner: String,
+    },
 }
 
 /// The next hop towards where a VM runs (or will run): a partner site or a local host.
@@ -231,6 +243,11 @@ pub struct Journal {
     requests: sled::Tree,
     evictions: sled::Tree,
     outgoing: sled::Tree,
+    /// Seen Migration request ids by when they were seen (the collector's index).
+    requests_by_time: sled::Tree,
+    /// Bounds on the tables remote input fills.
+    bounds: bounds::Bounds,
+    taken: sled::Tree,
 }
 
 /// An eviction notice accepted from the downstream site, kept until the VM has moved.
@@ -260,15 +277,20 @@ impl Journal {
     /// Opens (or creates) the journal in directory `path`.
     pub fn open(path: &Path) -> Result<Self, JournalError> {
         let db = sled::Config::new().path(path).open()?;
-        Ok(Self {
+        let journal = Self {
             vms: db.open_tree("vms")?,
             routes: db.open_tree("routes")?,
             migrations: db.open_tree("migrations")?,
             requests: db.open_tree("requests")?,
             evictions: db.open_tree("evictions")?,
             outgoing: db.open_tree("outgoing")?,
+            requests_by_time: db.open_tree("requests_by_time")?,
+            bounds: bounds::Bounds::default(),
+            taken: db.open_tree("taken")?,
             db,
-        })
+        };
+        journal.rebuild_bounds()?;
+        Ok(journal)
     }
 
     fn put<T: Serialize>(
@@ -318,9 +340,32 @@ impl Journal {
         self.put(&self.routes, route.token.to_string().as_bytes(), route)
     }
 
-    /// Forgets a route.
+    /// Forgets a route (and whether it was taken up).
     pub fn remove_route(&self, token: &TransferToken) -> Result<(), JournalError> {
-        self.remove(&self.routes, token.to_string().as_bytes())
+        let key = token.to_string();
+        self.routes.remove(key.as_bytes())?;
+        self.remove(&self.taken, key.as_bytes())
+    }
+
+    /// Records that a transfer was initiated on the destination offer of `token` at `now_ms`:
+    /// from then on the offer is taken up and no longer expires.
+    pub fn mark_taken(&self, token: &TransferToken, now_ms: u64) -> Result<(), JournalError> {
+        self.put(&self.taken, token.to_string().as_bytes(), &now_ms)
+    }
+
+    /// Whether a transfer was initiated on the destination offer of `token`.
+    pub fn is_taken(&self, token: &TransferToken) -> Result<bool, JournalError> {
+        Ok(self.taken.contains_key(token.to_string().as_bytes())?)
+    }
+
+    /// Every route, each with whether it was taken up.
+    pub fn routes_taken(&self) -> Result<Vec<(Route, bool)>, JournalError> {
+        let mut out = Vec::new();
+        for r in self.routes()? {
+            let taken = self.is_taken(&r.token)?;
+            out.push((r, taken));
+        }
+        Ok(out)
     }
 
     /// Every route.
@@ -346,19 +391,9 @@ impl Journal {
     }
 
     /// Records a Migration request id; `false` if it was seen before (a delegation loop).
+    /// Not bounded: a partner's requests go through [`Journal::sight`].
     pub fn first_sight(&self, id: &RequestId, now_ms: u64) -> Result<bool, JournalError> {
-        let fresh = self
-            .requests
-            .compare_and_swap(
-                id.to_string().as_bytes(),
-                None as Option<&[u8]>,
-                Some(&now_ms.to_be_bytes()[..]),
-            )?
-            .is_ok();
-        if fresh {
-            self.db.flush()?;
-        }
-        Ok(fresh)
+        Ok(self.sight(id, None, now_ms)? == Sight::First)
     }
 
     /// Records an accepted eviction notice (idempotent by notice id).
@@ -388,7 +423,11 @@ impl Journal {
     }
 
     /// Records an eviction notice this site must deliver upstream (retried until accepted).
+    /// Notices passed up carry a downstream partner's ids, so the notices waiting for one
+    /// addressee are bounded ([`JournalError::Full`]; a notice passed up stays pending here
+    /// meanwhile, counted against the partner that sent it).
     pub fn put_outgoing(&self, notice: &EvictionNotice, to: &SiteId) -> Result<(), JournalError> {
+        self.check_outgoing_bound(notice, to)?;
         let pending = PendingEviction {
             notice: notice.clone(),
             from: to.clone(),

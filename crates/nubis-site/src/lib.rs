@@ -6,10 +6,12 @@
 //! monitoring service delivers, stores and watches the VMs' monitoring data (section IV).
 
 pub mod accounting;
+pub mod audit;
 pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod directory;
+pub mod expiry;
 #[cfg(test)]
 pub(crate) mod fakes;
 pub mod federation;
@@ -20,6 +22,8 @@ pub mod local;
 pub mod monitoring;
 pub mod ops;
 pub mod peers;
+pub mod quota;
+pub mod retention;
 pub mod roles;
 pub mod sla;
 pub mod usage;

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+use crate::audit::{Audit, AuditRecord, Caller};
 use crate::config::SiteConfig;
 use crate::directory::Directory;
 use crate::local::LocalSite;
@@ -56,6 +57,8 @@ pub struct OpsContext<L> {
     pub monitoring: Arc<Monitoring>,
     /// JetStream of the site's own domain (image uploads).
     pub local_js: async_nats::jetstream::Context,
+    /// The verifier of federation requests (its replay cache's size is in the status).
+    pub request_verifier: Arc<nubis_protocol::envelope::Verifier>,
 }
 
 fn key_text(bytes: &[u8; 32]) -> String {
@@ -261,6 +264,12 @@ impl<L: LocalSite> OpsContext<L> {
                         .map(|v| v.len() as u64)
                         .unwrap_or(0),
                     signing_key: key_text(self.config.identity.public().signing.as_bytes()),
+                    tables: {
+                        let mut tables = self.roles.journal().table_sizes();
+                        let replay = self.request_verifier.replay_cache().len() as u64;
+                        tables.insert("replay".into(), replay);
+                        tables
+                    },
                 })
             }
             OpsEndpoint::Sites => {
@@ -307,51 +316,124 @@ fn image_view(info: crate::images::ImageInfo) -> ImageView {
     }
 }
 
-/// Starts the operator API on `client`; its handlers run on `tracker` until `cancel`.
+/// Name of the second service, whose endpoints are the per-operator subjects
+/// `nubis.ops.<site>.<operator>.<endpoint>` (same endpoint names, same answers).
+pub const BY_OPERATOR_SERVICE_NAME: &str = "nubis-site-by-operator";
+
+/// Starts the operator API on `client`; its handlers run on `tracker` until `cancel`. Each
+/// endpoint answers on the shared subject `nubis.ops.<site>.<endpoint>` (service
+/// [`SERVICE_NAME`]) and on the per-operator subjects `nubis.ops.<site>.*.<endpoint>` (service
+/// [`BY_OPERATOR_SERVICE_NAME`]); mutating calls are recorded in the audit stream.
 pub async fn serve<L: LocalSite>(
     client: async_nats::Client,
     ctx: Arc<OpsContext<L>>,
     tracker: &TaskTracker,
     cancel: CancellationToken,
-) -> Result<service::Service, OpsError> {
+) -> Result<Vec<service::Service>, OpsError> {
     let site = ctx.config.site.clone();
-    let service = client
-        .service_builder()
-        .description(format!("nubis operator API of site {site}"))
-        .metadata(HashMap::from([("site".to_string(), site.to_string())]))
-        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(|e| OpsError::Register(SERVICE_NAME.into(), e))?;
-    for endpoint in OpsEndpoint::ALL {
-        let subject = Subject::ops(&site, endpoint);
-        let mut requests = service
-            .endpoint_builder()
-            .name(endpoint.as_str())
-            .add(subject.as_str())
-            .await
-            .map_err(|e| OpsError::Register(subject.as_str().to_string(), e))?;
-        let ctx = ctx.clone();
-        let cancel = cancel.clone();
-        tracker.spawn(async move {
-            loop {
-                let request = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    r = requests.next() => match r { Some(r) => r, None => break },
-                };
-                let span = tracing::info_span!("ops", site.id = %ctx.config.site, endpoint = endpoint.as_str());
-                async {
-                    let answer = ctx.answer(endpoint, &request.message.payload).await;
-                    if let Err(e) = &answer {
-                        tracing::info!(code = e.code, error = %e.status, "operator request refused");
-                    }
-                    if let Err(e) = request.respond(answer.map(Into::into)).await {
-                        tracing::warn!(error = %e, "cannot send operator reply");
-                    }
-                }
-                .instrument(span)
-                .await;
-            }
-        });
+    let audit = Arc::new(Audit::new(ctx.local_js.clone(), site.clone()));
+    if let Err(e) = audit.ensure().await {
+        tracing::warn!(error = %e, "audit stream not ready; it is created on the first record");
     }
-    Ok(service)
+    let mut services = Vec::new();
+    for (name, by_operator) in [(SERVICE_NAME, false), (BY_OPERATOR_SERVICE_NAME, true)] {
+        let service = client
+            .service_builder()
+            .description(format!("nubis operator API of site {site}"))
+            .metadata(HashMap::from([("site".to_string(), site.to_string())]))
+            .start(name, env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(|e| OpsError::Register(name.into(), e))?;
+        for endpoint in OpsEndpoint::ALL {
+            let subject = if by_operator {
+                format!("nubis.ops.{site}.*.{}", endpoint.as_str())
+            } else {
+                Subject::ops(&site, endpoint).as_str().to_owned()
+            };
+            let requests = service
+                .endpoint_builder()
+                .name(endpoint.as_str())
+                .add(subject.as_str())
+                .await
+                .map_err(|e| OpsError::Register(subject.clone(), e))?;
+            let handler = Handler {
+                ctx: ctx.clone(),
+                audit: audit.clone(),
+                endpoint,
+            };
+            tracker.spawn(handler.run(requests, cancel.clone()));
+        }
+        services.push(service);
+    }
+    Ok(services)
+}
+
+/// Answers one endpoint's requests, one at a time.
+struct Handler<L> {
+    ctx: Arc<OpsContext<L>>,
+    audit: Arc<Audit>,
+    endpoint: OpsEndpoint,
+}
+
+impl<L: LocalSite> Handler<L> {
+    async fn run(self, mut requests: service::endpoint::Endpoint, cancel: CancellationToken) {
+        loop {
+            let request = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = requests.next() => match r { Some(r) => r, None => break },
+            };
+            let caller = Caller::from_subject(&self.ctx.config.site, &request.message.subject);
+            let caller_name = caller.as_ref().map(ToString::to_string).unwrap_or_default();
+            let span = tracing::info_span!(
+                "ops",
+                site.id = %self.ctx.config.site,
+                endpoint = self.endpoint.as_str(),
+                operator = %caller_name,
+            );
+            self.handle(request, caller).instrument(span).await;
+        }
+    }
+
+    async fn handle(&self, request: service::Request, caller: Option<Caller>) {
+        let payload = request.message.payload.clone();
+        let answer = match &caller {
+            Some(_) => self.ctx.answer(self.endpoint, &payload).await,
+            None => Err(service_error(
+                400,
+                "malformed request: not an operator subject",
+            )),
+        };
+        if let Err(e) = &answer {
+            tracing::info!(code = e.code, error = %e.status, "operator request refused");
+        }
+        let record = match (&caller, self.endpoint.is_mutating()) {
+            (Some(caller), true) => Some(AuditRecord {
+                at_ms: now_ms(),
+                caller: caller.clone(),
+                endpoint: self.endpoint.as_str().to_owned(),
+                request: AuditRecord::request_value(&payload),
+                ok: answer.is_ok(),
+                code: answer
+                    .as_ref()
+                    .err()
+                    .map_or(0, |e| u16::try_from(e.code).unwrap_or(u16::MAX)),
+                message: answer
+                    .as_ref()
+                    .err()
+                    .map(|e| e.status.clone())
+                    .unwrap_or_default(),
+            }),
+            _ => None,
+        };
+        // Recorded before the answer goes out, so an operator who has the answer finds the
+        // record in the stream.
+        if let Some(record) = record {
+            if let Err(e) = self.audit.record(&record).await {
+                tracing::error!(error = %e, "mutating operator call not recorded in the audit stream");
+            }
+        }
+        if let Err(e) = request.respond(answer.map(Into::into)).await {
+            tracing::warn!(error = %e, "cannot send operator reply");
+        }
+    }
 }

@@ -7,4 +7,7 @@
 mod bus;
 mod chain;
 mod files;
+mod operators;
+mod quota;
+mod soak;
 mod tokens;

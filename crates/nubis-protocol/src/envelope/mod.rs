@@ -123,6 +123,8 @@ impl EnvelopeError {
             Self::Replayed => "replayed",
             Self::NotAReplyToThis => "not_a_reply",
             Self::UnexpectedType { .. } => "malformed",
+            // A sender at its bound in the replay cache waits for its old nonces to expire.
+            Self::ReplayStore(ReplayError::Full { .. }) => "busy",
             Self::ReplayStore(_) | Self::Encode(_) => "internal",
         }
     }

@@ -61,6 +61,11 @@ open_string_enum!(
         Internal => "internal",
         /// The transfer token was minted for another migration or VM than the request names.
         TokenMismatch => "token_mismatch",
+        /// The sender holds as much at this site as its per-partner limits allow (offers
+        /// outstanding, reserved resources, concurrent transfers); retrying helps only once
+        /// some of it is taken up, released or expired. Peers that predate this code decode
+        /// it as [`ErrorCode::Other`].
+        Quota => "quota",
     }
 );
 
@@ -127,7 +132,7 @@ mod tests {
                 .bytes()
                 .all(|c| c.is_ascii_lowercase() || c == b'_'));
         }
-        assert_eq!(ErrorCode::KNOWN.len(), 25);
+        assert_eq!(ErrorCode::KNOWN.len(), 26);
         assert!(ErrorReply::new(ErrorCode::Busy, "later").retryable);
         assert!(!ErrorReply::new(ErrorCode::BadSignature, "no").retryable);
     }

@@ -25,7 +25,7 @@ mod parse;
 mod tests;
 
 pub use directory_key::DirectoryKey;
-pub use ops::{FederationOp, OpsEndpoint, ProxyOp};
+pub use ops::{is_operator_name, FederationOp, OpsEndpoint, ProxyOp};
 pub use parse::ParsedSubject;
 
 /// Name of the directory KV bucket, in the hub's JetStream domain.
@@ -297,6 +297,20 @@ impl Subject {
     /// `nubis.ops.<site>.<endpoint>`: the operator API.
     pub fn ops(site: &SiteId, endpoint: OpsEndpoint) -> Self {
         Self(format!("nubis.ops.{site}.{}", endpoint.as_str()))
+    }
+
+    /// `nubis.ops.<site>.<operator>.<endpoint>`: the operator API called by a named operator.
+    /// The site's server lets each operator's NATS user publish only under its own name, so the
+    /// name in the subject is the caller's. `None` if `operator` is not a valid operator name.
+    pub fn ops_by(site: &SiteId, operator: &str, endpoint: OpsEndpoint) -> Option<Self> {
+        ops::is_operator_name(operator)
+            .then(|| Self(format!("nubis.ops.{site}.{operator}.{}", endpoint.as_str())))
+    }
+
+    /// `nubis.audit.<site>`: the site's audit records of mutating operator calls, captured by
+    /// the `nubis-audit` stream of the site's own domain; never leaves the site.
+    pub fn audit(site: &SiteId) -> Self {
+        Self(format!("nubis.audit.{site}"))
     }
 
     /// `nubis.ops.<site>.>`: the whole operator API of a site.

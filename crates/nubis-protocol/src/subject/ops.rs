@@ -115,6 +115,15 @@ impl ProxyOp {
     }
 }
 
+/// Whether `name` may name an operator (a NATS user of a site's server and a subject token):
+/// 1 to 32 of `a-z`, `0-9`, `-`, `_`.
+pub fn is_operator_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
 /// Endpoints of the operator API, on `nubis.ops.<site>.<endpoint>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OpsEndpoint {
@@ -160,6 +169,25 @@ impl OpsEndpoint {
         Self::Images,
         Self::ImagePut,
     ];
+
+    /// Whether the endpoint changes something (and is recorded in the site's audit stream);
+    /// the others only read.
+    pub fn is_mutating(self) -> bool {
+        matches!(
+            self,
+            Self::Deploy
+                | Self::Migrate
+                | Self::Evict
+                | Self::Control
+                | Self::Cancel
+                | Self::ImagePut
+        )
+    }
+
+    /// The endpoint whose subject token is `token`.
+    pub fn from_token(token: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == token)
+    }
 
     /// The subject token.
     pub fn as_str(self) -> &'static str {

@@ -122,6 +122,8 @@ fn config_with_partner(own: &str, partner: &SiteIdentity) -> SiteConfig {
         max_concurrent_migrations: 1,
         monitoring: MonitoringConfig::default(),
         sla: Vec::new(),
+        limits: Default::default(),
+        retention: Default::default(),
     }
 }
 

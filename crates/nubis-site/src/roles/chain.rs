@@ -52,7 +52,9 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 format!("VM {} is not delegated to site {from}", notice.vm),
             ));
         }
-        self.journal.put_eviction(&notice, from).map_err(internal)?;
+        self.journal
+            .put_eviction_bounded(&notice, from)
+            .map_err(crate::journal::refusal)?;
         Ok(EvictionAccepted {
             notice_id: notice.notice_id,
             vm: notice.vm,

@@ -8,19 +8,23 @@ use futures::future::join_all;
 use nubis_protocol::descriptor::VmDescriptor;
 use nubis_protocol::envelope::now_ms;
 use nubis_protocol::message::{
-    ErrorCode, ErrorReply, InitiateTransfer, MigrationRequest, Offer, Offers, TransferStatusReply,
+    ErrorCode, ErrorReply, HostId, InitiateTransfer, MigrationRequest, Offer, Offers,
+    TransferStatusReply,
 };
 use nubis_protocol::subject::FederationOp;
 use nubis_protocol::SiteId;
+use tokio::time::Instant;
 
 use crate::config::Exposure;
 use crate::journal::{NextHop, Route, RouteSide, VmRecord};
 use crate::local::LocalSite;
 use crate::peers::Peers;
+use crate::quota::{quota, too_fast, Holdings};
 
 use super::{internal, malformed, Roles};
 
-/// How long a destination offer stays reserved if nobody initiates a transfer on it.
+/// How long a destination offer stays reserved if nobody initiates a transfer on it, unless
+/// `[limits] offer_ttl_ms` says otherwise.
 pub const OFFER_TTL_MS: u64 = 10 * 60 * 1000;
 
 /// How long a delegated Migration request may take at the next site.
@@ -71,11 +75,17 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         if req.descriptor.id != req.vm {
             return Err(malformed("descriptor id differs from the VM id"));
         }
-        if !self
+        // The rate comes first: a flood costs the site no journal write.
+        if from != self.site() && !self.admission().try_request(from, Instant::now()) {
+            return Err(too_fast());
+        }
+        // Seen request ids are bounded per partner; the site's own requests are not.
+        let sender = (from != self.site()).then_some(from);
+        let sight = self
             .journal
-            .first_sight(&req.request_id, now_ms())
-            .map_err(internal)?
-        {
+            .sight(&req.request_id, sender, now_ms())
+            .map_err(crate::journal::refusal)?;
+        if sight == crate::journal::Sight::Again {
             return Err(ErrorReply::new(
                 ErrorCode::LoopDetected,
                 "this Migration request was seen here before",
@@ -110,23 +120,42 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             _ => None,
         };
         let mut offers: Vec<Offer> = Vec::new();
+        // Whether a per-partner limit kept an offer back: with no offer at all, the answer
+        // says so rather than "no capacity".
+        let mut over_quota = None;
         if from == self.site()
             || policy.accept_foreign
             || req.descriptor.primary_site == *self.site()
         {
-            match self
-                .local
-                .local_offers(req.migration_id, &req.descriptor, current_host.as_ref())
-                .await
-            {
-                Ok(local) => {
-                    for (host, mut offer) in local {
-                        offer.terms.depth = req.depth;
-                        self.put_destination_route(from, &req, &offer, NextHop::Host(host))?;
-                        offers.push(offer);
+            let _turn = self.quota_turn(from).await;
+            let mut holding = self.holdings(from)?;
+            let limits = self.admission().limits();
+            over_quota = holding.local_shortfall(&req.descriptor, limits);
+            if over_quota.is_none() {
+                match self
+                    .local
+                    .local_offers(req.migration_id, &req.descriptor, current_host.as_ref())
+                    .await
+                {
+                    Ok(local) => {
+                        for (host, mut offer) in local {
+                            if let Some(what) = holding.local_shortfall(&req.descriptor, limits) {
+                                self.give_back(&req, &host, &offer).await;
+                                over_quota = Some(what);
+                                continue;
+                            }
+                            offer.terms.depth = req.depth;
+                            offer.expires_ms = offer.expires_ms.min(self.offer_deadline());
+                            self.put_destination_route(from, &req, &offer, NextHop::Host(host))?;
+                            holding.offers += 1;
+                            holding.add(&req.descriptor);
+                            offers.push(offer);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::info!(code = e.code.as_str(), "no local offer: {}", e.message)
                     }
                 }
-                Err(e) => tracing::info!(code = e.code.as_str(), "no local offer: {}", e.message),
             }
         }
 
@@ -134,26 +163,86 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         let depth_left = req.depth < req.max_depth.min(policy.delegation.max_depth);
         if policy.delegation.allowed && depth_left && from != self.site() {
             let delegated = self.delegate(from, &req).await;
+            let _turn = self.quota_turn(from).await;
+            let mut holding = self.holdings(from)?;
             for (partner, partner_offers) in delegated {
                 let preferred = self.config.partner(&partner).is_some_and(|p| p.preferred);
-                for offer in partner_offers {
-                    self.put_destination_route(from, &req, &offer, NextHop::Site(partner.clone()))?;
+                for mut offer in partner_offers {
                     let keep = match policy.expose {
                         Exposure::All => true,
                         Exposure::OnlyPreferred => preferred,
                         Exposure::OnlyLocal => false,
                     };
-                    if keep {
-                        offers.push(offer);
+                    // A hidden offer's token is never named to anyone: no route is kept for
+                    // it, and the partner that made it releases it at its expiry.
+                    if !keep {
+                        continue;
                     }
+                    if !holding.room_for_delegated(self.admission().limits()) {
+                        over_quota = Some("offers outstanding");
+                        continue;
+                    }
+                    offer.expires_ms = offer.expires_ms.min(self.offer_deadline());
+                    self.put_destination_route(from, &req, &offer, NextHop::Site(partner.clone()))?;
+                    holding.offers += 1;
+                    offers.push(offer);
                 }
             }
+        }
+        if let (true, Some(what)) = (offers.is_empty(), over_quota) {
+            tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, partner = %from, "migration request refused by quota");
+            return Err(quota(what));
         }
         tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, offers = offers.len(), "migration request answered");
         Ok(Offers {
             request_id: req.request_id,
             offers,
         })
+    }
+
+    /// What `partner` holds here now; nothing for this site itself, whose own requests are
+    /// never limited.
+    fn holdings(&self, partner: &SiteId) -> Result<Holdings, ErrorReply> {
+        if partner == self.site() {
+            return Ok(Holdings::default());
+        }
+        let routes = self.journal.routes_taken().map_err(internal)?;
+        Ok(Holdings::of(partner, &routes))
+    }
+
+    /// `partner`'s quota turn (none for this site itself, which has no quota).
+    async fn quota_turn(&self, partner: &SiteId) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if partner == self.site() {
+            None
+        } else {
+            Some(self.admission().lock(partner).await)
+        }
+    }
+
+    /// The latest expiry of an offer made now.
+    fn offer_deadline(&self) -> u64 {
+        now_ms().saturating_add(self.admission().limits().offer_ttl_ms)
+    }
+
+    /// Releases a local offer kept back by a limit, unless another offer of the same VM on the
+    /// same host shares its reservation (a host reserves once per VM).
+    async fn give_back(&self, req: &MigrationRequest, host: &HostId, offer: &Offer) {
+        let next = NextHop::Host(host.clone());
+        let shared = self
+            .journal
+            .routes()
+            .map(|rs| rs.iter().any(|r| r.vm == req.vm && r.next == next))
+            .unwrap_or(true);
+        if shared {
+            return;
+        }
+        if let Err(e) = self
+            .local
+            .abort_destination(&req.vm, host, &offer.token)
+            .await
+        {
+            tracing::warn!(vm.id = %req.vm, error = %e.message, "an offer kept back by a limit was not released");
+        }
     }
 
     /// Journals where an offer's token leads, so that later operations naming it are forwarded.
@@ -232,6 +321,28 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         }
     }
 
+    /// Takes up the offer of `route` for a transfer, once: it must not have expired, and
+    /// `from` must have room for one more concurrent transfer. A taken offer no longer expires;
+    /// repeating Initiate transfer on it (a progress poll) passes.
+    async fn take_up(&self, from: &SiteId, route: &Route) -> Result<(), ErrorReply> {
+        // The same turn as the expiry sweep's, so an offer is never taken and released at once.
+        let _turn = self.admission().lock(&route.upstream).await;
+        if self.journal.is_taken(&route.token).map_err(internal)? {
+            return Ok(());
+        }
+        let now = now_ms();
+        if route.expires_ms <= now {
+            return Err(ErrorReply::new(
+                ErrorCode::ExpiredToken,
+                "the offer expired before a transfer was initiated",
+            ));
+        }
+        if self.holdings(from)?.transfers >= self.admission().limits().concurrent_transfers {
+            return Err(quota("concurrent transfers"));
+        }
+        self.journal.mark_taken(&route.token, now).map_err(internal)
+    }
+
     /// The Initiate transfer handler (Destination), forwarded by Intermediaries by token. Only
     /// the site the offer was made to may use its token, and only for the offer's migration and
     /// VM.
@@ -247,6 +358,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             &req.migration_id,
             &req.vm,
         )?;
+        self.take_up(from, &route).await?;
         let (r, route_ref) = (&req, &route);
         let reply = self
             .forward(

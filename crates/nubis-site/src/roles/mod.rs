@@ -33,6 +33,7 @@ use crate::federation::{sign_reply, FederationClient, HandlerResult};
 use crate::journal::{Journal, Route, RouteSide, VmRecord};
 use crate::local::LocalSite;
 use crate::peers::Peers;
+use crate::quota::Admission;
 
 pub use destination::OFFER_TTL_MS;
 
@@ -48,6 +49,8 @@ pub struct Roles<L, P = FederationClient> {
     cancelled: Mutex<HashSet<MigrationId>>,
     /// Slots for migrations this site runs as Controller at the same time; the rest queue.
     slots: Arc<Semaphore>,
+    /// Per-partner rate and quota admission (the `[limits]` table).
+    admission: Admission,
 }
 
 pub(crate) fn internal(e: impl std::fmt::Display) -> ErrorReply {
@@ -96,6 +99,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         let slots = Arc::new(Semaphore::new(config.max_concurrent_migrations));
         Self {
             slots,
+            admission: Admission::new(config.limits.clone()),
             config,
             journal,
             peers,
@@ -132,6 +136,11 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
     /// The migrations an operator asked to cancel.
     pub(crate) fn cancelled(&self) -> &Mutex<HashSet<MigrationId>> {
         &self.cancelled
+    }
+
+    /// Per-partner rate and quota admission.
+    pub(crate) fn admission(&self) -> &Admission {
+        &self.admission
     }
 
     /// The Controller's slots for concurrent migrations.

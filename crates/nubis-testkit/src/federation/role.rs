@@ -8,10 +8,17 @@ pub enum Role {
     /// its host agents and proxies, JetStream. What
     /// [`Federation::connect`](super::Federation::connect) uses at a site.
     Site,
-    /// A site's operators (`operator`): that site's operator API only, read access to the
-    /// directory, monitoring. At the hub, the hub's operator, unrestricted; what
+    /// A site's transfer proxies (`proxy`): their own subjects, JetStream, replies across
+    /// sites; not the operator API.
+    Proxy,
+    /// A site's operator with the `operate` role (`operator`): every endpoint of that site's
+    /// operator API, on the shared subjects or as `operator`, the site's JetStream domain, read
+    /// access to the directory, monitoring. At the hub, the hub's operator, unrestricted; what
     /// [`Federation::connect`](super::Federation::connect) uses there.
     Operator,
+    /// A site's operator with the `read` role (`viewer`): the reading endpoints of that site's
+    /// operator API as `viewer`, the audit stream, read access to the directory, monitoring.
+    Viewer,
     /// A site's host agents (`host`): site-internal subjects and monitoring events only.
     Host,
     /// A site's administrator (`admin`): unrestricted inside the site, so it shows what a
@@ -21,13 +28,22 @@ pub enum Role {
 
 impl Role {
     /// Every role, in a fixed order.
-    pub const ALL: [Role; 4] = [Role::Site, Role::Operator, Role::Host, Role::Admin];
+    pub const ALL: [Role; 6] = [
+        Role::Site,
+        Role::Proxy,
+        Role::Operator,
+        Role::Viewer,
+        Role::Host,
+        Role::Admin,
+    ];
 
     /// The NATS user name of the role.
     pub fn user(self) -> &'static str {
         match self {
             Role::Site => "site",
+            Role::Proxy => "proxy",
             Role::Operator => "operator",
+            Role::Viewer => "viewer",
             Role::Host => "host",
             Role::Admin => "admin",
         }
@@ -37,7 +53,9 @@ impl Role {
     pub(super) fn password_placeholder(self) -> &'static str {
         match self {
             Role::Site => "SITE_PASSWORD",
+            Role::Proxy => "PROXY_PASSWORD",
             Role::Operator => "OPERATOR_PASSWORD",
+            Role::Viewer => "VIEWER_PASSWORD",
             Role::Host => "HOST_PASSWORD",
             Role::Admin => "ADMIN_PASSWORD",
         }

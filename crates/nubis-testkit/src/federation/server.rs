@@ -142,7 +142,7 @@ impl Server {
         // Site processes that talk across sites take their replies on `nubis.reply.<site>._any.`,
         // the only replies the hub carries to them besides those of signed calls (see
         // nats-config/README.md).
-        if self.is_hub() || matches!(role, Role::Site | Role::Admin) {
+        if self.is_hub() || matches!(role, Role::Site | Role::Proxy | Role::Admin) {
             options = options.custom_inbox_prefix(format!("nubis.reply.{}._any", self.name));
         }
         options.connect(url).await.map_err(|source| Error::Connect {

@@ -30,7 +30,9 @@ fn templates_render_without_leftover_placeholders() {
         "PORTS_DIR",
         "SYS_PASSWORD",
         "SITE_PASSWORD",
+        "PROXY_PASSWORD",
         "OPERATOR_PASSWORD",
+        "VIEWER_PASSWORD",
         "HOST_PASSWORD",
         "ADMIN_PASSWORD",
         "SITE",
@@ -77,7 +79,13 @@ fn credentials_exist_for_every_role_at_a_site_and_only_the_operator_at_the_hub()
         hub.credentials(Role::Operator).unwrap(),
         ("operator".to_owned(), "hub-pw".to_owned())
     );
-    for role in [Role::Site, Role::Host, Role::Admin] {
+    for role in [
+        Role::Site,
+        Role::Proxy,
+        Role::Viewer,
+        Role::Host,
+        Role::Admin,
+    ] {
         let err = hub.credentials(role).unwrap_err();
         assert!(matches!(err, Error::NoSuchUser { .. }), "{err}");
     }
