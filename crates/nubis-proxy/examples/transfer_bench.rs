@@ -8,7 +8,7 @@
 //! process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -88,7 +88,12 @@ async fn bench() -> anyhow::Result<()> {
         publish_window: window,
         fetch_window,
         bucket_max_bytes: 6 << 30,
-        roots: vec![work.path().to_path_buf()],
+        // The proxies may serve the source file and receive into the destination directory.
+        roots: [src.parent(), dst.parent()]
+            .into_iter()
+            .flatten()
+            .map(Path::to_path_buf)
+            .collect(),
         ..TransferSettings::default()
     };
     let mut proxies = Vec::new();
