@@ -6,49 +6,24 @@
 //! VMs and serves its other partners.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
 use nubis_bus::federation::FederationClient;
-use nubis_bus::{CallError, CallPolicy, SignedClient};
+use nubis_bus::CallError;
 use nubis_protocol::descriptor::{PrimaryKeys, VirtualHardware, VmDescriptor};
-use nubis_protocol::envelope::{now_ms, Verifier};
+use nubis_protocol::envelope::now_ms;
 use nubis_protocol::message::host::HostClient;
 use nubis_protocol::message::{ErrorCode, HostId, MigrationRequest, Offers};
-use nubis_protocol::replay::ReplayCache;
 use nubis_protocol::subject::FederationOp;
 use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
 use nubis_testkit::{require_nats_server, wait_until};
 use serde_json::{json, Value};
 
+use super::signed_as;
 use crate::stack::{ops, wait_migration, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
-
-/// A federation client of site `me`, signing with `me`'s key and accepting replies signed by
-/// any other site of the stack.
-async fn signed_as(stack: &Stack, me: &str) -> FederationClient {
-    let identity = stack.identities[me].clone();
-    let pinned: Vec<_> = stack
-        .identities
-        .iter()
-        .filter(|(s, _)| **s != me)
-        .map(|(s, i)| (SiteId::new(*s).unwrap(), i.public().signing))
-        .collect();
-    let verifier = Verifier::new(
-        identity.site().clone(),
-        pinned,
-        ReplayCache::temporary(600_000).unwrap(),
-    );
-    let nats = stack.fed.connect(me).await.unwrap();
-    FederationClient::new(SignedClient::new(
-        nats,
-        identity,
-        Arc::new(verifier),
-        CallPolicy::with_timeout(Duration::from_secs(10)),
-    ))
-}
 
 /// A Migration request for a new VM `vm` of primary `primary` (with its real public keys).
 fn request(stack: &Stack, vm: &str, primary: &str) -> MigrationRequest {
@@ -161,7 +136,7 @@ async fn an_offer_never_taken_up_is_released_at_its_expiry_even_across_a_restart
     )
     .await;
     stack.wait_ready("b").await;
-    let a = signed_as(&stack, "a").await;
+    let a = signed_as(&stack, "a", Duration::from_secs(10)).await;
     let before = free_memory(&stack, "b", "h1").await.unwrap();
 
     let offers = ask(&a, "b", &request(&stack, "idle-1", "a")).await.unwrap();
@@ -246,7 +221,7 @@ async fn a_flooding_partner_is_refused_while_the_site_and_its_other_partners_are
     .await;
     stack.wait_ready("a").await;
     stack.wait_ready("c").await;
-    let b = signed_as(&stack, "b").await;
+    let b = signed_as(&stack, "b", Duration::from_secs(10)).await;
     let flood: Vec<MigrationRequest> = (0..60)
         .map(|i| request(&stack, &format!("flood-{i}"), "b"))
         .collect();

@@ -6,21 +6,19 @@
 //! size once the freshness window has passed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
 use nubis_bus::federation::FederationClient;
-use nubis_bus::{CallError, CallPolicy, SignedClient};
+use nubis_bus::CallError;
 use nubis_protocol::descriptor::{PrimaryKeys, VirtualHardware, VmDescriptor};
-use nubis_protocol::envelope::Verifier;
 use nubis_protocol::message::{MigrationRequest, Offers};
-use nubis_protocol::replay::ReplayCache;
 use nubis_protocol::subject::FederationOp;
 use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
 use nubis_testkit::{require_nats_server, wait_until};
 use serde_json::json;
 
+use super::signed_as;
 use crate::stack::{ops, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -36,30 +34,6 @@ const BATCH: usize = 64;
 
 /// How far above its baseline the site daemon's resident memory may end, in KiB.
 const RSS_SLACK_KIB: u64 = 64 * 1024;
-
-/// A federation client of site `me`, signing with `me`'s key and accepting replies signed by
-/// any other site of the stack.
-async fn signed_as(stack: &Stack, me: &str) -> FederationClient {
-    let identity = stack.identities[me].clone();
-    let pinned: Vec<_> = stack
-        .identities
-        .iter()
-        .filter(|(s, _)| **s != me)
-        .map(|(s, i)| (SiteId::new(*s).unwrap(), i.public().signing))
-        .collect();
-    let verifier = Verifier::new(
-        identity.site().clone(),
-        pinned,
-        ReplayCache::temporary(600_000).unwrap(),
-    );
-    let nats = stack.fed.connect(me).await.unwrap();
-    FederationClient::new(SignedClient::new(
-        nats,
-        identity,
-        Arc::new(verifier),
-        CallPolicy::with_timeout(Duration::from_secs(30)),
-    ))
-}
 
 /// A well-signed Migration request the Destination records (its id is seen) and then refuses
 /// as `depth_exceeded`: the cheapest request that still fills the journal.
@@ -165,8 +139,8 @@ async fn a_partner_at_its_bound_is_refused_busy_while_others_are_served() {
         ],
     )
     .await;
-    let a = signed_as(&stack, "a").await;
-    let c = signed_as(&stack, "c").await;
+    let a = signed_as(&stack, "a", Duration::from_secs(30)).await;
+    let c = signed_as(&stack, "c", Duration::from_secs(30)).await;
 
     // Up to its bound, every request of a is recorded and answered by the role.
     let accepted: Vec<MigrationRequest> = (0..40).map(|_| too_deep(&stack, "b")).collect();
@@ -219,7 +193,7 @@ async fn a_soak_of_well_signed_requests_leaves_bounded_tables_and_memory() {
     let daemon = Process(stack.site_daemon_as_process("b").await);
     stack.wait_ready("b").await;
     let pid = daemon.0.id();
-    let a = signed_as(&stack, "a").await;
+    let a = signed_as(&stack, "a", Duration::from_secs(30)).await;
     // Warm up (connections, first writes) before the baseline is taken.
     assert_eq!(ask(&a, "b", &too_deep(&stack, "b")).await, "depth_exceeded");
     let baseline = rss_kib(pid);

@@ -5,52 +5,26 @@
 //! its own key, so they pass the envelope layer and reach the roles.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use nubis_bus::federation::FederationClient;
-use nubis_bus::{CallError, CallPolicy, SignedClient};
+use nubis_bus::CallError;
 use nubis_protocol::descriptor::{PrimaryKeys, VirtualHardware, VmDescriptor};
-use nubis_protocol::envelope::Verifier;
 use nubis_protocol::message::{
     AbortMigration, Aborted, Body, CommitMigration, Committed, ControlChange, ControlReply,
     ControlRequest, Endpoint, ErrorCode, EvictionAccepted, EvictionNotice, HandOverSide,
     InitiateTransfer, MigrationRequest, NoticeId, Offer, Offers, PrepareMigration, PrepareMode,
     Prepared, StateTransition, TransferStatusReply,
 };
-use nubis_protocol::replay::ReplayCache;
 use nubis_protocol::subject::FederationOp;
 use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
 use nubis_testkit::{require_nats_server, wait_until};
 use serde_json::{json, Value};
 
+use super::signed_as;
 use crate::stack::{ops, wait_migration, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
-
-/// A federation client of site `me`, on `me`'s own server, signing with `me`'s key and
-/// accepting replies signed by any other site of the stack.
-async fn signed_as(stack: &Stack, me: &str) -> FederationClient {
-    let identity = stack.identities[me].clone();
-    let pinned: Vec<_> = stack
-        .identities
-        .iter()
-        .filter(|(s, _)| **s != me)
-        .map(|(s, i)| (SiteId::new(*s).unwrap(), i.public().signing))
-        .collect();
-    let verifier = Verifier::new(
-        identity.site().clone(),
-        pinned,
-        ReplayCache::temporary(600_000).unwrap(),
-    );
-    let nats = stack.fed.connect(me).await.unwrap();
-    FederationClient::new(SignedClient::new(
-        nats,
-        identity,
-        Arc::new(verifier),
-        CallPolicy::with_timeout(Duration::from_secs(10)),
-    ))
-}
 
 /// Sends `body` to `op` of site `to`.
 async fn call<Rep: Body>(
@@ -220,7 +194,7 @@ async fn a_token_acts_only_on_its_own_vm_and_for_the_site_it_was_offered_to() {
     assert_eq!(state(&stack, "v", "victim-1").await, "enabled");
 
     // p asks t for a place for its own VM: a real offer, journaled as opened for p.
-    let p = signed_as(&stack, "p").await;
+    let p = signed_as(&stack, "p", Duration::from_secs(10)).await;
     let m = MigrationId::random();
     let offers: Offers = call(
         &p,
@@ -251,7 +225,7 @@ async fn a_token_acts_only_on_its_own_vm_and_for_the_site_it_was_offered_to() {
     assert_eq!(code(r), ErrorCode::TokenMismatch);
 
     // v holds p's token (leaked) and uses it for p's VM: not the site the offer was made to.
-    let v = signed_as(&stack, "v").await;
+    let v = signed_as(&stack, "v", Duration::from_secs(10)).await;
     let r: Result<Aborted, _> = call(
         &v,
         "t",
@@ -331,7 +305,7 @@ async fn a_claim_of_this_site_as_primary_does_not_bypass_its_policy() {
     let before = view(&stack, "u", "home-1").await;
     let host = before["next_hop"].as_str().unwrap().to_string();
 
-    let p = signed_as(&stack, "p").await;
+    let p = signed_as(&stack, "p", Duration::from_secs(10)).await;
     let ask = |vm: &'static str, primary: &'static str| {
         let p = &p;
         let d = descriptor(&stack, vm, primary);
@@ -400,7 +374,7 @@ async fn requests_about_a_held_vm_are_heard_only_along_its_chain() {
     let host = before["next_hop"].as_str().unwrap().to_string();
     let vm = VmId::new("victim-1").unwrap();
 
-    let p = signed_as(&stack, "p").await;
+    let p = signed_as(&stack, "p", Duration::from_secs(10)).await;
     for primary in ["v", "p"] {
         let r: Result<Offers, _> = call(
             &p,
