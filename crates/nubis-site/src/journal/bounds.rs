@@ -225,20 +225,9 @@ impl Journal {
         notice: &EvictionNotice,
         from: &SiteId,
     ) -> Result<(), JournalError> {
-        let key = notice.notice_id.to_string();
-        if !self.evictions.contains_key(key.as_bytes())? {
-            let pending = self
-                .evictions()?
-                .into_iter()
-                .filter(|p: &PendingEviction| p.from == *from)
-                .count();
-            if pending >= self.bounds.limits.evictions_per_partner {
-                return Err(JournalError::Full {
-                    table: "evictions",
-                    partner: from.to_string(),
-                });
-            }
-        }
+        self.check_notice_bound("evictions", &self.evictions, notice, from, || {
+            self.evictions()
+        })?;
         self.put_eviction(notice, from)
     }
 
@@ -249,17 +238,27 @@ impl Journal {
         notice: &EvictionNotice,
         to: &SiteId,
     ) -> Result<(), JournalError> {
-        if self
-            .outgoing
-            .contains_key(notice.notice_id.to_string().as_bytes())?
-        {
+        self.check_notice_bound("outgoing", &self.outgoing, notice, to, || self.outgoing())
+    }
+
+    /// The bound of both notice tables: a notice `tree` already holds passes again; a new one
+    /// is refused when `party` already has `evictions_per_partner` notices among `all`.
+    fn check_notice_bound(
+        &self,
+        table: &'static str,
+        tree: &sled::Tree,
+        notice: &EvictionNotice,
+        party: &SiteId,
+        all: impl FnOnce() -> Result<Vec<PendingEviction>, JournalError>,
+    ) -> Result<(), JournalError> {
+        if tree.contains_key(notice.notice_id.to_string().as_bytes())? {
             return Ok(());
         }
-        let waiting = self.outgoing()?.iter().filter(|p| p.from == *to).count();
-        if waiting >= self.bounds.limits.evictions_per_partner {
+        let held = all()?.iter().filter(|p| p.from == *party).count();
+        if held >= self.bounds.limits.evictions_per_partner {
             return Err(JournalError::Full {
-                table: "outgoing",
-                partner: to.to_string(),
+                table,
+                partner: party.to_string(),
             });
         }
         Ok(())
