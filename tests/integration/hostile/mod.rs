@@ -9,9 +9,12 @@ use std::time::Duration;
 
 use nubis_bus::federation::FederationClient;
 use nubis_bus::{CallPolicy, SignedClient};
+use nubis_protocol::descriptor::{PrimaryKeys, VirtualHardware, VmDescriptor};
 use nubis_protocol::envelope::Verifier;
+use nubis_protocol::message::MigrationRequest;
 use nubis_protocol::replay::ReplayCache;
-use nubis_protocol::SiteId;
+use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
+use serde_json::{json, Value};
 
 use crate::stack::Stack;
 
@@ -45,4 +48,56 @@ async fn signed_as(stack: &Stack, me: &str, timeout: Duration) -> FederationClie
         Arc::new(verifier),
         CallPolicy::with_timeout(timeout),
     ))
+}
+
+/// A small VM descriptor of `vm` naming `primary` (with its real public keys) as its primary.
+fn descriptor(stack: &Stack, vm: &str, primary: &str) -> VmDescriptor {
+    let public = stack.identities[primary].public();
+    VmDescriptor {
+        id: VmId::new(vm).unwrap(),
+        name: vm.to_string(),
+        version: 1,
+        primary_site: SiteId::new(primary).unwrap(),
+        primary_keys: PrimaryKeys {
+            signing: public.signing.to_bytes(),
+            sealing: public.sealing,
+        },
+        hardware: VirtualHardware {
+            vcpus: 1,
+            memory_mib: 256,
+            disks: Vec::new(),
+            networks: Vec::new(),
+            boot: None,
+        },
+        monitoring: Vec::new(),
+        properties: std::collections::BTreeMap::new(),
+    }
+}
+
+/// A Migration request of `migration_id` for `d`, at the start of a chain of at most 2 hops.
+fn migration_request(migration_id: MigrationId, d: VmDescriptor) -> MigrationRequest {
+    MigrationRequest {
+        request_id: RequestId::random(),
+        migration_id,
+        vm: d.id.clone(),
+        descriptor: d,
+        depth: 0,
+        max_depth: 2,
+    }
+}
+
+/// The operator's deploy body of a 1-vCPU, 256 MiB VM `vm` booting from `image` of the
+/// site's image store.
+fn deploy_body(vm: &str, image: &str) -> Value {
+    json!({
+        "vm": vm,
+        "name": "test VM",
+        "hardware": {
+            "vcpus": 1,
+            "memory_mib": 256,
+            "disks": [{"name": "vda", "capacity_bytes": 1048576, "format": "qcow2",
+                       "image": image}],
+            "networks": [],
+        },
+    })
 }

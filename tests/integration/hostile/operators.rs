@@ -9,6 +9,7 @@ use std::time::Duration;
 use nubis_testkit::{require_nats_server, wait_until, Role};
 use serde_json::{json, Value};
 
+use super::deploy_body;
 use crate::stack::{ops_client, wait_migration, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -82,19 +83,6 @@ async fn nubis(stack: &Stack, role: Role, args: &[&str]) -> std::process::Output
         .unwrap()
 }
 
-fn deploy_body(vm: &str) -> Value {
-    json!({
-        "vm": vm,
-        "name": "audited VM",
-        "hardware": {
-            "vcpus": 1,
-            "memory_mib": 256,
-            "disks": [{"name": "vda", "capacity_bytes": 1048576, "format": "qcow2", "image": "img.qcow2"}],
-            "networks": [],
-        },
-    })
-}
-
 /// The audit trail as `nubis audit --json` shows it to `role`.
 async fn audit(stack: &Stack, role: Role) -> Vec<Value> {
     let out = nubis(stack, role, &["audit", "--json"]).await;
@@ -162,7 +150,7 @@ async fn a_read_operator_is_refused_by_the_server_and_mutating_calls_are_audited
         .as_operator("operator")
         .call::<_, Value>(
             nubis_protocol::subject::OpsEndpoint::Deploy,
-            &deploy_body("vm-1"),
+            &deploy_body("vm-1", "img.qcow2"),
         )
         .await
         .unwrap();

@@ -11,50 +11,22 @@ use std::time::Duration;
 use futures::future::join_all;
 use nubis_bus::federation::FederationClient;
 use nubis_bus::CallError;
-use nubis_protocol::descriptor::{PrimaryKeys, VirtualHardware, VmDescriptor};
 use nubis_protocol::envelope::now_ms;
 use nubis_protocol::message::host::HostClient;
 use nubis_protocol::message::{ErrorCode, HostId, MigrationRequest, Offers};
 use nubis_protocol::subject::FederationOp;
-use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
+use nubis_protocol::{MigrationId, SiteId};
 use nubis_testkit::{require_nats_server, wait_until};
 use serde_json::{json, Value};
 
-use super::signed_as;
+use super::{deploy_body, descriptor, migration_request, signed_as};
 use crate::stack::{ops, wait_migration, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
 
 /// A Migration request for a new VM `vm` of primary `primary` (with its real public keys).
 fn request(stack: &Stack, vm: &str, primary: &str) -> MigrationRequest {
-    let public = stack.identities[primary].public();
-    let descriptor = VmDescriptor {
-        id: VmId::new(vm).unwrap(),
-        name: vm.to_string(),
-        version: 1,
-        primary_site: SiteId::new(primary).unwrap(),
-        primary_keys: PrimaryKeys {
-            signing: public.signing.to_bytes(),
-            sealing: public.sealing,
-        },
-        hardware: VirtualHardware {
-            vcpus: 1,
-            memory_mib: 256,
-            disks: Vec::new(),
-            networks: Vec::new(),
-            boot: None,
-        },
-        monitoring: Vec::new(),
-        properties: BTreeMap::new(),
-    };
-    MigrationRequest {
-        request_id: RequestId::random(),
-        migration_id: MigrationId::random(),
-        vm: descriptor.id.clone(),
-        descriptor,
-        depth: 0,
-        max_depth: 2,
-    }
+    migration_request(MigrationId::random(), descriptor(stack, vm, primary))
 }
 
 /// Sends a Migration request from `client` to site `to`.
@@ -88,20 +60,6 @@ async fn free_memory(stack: &Stack, site: &str, host: &str) -> Result<u64, Strin
     Ok(c.free.memory_mib)
 }
 
-fn deploy_body(vm: &str) -> Value {
-    json!({
-        "vm": vm,
-        "name": "test VM",
-        "hardware": {
-            "vcpus": 1,
-            "memory_mib": 256,
-            "disks": [{"name": "vda", "capacity_bytes": 1048576, "format": "qcow2",
-                       "image": "tiny.qcow2"}],
-            "networks": [],
-        },
-    })
-}
-
 /// Deploys `vm` at `site` (whose image store gets the test image) and returns the
 /// migration's final view.
 async fn deploy(stack: &Stack, site: &str, vm: &str) -> Value {
@@ -111,7 +69,9 @@ async fn deploy(stack: &Stack, site: &str, vm: &str) -> Value {
     )
     .unwrap();
     let op = stack.operator(site).await;
-    let r = ops(&op, site, "deploy", deploy_body(vm)).await.unwrap();
+    let r = ops(&op, site, "deploy", deploy_body(vm, "tiny.qcow2"))
+        .await
+        .unwrap();
     wait_migration(&op, site, r["migration"].as_str().unwrap()).await
 }
 

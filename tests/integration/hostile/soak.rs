@@ -11,14 +11,13 @@ use std::time::Duration;
 use futures::future::join_all;
 use nubis_bus::federation::FederationClient;
 use nubis_bus::CallError;
-use nubis_protocol::descriptor::{PrimaryKeys, VirtualHardware, VmDescriptor};
 use nubis_protocol::message::{MigrationRequest, Offers};
 use nubis_protocol::subject::FederationOp;
-use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
+use nubis_protocol::{MigrationId, SiteId};
 use nubis_testkit::{require_nats_server, wait_until};
 use serde_json::json;
 
-use super::signed_as;
+use super::{descriptor, migration_request, signed_as};
 use crate::stack::{ops, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -38,34 +37,9 @@ const RSS_SLACK_KIB: u64 = 64 * 1024;
 /// A well-signed Migration request the Destination records (its id is seen) and then refuses
 /// as `depth_exceeded`: the cheapest request that still fills the journal.
 fn too_deep(stack: &Stack, primary: &str) -> MigrationRequest {
-    let public = stack.identities[primary].public();
-    let vm = VmId::new("soak").unwrap();
-    let descriptor = VmDescriptor {
-        id: vm.clone(),
-        name: "soak".into(),
-        version: 1,
-        primary_site: SiteId::new(primary).unwrap(),
-        primary_keys: PrimaryKeys {
-            signing: public.signing.to_bytes(),
-            sealing: public.sealing,
-        },
-        hardware: VirtualHardware {
-            vcpus: 1,
-            memory_mib: 256,
-            disks: Vec::new(),
-            networks: Vec::new(),
-            boot: None,
-        },
-        monitoring: Vec::new(),
-        properties: BTreeMap::new(),
-    };
     MigrationRequest {
-        request_id: RequestId::random(),
-        migration_id: MigrationId::random(),
-        vm,
-        descriptor,
         depth: 3,
-        max_depth: 2,
+        ..migration_request(MigrationId::random(), descriptor(stack, "soak", primary))
     }
 }
 

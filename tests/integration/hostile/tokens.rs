@@ -4,24 +4,22 @@
 //! VM's chain. The competitor here is a real pinned partner: its requests are hand-signed with
 //! its own key, so they pass the envelope layer and reach the roles.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use nubis_bus::federation::FederationClient;
 use nubis_bus::CallError;
-use nubis_protocol::descriptor::{PrimaryKeys, VirtualHardware, VmDescriptor};
 use nubis_protocol::message::{
     AbortMigration, Aborted, Body, CommitMigration, Committed, ControlChange, ControlReply,
     ControlRequest, Endpoint, ErrorCode, EvictionAccepted, EvictionNotice, HandOverSide,
-    InitiateTransfer, MigrationRequest, NoticeId, Offer, Offers, PrepareMigration, PrepareMode,
-    Prepared, StateTransition, TransferStatusReply,
+    InitiateTransfer, NoticeId, Offer, Offers, PrepareMigration, PrepareMode, Prepared,
+    StateTransition, TransferStatusReply,
 };
 use nubis_protocol::subject::FederationOp;
-use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
+use nubis_protocol::{MigrationId, SiteId, VmId};
 use nubis_testkit::{require_nats_server, wait_until};
 use serde_json::{json, Value};
 
-use super::signed_as;
+use super::{deploy_body, descriptor, migration_request, signed_as};
 use crate::stack::{ops, wait_migration, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -47,55 +45,6 @@ fn code<T: std::fmt::Debug>(r: Result<T, CallError>) -> ErrorCode {
     }
 }
 
-/// A small VM descriptor of `vm` naming `primary` (with its real public keys) as its primary.
-fn descriptor(stack: &Stack, vm: &str, primary: &str) -> VmDescriptor {
-    let public = stack.identities[primary].public();
-    VmDescriptor {
-        id: VmId::new(vm).unwrap(),
-        name: vm.to_string(),
-        version: 1,
-        primary_site: SiteId::new(primary).unwrap(),
-        primary_keys: PrimaryKeys {
-            signing: public.signing.to_bytes(),
-            sealing: public.sealing,
-        },
-        hardware: VirtualHardware {
-            vcpus: 1,
-            memory_mib: 256,
-            disks: Vec::new(),
-            networks: Vec::new(),
-            boot: None,
-        },
-        monitoring: Vec::new(),
-        properties: BTreeMap::new(),
-    }
-}
-
-fn request(migration_id: MigrationId, d: VmDescriptor) -> MigrationRequest {
-    MigrationRequest {
-        request_id: RequestId::random(),
-        migration_id,
-        vm: d.id.clone(),
-        descriptor: d,
-        depth: 0,
-        max_depth: 2,
-    }
-}
-
-fn deploy_body(vm: &str) -> Value {
-    json!({
-        "vm": vm,
-        "name": "test VM",
-        "hardware": {
-            "vcpus": 1,
-            "memory_mib": 256,
-            "disks": [{"name": "vda", "capacity_bytes": 1048576, "format": "qcow2",
-                       "image": "tiny.qcow2"}],
-            "networks": [],
-        },
-    })
-}
-
 /// The bytes of the image every test VM boots from.
 fn image() -> Vec<u8> {
     vec![7u8; 150_000]
@@ -105,7 +54,9 @@ fn image() -> Vec<u8> {
 async fn deploy(stack: &Stack, site: &str, vm: &str) {
     std::fs::write(stack.image_store(site).join("tiny.qcow2"), image()).unwrap();
     let op = stack.operator(site).await;
-    let r = ops(&op, site, "deploy", deploy_body(vm)).await.unwrap();
+    let r = ops(&op, site, "deploy", deploy_body(vm, "tiny.qcow2"))
+        .await
+        .unwrap();
     let m = wait_migration(&op, site, r["migration"].as_str().unwrap()).await;
     assert_eq!(m["phase"], "committed", "{m}");
 }
@@ -200,7 +151,7 @@ async fn a_token_acts_only_on_its_own_vm_and_for_the_site_it_was_offered_to() {
         &p,
         "t",
         FederationOp::MigrationRequest,
-        &request(m, descriptor(&stack, "p-vm-1", "p")),
+        &migration_request(m, descriptor(&stack, "p-vm-1", "p")),
     )
     .await
     .unwrap();
@@ -314,7 +265,7 @@ async fn a_claim_of_this_site_as_primary_does_not_bypass_its_policy() {
                 p,
                 "u",
                 FederationOp::MigrationRequest,
-                &request(MigrationId::random(), d),
+                &migration_request(MigrationId::random(), d),
             )
             .await;
             code(r)
@@ -380,7 +331,7 @@ async fn requests_about_a_held_vm_are_heard_only_along_its_chain() {
             &p,
             "t",
             FederationOp::MigrationRequest,
-            &request(
+            &migration_request(
                 MigrationId::random(),
                 descriptor(&stack, "victim-1", primary),
             ),
