@@ -277,6 +277,24 @@ mod tests {
         cache.check_and_insert(&a, &[2; 16], 10, 11).unwrap();
     }
 
+    /// Opens the cache at `dir` again once the handle dropped just before has let go of the
+    /// store: sled's background flusher releases the store's file lock shortly after the last
+    /// handle is dropped, so the open is repeated while the lock is still held.
+    fn reopen(dir: &Path, retain_ms: u64) -> ReplayCache {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match ReplayCache::open(dir, retain_ms, Durability::Sync) {
+                Err(ReplayError::Store(sled::Error::Io(e)))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
+
     #[test]
     fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -285,7 +303,7 @@ mod tests {
             let cache = ReplayCache::open(dir.path(), 600_000, Durability::Sync).unwrap();
             cache.check_and_insert(&a, &[7; 16], 5, 5).unwrap();
         }
-        let cache = ReplayCache::open(dir.path(), 600_000, Durability::Sync).unwrap();
+        let cache = reopen(dir.path(), 600_000);
         assert!(matches!(
             cache.check_and_insert(&a, &[7; 16], 5, 6),
             Err(ReplayError::Replayed)
@@ -361,9 +379,7 @@ mod tests {
             cache.check_and_insert(&a, &[1; 16], 100, 100).unwrap();
             cache.check_and_insert(&a, &[2; 16], 900, 900).unwrap();
         }
-        let cache = ReplayCache::open(dir.path(), 1_000, Durability::Sync)
-            .unwrap()
-            .with_max_per_sender(2);
+        let cache = reopen(dir.path(), 1_000).with_max_per_sender(2);
         assert_eq!(cache.len_of(&a), 2);
         assert!(matches!(
             cache.check_and_insert(&a, &[3; 16], 950, 950),
@@ -383,7 +399,7 @@ mod tests {
             let cache = ReplayCache::open(dir.path(), 1_000, Durability::Sync).unwrap();
             cache.check_and_insert(&a, &[1; 16], 100, 100).unwrap();
         }
-        let cache = ReplayCache::open(dir.path(), 10_000, Durability::Sync).unwrap();
+        let cache = reopen(dir.path(), 10_000);
         assert_eq!(
             cache.prune(1_200).unwrap(),
             1,

@@ -459,6 +459,25 @@ impl Journal {
     }
 }
 
+/// Opens the journal at `dir` again once a handle dropped just before has let go of it: sled's
+/// background flusher releases the store's file lock shortly after the last handle is dropped,
+/// so the open is repeated while the lock is still held.
+#[cfg(test)]
+pub(crate) fn reopen(dir: &Path) -> Journal {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match Journal::open(dir) {
+            Err(JournalError::Store(sled::Error::Io(e)))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other.unwrap_or_else(|e| panic!("cannot reopen the journal: {e}")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,7 +491,7 @@ mod tests {
             assert!(j.first_sight(&id, 1).unwrap());
             assert!(!j.first_sight(&id, 2).unwrap());
         }
-        let j = Journal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         assert!(!j.first_sight(&id, 3).unwrap());
         assert!(j.first_sight(&RequestId::random(), 3).unwrap());
     }

@@ -357,20 +357,8 @@ async fn a_placement_carrying_a_backed_image_is_refused_and_a_plain_one_is_place
     let stack = Stack::start(
         &binary,
         vec![
-            SiteSpec {
-                id: "a",
-                partners: vec![("b", 10)],
-                hosts: vec![],
-                policy: "",
-                top: "",
-            },
-            SiteSpec {
-                id: "b",
-                partners: vec![("a", 0)],
-                hosts: vec![("b1", 4096)],
-                policy: "",
-                top: "",
-            },
+            SiteSpec::new("a").partner("b", 10),
+            SiteSpec::new("b").partner("a", 0).host("b1", 4096),
         ],
     )
     .await;
@@ -517,21 +505,12 @@ async fn a_host_agent_naming_the_site_key_gets_no_token_and_an_honest_host_takes
     let stack = Stack::start(
         &binary,
         vec![
-            SiteSpec {
-                id: "a",
-                partners: vec![("b", 10)],
-                hosts: vec![],
-                policy: "",
-                top: "",
-            },
-            SiteSpec {
-                id: "b",
-                partners: vec![("a", 0)],
-                hosts: vec![("b1", 4096)],
-                policy: "",
+            SiteSpec::new("a").partner("b", 10),
+            SiteSpec::new("b")
+                .partner("a", 0)
+                .host("b1", 4096)
                 // Listed first, so its answer is asked for first.
-                top: "[[hosts]]\nid = \"evil\"\nvm_root = \"/var/lib/nubis-test/evil-vms\"",
-            },
+                .top("[[hosts]]\nid = \"evil\"\nvm_root = \"/var/lib/nubis-test/evil-vms\""),
         ],
     )
     .await;

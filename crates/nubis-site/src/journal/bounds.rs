@@ -285,8 +285,9 @@ impl Journal {
 mod tests {
     use super::*;
 
+    /// The journal at `dir` with `limits` (opened again if a test dropped a handle just before).
     fn journal(dir: &std::path::Path, limits: JournalLimits) -> Journal {
-        Journal::open(dir).unwrap().with_limits(limits)
+        super::super::reopen(dir).with_limits(limits)
     }
 
     #[test]
