@@ -4,7 +4,7 @@
 //!    raw NATS publishes of payloads of the same size, and of the same batch encoded but
 //!    unsigned, on the same server in the same run; batches/s and samples/s.
 //! 2. End to end: a batch handed to the site running the VM (as its host agent does, on
-//!    `nubis.site.<site>.mon.intake`) until a consumer at the primary receives it on the public
+//!    `nubis.site.<site>.intake.<host>`) until a consumer at the primary receives it on the public
 //!    subject, relayed across two hops (c → b → a) by real site daemons; p50/p99.
 //!
 //! Run: `cargo bench -p nubis-tests --bench monitoring`. Under `cargo test` it runs a few rounds.
@@ -21,12 +21,12 @@ use nubis_protocol::descriptor::DataPoint;
 use nubis_protocol::envelope::{now_ms, sign, Addressing};
 use nubis_protocol::identity::SiteIdentity;
 use nubis_protocol::message::{
-    BatchPayload, BatchStored, ClearPayload, HostReply, MonitoringBatch, ProducedBatch, ProducerId,
-    Sample, Value,
+    BatchPayload, BatchStored, ClearPayload, HostId, HostReply, MonitoringBatch, ProducedBatch,
+    ProducerId, Sample, Value,
 };
 use nubis_protocol::subject::Subject;
 use nubis_protocol::{SiteId, VmId};
-use nubis_testkit::{require_nats_server, wait_until, Federation, Role};
+use nubis_testkit::{require_nats_server, wait_until, Federation};
 use serde_json::json;
 use stack::{ops, SiteSpec, Stack};
 
@@ -139,7 +139,7 @@ fn bytes_of(n: usize) -> bytes::Bytes {
 /// Two hops: c runs the VM, b delegated it, a is the primary.
 async fn end_to_end() {
     let binary = require_nats_server().unwrap();
-    let stack = Stack::start(
+    let mut stack = Stack::start(
         &binary,
         vec![
             SiteSpec {
@@ -189,14 +189,15 @@ async fn end_to_end() {
     .await
     .unwrap();
 
-    let host_c = stack.fed.connect_as("c", Role::Host).await.unwrap();
+    let host_c = stack.fed.connect_as_host("c", "h1").await.unwrap();
     let mut consumer = op_a.subscribe("nubis.mon.a.vm-lat.>").await.unwrap();
     op_a.flush().await.unwrap();
     let a = SiteId::new("a").unwrap();
     let vm = VmId::new("vm-lat").unwrap();
     let rounds = if bench_mode() { 2_000 } else { 20 };
     let mut lat = Vec::with_capacity(rounds);
-    let intake = Subject::monitoring_intake(&SiteId::new("c").unwrap());
+    let intake =
+        Subject::monitoring_intake(&SiteId::new("c").unwrap(), &HostId::new("h1").unwrap());
     for seq in 0..rounds as u64 {
         let produced = ProducedBatch {
             data_point: DataPoint::new("cpu.utilisation").unwrap(),

@@ -22,7 +22,6 @@ use nubis_protocol::message::{
     PrepareMode, StateTransition,
 };
 use nubis_protocol::{SiteId, VmId};
-use nubis_testkit::federation::Role;
 use nubis_testkit::{eventually, require_nats_server, wait_until, Federation, DEFAULT_TIMEOUT};
 
 /// How long a real guest may take to boot or count again; a guard against hanging only.
@@ -46,13 +45,13 @@ impl Agent {
 }
 
 /// Writes `host.toml` into `dir` and starts an agent from it.
-fn start_agent(fed: &Federation, dir: &Path, host: &str, extra: &str) -> Agent {
+async fn start_agent(fed: &mut Federation, dir: &Path, host: &str, extra: &str) -> Agent {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter("info")
         .try_init();
-    // The agent connects as the site's `host` user, with only the host agents' permissions.
-    let (user, password) = fed.credentials("a", Role::Host).unwrap();
+    // The agent connects as its own host user, with only that host's permissions.
+    let (user, password) = fed.host_credentials("a", host).await.unwrap();
     let text = format!(
         "site = \"a\"\nhost = \"{host}\"\nnats_url = \"{}\"\nnats_user = \"{user}\"\n\
          nats_password = \"{password}\"\nlibvirt_uri = \"test:///default\"\nvm_root = \"vms\"\n\
@@ -135,11 +134,11 @@ fn receive_files(slots: &[nubis_protocol::message::LocalFile]) -> Vec<PathBuf> {
 
 #[tokio::test]
 async fn host_agent_reserves_activates_prepares_and_releases() {
-    let Some(fed) = federation().await else {
+    let Some(mut fed) = federation().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(&fed, dir.path(), "h-flow", SMALL_HOST);
+    let agent = start_agent(&mut fed, dir.path(), "h-flow", SMALL_HOST).await;
     let c = client(&fed, "h-flow").await;
 
     let empty = c.capacity().await.unwrap();
@@ -233,11 +232,11 @@ async fn host_agent_reserves_activates_prepares_and_releases() {
 
 #[tokio::test]
 async fn host_agent_refuses_what_does_not_fit_and_frees_on_release() {
-    let Some(fed) = federation().await else {
+    let Some(mut fed) = federation().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(&fed, dir.path(), "h-cap", SMALL_HOST);
+    let agent = start_agent(&mut fed, dir.path(), "h-cap", SMALL_HOST).await;
     let c = client(&fed, "h-cap").await;
 
     // The capacity report arrives without asking.
@@ -279,11 +278,11 @@ async fn host_agent_refuses_what_does_not_fit_and_frees_on_release() {
 
 #[tokio::test]
 async fn host_agent_control_transitions_map_to_dmtf_states() {
-    let Some(fed) = federation().await else {
+    let Some(mut fed) = federation().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(&fed, dir.path(), "h-ctl", SMALL_HOST);
+    let agent = start_agent(&mut fed, dir.path(), "h-ctl", SMALL_HOST).await;
     let c = client(&fed, "h-ctl").await;
 
     // A blank raw disk is created by the host; nothing needs to be received.
@@ -355,11 +354,11 @@ async fn host_agent_control_transitions_map_to_dmtf_states() {
 
 #[tokio::test]
 async fn host_agent_answers_bad_requests_and_keeps_serving() {
-    let Some(fed) = federation().await else {
+    let Some(mut fed) = federation().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(&fed, dir.path(), "h-bad", SMALL_HOST);
+    let agent = start_agent(&mut fed, dir.path(), "h-bad", SMALL_HOST).await;
     let c = client(&fed, "h-bad").await;
     let nats = fed.connect_site_internal("a").await.unwrap();
     let site = SiteId::new("a").unwrap();
@@ -485,14 +484,14 @@ async fn host_agent_answers_bad_requests_and_keeps_serving() {
 
 #[tokio::test]
 async fn host_agent_restarted_rediscovers_its_vms() {
-    let Some(fed) = federation().await else {
+    let Some(mut fed) = federation().await else {
         return;
     };
     // The test driver forgets its domains when its last connection closes; this connection
     // stands for libvirtd, which outlives the agent on a real host.
     let libvirt = LibvirtHypervisor::connect(LibvirtConfig::new("test:///default")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(&fed, dir.path(), "h-restart", SMALL_HOST);
+    let agent = start_agent(&mut fed, dir.path(), "h-restart", SMALL_HOST).await;
     let c = client(&fed, "h-restart").await;
 
     let running = descriptor("restart-run", 1, 512, &[("vda", DiskFormat::Qcow2)]);
@@ -515,7 +514,7 @@ async fn host_agent_restarted_rediscovers_its_vms() {
         nubis_host::DmtfState::Enabled
     );
 
-    let agent = start_agent(&fed, dir.path(), "h-restart", SMALL_HOST);
+    let agent = start_agent(&mut fed, dir.path(), "h-restart", SMALL_HOST).await;
     let c = client(&fed, "h-restart").await;
     let after = c.capacity().await.unwrap();
     assert_eq!(after.committed, before.committed);
@@ -554,11 +553,11 @@ async fn host_agent_restarted_rediscovers_its_vms() {
 
 #[tokio::test]
 async fn host_agent_stops_answering_when_stopped() {
-    let Some(fed) = federation().await else {
+    let Some(mut fed) = federation().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(&fed, dir.path(), "h-stop", SMALL_HOST);
+    let agent = start_agent(&mut fed, dir.path(), "h-stop", SMALL_HOST).await;
     let c = client(&fed, "h-stop").await;
     agent.stop().await;
     let quick = c
@@ -590,7 +589,7 @@ async fn host_agent_moves_a_real_guest_between_hosts() {
                 .unwrap_or(())
         }
     };
-    let Some(fed) = federation().await else {
+    let Some(mut fed) = federation().await else {
         return;
     };
     let vm = "qemu-move-1";
@@ -603,8 +602,9 @@ async fn host_agent_moves_a_real_guest_between_hosts() {
     } else {
         "tcg"
     };
-    let qemu_agent = |dir: &Path, host: &str| {
-        let (user, password) = fed.credentials("a", Role::Host).unwrap();
+    let q1 = fed.host_credentials("a", "q1").await.unwrap();
+    let q2 = fed.host_credentials("a", "q2").await.unwrap();
+    let qemu_agent = |dir: &Path, host: &str, (user, password): (String, String)| {
         let text = format!(
             "site = \"a\"\nhost = \"{host}\"\nnats_url = \"{}\"\nnats_user = \"{user}\"\n\
              nats_password = \"{password}\"\nlibvirt_uri = \"qemu:///system\"\naccelerator = \"{accel}\"\n\
@@ -621,7 +621,10 @@ async fn host_agent_moves_a_real_guest_between_hosts() {
         Agent { token, handle }
     };
     let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (agent1, agent2) = (qemu_agent(dir1.path(), "q1"), qemu_agent(dir2.path(), "q2"));
+    let (agent1, agent2) = (
+        qemu_agent(dir1.path(), "q1", q1),
+        qemu_agent(dir2.path(), "q2", q2),
+    );
     let (h1, h2) = (client(&fed, "q1").await, client(&fed, "q2").await);
 
     let mut d = descriptor(vm, 1, 128, &[("vda", DiskFormat::Qcow2)]);

@@ -16,6 +16,7 @@ mod permissions;
 mod proxy;
 mod python_subscriber;
 mod site;
+mod tls;
 
 use nubis_tests::stack;
 

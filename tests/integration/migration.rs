@@ -615,7 +615,7 @@ async fn a_verification_mismatch_is_retried_a_bounded_number_of_times_then_abort
     assert_eq!(m["failed_rounds"], 3, "{m}");
     let why = m["last_failure"].as_str().unwrap_or_default();
     assert!(
-        why.contains("disk-vda.qcow2: digest does not match the source"),
+        why.contains("disk-vda.qcow2: chunk 15 failed authentication"),
         "{m}"
     );
     let op = &held.op;

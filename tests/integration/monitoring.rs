@@ -304,6 +304,33 @@ async fn relay_delivery_reaches_every_site_and_follows_a_migration() {
     let counters_b = monitoring_counters(&stack, "b").await;
     assert!(counters_b.to_string().contains("relay"), "{counters_b}");
 
+    // c, which runs the VM, registered its Producer under its own id.
+    let hub = stack.fed.connect("hub").await.unwrap();
+    let kv = jetstream::with_domain(hub, "hub")
+        .get_key_value("nubis-directory")
+        .await
+        .unwrap();
+    let producers_by = |site: &'static str| {
+        let kv = kv.clone();
+        async move {
+            let mut keys = kv.keys().await.map_err(|e| e.to_string())?;
+            let mut names = Vec::new();
+            while let Some(k) = keys.next().await {
+                names.push(k.map_err(|e| e.to_string())?);
+            }
+            let prefix = format!("producer.{site}.vm-r.");
+            Ok::<_, String>(names.into_iter().filter(|n| n.starts_with(&prefix)).count())
+        }
+    };
+    wait_until(LONG, "c's producer registration of vm-r", || async {
+        match producers_by("c").await? {
+            0 => Err("none yet".to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await
+    .unwrap();
+
     // c evicts the VM; b (its upstream) moves it to d; batches keep coming on the same subject.
     let producers_before: BTreeSet<String> =
         seen.iter().map(|s| s.batch.producer.to_string()).collect();
@@ -330,6 +357,15 @@ async fn relay_delivery_reaches_every_site_and_follows_a_migration() {
     })
     .await;
     assert!(after.iter().all(|s| s.from == "a"));
+    // c withdrew its Producer registrations of vm-r with the VM; d registered its own.
+    wait_until(LONG, "vm-r's producers registered by d only", || async {
+        match (producers_by("c").await?, producers_by("d").await?) {
+            (0, d) if d > 0 => Ok(()),
+            other => Err(format!("(c, d) = {other:?}")),
+        }
+    })
+    .await
+    .unwrap();
     let mount_d = stack.wait_kpi_mount("d", "d1", "vm-r", LONG).await.unwrap();
     write_kpi(&mount_d, "web", "current_users\n77\n");
     collect(&stack, &mut public, "KPI from d", |s| {

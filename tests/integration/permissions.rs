@@ -327,7 +327,7 @@ async fn only_a_site_own_operators_call_its_operator_api() {
     let Some(binary) = require_nats_server() else {
         return;
     };
-    let fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
+    let mut fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
     let site_a = fed.connect_as("a", Role::Site).await.unwrap();
     let mut calls = responder(&site_a, "nubis.ops.a.>", r#"{"site":"a"}"#).await;
     let mut pings = responder(&site_a, "$SRV.PING", r#"{"name":"nubis-site"}"#).await;
@@ -350,7 +350,6 @@ async fn only_a_site_own_operators_call_its_operator_api() {
         ("b", Role::Operator),
         ("b", Role::Site),
         ("b", Role::Admin),
-        ("a", Role::Host),
         ("a", Role::Site),
     ] {
         let client = fed.connect_as(site, role).await.unwrap();
@@ -365,6 +364,11 @@ async fn only_a_site_own_operators_call_its_operator_api() {
             );
         }
     }
+    let host_a = fed.connect_as_host("a", "h1").await.unwrap();
+    assert!(
+        request_fails(&host_a, "nubis.ops.a.status").await,
+        "a host agent of a called a's ops"
+    );
     // A's responder saw only the allowed call (its first request arrived and was counted
     // above; a denied one would have queued behind it).
     operator_a
@@ -387,8 +391,8 @@ async fn host_agents_and_site_internal_traffic_stay_inside_their_site() {
     let Some(binary) = require_nats_server() else {
         return;
     };
-    let fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
-    let host_a = fed.connect_as("a", Role::Host).await.unwrap();
+    let mut fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
+    let host_a = fed.connect_as_host("a", "h1").await.unwrap();
     let site_a = fed.connect_as("a", Role::Site).await.unwrap();
     let admin_a = fed.connect_as("a", Role::Admin).await.unwrap();
     let admin_b = fed.connect_as("b", Role::Admin).await.unwrap();
@@ -405,7 +409,7 @@ async fn host_agents_and_site_internal_traffic_stay_inside_their_site() {
 
     // Allowed: A's host reports to its site; A's site hears it.
     host_a
-        .publish("nubis.site.a.host.h1.capacity", "capacity".into())
+        .publish("nubis.site.a.host.h1.capacity.report", "capacity".into())
         .await
         .unwrap();
     // Denied: the host sends federation requests to B, or publishes another site's internals.
@@ -414,7 +418,7 @@ async fn host_agents_and_site_internal_traffic_stay_inside_their_site() {
         .await
         .unwrap();
     host_a
-        .publish("nubis.site.b.host.h1.capacity", "into b".into())
+        .publish("nubis.site.b.host.h1.capacity.report", "into b".into())
         .await
         .unwrap();
     // Denied: monitoring events straight from a host (hosts hand batches to their site, which
@@ -435,7 +439,10 @@ async fn host_agents_and_site_internal_traffic_stay_inside_their_site() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(capacity.subject.as_str(), "nubis.site.a.host.h1.capacity");
+    assert_eq!(
+        capacity.subject.as_str(),
+        "nubis.site.a.host.h1.capacity.report"
+    );
     assert!(until_marker(&mut mon_b, "marker").await.is_empty());
     round_trip(&admin_b).await;
     for sub in [&mut internal_b, &mut fed_b] {
@@ -462,8 +469,13 @@ async fn host_agents_and_site_internal_traffic_stay_inside_their_site() {
     let leaked = pending(&mut internal_a_admin).await;
     assert!(leaked.is_none(), "a received {leaked:?}");
     round_trip(&site_a).await;
-    let leaked = pending(&mut internal_a).await;
-    assert!(leaked.is_none(), "a's site daemon received {leaked:?}");
+    // (The host's round trips to its own inbox are site-internal too; they are not leaks.)
+    while let Some(leaked) = pending(&mut internal_a).await {
+        assert!(
+            leaked.subject.starts_with("nubis.site.a.host.h1.inbox."),
+            "a's site daemon received {leaked:?}"
+        );
+    }
 
     // A host agent cannot call its own site's operator API, nor use JetStream.
     assert!(request_fails(&host_a, "nubis.ops.a.status").await);
@@ -477,7 +489,9 @@ async fn every_server_wants_credentials_of_its_own() {
     let Some(binary) = require_nats_server() else {
         return;
     };
-    let fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
+    let mut fed = Federation::start_with(&binary, &["a", "b"]).await.unwrap();
+    let host_a = fed.host_credentials("a", "h1").await.unwrap();
+    let host_b = fed.host_credentials("b", "h1").await.unwrap();
     let url_a = fed.site_url("a").unwrap();
     let connect = |user: Option<(String, String)>| {
         let url = url_a.clone();
@@ -497,8 +511,10 @@ async fn every_server_wants_credentials_of_its_own() {
             .await
             .unwrap();
     }
-    // Denied: no credentials, and b's passwords at a.
+    connect(Some(host_a)).await.unwrap();
+    // Denied: no credentials, and b's passwords at a (a host of the same name included).
     assert!(connect(None).await.is_err());
+    assert!(connect(Some(host_b)).await.is_err(), "host h1 of b at a");
     for role in Role::ALL {
         assert!(
             connect(Some(fed.credentials("b", role).unwrap()))
@@ -514,6 +530,82 @@ async fn every_server_wants_credentials_of_its_own() {
         "the hub accepted a client without credentials"
     );
     fed.connect("hub").await.unwrap();
+}
+
+#[tokio::test]
+async fn each_host_agent_reaches_only_its_own_subjects() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let mut fed = Federation::start_with(&binary, &["a"]).await.unwrap();
+    let h1 = fed.connect_as_host("a", "h1").await.unwrap();
+    let h2 = fed.connect_as_host("a", "h2").await.unwrap();
+    let site = fed.connect_site_internal("a").await.unwrap();
+    let admin = fed.connect_as("a", Role::Admin).await.unwrap();
+
+    // h1 listens wherever it may try: another host's requests, the site daemon's inbox, the
+    // default inbox, all site-internal traffic, the intake. Denied subscriptions hear nothing.
+    let mut eavesdrops = Vec::new();
+    for subject in [
+        "nubis.site.a.host.h2.>",
+        "nubis.site.a.inbox.>",
+        "_INBOX.>",
+        "nubis.site.a.>",
+        "nubis.site.a.intake.*",
+    ] {
+        eavesdrops.push((subject, h1.subscribe(subject).await.unwrap()));
+    }
+    round_trip(&h1).await;
+
+    // Allowed: the site daemon asks each host on its own subject and gets that host's answer
+    // (a host may answer the request it received, on the requester's inbox).
+    let mut h1_calls = responder(&h1, "nubis.site.a.host.h1.capacity", "h1 here").await;
+    let mut h2_calls = responder(&h2, "nubis.site.a.host.h2.capacity", "h2 here").await;
+    for (host, answer) in [("h1", "h1 here"), ("h2", "h2 here")] {
+        let reply = site
+            .request(format!("nubis.site.a.host.{host}.capacity"), "?".into())
+            .await
+            .unwrap();
+        assert_eq!(reply.payload, answer);
+    }
+    assert_eq!(
+        h1_calls.recv().await.unwrap(),
+        "nubis.site.a.host.h1.capacity"
+    );
+    assert_eq!(
+        h2_calls.recv().await.unwrap(),
+        "nubis.site.a.host.h2.capacity"
+    );
+
+    // h1 sends on its own intake (allowed) and on h2's, into the site daemon's inbox and to h2's
+    // request subject (denied): the site hears only h1's own.
+    let mut heard = admin.subscribe("nubis.site.a.>").await.unwrap();
+    round_trip(&admin).await;
+    for subject in [
+        "nubis.site.a.intake.h2",
+        "nubis.site.a.inbox.forged",
+        "nubis.site.a.host.h2.capacity",
+        "nubis.site.a.intake.h1",
+    ] {
+        h1.publish(subject, subject.into()).await.unwrap();
+    }
+    round_trip(&h1).await;
+    round_trip(&admin).await;
+    let mut subjects = Vec::new();
+    while let Some(msg) = pending(&mut heard).await {
+        // h1's round trips to its own inbox are its own business.
+        if !msg.subject.starts_with("nubis.site.a.host.h1.inbox.") {
+            subjects.push(msg.subject.to_string());
+        }
+    }
+    assert_eq!(subjects, ["nubis.site.a.intake.h1"]);
+    assert!(h2_calls.try_recv().is_err(), "h1 called h2");
+
+    round_trip(&h1).await;
+    for (subject, sub) in &mut eavesdrops {
+        let leaked = pending(sub).await;
+        assert!(leaked.is_none(), "h1 heard {leaked:?} on {subject}");
+    }
 }
 
 /// Whether a JetStream call through another site's domain failed (it must).

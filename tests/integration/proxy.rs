@@ -380,9 +380,10 @@ async fn vm_files_move_between_sites_verified_sparse_and_without_locations_on_th
         ["disk-vda.qcow2", "disk-vdb.raw", "state.sav"]
     );
 
-    // A dense object is a plain ADR-20 object: the stock client reads it and checks its digest
+    // An object is a plain ADR-20 object: the stock client reads it and checks its digest
     // (at the source site: a partner may create only named fetch consumers, which the stock
-    // reader does not).
+    // reader does not). What it reads is sealed: each chunk longer by the seal, none of it
+    // the file's bytes.
     let store_from_b = jetstream::new(fed.connect("a").await.unwrap())
         .get_object_store("nubis-xfer")
         .await
@@ -395,7 +396,13 @@ async fn vm_files_move_between_sites_verified_sparse_and_without_locations_on_th
     tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut buf)
         .await
         .unwrap();
-    assert_eq!(buf, std::fs::read(&state).unwrap());
+    let plain = std::fs::read(&state).unwrap();
+    let chunks = plain.len().div_ceil(settings().chunk_size);
+    assert_eq!(
+        buf.len(),
+        plain.len() + chunks * nubis_proxy::seal::SEAL_OVERHEAD
+    );
+    assert!(!buf.windows(32).any(|w| w == &plain[..32]));
 
     // Progress never ran backwards and reached the total.
     let mut last = 0;

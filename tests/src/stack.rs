@@ -272,7 +272,6 @@ impl Stack {
         let spec = self.spec(site);
         let url = self.fed.site_url(site).unwrap();
         let (user, password) = self.fed.credentials(site, Role::Site).unwrap();
-        let (host_user, host_password) = self.fed.credentials(site, Role::Host).unwrap();
         let (proxy_user, proxy_password) = self.fed.credentials(site, Role::Proxy).unwrap();
         let hosts: String = spec
             .hosts
@@ -328,6 +327,7 @@ impl Stack {
             nubis_proxy::run(proxy_config, t)
         }));
         for (host, memory) in &spec.hosts {
+            let (host_user, host_password) = self.fed.host_credentials(site, host).await.unwrap();
             // Each host its own hypervisor: `test:///default` is one shared state per process,
             // a test driver opened on a node file is private to its connection.
             let node = self.write(

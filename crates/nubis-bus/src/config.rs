@@ -5,6 +5,12 @@
 //! A password is never shown: [`Secret`] and [`Login`] print `<redacted>` in `Debug`, and it can
 //! stay out of the configuration file altogether with `nats_password_file`, a file only its
 //! owner may read (the same rule as key files), which the CLI's `--password-file` shares.
+//!
+//! A connection to a server that is not on loopback should be TLS: [`TlsKeys`] are the keys
+//! `nats_tls_ca` (the CA that verifies the server's certificate), `nats_tls_cert` and
+//! `nats_tls_key` (a client certificate, for a server that verifies its clients), which
+//! [`Credentials::with_tls`] checks into [`ClientTls`]. A site's own processes on the site's
+//! machine connect over loopback without them.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -200,13 +206,39 @@ impl std::fmt::Debug for Login {
 }
 
 /// How a daemon reaches its site's nats-server: the keys `nats_url`, `nats_user` and
-/// `nats_password` (or `nats_password_file`) of every daemon's configuration file.
+/// `nats_password` (or `nats_password_file`) of every daemon's configuration file, and the TLS
+/// keys of [`TlsKeys`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// The server, `nats://` or `tls://`.
     pub url: String,
     /// The login, when the server asks for one.
     pub login: Option<Login>,
+    /// TLS to the server, required when set.
+    pub tls: Option<ClientTls>,
+}
+
+/// The TLS files of a connection to a server off loopback. With any of them the connection
+/// requires TLS, whatever the URL's scheme.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// The CA certificate (PEM) the server's certificate is verified against; the system's
+    /// roots when absent.
+    pub ca: Option<PathBuf>,
+    /// A client certificate and its private key (PEM), for a server that verifies clients.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// The keys `nats_tls_ca`, `nats_tls_cert` and `nats_tls_key` as a configuration file gives
+/// them; relative paths are relative to the file's folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct TlsKeys {
+    /// `nats_tls_ca`: the CA certificate that verifies the server.
+    pub nats_tls_ca: Option<PathBuf>,
+    /// `nats_tls_cert`: a client certificate; needs `nats_tls_key`.
+    pub nats_tls_cert: Option<PathBuf>,
+    /// `nats_tls_key`: the client certificate's private key, readable by its owner only.
+    pub nats_tls_key: Option<PathBuf>,
 }
 
 impl Credentials {
@@ -215,6 +247,7 @@ impl Credentials {
         Self {
             url: url.into(),
             login: None,
+            tls: None,
         }
     }
 
@@ -230,7 +263,88 @@ impl Credentials {
                 user: user.into(),
                 password: password.into(),
             }),
+            tls: None,
         }
+    }
+
+    /// The same credentials with the TLS keys `keys` read from `path`: the files must exist,
+    /// a client certificate needs its key and the other way round, and the key must be readable
+    /// by its owner only (as password files). No key at all leaves the credentials as they are.
+    pub fn with_tls(mut self, path: &Path, keys: TlsKeys) -> Result<Self, ConfigError> {
+        let resolve = |key: &str, file: Option<PathBuf>| -> Result<Option<PathBuf>, ConfigError> {
+            let Some(file) = file else { return Ok(None) };
+            let file = match path.parent() {
+                Some(dir) if file.is_relative() => dir.join(file),
+                _ => file,
+            };
+            let metadata = std::fs::metadata(&file).map_err(|e| {
+                ConfigError::invalid(
+                    path,
+                    key,
+                    format!("cannot be read: {}: {e}", file.display()),
+                )
+            })?;
+            let mode = metadata.permissions().mode() & 0o777;
+            if key == "nats_tls_key" && mode & 0o077 != 0 {
+                return Err(ConfigError::invalid(
+                    path,
+                    key,
+                    format!(
+                        "{} is readable by group or others (mode {mode:o}); chmod 600 it",
+                        file.display()
+                    ),
+                ));
+            }
+            Ok(Some(file))
+        };
+        let ca = resolve("nats_tls_ca", keys.nats_tls_ca)?;
+        let cert = resolve("nats_tls_cert", keys.nats_tls_cert)?;
+        let key = resolve("nats_tls_key", keys.nats_tls_key)?;
+        let client = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    path,
+                    "nats_tls_key",
+                    "is required with nats_tls_cert",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    path,
+                    "nats_tls_cert",
+                    "is required with nats_tls_key",
+                ))
+            }
+        };
+        if ca.is_some() || client.is_some() {
+            self.tls = Some(ClientTls { ca, client });
+        }
+        Ok(self)
+    }
+
+    /// Whether the server is on this machine: its host is `localhost` or a loopback address.
+    /// Connections to any other server should use TLS.
+    pub fn is_loopback(&self) -> bool {
+        let authority = self
+            .url
+            .split_once("://")
+            .map_or(self.url.as_str(), |(_, rest)| rest);
+        let authority = authority
+            .split(['/', '?', '#', ','])
+            .next()
+            .unwrap_or_default();
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => authority
+                .rsplit_once(':')
+                .map_or(authority, |(host, _)| host),
+        };
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
     }
 
     /// Validates the values of `nats_url`, `nats_user` and `nats_password` or
@@ -306,7 +420,11 @@ impl Credentials {
                 ))
             }
         };
-        Ok(Self { url, login })
+        Ok(Self {
+            url,
+            login,
+            tls: None,
+        })
     }
 }
 
@@ -470,5 +588,119 @@ mod tests {
             keys("nats://x", None, None).ok(),
             Some(Credentials::anonymous("nats://x"))
         );
+    }
+
+    /// A configuration file beside a CA, a certificate and a key file of `key_mode`.
+    fn tls_files(key_mode: u32) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, mode) in [
+            ("ca.pem", 0o644),
+            ("cert.pem", 0o644),
+            ("key.pem", key_mode),
+        ] {
+            let file = dir.path().join(name);
+            std::fs::write(&file, "pem").unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let config = dir.path().join("site.toml");
+        (dir, config)
+    }
+
+    fn tls_keys(ca: Option<&str>, cert: Option<&str>, key: Option<&str>) -> TlsKeys {
+        TlsKeys {
+            nats_tls_ca: ca.map(PathBuf::from),
+            nats_tls_cert: cert.map(PathBuf::from),
+            nats_tls_key: key.map(PathBuf::from),
+        }
+    }
+
+    #[test]
+    fn tls_keys_resolve_beside_the_configuration_and_require_tls() {
+        let (dir, config) = tls_files(0o600);
+        let base = Credentials::with_login("nats://site.example.org:4222", "site", "pw");
+        let c = base
+            .clone()
+            .with_tls(
+                &config,
+                tls_keys(Some("ca.pem"), Some("cert.pem"), Some("key.pem")),
+            )
+            .unwrap();
+        assert_eq!(
+            c.tls,
+            Some(ClientTls {
+                ca: Some(dir.path().join("ca.pem")),
+                client: Some((dir.path().join("cert.pem"), dir.path().join("key.pem"))),
+            })
+        );
+        let c = base
+            .clone()
+            .with_tls(&config, tls_keys(Some("ca.pem"), None, None))
+            .unwrap();
+        assert_eq!(c.tls.and_then(|t| t.ca), Some(dir.path().join("ca.pem")));
+        // No key at all: plain, as before.
+        assert_eq!(
+            base.clone().with_tls(&config, TlsKeys::default()).unwrap(),
+            base
+        );
+        let keys: TlsKeys = toml::from_str("nats_tls_ca = \"ca.pem\"").unwrap();
+        assert_eq!(keys, tls_keys(Some("ca.pem"), None, None));
+    }
+
+    #[test]
+    fn tls_keys_that_cannot_be_used_are_refused_naming_the_key() {
+        let (_dir, config) = tls_files(0o640);
+        let base = Credentials::anonymous("tls://hub:4222");
+        let key = |keys| {
+            base.clone()
+                .with_tls(&config, keys)
+                .unwrap_err()
+                .key()
+                .map(String::from)
+        };
+        assert_eq!(
+            key(tls_keys(None, Some("cert.pem"), Some("key.pem"))).as_deref(),
+            Some("nats_tls_key"),
+            "a key others may read"
+        );
+        let (_dir, config) = tls_files(0o600);
+        let key = |keys| {
+            base.clone()
+                .with_tls(&config, keys)
+                .unwrap_err()
+                .key()
+                .map(String::from)
+        };
+        assert_eq!(
+            key(tls_keys(None, Some("cert.pem"), None)).as_deref(),
+            Some("nats_tls_key")
+        );
+        assert_eq!(
+            key(tls_keys(None, None, Some("key.pem"))).as_deref(),
+            Some("nats_tls_cert")
+        );
+        assert_eq!(
+            key(tls_keys(Some("absent.pem"), None, None)).as_deref(),
+            Some("nats_tls_ca")
+        );
+    }
+
+    #[test]
+    fn loopback_servers_are_told_apart() {
+        for url in [
+            "nats://127.0.0.1:4222",
+            "nats://localhost:4222",
+            "tls://[::1]:4222",
+            "nats://127.0.0.2",
+        ] {
+            assert!(Credentials::anonymous(url).is_loopback(), "{url}");
+        }
+        for url in [
+            "nats://10.0.0.1:4222",
+            "tls://hub.example.org:4222",
+            "nats://[2001:db8::1]:4222",
+            "nats://localhost.example.org",
+        ] {
+            assert!(!Credentials::anonymous(url).is_loopback(), "{url}");
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`connect`](mod@connect): connections from credentials;
 //! - [`call`]: the signed client, which accepts only replies signed by the site asked;
 //! - [`serve`](mod@serve): the serve loop (verify first, fair bounded handlers, signed answers);
+//! - [`tls`]: the federation's certificates (its CA, the hub's, each site's leaf certificate);
 //! - [`federation`], [`proxy`], [`host`], [`ops`]: the typed clients of other sites, of Transfer
 //!   proxies, of host agents (site-internal) and of the operator API.
 
@@ -22,6 +23,7 @@ pub mod ops;
 pub mod proxy;
 mod replies;
 pub mod serve;
+pub mod tls;
 
 pub use call::{CallError, CallPolicy, SignedClient, Target};
 pub use config::{ConfigError, Credentials, Login, Secret};

@@ -5,12 +5,14 @@
 //! message says what to do next.
 
 mod audit;
+mod host_user;
 mod image;
 mod monitor;
 mod operator;
 mod ops_client;
 mod output;
 mod site;
+mod tls;
 mod vm;
 
 use std::path::PathBuf;
@@ -78,6 +80,13 @@ enum Command {
     /// Manage a site's operators (NATS users with the `read` or `operate` role).
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Manage a site's host agents' NATS users (one per host, limited to its own subjects).
+    #[command(subcommand)]
+    HostUser(HostUserCommand),
+    /// Create the federation's TLS certificate authority and issue the hub's and the sites'
+    /// certificates for the leaf connections.
+    #[command(subcommand)]
+    Tls(tls::TlsCommand),
     /// Run a Transfer proxy (`nubis proxy --config proxy.toml`).
     Proxy {
         /// The proxy's configuration file.
@@ -114,6 +123,13 @@ enum OperatorCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum HostUserCommand {
+    /// Generate a host agent's NATS user `host.<id>`: a random password into a 0600 file, and
+    /// the user block (that host's subjects only) to paste into the site server's configuration.
+    Add(host_user::AddArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum KeysCommand {
     /// Generate the site's signing (ed25519) and sealing (X25519) keys into a 0600 key file and
     /// print the public keys in the form partners paste into their configuration.
@@ -142,6 +158,20 @@ struct Failure {
     error: anyhow::Error,
     /// What the user can do about it.
     hint: Option<String>,
+}
+
+/// The failure of `operator add` or `host-user add`, with `name_hint` for a refused name.
+fn add_failure(e: operator::AddError, name_hint: &str) -> Failure {
+    match e {
+        operator::AddError::Name(m) => Failure {
+            hint: Some(name_hint.into()),
+            ..user(anyhow::anyhow!(m))
+        },
+        operator::AddError::Io(path, e) => Failure {
+            hint: Some("choose another --password-file, or pass --force to replace it".into()),
+            ..user(anyhow::Error::new(e).context(format!("cannot write {}", path.display())))
+        },
+    }
 }
 
 fn user(error: anyhow::Error) -> Failure {
@@ -347,19 +377,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Operator(OperatorCommand::Add(args)) => {
-            let added = operator::add(&args).map_err(|e| match e {
-                operator::AddError::Name(m) => Failure {
-                    hint: Some("use lower-case letters, digits, '-' and '_', e.g. alice".into()),
-                    ..user(anyhow::anyhow!(m))
-                },
-                operator::AddError::Io(path, e) => Failure {
-                    hint: Some(
-                        "choose another --password-file, or pass --force to replace it".into(),
-                    ),
-                    ..user(
-                        anyhow::Error::new(e).context(format!("cannot write {}", path.display())),
-                    )
-                },
+            let added = operator::add(&args).map_err(|e| {
+                add_failure(e, "use lower-case letters, digits, '-' and '_', e.g. alice")
             })?;
             if cli.json {
                 println!("{}", serde_json::json!(added));
@@ -375,6 +394,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 );
                 print!("{}", added.block);
             }
+            Ok(())
+        }
+        Command::HostUser(HostUserCommand::Add(args)) => {
+            let added = host_user::add(&args)
+                .map_err(|e| add_failure(e, "use letters, digits, '-' and '_', e.g. h1"))?;
+            if cli.json {
+                println!("{}", serde_json::json!(added));
+            } else {
+                eprintln!(
+                    "wrote the password of {} to {} (mode 0600)",
+                    added.user,
+                    added.password_file.display()
+                );
+                println!(
+                    "# Host agent user {} of site {}: paste into the `users` list of the FED account\n# of the site's nats-server configuration, then reload it (`nats-server --signal reload`).\n# In the agent's host.toml: nats_user = \"{}\", nats_password_file = \"{}\"",
+                    added.user, added.site, added.user, added.password_file.display()
+                );
+                print!("{}", added.block);
+            }
+            Ok(())
+        }
+        Command::Tls(cmd) => {
+            let written = match &cmd {
+                tls::TlsCommand::Ca(args) => tls::ca(args),
+                tls::TlsCommand::Issue(args) => tls::issue(args),
+            }
+            .map_err(|e| Failure {
+                hint: Some(tls_hint(&e)),
+                ..user(e)
+            })?;
+            written.print(cli.json);
             Ok(())
         }
         Command::Proxy { config } => {
@@ -449,6 +499,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
             print_public(&identity, cli.json);
             Ok(())
         }
+    }
+}
+
+/// What to do about a failed `nubis tls` command.
+fn tls_hint(e: &anyhow::Error) -> String {
+    use nubis_bus::tls::TlsError;
+    match e.downcast_ref::<TlsError>() {
+        Some(TlsError::Exists { .. }) => {
+            "choose another --out, or remove the old files first".into()
+        }
+        Some(TlsError::LooseKey { path, .. }) => format!("run `chmod 600 {}`", path.display()),
+        Some(TlsError::InvalidName { .. }) => {
+            "a site's certificate names its site id; the hub's needs --server-name HOST".into()
+        }
+        Some(TlsError::Io { .. } | TlsError::Parse { .. } | TlsError::KeyMismatch { .. }) => {
+            "pass the folder `nubis tls ca --out` wrote as --ca".into()
+        }
+        _ => "check the arguments (see nubis tls --help)".into(),
     }
 }
 

@@ -12,16 +12,40 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
-use nubis_protocol::subject::{is_operator_name, OpsEndpoint};
+use nubis_protocol::subject::{is_operator_name, OpsEndpoint, Subject};
 use nubis_protocol::SiteId;
 use rand::distributions::{Alphanumeric, DistString};
 use serde::Serialize;
 
 /// Length of generated passwords (alphanumeric).
-const PASSWORD_LEN: usize = 32;
+pub(crate) const PASSWORD_LEN: usize = 32;
 
 /// User names a site's server already gives to its processes and administrator.
 const RESERVED: [&str; 5] = ["site", "host", "admin", "sys", "proxy"];
+
+/// The JetStream API an `operate` operator may call in its site's own domain.
+const OPERATE_JETSTREAM: [&str; 13] = [
+    "$JS.API.INFO",
+    "$JS.API.STREAM.NAMES",
+    "$JS.API.STREAM.LIST",
+    "$JS.API.STREAM.INFO.NUBIS_ACCOUNTING",
+    "$JS.API.STREAM.MSG.GET.NUBIS_ACCOUNTING",
+    "$JS.API.DIRECT.GET.NUBIS_ACCOUNTING.>",
+    "$JS.API.STREAM.INFO.nubis-audit",
+    "$JS.API.STREAM.MSG.GET.nubis-audit",
+    "$JS.API.STREAM.INFO.OBJ_nubis-image-uploads",
+    "$JS.API.STREAM.CREATE.OBJ_nubis-image-uploads",
+    "$JS.API.STREAM.MSG.GET.OBJ_nubis-image-uploads",
+    "$JS.API.DIRECT.GET.OBJ_nubis-image-uploads.>",
+    "$JS.API.STREAM.PURGE.OBJ_nubis-image-uploads",
+];
+
+/// The JetStream API a `read` operator may call in its site's own domain.
+const READ_JETSTREAM: [&str; 3] = [
+    "$JS.API.INFO",
+    "$JS.API.STREAM.INFO.nubis-audit",
+    "$JS.API.STREAM.MSG.GET.nubis-audit",
+];
 
 /// What an operator may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -68,7 +92,7 @@ pub struct AddArgs {
     pub force: bool,
 }
 
-/// Why an operator could not be added.
+/// Why an operator (or a host agent's user) could not be added.
 #[derive(Debug)]
 pub enum AddError {
     /// The name or site cannot be used.
@@ -131,7 +155,7 @@ fn check_name(name: &str) -> Result<(), AddError> {
 }
 
 /// Writes `password` to a new file of mode 0600 (replacing one only if `force`).
-fn write_private(path: &Path, password: &str, force: bool) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, password: &str, force: bool) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).mode(0o600);
     if force {
@@ -147,7 +171,8 @@ fn write_private(path: &Path, password: &str, force: bool) -> std::io::Result<()
 /// The user block of operator `name` with `role` at `site`, in the form of
 /// `nats-config/leaf.conf` (whose `viewer` user is this block for `viewer`, role `read`).
 pub fn user_block(site: &str, name: &str, role: OperatorRole, password: &str) -> String {
-    let mut publish: Vec<String> = vec!["_INBOX.>".into()];
+    let inbox = format!("{}.>", Subject::operator_inbox_prefix(name));
+    let mut publish: Vec<String> = vec![inbox.clone()];
     match role {
         OperatorRole::Operate => publish.push(format!("nubis.ops.{site}.{name}.*")),
         OperatorRole::Read => publish.extend(
@@ -158,14 +183,16 @@ pub fn user_block(site: &str, name: &str, role: OperatorRole, password: &str) ->
         ),
     }
     publish.push("$SRV.>".into());
-    match role {
-        OperatorRole::Operate => publish.push("$JS.API.>".into()),
-        OperatorRole::Read => publish.extend([
-            "$JS.API.INFO".into(),
-            "$JS.API.STREAM.INFO.nubis-audit".into(),
-            "$JS.API.STREAM.MSG.GET.nubis-audit".into(),
-        ]),
-    }
+    publish.extend(
+        match role {
+            // Read the accounting and audit streams, write the image-upload bucket; deleting,
+            // changing or purging any other stream is the site administrator's.
+            OperatorRole::Operate => &OPERATE_JETSTREAM[..],
+            OperatorRole::Read => &READ_JETSTREAM[..],
+        }
+        .iter()
+        .map(|s| s.to_string()),
+    );
     publish.extend(
         [
             "$JS.hub.API.INFO",
@@ -177,18 +204,9 @@ pub fn user_block(site: &str, name: &str, role: OperatorRole, password: &str) ->
         ]
         .map(String::from),
     );
-    let deny = match role {
-        OperatorRole::Operate => {
-            publish.push("$O.nubis-image-uploads.>".into());
-            "            deny: [\n\
-             \x20             \"$JS.API.STREAM.DELETE.nubis-audit\"\n\
-             \x20             \"$JS.API.STREAM.UPDATE.nubis-audit\"\n\
-             \x20             \"$JS.API.STREAM.PURGE.nubis-audit\"\n\
-             \x20             \"$JS.API.STREAM.MSG.DELETE.nubis-audit\"\n\
-             \x20           ]\n"
-        }
-        OperatorRole::Read => "",
-    };
+    if role == OperatorRole::Operate {
+        publish.push("$O.nubis-image-uploads.>".into());
+    }
     let list = |subjects: &[String]| -> String {
         subjects
             .iter()
@@ -196,7 +214,7 @@ pub fn user_block(site: &str, name: &str, role: OperatorRole, password: &str) ->
             .collect()
     };
     let subscribe: Vec<String> = vec![
-        "_INBOX.>".into(),
+        inbox,
         "nubis.mon.>".into(),
         format!("nubis.events.{site}.>"),
         "nubis.proxy.*.*.progress.>".into(),
@@ -208,7 +226,7 @@ pub fn user_block(site: &str, name: &str, role: OperatorRole, password: &str) ->
          \x20       permissions: {{\n\
          \x20         publish: {{\n\
          \x20           allow: [\n{}\
-         \x20           ]\n{deny}\
+         \x20           ]\n\
          \x20         }}\n\
          \x20         subscribe: {{\n\
          \x20           allow: [\n{}\
@@ -274,6 +292,10 @@ mod tests {
         }
         assert!(!block.contains("nubis.ops.a.ann.*"));
         assert!(!block.contains("$JS.API.>"));
+        let operate = user_block("a", "ann", OperatorRole::Operate, "pw");
+        assert!(!operate.contains("$JS.API.>"));
+        assert!(!operate.contains("STREAM.DELETE"));
+        assert!(!operate.contains("PURGE.NUBIS_ACCOUNTING"));
         assert!(!block.contains("nubis.audit"));
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 use nubis_bus::ops::{OpsClient, OpsError};
-use nubis_bus::{ConnectSpec, Credentials};
+use nubis_bus::{ConnectSpec, Credentials, Inbox};
 use nubis_protocol::SiteId;
 
 /// How the CLI reaches a site. The password comes from `--password-file` (a file only its owner
@@ -35,6 +35,16 @@ pub struct Connection {
     /// How long to wait for the site's answer, in seconds.
     #[arg(long, default_value_t = 5)]
     pub timeout: u64,
+    /// The CA certificate that verifies a TLS server's certificate (a server off loopback);
+    /// with it the connection requires TLS.
+    #[arg(long, env = "NUBIS_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// A client certificate, for a server that verifies its clients (with --nats-tls-key).
+    #[arg(long, env = "NUBIS_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// The client certificate's private key, readable by its owner only (mode 600).
+    #[arg(long, env = "NUBIS_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -46,6 +56,9 @@ impl std::fmt::Debug for Connection {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("password_file", &self.password_file)
             .field("timeout", &self.timeout)
+            .field("nats_tls_ca", &self.nats_tls_ca)
+            .field("nats_tls_cert", &self.nats_tls_cert)
+            .field("nats_tls_key", &self.nats_tls_key)
             .finish()
     }
 }
@@ -160,7 +173,22 @@ pub async fn connect(conn: &Connection) -> Result<async_nats::Client, OpsFailure
         (Some(user), Some(password)) => Credentials::with_login(&conn.nats_url, user, password),
         _ => Credentials::anonymous(&conn.nats_url),
     };
-    let spec = ConnectSpec::tool("nubis-cli", conn.timeout());
+    // The paths as given, relative to the working directory; errors name the command line.
+    let credentials = credentials
+        .with_tls(
+            std::path::Path::new("command line"),
+            nubis_bus::config::TlsKeys {
+                nats_tls_ca: conn.nats_tls_ca.clone(),
+                nats_tls_cert: conn.nats_tls_cert.clone(),
+                nats_tls_key: conn.nats_tls_key.clone(),
+            },
+        )
+        .map_err(|e| OpsFailure::User(chain(&e)))?;
+    let mut spec = ConnectSpec::tool("nubis-cli", conn.timeout());
+    // An operator hears replies only on its own inbox (`_INBOX.<its user>`).
+    if let Some(user) = &conn.user {
+        spec = spec.inbox(Inbox::Operator(user.clone()));
+    }
     let options =
         nubis_bus::connect::options(&credentials, &spec).event_callback(|event| async move {
             if let async_nats::Event::ServerError(async_nats::ServerError::Other(message)) = event {

@@ -15,7 +15,7 @@
 //! within the grace period, drain the NATS connection. The VMs keep running; a restarted agent
 //! finds them again from its VM directories.
 
-use nubis_bus::ConnectSpec;
+use nubis_bus::{ConnectSpec, Inbox};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -323,7 +323,8 @@ async fn run_inner(config: HostConfig, shutdown: CancellationToken) -> Result<()
         .await
         .map_err(|e| AgentError::Engine(std::io::Error::other(e)))??;
 
-    let spec = ConnectSpec::daemon(format!("nubis-host-{}-{}", config.site, config.host));
+    let spec = ConnectSpec::daemon(format!("nubis-host-{}-{}", config.site, config.host))
+        .inbox(Inbox::Host(config.site.clone(), config.host.clone()));
     let client = tokio::select! {
         r = nubis_bus::connect(&config.nats, &spec) => r?,
         () = shutdown.cancelled() => return Ok(()),

@@ -108,6 +108,9 @@ struct RawConfig {
     nats_user: Option<String>,
     nats_password: Option<Secret>,
     nats_password_file: Option<PathBuf>,
+    nats_tls_ca: Option<PathBuf>,
+    nats_tls_cert: Option<PathBuf>,
+    nats_tls_key: Option<PathBuf>,
     libvirt_uri: String,
     #[serde(default)]
     accelerator: Option<String>,
@@ -171,6 +174,14 @@ impl HostConfig {
             raw.nats_user,
             raw.nats_password,
             raw.nats_password_file,
+        )?
+        .with_tls(
+            path,
+            nubis_bus::config::TlsKeys {
+                nats_tls_ca: raw.nats_tls_ca,
+                nats_tls_cert: raw.nats_tls_cert,
+                nats_tls_key: raw.nats_tls_key,
+            },
         )?;
         if raw.libvirt_uri.is_empty() || !raw.libvirt_uri.contains("://") {
             return Err(invalid(

@@ -124,6 +124,22 @@ impl Held {
             Self::Consumer(r) => &r.vm,
         }
     }
+
+    fn kind(&self) -> Withdraw {
+        match self {
+            Self::Producer(_) => Withdraw::Producers,
+            Self::Consumer(_) => Withdraw::Consumer,
+        }
+    }
+}
+
+/// A kind of registration a site writes for a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withdraw {
+    /// The Producers of the VM that run on this site's hosts.
+    Producers,
+    /// This site's Consumer registration (it is on the VM's chain and delegated it further).
+    Consumer,
 }
 
 impl Directory {
@@ -368,7 +384,7 @@ impl Directory {
     }
 
     /// Registers this site as a GMA Consumer of `vm`'s monitoring, and keeps the registration
-    /// fresh with every heartbeat until [`Directory::withdraw_vm`]. The key is always this
+    /// fresh with every heartbeat until [`Directory::withdraw`]. The key is always this
     /// site's own, whatever `reg` names as the consumer.
     pub async fn register_consumer(
         &self,
@@ -380,7 +396,7 @@ impl Directory {
     }
 
     /// Registers a GMA Producer (run by this site's hosts) of `vm`'s monitoring under this
-    /// site's own key, and keeps it fresh with every heartbeat until [`Directory::withdraw_vm`].
+    /// site's own key, and keeps it fresh with every heartbeat until [`Directory::withdraw`].
     pub async fn register_producer(
         &self,
         reg: &ProducerRegistration,
@@ -396,17 +412,17 @@ impl Directory {
         }
     }
 
-    /// Removes every registration this site wrote for `vm` (its Producers and its Consumer
-    /// registration) when the VM leaves the site, and stops refreshing them. Returns how many
-    /// keys were deleted.
-    pub async fn withdraw_vm(&self, vm: &VmId) -> Result<usize, DirectoryError> {
+    /// Removes the registrations of `which` kind this site wrote for `vm` (its Producers when
+    /// the VM left this site's hosts, its Consumer registration when the site left the VM's
+    /// chain), and stops refreshing them. Returns how many keys were deleted.
+    pub async fn withdraw(&self, vm: &VmId, which: Withdraw) -> Result<usize, DirectoryError> {
         let keys: Vec<DirectoryKey> = self
             .held
             .lock()
             .map(|mut held| {
                 let keys: Vec<DirectoryKey> = held
                     .iter()
-                    .filter(|(_, r)| r.vm() == vm)
+                    .filter(|(_, r)| r.vm() == vm && r.kind() == which)
                     .map(|(k, _)| k.clone())
                     .collect();
                 for k in &keys {
@@ -416,15 +432,56 @@ impl Directory {
             })
             .unwrap_or_default();
         for key in &keys {
-            self.kv
-                .delete(key.as_str())
-                .await
-                .map_err(|e| DirectoryError::Write {
-                    key: key.as_str().to_string(),
-                    source: e.into(),
-                })?;
+            self.delete_key(key).await?;
         }
         Ok(keys.len())
+    }
+
+    /// Deletes the registrations this site wrote in an earlier run that `keep` no longer wants
+    /// (`keep(vm, kind)`): a site that stopped while holding a VM, and restarted without it,
+    /// leaves no stale Producer or Consumer behind. Returns how many keys were deleted.
+    pub async fn sweep_own(
+        &self,
+        keep: impl Fn(&VmId, Withdraw) -> bool,
+    ) -> Result<usize, DirectoryError> {
+        let mut keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| DirectoryError::Watch(e.into()))?;
+        let me = self.identity.site().as_str();
+        let mut stale = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| DirectoryError::Watch(e.into()))?;
+            let parts: Vec<&str> = key.split('.').collect();
+            let own = match parts.as_slice() {
+                ["producer", site, vm, _] if *site == me => Some((*vm, Withdraw::Producers)),
+                ["consumer", vm, site] if *site == me => Some((*vm, Withdraw::Consumer)),
+                _ => None,
+            };
+            let Some((vm, which)) = own else { continue };
+            let Ok(vm) = VmId::new(vm) else { continue };
+            if !keep(&vm, which) {
+                stale.push(DirectoryKey::from_stored(key));
+            }
+        }
+        for key in &stale {
+            if let Ok(mut held) = self.held.lock() {
+                held.remove(key);
+            }
+            self.delete_key(key).await?;
+        }
+        Ok(stale.len())
+    }
+
+    async fn delete_key(&self, key: &DirectoryKey) -> Result<(), DirectoryError> {
+        self.kv
+            .delete(key.as_str())
+            .await
+            .map_err(|e| DirectoryError::Write {
+                key: key.as_str().to_string(),
+                source: e.into(),
+            })
     }
 
     /// Every registration whose key matches `filter` (NATS tokens, `*` for any one), with the

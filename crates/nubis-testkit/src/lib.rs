@@ -24,7 +24,8 @@ pub mod wait;
 
 pub use binary::{LocateError, NatsServerBinary, Version, MIN_VERSION, NATS_SERVER_ENV};
 pub use federation::{
-    kept_logs_root, Error, Federation, Role, DIRECTORY_BUCKET_CONFIG, HUB, HUB_DOMAIN,
+    kept_logs_root, Error, ExtraLeaf, Federation, Role, TlsFiles, DIRECTORY_BUCKET_CONFIG, HUB,
+    HUB_DOMAIN,
 };
 pub use wait::{eventually, eventually_blocking, wait_until, Backoff, WaitError, DEFAULT_TIMEOUT};
 

@@ -19,7 +19,7 @@ use nubis_protocol::subject::{DirectoryKey, Subject, DIRECTORY_BUCKET};
 use nubis_protocol::{SiteId, VmId};
 use nubis_proxy::naming::STREAM as TRANSFER_STREAM;
 use nubis_proxy::objects::{ensure_bucket, CONSUMER_INACTIVE_LIMIT, MAX_CONSUMERS};
-use nubis_site::directory::{open_bucket, Directory};
+use nubis_site::directory::{open_bucket, Directory, Withdraw};
 use nubis_testkit::{require_nats_server, Federation, Role, DEFAULT_TIMEOUT, HUB, HUB_DOMAIN};
 
 use crate::permissions::{
@@ -332,7 +332,8 @@ async fn registrations_are_kept_under_the_writers_id_refreshed_and_withdrawn() {
     assert_eq!(refreshed.operation, kv::Operation::Put);
 
     // When the VM leaves b, b withdraws both, and the next heartbeat does not bring them back.
-    assert_eq!(dir_b.withdraw_vm(&vm).await.unwrap(), 2);
+    assert_eq!(dir_b.withdraw(&vm, Withdraw::Producers).await.unwrap(), 1);
+    assert_eq!(dir_b.withdraw(&vm, Withdraw::Consumer).await.unwrap(), 1);
     dir_b.publish_self(&entry(now_ms())).await.unwrap();
     for key in [&producer_key, &consumer_key] {
         assert!(kv.get(key.as_str()).await.unwrap().is_none(), "{key}");

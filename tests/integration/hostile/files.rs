@@ -18,7 +18,6 @@ use nubis_protocol::message::{
 };
 use nubis_protocol::{MigrationId, SiteId, VmId};
 use nubis_proxy::{ProxyError, TransferSettings};
-use nubis_testkit::federation::Role;
 use nubis_testkit::{require_nats_server, wait_until, Federation, DEFAULT_TIMEOUT};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -234,11 +233,11 @@ fn descriptor(id: &str) -> VmDescriptor {
 /// A host agent of site `a` on libvirt's test driver, whose domains every connection of this
 /// process sees.
 async fn host_agent(
-    fed: &Federation,
+    fed: &mut Federation,
     dir: &Path,
     host: &str,
 ) -> (CancellationToken, HostClient<NatsTransport>) {
-    let (user, password) = fed.credentials("a", Role::Host).unwrap();
+    let (user, password) = fed.host_credentials("a", host).await.unwrap();
     let path = dir.join("host.toml");
     std::fs::write(
         &path,
@@ -273,8 +272,8 @@ async fn a_qcow2_image_naming_a_host_file_defines_no_domain() {
     if qemu_img(tmp.path(), &["--version"]).is_none() {
         return;
     }
-    let fed = Federation::start_with(&binary, &["a"]).await.unwrap();
-    let (agent, c) = host_agent(&fed, tmp.path(), "h-files").await;
+    let mut fed = Federation::start_with(&binary, &["a"]).await.unwrap();
+    let (agent, c) = host_agent(&mut fed, tmp.path(), "h-files").await;
     let hv = LibvirtHypervisor::connect(LibvirtConfig::new("test:///default")).unwrap();
 
     // Each image lands in its VM's disk slot, as the transfer proxy would write it.
@@ -437,7 +436,7 @@ async fn a_placement_carrying_a_backed_image_is_refused_and_a_plain_one_is_place
 /// A broken-into host agent of site b: it answers `vm.reserve` with slots naming the site's
 /// key file, and counts the reservations it is asked to give back.
 async fn hostile_host_agent(
-    stack: &Stack,
+    stack: &mut Stack,
     key: std::path::PathBuf,
 ) -> tokio::sync::mpsc::UnboundedReceiver<String> {
     use futures::StreamExt as _;
@@ -445,7 +444,7 @@ async fn hostile_host_agent(
     use nubis_protocol::message::host::{ReleaseVm, ReserveVm, VmReleased, VmReserved};
     use nubis_protocol::message::{HostReply, HostResources, LocalFile};
 
-    let nats = stack.fed.connect_as("b", Role::Host).await.unwrap();
+    let nats = stack.fed.connect_as_host("b", "evil").await.unwrap();
     let mut requests = nats.subscribe("nubis.site.b.host.evil.>").await.unwrap();
     nats.flush().await.unwrap();
     let (seen, heard) = tokio::sync::mpsc::unbounded_channel();
@@ -502,7 +501,7 @@ async fn a_host_agent_naming_the_site_key_gets_no_token_and_an_honest_host_takes
     let Some(binary) = require_nats_server() else {
         return;
     };
-    let stack = Stack::start(
+    let mut stack = Stack::start(
         &binary,
         vec![
             SiteSpec::new("a").partner("b", 10),
@@ -516,7 +515,7 @@ async fn a_host_agent_naming_the_site_key_gets_no_token_and_an_honest_host_takes
     .await;
     let key = stack.root().join("b.key");
     let key_text = key.to_string_lossy().into_owned();
-    let mut heard = hostile_host_agent(&stack, key.clone()).await;
+    let mut heard = hostile_host_agent(&mut stack, key.clone()).await;
     // Every mint request of site b, as its proxy receives it.
     let observer = stack.fed.connect_site_internal("b").await.unwrap();
     let mut mints = observer.subscribe("nubis.proxy.b.p1.mint").await.unwrap();

@@ -21,6 +21,7 @@ use crate::stack::Stack;
 mod bus;
 mod chain;
 mod files;
+mod hosts;
 mod operators;
 mod quota;
 mod soak;

@@ -18,12 +18,18 @@ const LONG: Duration = Duration::from_secs(30);
 async fn watched(
     stack: &Stack,
     site: &str,
-    role: Role,
+    (user, password): (String, String),
 ) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
-    let (user, password) = stack.fed.credentials(site, role).unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
+    // Each user hears replies on its own inbox only: a host agent under its subjects, an
+    // operator under `_INBOX.<name>`.
+    let inbox = match user.strip_prefix("host.") {
+        Some(host) => format!("nubis.site.{site}.host.{host}.inbox"),
+        None => format!("_INBOX.{user}"),
+    };
     let client = async_nats::ConnectOptions::with_user_and_password(user, password)
+        .custom_inbox_prefix(inbox)
         .event_callback(move |event| {
             let sink = sink.clone();
             async move {
@@ -189,9 +195,19 @@ async fn no_operator_speaks_in_anothers_name_answers_for_the_site_or_touches_the
     let Some(binary) = require_nats_server() else {
         return;
     };
-    let stack = Stack::start(&binary, vec![SiteSpec::new("a").host("h1", 4096)]).await;
-    let (viewer, viewer_seen) = watched(&stack, "a", Role::Viewer).await;
-    let (operator, operator_seen) = watched(&stack, "a", Role::Operator).await;
+    let mut stack = Stack::start(&binary, vec![SiteSpec::new("a").host("h1", 4096)]).await;
+    let (viewer, viewer_seen) = watched(
+        &stack,
+        "a",
+        stack.fed.credentials("a", Role::Viewer).unwrap(),
+    )
+    .await;
+    let (operator, operator_seen) = watched(
+        &stack,
+        "a",
+        stack.fed.credentials("a", Role::Operator).unwrap(),
+    )
+    .await;
 
     // The viewer cannot call in the operator's name; the operator can.
     let forged = "nubis.ops.a.operator.evict";
@@ -213,8 +229,14 @@ async fn no_operator_speaks_in_anothers_name_answers_for_the_site_or_touches_the
 
     // Neither operator role, nor a host agent, nor a transfer proxy may subscribe to the operator API (so none can
     // join its queue group and answer in the site's place); the site daemon still answers.
-    let (host, host_seen) = watched(&stack, "a", Role::Host).await;
-    let (proxy, proxy_seen) = watched(&stack, "a", Role::Proxy).await;
+    let host_credentials = stack.fed.host_credentials("a", "h1").await.unwrap();
+    let (host, host_seen) = watched(&stack, "a", host_credentials).await;
+    let (proxy, proxy_seen) = watched(
+        &stack,
+        "a",
+        stack.fed.credentials("a", Role::Proxy).unwrap(),
+    )
+    .await;
     for (client, seen) in [
         (&viewer, &viewer_seen),
         (&operator, &operator_seen),
@@ -244,9 +266,15 @@ async fn no_operator_speaks_in_anothers_name_answers_for_the_site_or_touches_the
         .unwrap();
     operator.flush().await.unwrap();
     violation(&operator_seen, "nubis.audit.a").await;
+    // Nor the accounting stream, the site's bills, nor any stream but the image uploads.
     for subject in [
         "$JS.API.STREAM.PURGE.nubis-audit",
         "$JS.API.STREAM.DELETE.nubis-audit",
+        "$JS.API.STREAM.PURGE.NUBIS_ACCOUNTING",
+        "$JS.API.STREAM.DELETE.NUBIS_ACCOUNTING",
+        "$JS.API.STREAM.UPDATE.NUBIS_ACCOUNTING",
+        "$JS.API.STREAM.MSG.DELETE.NUBIS_ACCOUNTING",
+        "$JS.API.STREAM.DELETE.OBJ_nubis-xfer",
     ] {
         operator
             .publish_with_reply(subject, operator.new_inbox(), "{}".into())
@@ -264,5 +292,62 @@ async fn no_operator_speaks_in_anothers_name_answers_for_the_site_or_touches_the
     let purge: Value = serde_json::from_slice(&purge.payload).unwrap();
     assert!(purge.get("error").is_some(), "{purge}");
     assert_eq!(audit(&stack, Role::Operator).await, records);
+    // What the operator may do in the domain still works: read the accounting stream.
+    let accounting = operator
+        .request("$JS.API.STREAM.INFO.NUBIS_ACCOUNTING", "".into())
+        .await
+        .unwrap();
+    let accounting: Value = serde_json::from_slice(&accounting.payload).unwrap();
+    assert_eq!(
+        accounting["config"]["name"], "NUBIS_ACCOUNTING",
+        "{accounting}"
+    );
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_hears_only_its_own_replies() {
+    let Some(binary) = require_nats_server() else {
+        return;
+    };
+    let stack = Stack::start(&binary, vec![SiteSpec::new("a").host("h1", 4096)]).await;
+    let viewer_login = stack.fed.credentials("a", Role::Viewer).unwrap();
+    let operator_login = stack.fed.credentials("a", Role::Operator).unwrap();
+    let (viewer, viewer_seen) = watched(&stack, "a", viewer_login).await;
+    let (operator, _) = watched(&stack, "a", operator_login).await;
+
+    // The viewer tries to hear every reply, and the operator's in particular: refused.
+    let mut every = viewer.subscribe("_INBOX.>").await.unwrap();
+    let mut theirs = viewer.subscribe("_INBOX.operator.>").await.unwrap();
+    viewer.flush().await.unwrap();
+    violation(&viewer_seen, "_INBOX.>").await;
+    violation(&viewer_seen, "_INBOX.operator.>").await;
+    // Nor may it put a reply of its own into the operator's inbox.
+    viewer
+        .publish("_INBOX.operator.forged", "first reply wins".into())
+        .await
+        .unwrap();
+    viewer.flush().await.unwrap();
+    violation(&viewer_seen, "_INBOX.operator.forged").await;
+
+    // Each gets its own answers on its own inbox; the viewer heard none of the operator's.
+    let mine = ops_client(&operator, "a")
+        .as_operator("operator")
+        .status()
+        .await
+        .unwrap();
+    let its = ops_client(&viewer, "a")
+        .as_operator("viewer")
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(mine.site, its.site);
+    for sub in [&mut every, &mut theirs] {
+        let heard = tokio::time::timeout(Duration::ZERO, futures::StreamExt::next(sub))
+            .await
+            .ok()
+            .flatten();
+        assert!(heard.is_none(), "the viewer heard {heard:?}");
+    }
     stack.shutdown().await;
 }

@@ -565,9 +565,11 @@ fn cheat_sheet(stack: &Stack) {
         "   nats --server {url} --user {user} --password {password} sub 'nubis.mon.a.shop-web.>'"
     );
     println!(
-        "   nats --server {url} --user {user} --password {password} req nubis.ops.a.status '{{}}'"
+        "   nats --server {url} --user {user} --password {password} --inbox-prefix _INBOX.{user} req nubis.ops.a.status '{{}}'"
     );
-    println!("   nats --server {url} --user {user} --password {password} micro ls");
+    println!(
+        "   nats --server {url} --user {user} --password {password} --inbox-prefix _INBOX.{user} micro ls"
+    );
     println!("   Configuration and key files: {}", stack.root().display());
     println!("   Ctrl-C stops everything.");
 }

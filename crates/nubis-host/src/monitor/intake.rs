@@ -1,4 +1,4 @@
-//! The monitoring intake (`nubis.site.<site>.mon.intake`): each batch encoded as a
+//! The monitoring intake (`nubis.site.<site>.intake.<host>`): each batch encoded as a
 //! [`ProducedBatch`], sent as a request, and the site's [`BatchStored`] acknowledgement checked.
 
 use std::time::Duration;

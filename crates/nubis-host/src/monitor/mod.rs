@@ -10,7 +10,7 @@
 //! asks for sealing gets the batch's
 //! [`ClearPayload`](nubis_protocol::message::ClearPayload) sealed to the primary site's X25519 key.
 //!
-//! Each batch is sent as a [`ProducedBatch`] request on `nubis.site.<site>.mon.intake`; the site
+//! Each batch is sent as a [`ProducedBatch`] request on `nubis.site.<site>.intake.<host>`; the site
 //! answers [`BatchStored`] once the batch is in its accounting stream. Until then the batch stays
 //! in an ordered outbox and is sent again, unchanged, after a back-off that grows while the site
 //! does not answer (a nats-server restart loses nothing). At most one batch per Producer is in
@@ -42,7 +42,7 @@ use nubis_kpifs::KpiError;
 use nubis_protocol::codec::CodecError;
 use nubis_protocol::descriptor::VmDescriptor;
 use nubis_protocol::envelope::now_ms;
-use nubis_protocol::message::ProducerId;
+use nubis_protocol::message::{HostId, ProducerId};
 use nubis_protocol::seal::SealError;
 use nubis_protocol::subject::Subject;
 use nubis_protocol::{SiteId, VmId};
@@ -98,6 +98,8 @@ pub enum MonitorError {
 pub struct MonitorSettings {
     /// The site, which names the intake subject.
     pub site: SiteId,
+    /// This host, which names the intake subject too.
+    pub host: HostId,
     /// How often to measure, poll and send.
     pub tick: Duration,
     /// Most batches kept until acknowledged.
@@ -113,6 +115,7 @@ impl MonitorSettings {
     pub fn from_config(config: &HostConfig) -> Self {
         Self {
             site: config.site.clone(),
+            host: config.host.clone(),
             tick: config.monitor_tick,
             outbox: config.monitor_outbox,
             kpi_root: config.kpi_root.clone(),
@@ -189,7 +192,7 @@ impl Monitor {
         Self {
             kpi_wake,
             kpi_woken: Some(kpi_woken),
-            intake: String::from(Subject::monitoring_intake(&settings.site)),
+            intake: String::from(Subject::monitoring_intake(&settings.site, &settings.host)),
             settings,
             vms: HashMap::new(),
             sampler: Sampler::new(),

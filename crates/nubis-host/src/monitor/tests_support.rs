@@ -12,6 +12,7 @@ pub(super) fn descriptor(sealing: [u8; 32], specifier: MonitoringSpecifier) -> V
 pub(super) fn monitor_with_vm(outbox: usize) -> (Monitor, VmId) {
     let mut m = Monitor::new(MonitorSettings {
         site: SiteId::new("site-a").unwrap(),
+        host: HostId::new("h1").unwrap(),
         tick: Duration::from_millis(250),
         outbox,
         kpi_root: PathBuf::from("/nonexistent"),

@@ -236,9 +236,24 @@ impl Subject {
         Self(format!("nubis.events.{site}.sla.{vm}"))
     }
 
-    /// `nubis.site.<site>.mon.intake`: host agents hand their batches to the site here.
-    pub fn monitoring_intake(site: &SiteId) -> Self {
-        Self(format!("nubis.site.{site}.mon.intake"))
+    /// `nubis.site.<site>.intake.<host>`: host agent `host` hands its batches to the site here.
+    /// Each host's NATS user may publish only on its own, so the site knows which host sent a
+    /// batch from the subject it arrived on.
+    pub fn monitoring_intake(site: &SiteId, host: &HostId) -> Self {
+        Self(format!("nubis.site.{site}.intake.{host}"))
+    }
+
+    /// `nubis.site.<site>.intake.*`: the site's subscription to the intake of all its hosts.
+    pub fn monitoring_intake_all(site: &SiteId) -> Self {
+        Self(format!("nubis.site.{site}.intake.*"))
+    }
+
+    /// The host of an intake subject of `site` (`nubis.site.<site>.intake.<host>`), if it is one.
+    pub fn intake_host(site: &SiteId, subject: &str) -> Option<HostId> {
+        let rest = subject.strip_prefix("nubis.site.")?;
+        let rest = rest.strip_prefix(site.as_str())?;
+        let host = rest.strip_prefix(".intake.")?;
+        HostId::new(host).ok()
     }
 
     /// `nubis.acct.<site>.<vm>`: the subject of `site`'s accounting stream for one VM (in the
@@ -292,6 +307,19 @@ impl Subject {
     /// that replies carrying host paths stay under `nubis.site.>`, which never leaves the site.
     pub fn site_inbox_prefix(site: &SiteId) -> String {
         format!("nubis.site.{site}.inbox")
+    }
+
+    /// `nubis.site.<site>.host.<host>.inbox`: the reply-inbox prefix of host agent `host`'s own
+    /// requests (the monitoring intake), inside the subjects only that host may subscribe to.
+    pub fn host_inbox_prefix(site: &SiteId, host: &HostId) -> String {
+        format!("nubis.site.{site}.host.{host}.inbox")
+    }
+
+    /// `_INBOX.<operator>`: the reply-inbox prefix of operator `operator`'s connections (the
+    /// nubis CLI's, or the nats CLI's with `--inbox-prefix`). Each operator's NATS user may
+    /// subscribe only under its own, so no operator reads another's replies.
+    pub fn operator_inbox_prefix(operator: &str) -> String {
+        format!("_INBOX.{operator}")
     }
 
     /// `nubis.ops.<site>.<endpoint>`: the operator API.

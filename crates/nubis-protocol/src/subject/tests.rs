@@ -258,3 +258,26 @@ fn directory_keys() {
     }
     assert_eq!(DirectoryKey::from_stored("other.a").writer(), None);
 }
+
+#[test]
+fn intake_subjects_name_their_host() {
+    let a = SiteId::new("a").unwrap();
+    let h = HostId::new("h1").unwrap();
+    let intake = Subject::monitoring_intake(&a, &h);
+    assert_eq!(intake.as_str(), "nubis.site.a.intake.h1");
+    assert_eq!(
+        Subject::monitoring_intake_all(&a).as_str(),
+        "nubis.site.a.intake.*"
+    );
+    assert_eq!(Subject::intake_host(&a, intake.as_str()), Some(h.clone()));
+    // Another site's intake, a wildcard, or a subject with more tokens names no host of `a`.
+    let b = SiteId::new("b").unwrap();
+    assert_eq!(Subject::intake_host(&b, intake.as_str()), None);
+    assert_eq!(Subject::intake_host(&a, "nubis.site.a.intake.*"), None);
+    assert_eq!(Subject::intake_host(&a, "nubis.site.a.intake.h1.x"), None);
+    assert_eq!(Subject::intake_host(&a, "nubis.site.ab.intake.h1"), None);
+    assert_eq!(
+        Subject::host_inbox_prefix(&a, &h),
+        "nubis.site.a.host.h1.inbox"
+    );
+}

@@ -260,6 +260,12 @@ struct RawConfig {
     nats_password: Option<Secret>,
     #[serde(default)]
     nats_password_file: Option<PathBuf>,
+    #[serde(default)]
+    nats_tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    nats_tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    nats_tls_key: Option<PathBuf>,
     #[serde(default = "default_hub_domain")]
     hub_domain: String,
     data_dir: PathBuf,
@@ -388,6 +394,14 @@ impl SiteConfig {
             raw.nats_user,
             raw.nats_password,
             raw.nats_password_file,
+        )?
+        .with_tls(
+            path,
+            nubis_bus::config::TlsKeys {
+                nats_tls_ca: raw.nats_tls_ca,
+                nats_tls_cert: raw.nats_tls_cert,
+                nats_tls_key: raw.nats_tls_key,
+            },
         )?;
         if raw.directory.heartbeat_ms == 0 {
             return Err(invalid(

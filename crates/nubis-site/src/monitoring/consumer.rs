@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::{target, DropReason, Monitoring, Path, Target};
 use crate::accounting;
 use crate::config::{Delivery, SiteConfig};
-use crate::directory::SiteRecord;
+use crate::directory::{SiteRecord, Withdraw};
 use crate::journal::NextHop;
 
 /// How often the bus subscriptions are brought in line with the VM records.
@@ -46,6 +46,7 @@ impl Monitoring {
     pub(super) async fn keep_bus_subscriptions(self: Arc<Self>, cancel: CancellationToken) {
         // Per VM: the subscription, and the downstream site it was registered with.
         let mut held: HashMap<(SiteId, VmId), (CancellationToken, SiteId)> = HashMap::new();
+        let mut swept = false;
         let mut tick = tokio::time::interval(RESUBSCRIBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -60,6 +61,12 @@ impl Monitoring {
                     continue;
                 }
             };
+            let local: HashSet<VmId> = records
+                .iter()
+                .filter(|r| matches!(r.downstream, Some(NextHop::Host(_))))
+                .map(|r| r.vm.clone())
+                .collect();
+            self.withdraw_departed_producers(&local);
             let wanted: HashMap<(SiteId, VmId), SiteId> = records
                 .into_iter()
                 .filter_map(|r| match r.downstream {
@@ -72,9 +79,33 @@ impl Monitoring {
                 if !keep {
                     tracing::debug!(vm.id = %key.1, "monitoring subscription dropped");
                     token.cancel();
+                    self.withdraw_in_background(key.1.clone(), Withdraw::Consumer);
                 }
                 keep
             });
+            if !swept {
+                // Registrations left by an earlier run for VMs this site no longer holds.
+                let delegated: HashSet<VmId> = wanted.keys().map(|(_, vm)| vm.clone()).collect();
+                match self
+                    .deps
+                    .directory
+                    .sweep_own(|vm, which| match which {
+                        Withdraw::Producers => local.contains(vm),
+                        Withdraw::Consumer => delegated.contains(vm),
+                    })
+                    .await
+                {
+                    Ok(n) => {
+                        swept = true;
+                        if n > 0 {
+                            tracing::info!(keys = n, "stale directory registrations removed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot sweep own registrations; will retry")
+                    }
+                }
+            }
             let delegated: HashSet<&VmId> = wanted.keys().map(|(_, vm)| vm).collect();
             self.chains.retain(|vm| delegated.contains(vm));
             for (key, downstream) in wanted {
@@ -106,6 +137,38 @@ impl Monitoring {
                 }
             }
         }
+    }
+
+    /// Forgets the Producers of VMs that no longer run on this site's hosts and withdraws their
+    /// directory registrations.
+    fn withdraw_departed_producers(&self, local: &HashSet<VmId>) {
+        let departed: Vec<VmId> = match self.producers.lock() {
+            Ok(mut table) => {
+                let departed: Vec<VmId> = table
+                    .keys()
+                    .filter(|vm| !local.contains(*vm))
+                    .cloned()
+                    .collect();
+                for vm in &departed {
+                    table.remove(vm);
+                }
+                departed
+            }
+            Err(_) => Vec::new(),
+        };
+        for vm in departed {
+            tracing::debug!(vm.id = %vm, "vm left this site's hosts; producers withdrawn");
+            self.withdraw_in_background(vm, Withdraw::Producers);
+        }
+    }
+
+    fn withdraw_in_background(&self, vm: VmId, which: Withdraw) {
+        let directory = self.deps.directory.clone();
+        self.tracker.spawn(async move {
+            if let Err(e) = directory.withdraw(&vm, which).await {
+                tracing::warn!(error = %e, vm.id = %vm, ?which, "cannot withdraw registration");
+            }
+        });
     }
 
     /// Registers this site as a GMA Consumer of `vm`'s monitoring in the directory (best

@@ -1,29 +1,35 @@
 //! Batches from the site's own host agents (producer role): checked against the VM's record,
 //! signed, delivered, stored and acknowledged; their Producers registered in the directory.
 
+use std::collections::btree_map::Entry;
+
 use nubis_protocol::codec;
 use nubis_protocol::descriptor::DataPoint;
 use nubis_protocol::envelope::now_ms;
 use nubis_protocol::message::{
-    BatchStored, ErrorCode, ErrorReply, HostReply, MonitoringBatch, ProducedBatch,
+    BatchStored, ErrorCode, ErrorReply, HostId, HostReply, MonitoringBatch, ProducedBatch,
     ProducerRegistration,
 };
 use nubis_protocol::subject::Subject;
 
-use super::{internal_error, target, DropReason, Monitoring};
+use super::{internal_error, target, DropReason, Monitoring, MAX_PRODUCERS_PER_VM};
 use crate::accounting::{self, AccountingError};
 use crate::journal::{NextHop, VmRecord};
 
-/// Checks a produced batch against this site's record of its VM; returns that record.
+/// Checks a produced batch that host `host` sent against this site's record of its VM;
+/// returns that record. Only the host that holds the VM may speak for it.
 pub fn check_intake<'r>(
     record: Option<&'r VmRecord>,
+    host: &HostId,
     batch: &MonitoringBatch,
 ) -> Result<&'r VmRecord, DropReason> {
     let Some(record) = record else {
         return Err(DropReason::UnknownVm);
     };
-    if !matches!(record.downstream, Some(NextHop::Host(_))) {
-        return Err(DropReason::UnknownVm);
+    match &record.downstream {
+        Some(NextHop::Host(holder)) if holder == host => {}
+        Some(NextHop::Host(_)) => return Err(DropReason::WrongSender),
+        _ => return Err(DropReason::UnknownVm),
     }
     if record.primary != batch.primary_site {
         return Err(DropReason::Refused);
@@ -34,7 +40,13 @@ pub fn check_intake<'r>(
 impl Monitoring {
     /// A batch from one of this site's host agents; answers once it is stored.
     pub(super) async fn intake(&self, msg: async_nats::Message) {
-        let answer = match self.intake_batch(&msg.payload).await {
+        // Each host's NATS user may publish only on its own intake subject, so the subject
+        // names the sender.
+        let Some(host) = Subject::intake_host(&self.site, &msg.subject) else {
+            self.counters.drop_for(DropReason::WrongSubject);
+            return;
+        };
+        let answer = match self.intake_batch(&host, &msg.payload).await {
             Ok(stored) => HostReply::Ok(stored),
             Err(e) => {
                 tracing::info!(code = e.code.as_str(), error = %e.message, "batch refused");
@@ -54,18 +66,31 @@ impl Monitoring {
         }
     }
 
-    pub(super) async fn intake_batch(&self, payload: &[u8]) -> Result<BatchStored, ErrorReply> {
+    pub(super) async fn intake_batch(
+        &self,
+        host: &HostId,
+        payload: &[u8],
+    ) -> Result<BatchStored, ErrorReply> {
         let produced: ProducedBatch = codec::from_slice(payload).map_err(|e| {
             self.counters.drop_for(DropReason::Malformed);
             ErrorReply::new(ErrorCode::Malformed, format!("not a produced batch: {e}"))
         })?;
         let ProducedBatch { data_point, batch } = produced;
         let record = self.record(&batch.vm)?;
-        let record = match check_intake(record.as_ref(), &batch) {
+        let record = match check_intake(record.as_ref(), host, &batch)
+            .and_then(|r| self.check_producer(host, &batch).map(|()| r))
+        {
             Ok(r) => r,
             Err(reason) => {
                 self.counters.drop_for(reason);
                 return Err(match reason {
+                    DropReason::WrongSender => ErrorReply::new(
+                        ErrorCode::Refused,
+                        format!(
+                            "VM {} (producer {}) is not held by host {host}",
+                            batch.vm, batch.producer
+                        ),
+                    ),
                     DropReason::Refused => ErrorReply::new(
                         ErrorCode::Refused,
                         format!(
@@ -104,7 +129,7 @@ impl Monitoring {
             )
             .await
             .map_err(|e: AccountingError| internal_error(e))?;
-        self.register_producer(&batch, &data_point);
+        self.register_producer(host, &batch, &data_point);
         if !stored.duplicate {
             self.evaluate_sla(record, &batch).await;
         }
@@ -116,14 +141,47 @@ impl Monitoring {
         })
     }
 
-    /// Registers a Producer in the directory the first time it is seen (best effort; retried
-    /// with its next batch if the directory cannot be written).
-    pub(super) fn register_producer(&self, batch: &MonitoringBatch, data_point: &DataPoint) {
-        let key = (batch.vm.clone(), batch.producer.clone());
+    /// Refuses a batch under a Producer that another host of this site registered for the VM,
+    /// and a new Producer for a VM that has [`MAX_PRODUCERS_PER_VM`] already.
+    fn check_producer(&self, host: &HostId, batch: &MonitoringBatch) -> Result<(), DropReason> {
+        let Ok(table) = self.producers.lock() else {
+            return Ok(());
+        };
+        let Some(of_vm) = table.get(&batch.vm) else {
+            return Ok(());
+        };
+        match of_vm.get(&batch.producer) {
+            Some(registered_by) if registered_by != host => Err(DropReason::WrongSender),
+            Some(_) => Ok(()),
+            None if of_vm.len() >= MAX_PRODUCERS_PER_VM => Err(DropReason::WrongSender),
+            None => Ok(()),
+        }
+    }
+
+    /// Registers a Producer in the directory the first time host `host` sends under it (best
+    /// effort; retried with its next batch if the directory cannot be written).
+    pub(super) fn register_producer(
+        &self,
+        host: &HostId,
+        batch: &MonitoringBatch,
+        data_point: &DataPoint,
+    ) {
         let first = self
             .producers
             .lock()
-            .map(|mut p| p.insert(key.clone()))
+            .map(|mut table| {
+                match table
+                    .entry(batch.vm.clone())
+                    .or_default()
+                    .entry(batch.producer.clone())
+                {
+                    Entry::Occupied(_) => false,
+                    Entry::Vacant(v) => {
+                        v.insert(host.clone());
+                        true
+                    }
+                }
+            })
             .unwrap_or(false);
         if !first {
             return;
@@ -147,8 +205,10 @@ impl Monitoring {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, vm.id = %registration.vm, "cannot register producer; will retry");
-                    if let Ok(mut p) = producers.lock() {
-                        p.remove(&key);
+                    if let Ok(mut table) = producers.lock() {
+                        if let Some(of_vm) = table.get_mut(&registration.vm) {
+                            of_vm.remove(&registration.producer);
+                        }
                     }
                 }
             }

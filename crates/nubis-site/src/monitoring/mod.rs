@@ -6,7 +6,8 @@
 //!
 //! - **Intake.** A host agent sends an unsigned
 //!   [`ProducedBatch`](nubis_protocol::message::ProducedBatch) on the site-internal
-//!   `nubis.site.<site>.mon.intake`. The VM must run on one of this site's hosts and the batch
+//!   `nubis.site.<site>.intake.<host>`. The VM must run on that host (whose NATS user alone may
+//!   publish there) and the batch
 //!   must name the VM's primary site. The site signs the batch, delivers it by its policy, stores
 //!   it, and only then acknowledges it with a
 //!   [`BatchStored`](nubis_protocol::message::BatchStored); the host agent resends until then.
@@ -38,7 +39,7 @@
 //!
 //! Everything refused is dropped and counted by reason (the `monitoring` operator endpoint).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -46,7 +47,7 @@ use async_nats::Client;
 use futures::StreamExt as _;
 use nubis_protocol::envelope::{now_ms, Opened, Verifier};
 use nubis_protocol::identity::SiteIdentity;
-use nubis_protocol::message::{ErrorCode, ErrorReply, MonitoringBatch, ProducerId};
+use nubis_protocol::message::{ErrorCode, ErrorReply, HostId, MonitoringBatch, ProducerId};
 use nubis_protocol::subject::Subject;
 use nubis_protocol::{SiteId, VmId};
 use tokio::sync::Semaphore;
@@ -77,6 +78,13 @@ pub use counters::{DropReason, MonitoringCounters, PathCounters};
 pub use intake::check_intake;
 pub use relay::{target, Target};
 pub use report::{UsageReport, USAGE_LOOKBACK_MS};
+
+/// The Producers registered for each VM, with the host that registered each.
+type ProducerTable = BTreeMap<VmId, BTreeMap<ProducerId, HostId>>;
+
+/// Most Producers one VM may have at a time (a host agent makes one per VM each time it starts;
+/// only a broken-into host would reach this).
+pub const MAX_PRODUCERS_PER_VM: usize = 16;
 
 /// Queue group of the intake subscription, so that several daemons of a site could share it.
 pub const INTAKE_QUEUE_GROUP: &str = "nubis-site";
@@ -138,7 +146,8 @@ pub struct Monitoring {
     counters: MonitoringCounters,
     vms: Mutex<BTreeMap<VmId, VmStats>>,
     sla: Mutex<SlaEvaluator>,
-    producers: Arc<Mutex<HashSet<(VmId, ProducerId)>>>,
+    /// The Producers registered for each VM, with the host that registered each.
+    producers: Arc<Mutex<ProducerTable>>,
     chains: chain::Chains,
     slots: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -167,7 +176,7 @@ impl Monitoring {
             deps,
             counters: MonitoringCounters::default(),
             vms: Mutex::new(BTreeMap::new()),
-            producers: Arc::new(Mutex::new(HashSet::new())),
+            producers: Arc::new(Mutex::new(BTreeMap::new())),
             chains: chain::Chains::default(),
             slots: Arc::new(Semaphore::new(CONCURRENCY)),
             tracker,
@@ -181,7 +190,7 @@ impl Monitoring {
 
     /// Serves intake and relay deliveries and keeps the bus subscriptions, until `cancel`.
     pub async fn serve(self: &Arc<Self>, cancel: CancellationToken) -> Result<(), MonitoringError> {
-        let intake_subject = Subject::monitoring_intake(&self.site);
+        let intake_subject = Subject::monitoring_intake_all(&self.site);
         let intake = self
             .deps
             .internal

@@ -78,24 +78,34 @@ fn relay_goes_up_one_hop_and_the_primary_or_bus_publishes() {
 }
 
 #[test]
-fn intake_needs_a_local_host_and_the_records_primary() {
-    assert_eq!(check_intake(None, &batch("a")), Err(DropReason::UnknownVm));
+fn intake_needs_the_host_holding_the_vm_and_the_records_primary() {
+    let h1 = HostId::new("h1").unwrap();
+    let h2 = HostId::new("h2").unwrap();
+    assert_eq!(
+        check_intake(None, &h1, &batch("a")),
+        Err(DropReason::UnknownVm)
+    );
     let delegated = record("a", None, Some(NextHop::Site(site("b"))));
     assert_eq!(
-        check_intake(Some(&delegated), &batch("a")),
+        check_intake(Some(&delegated), &h1, &batch("a")),
         Err(DropReason::UnknownVm)
     );
     let unplaced = record("a", None, None);
     assert_eq!(
-        check_intake(Some(&unplaced), &batch("a")),
+        check_intake(Some(&unplaced), &h1, &batch("a")),
         Err(DropReason::UnknownVm)
     );
     let local = record("a", Some("a"), host());
     assert_eq!(
-        check_intake(Some(&local), &batch("z")),
+        check_intake(Some(&local), &h1, &batch("z")),
         Err(DropReason::Refused)
     );
-    assert_eq!(check_intake(Some(&local), &batch("a")), Ok(&local));
+    // Another host of the same site cannot speak for the VM.
+    assert_eq!(
+        check_intake(Some(&local), &h2, &batch("a")),
+        Err(DropReason::WrongSender)
+    );
+    assert_eq!(check_intake(Some(&local), &h1, &batch("a")), Ok(&local));
 }
 
 fn config_with_partner(own: &str, partner: &SiteIdentity) -> SiteConfig {

@@ -20,6 +20,12 @@ pub enum Error {
         /// The id given.
         id: String,
     },
+    /// A host id that cannot be a NATS user name part and a subject token.
+    #[error("invalid host id {id:?}: use letters, digits, '-' and '_'")]
+    InvalidHostId {
+        /// The id given.
+        id: String,
+    },
     /// The same site id given twice.
     #[error("site {id:?} given twice")]
     DuplicateSite {
@@ -117,5 +123,12 @@ pub enum Error {
         /// The cause.
         #[source]
         source: MonitorError,
+    },
+    /// The federation's certificates could not be made or written.
+    #[error("cannot make the federation's TLS certificates")]
+    Tls {
+        /// The cause.
+        #[source]
+        source: nubis_bus::tls::TlsError,
     },
 }

@@ -10,7 +10,14 @@
 //! its users (see [`Role`]); [`Federation::connect`] logs in as a site's daemon (or the hub's
 //! operator), [`Federation::connect_as`] as any role, and [`Federation::credentials`] hands
 //! out a user and password for configuration files, such as a site daemon's.
+//!
+//! Every leaf connection is TLS verified both ways, as in a deployment: each federation makes a
+//! CA of its own and certificates for the hub and every site (`pki.rs`, with the code of
+//! `nubis tls`). Tests of which certificates the hub accepts issue their own
+//! ([`Federation::certificate_authority`], [`Federation::write_certificate`]) and start a site
+//! server with them ([`Federation::spawn_leaf`]). Clients stay on loopback without TLS.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +32,9 @@ use crate::wait::DEFAULT_TIMEOUT;
 
 mod bucket;
 mod error;
+mod extra_leaf;
+mod hosts;
+mod pki;
 mod readiness;
 mod role;
 mod server;
@@ -33,6 +43,9 @@ mod tests;
 
 pub use bucket::DIRECTORY_BUCKET_CONFIG;
 pub use error::Error;
+pub use extra_leaf::ExtraLeaf;
+pub use hosts::host_user;
+pub use pki::TlsFiles;
 pub use role::Role;
 use server::{render_template, Server};
 
@@ -73,6 +86,10 @@ pub struct Federation {
     sites: Vec<Server>,
     label: String,
     root: TempDir,
+    /// The federation's CA; every leaf connection is TLS verified against it.
+    pki: pki::Pki,
+    /// Per site, the passwords of its host agents' users (see [`Federation::host_credentials`]).
+    host_passwords: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Federation {
@@ -152,10 +169,12 @@ impl Federation {
                 ],
             )?);
             site.values.insert("SITE", (*id).to_owned());
+            site.values.insert(hosts::HOST_USERS, String::new());
             site.values.insert("LEAF_PASSWORD", leaf_password);
             site_servers.push(site);
         }
         hub.values.insert("LEAF_USERS", leaf_users.join("\n"));
+        let pki = Self::issue_certificates(root.path(), &mut hub, &mut site_servers)?;
 
         let mut federation = Self {
             binary: binary.clone(),
@@ -163,6 +182,8 @@ impl Federation {
             sites: site_servers,
             label,
             root,
+            pki,
+            host_passwords: BTreeMap::new(),
         };
         match federation.boot().await {
             Ok(()) => Ok(federation),

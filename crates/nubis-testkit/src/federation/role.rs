@@ -1,7 +1,8 @@
 //! The users of a server in the federation and what each may do.
 
 /// A user of a server in the federation, as defined in `nats-config/` (see the permission
-/// table in `nats-config/README.md`).
+/// table in `nats-config/README.md`). Host agents have one user each instead, see
+/// [`Federation::host_credentials`](super::Federation::host_credentials).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
     /// A site's daemon (`site`): federation requests addressed to the site, the operator API,
@@ -19,8 +20,6 @@ pub enum Role {
     /// A site's operator with the `read` role (`viewer`): the reading endpoints of that site's
     /// operator API as `viewer`, the audit stream, read access to the directory, monitoring.
     Viewer,
-    /// A site's host agents (`host`): site-internal subjects and monitoring events only.
-    Host,
     /// A site's administrator (`admin`): unrestricted inside the site, so it shows what a
     /// site can do at most; the hub's permissions on the leaf connection still apply.
     Admin,
@@ -28,12 +27,11 @@ pub enum Role {
 
 impl Role {
     /// Every role, in a fixed order.
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 5] = [
         Role::Site,
         Role::Proxy,
         Role::Operator,
         Role::Viewer,
-        Role::Host,
         Role::Admin,
     ];
 
@@ -44,7 +42,6 @@ impl Role {
             Role::Proxy => "proxy",
             Role::Operator => "operator",
             Role::Viewer => "viewer",
-            Role::Host => "host",
             Role::Admin => "admin",
         }
     }
@@ -56,7 +53,6 @@ impl Role {
             Role::Proxy => "PROXY_PASSWORD",
             Role::Operator => "OPERATOR_PASSWORD",
             Role::Viewer => "VIEWER_PASSWORD",
-            Role::Host => "HOST_PASSWORD",
             Role::Admin => "ADMIN_PASSWORD",
         }
     }

@@ -144,6 +144,9 @@ impl Server {
         // nats-config/README.md).
         if self.is_hub() || matches!(role, Role::Site | Role::Proxy | Role::Admin) {
             options = options.custom_inbox_prefix(format!("nubis.reply.{}._any", self.name));
+        } else {
+            // An operator hears replies only on its own inbox.
+            options = options.custom_inbox_prefix(format!("_INBOX.{}", role.user()));
         }
         options.connect(url).await.map_err(|source| Error::Connect {
             server: self.name.clone(),

@@ -13,6 +13,9 @@ fn templates_render_without_leftover_placeholders() {
         "SYS_PASSWORD",
         "OPERATOR_PASSWORD",
         "LEAF_USERS",
+        "TLS_CA",
+        "TLS_CERT",
+        "TLS_KEY",
     ] {
         hub.values.insert(key, "x".to_owned());
     }
@@ -33,17 +36,30 @@ fn templates_render_without_leftover_placeholders() {
         "PROXY_PASSWORD",
         "OPERATOR_PASSWORD",
         "VIEWER_PASSWORD",
-        "HOST_PASSWORD",
+        "HOST_USERS",
         "ADMIN_PASSWORD",
         "SITE",
         "HUB_LEAF_URL",
         "LEAF_PASSWORD",
+        "TLS_CA",
+        "TLS_CERT",
+        "TLS_KEY",
     ] {
         leaf.values.insert(key, "a".to_owned());
     }
     let text = leaf.render().unwrap();
     assert!(text.contains("listen: \"a:4222\""));
     assert!(text.contains("domain: \"a\""));
+    // Every leaf connection is TLS: the hub verifies and maps the site's certificate, the site
+    // presents one and verifies the hub's.
+    let hub_text = hub.render().unwrap();
+    let leafnodes = &hub_text[hub_text.find("leafnodes {").unwrap()..];
+    assert!(leafnodes.contains("verify_and_map: true"), "{leafnodes}");
+    assert!(leafnodes.contains("ca_file: \"x\""), "{leafnodes}");
+    let remotes = &text[text.find("remotes: [").unwrap()..];
+    for key in ["ca_file", "cert_file", "key_file"] {
+        assert!(remotes.contains(&format!("{key}: \"a\"")), "{remotes}");
+    }
     // No server maps credential-less clients to a user.
     for text in [&hub.render().unwrap(), &text] {
         assert!(!text.contains("no_auth_user:"), "{text}");
@@ -79,13 +95,7 @@ fn credentials_exist_for_every_role_at_a_site_and_only_the_operator_at_the_hub()
         hub.credentials(Role::Operator).unwrap(),
         ("operator".to_owned(), "hub-pw".to_owned())
     );
-    for role in [
-        Role::Site,
-        Role::Proxy,
-        Role::Viewer,
-        Role::Host,
-        Role::Admin,
-    ] {
+    for role in [Role::Site, Role::Proxy, Role::Viewer, Role::Admin] {
         let err = hub.credentials(role).unwrap_err();
         assert!(matches!(err, Error::NoSuchUser { .. }), "{err}");
     }
@@ -113,4 +123,23 @@ async fn invalid_and_duplicate_site_ids_are_refused_before_anything_starts() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::DuplicateSite { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn every_leaf_connection_is_tls_verified_both_ways() {
+    let Some(binary) = crate::require_nats_server() else {
+        return;
+    };
+    let federation = Federation::start_with(&binary, &["a"]).await.unwrap();
+    let varz = monitor::get_json(federation.monitoring_port(HUB).unwrap(), "/varz")
+        .await
+        .unwrap();
+    assert_eq!(varz.pointer("/leaf/tls_required"), Some(&true.into()));
+    assert_eq!(varz.pointer("/leaf/tls_verify"), Some(&true.into()));
+    assert_eq!(federation.leaf_connections().await.unwrap(), ["a"]);
+    // Private keys are the owner's only.
+    let key = federation.root().join("tls/site-a/key.pem");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+    federation.shutdown().await.unwrap();
 }
