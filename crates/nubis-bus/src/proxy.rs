@@ -2,8 +2,9 @@
 //! (or another proxy) calls. Every reply must be signed by the site of the proxy asked.
 
 use nubis_protocol::message::{
-    Body, FetchTransfer, MintToken, Minted, ProxyUri, ReleaseToken, Released, TransferAck,
-    TransferStatus, TransferStatusQuery, TransferStatusReply, TransferToken,
+    Body, FetchKey, FetchTransfer, MintToken, Minted, ProxyUri, ReleaseToken, Released,
+    SealedContentKey, TransferAck, TransferStatus, TransferStatusQuery, TransferStatusReply,
+    TransferToken,
 };
 use nubis_protocol::subject::{ProxyOp, Subject};
 use nubis_protocol::MigrationId;
@@ -96,6 +97,16 @@ impl ProxyClient {
         };
         let r: TransferStatusReply = self.call(uri, ProxyOp::Status, &query).await?;
         Ok(r.status)
+    }
+
+    /// Asks the serving proxy for the transfer's content key, sealed to the ephemeral public
+    /// key in `req` (before reading the token's objects).
+    pub async fn fetch_key(
+        &self,
+        uri: &ProxyUri,
+        req: &FetchKey,
+    ) -> Result<SealedContentKey, CallError> {
+        self.call(uri, ProxyOp::Status, req).await
     }
 
     /// Acknowledges verified digests to the serving proxy; answers its status after comparing.

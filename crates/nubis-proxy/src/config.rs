@@ -83,6 +83,12 @@ struct RawConfig {
     nats_password: Option<Secret>,
     #[serde(default)]
     nats_password_file: Option<PathBuf>,
+    #[serde(default)]
+    nats_tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    nats_tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    nats_tls_key: Option<PathBuf>,
     identity_file: PathBuf,
     store_dir: PathBuf,
     #[serde(default)]
@@ -239,6 +245,14 @@ impl Config {
                 raw.nats_user,
                 raw.nats_password,
                 raw.nats_password_file,
+            )?
+            .with_tls(
+                path,
+                nubis_bus::config::TlsKeys {
+                    nats_tls_ca: raw.nats_tls_ca,
+                    nats_tls_cert: raw.nats_tls_cert,
+                    nats_tls_key: raw.nats_tls_key,
+                },
             )?,
             identity_file: raw.identity_file,
             store_dir: raw.store_dir,

@@ -1,18 +1,19 @@
-//! Blocking file I/O of a transfer, on threads of their own so hashing and disk work overlap
-//! with the network: a reader that turns a host file into chunks of its allocated extents, and
-//! a sink that writes chunks into a temporary file and hashes it.
+//! Blocking file I/O of a transfer, on threads of their own so hashing, sealing and disk work
+//! overlap with the network: a reader that turns a host file into sealed chunks of its
+//! allocated extents, and a sink that writes chunks into a temporary file and hashes it.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::extents::{data_extents, Extent};
 use crate::hashing::LogicalHasher;
+use crate::seal::{ChunkSealer, SEAL_OVERHEAD};
 
 /// Chunks read ahead of the network, per file.
 const READ_AHEAD: usize = 4;
@@ -56,18 +57,18 @@ pub fn shape(path: &Path) -> io::Result<FileShape> {
 /// What the reader sends.
 #[derive(Debug)]
 pub enum ReadItem {
-    /// The next chunk of allocated data.
+    /// The next chunk of allocated data, sealed.
     Chunk {
         /// Its offset in the file.
         offset: u64,
-        /// Its bytes.
+        /// Its sealed bytes (the plaintext is [`SEAL_OVERHEAD`] bytes shorter).
         data: Bytes,
     },
     /// End of file.
     Done {
         /// SHA-256 of the whole file, holes as zeros.
         sha256: [u8; 32],
-        /// SHA-256 of the chunk bytes in order (the ADR-20 digest).
+        /// SHA-256 of the sealed chunk bytes in order (the ADR-20 digest).
         packed_sha256: [u8; 32],
         /// The file's length.
         size: u64,
@@ -78,40 +79,51 @@ pub enum ReadItem {
     Failed(io::Error),
 }
 
-/// Reads `path` in chunks of at most `chunk_size` on a blocking thread.
-pub fn spawn_reader(path: PathBuf, chunk_size: usize) -> mpsc::Receiver<ReadItem> {
+/// Reads `path` in chunks of at most `chunk_size` on a blocking thread, sealing each with
+/// `sealer` (the chunks are numbered from 0).
+pub fn spawn_reader(
+    path: PathBuf,
+    chunk_size: usize,
+    sealer: ChunkSealer,
+) -> mpsc::Receiver<ReadItem> {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = read_file(&path, chunk_size, &tx) {
+        if let Err(e) = read_file(&path, chunk_size, &sealer, &tx) {
             let _ = tx.blocking_send(ReadItem::Failed(e));
         }
     });
     rx
 }
 
-fn read_file(path: &Path, chunk_size: usize, tx: &mpsc::Sender<ReadItem>) -> io::Result<()> {
+fn read_file(
+    path: &Path,
+    chunk_size: usize,
+    sealer: &ChunkSealer,
+    tx: &mpsc::Sender<ReadItem>,
+) -> io::Result<()> {
     let f = File::open(path)?;
     let size = f.metadata()?.len();
     let extents = data_extents(&f, size)?;
-    let dense = extents.len() == 1 && extents[0].offset == 0 && extents[0].len == size;
     let mut whole = LogicalHasher::new();
-    // For a dense file the chunk bytes are the file, so one hash serves both digests.
-    let mut packed = (!dense).then(Sha256::new);
+    let mut packed = Sha256::new();
     let mut allocated = 0u64;
+    let mut index = 0u64;
+    // Sealing copies the bytes out, so one read buffer serves every chunk.
+    let mut buf = Vec::with_capacity(chunk_size);
     for ext in extents {
         let mut off = ext.offset;
         let end = ext.offset + ext.len;
         while off < end {
             let n = (end - off).min(chunk_size as u64) as usize;
-            let mut buf = BytesMut::zeroed(n);
+            buf.resize(n, 0);
             f.read_exact_at(&mut buf, off)?;
-            let data = buf.freeze();
             whole
-                .update(off, &data)
+                .update(off, &buf)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            if let Some(p) = packed.as_mut() {
-                p.update(&data);
-            }
+            let data = sealer.seal(index, &buf).map_err(io::Error::other)?;
+            debug_assert_eq!(data.len(), n + SEAL_OVERHEAD);
+            packed.update(&data);
+            index += 1;
             allocated += n as u64;
             if tx
                 .blocking_send(ReadItem::Chunk { offset: off, data })
@@ -126,7 +138,7 @@ fn read_file(path: &Path, chunk_size: usize, tx: &mpsc::Sender<ReadItem>) -> io:
     let sha256 = whole
         .finish(size)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let packed_sha256 = packed.map(|p| p.finalize().into()).unwrap_or(sha256);
+    let packed_sha256 = packed.finalize().into();
     let _ = tx.blocking_send(ReadItem::Done {
         sha256,
         packed_sha256,

@@ -34,6 +34,7 @@ pub mod pace;
 pub mod proxy;
 mod receive;
 mod relay;
+pub mod seal;
 mod serve;
 mod service;
 pub mod store;

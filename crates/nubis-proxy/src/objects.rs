@@ -10,7 +10,9 @@
 //! outstanding and awaits them in order. Chunks also carry a `Nubis-Offset` header (where the
 //! bytes belong in the file; a sparse file sends only its allocated extents) and a `Nubis-Chunk`
 //! index. The info message carries in `metadata` the file's logical size, allocated bytes and
-//! whole-file SHA-256 (holes as zeros).
+//! whole-file SHA-256 (holes as zeros). Chunk payloads and that digest are sealed under the
+//! transfer's content key ([`crate::seal`]): a stock reader gets the object's sealed bytes, and
+//! the ADR-20 `digest` and `size` are those of the sealed bytes.
 //!
 //! [`ObjectFollower`] reads an object while it is still being written: the nuid is derived from
 //! the token (see [`crate::naming`]), so the reader follows the chunk subject with an ordered
@@ -21,6 +23,7 @@
 //! (a reader that resumes a file it partly received).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
@@ -36,6 +39,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 
 use crate::naming::{BUCKET, STREAM};
+use crate::seal::{ChunkOpener, SealError, SEAL_OVERHEAD};
 
 /// Chunk header: the file offset of the chunk's first byte.
 pub const OFFSET_HEADER: &str = "Nubis-Offset";
@@ -45,7 +49,8 @@ pub const CHUNK_HEADER: &str = "Nubis-Chunk";
 pub const META_SIZE: &str = "nubis-size";
 /// Info metadata: bytes in the file's allocated extents.
 pub const META_ALLOCATED: &str = "nubis-allocated";
-/// Info metadata: hex SHA-256 of the whole file, holes read as zeros.
+/// Info metadata: SHA-256 of the whole file, holes read as zeros, sealed under the transfer's
+/// content key and hex-encoded (an [`ObjectFollower`] yields it opened, as plain hex).
 pub const META_SHA256: &str = "nubis-sha256";
 
 /// Why an object could not be written or read.
@@ -72,6 +77,10 @@ pub enum ObjectError {
     /// The object was deleted.
     #[error("object was deleted")]
     Deleted,
+    /// A chunk, or the sealed digest, failed authentication (see [`crate::seal`]): it was
+    /// altered in the bucket, moved from another position, or sealed under another key.
+    #[error(transparent)]
+    Unauthentic(#[from] SealError),
 }
 
 /// Most consumers the transfer bucket holds at once. Partners create them to fetch (one per
@@ -313,6 +322,13 @@ pub struct ReadPosition {
 /// and was behind the writer (a reader on the far side of the leaf connections usually is)
 /// silently skipped the chunks it had not yet delivered, and waited for them until it
 /// stalled. A consumer filtering on chunks only is not moved by the rollup.
+///
+/// Every chunk is opened with the object's [`ChunkOpener`] (on a blocking thread, so the
+/// runtime goes on receiving meanwhile) and yielded as plaintext; a chunk that fails
+/// authentication ends the read with [`ObjectError::Unauthentic`]. Positions count plaintext
+/// bytes, and the info message is yielded in plaintext terms too: `size` counts the plaintext
+/// bytes, the whole-file digest in the metadata is opened, and the ADR-20 `digest` (over the
+/// sealed bytes, which authentication already covers) is dropped.
 pub struct ObjectFollower {
     messages: Ordered,
     stream: Stream,
@@ -328,6 +344,7 @@ pub struct ObjectFollower {
     /// to an earlier attempt of the writer.
     last_seq: u64,
     check_info: bool,
+    opener: Arc<ChunkOpener>,
 }
 
 impl std::fmt::Debug for ObjectFollower {
@@ -346,6 +363,8 @@ impl ObjectFollower {
     /// `window` chunks at a time. `expected_bytes`, when the reader knows the object's size
     /// (from a signed manifest), lets it ask for the info message as soon as the last chunk is
     /// in. `from`, when the reader already holds the object's first chunks, starts after them.
+    /// `opener` opens the object's sealed chunks.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         stream: &Stream,
         chunk_subject: String,
@@ -354,6 +373,7 @@ impl ObjectFollower {
         window: usize,
         from: Option<ReadPosition>,
         stall: Duration,
+        opener: ChunkOpener,
     ) -> Result<Self, ObjectError> {
         let nuid = chunk_subject
             .rsplit('.')
@@ -400,6 +420,7 @@ impl ObjectFollower {
             // An object without chunks (or whose chunks are all held already) may be complete
             // as soon as its info message exists.
             check_info: expected_bytes.is_some_and(|e| from.bytes >= e),
+            opener: Arc::new(opener),
         })
     }
 
@@ -464,18 +485,23 @@ impl ObjectFollower {
                 .info()
                 .map_err(|e| ObjectError::Malformed(e.to_string()))?
                 .stream_sequence;
+            let opener = self.opener.clone();
+            let sealed = msg.payload.clone();
+            let data = tokio::task::spawn_blocking(move || opener.open(index, &sealed))
+                .await
+                .map_err(|e| ObjectError::Read(e.to_string()))??;
             if index == 0 {
                 self.chunks = 0;
                 self.bytes = 0;
             }
             self.chunks += 1;
-            self.bytes += msg.payload.len() as u64;
+            self.bytes += data.len() as u64;
             self.last_seq = seq;
             self.check_info = self.expected_bytes.is_none_or(|e| self.bytes >= e);
             return Ok(Incoming::Chunk {
                 index,
                 offset,
-                data: msg.payload.clone(),
+                data,
             });
         }
     }
@@ -501,7 +527,7 @@ impl ObjectFollower {
         if msg.sequence < self.last_seq {
             return Ok(None);
         }
-        let info: ObjectInfo = serde_json::from_slice(&msg.payload)
+        let mut info: ObjectInfo = serde_json::from_slice(&msg.payload)
             .map_err(|e| ObjectError::Malformed(e.to_string()))?;
         if info.deleted {
             return Err(ObjectError::Deleted);
@@ -514,6 +540,18 @@ impl ObjectFollower {
         if info.chunks as u64 > self.chunks {
             return Ok(None);
         }
+        // In plaintext terms: what the chunks hold once opened, and the digest opened.
+        info.size = info
+            .chunks
+            .checked_mul(SEAL_OVERHEAD)
+            .and_then(|overhead| info.size.checked_sub(overhead))
+            .ok_or_else(|| ObjectError::Malformed("size below its sealed chunks".to_string()))?;
+        if let Some(sealed) = info.metadata.get(META_SHA256) {
+            let sha256 = self.opener.open_digest(sealed)?;
+            info.metadata
+                .insert(META_SHA256.to_string(), hex::encode(sha256));
+        }
+        info.digest = None;
         Ok(Some(Box::new(info)))
     }
 }

@@ -25,6 +25,7 @@ use crate::io::{sync_dir, FileSink};
 use crate::naming::TokenObjects;
 use crate::objects::{ObjectError, ObjectFollower, ReadPosition};
 use crate::proxy::{lock, sorted, TransferProxy};
+use crate::seal::ContentKey;
 use crate::store::{PartialFile, TokenRecord, TokenStore};
 use crate::transfer::{update_record, Live, TaskError};
 use nubis_bus::CallError;
@@ -49,7 +50,8 @@ impl TransferProxy {
             .clone()
             .ok_or_else(|| TaskError::Source("no source recorded".to_string()))?;
         let stream = self.source_bucket(&source).await?;
-        let manifest = self.read_manifest(&stream, &source).await?;
+        let key = self.fetch_content_key(&source, rec.migration_id).await?;
+        let manifest = self.read_manifest(&stream, &source, &key).await?;
         let total: u64 = manifest.files.iter().map(|f| f.allocated).sum();
         live.total.store(total, Ordering::Relaxed);
         let names: Vec<String> = manifest.files.iter().map(|f| f.name.clone()).collect();
@@ -69,9 +71,9 @@ impl TransferProxy {
             }
             let base = live.done.load(Ordering::Relaxed);
             let digest = self
-                .retrying(|| {
+                .retrying_authentic(&f.name, || {
                     live.done.store(base, Ordering::Relaxed);
-                    self.receive_file(&stream, &objs, f, &dir, &live, rec.token)
+                    self.receive_file(&stream, &objs, f, &dir, &live, rec.token, &key)
                 })
                 .await?;
             current = self.store_update(&current.token, |r| {
@@ -120,7 +122,8 @@ impl TransferProxy {
     }
 
     /// One attempt at file `f`: resumes its partial file from the last checkpoint when there
-    /// is one, and follows the object from there.
+    /// is one, and follows the object from there, opening its chunks with `key`.
+    #[allow(clippy::too_many_arguments)]
     async fn receive_file(
         &self,
         stream: &Stream,
@@ -129,8 +132,10 @@ impl TransferProxy {
         dir: &Path,
         live: &Live,
         token: TransferToken,
+        key: &ContentKey,
     ) -> Result<FileDigest, TaskError> {
         let s = &self.inner.settings;
+        let name = objs.file_name(&f.name);
         let (target, from) = FileTarget::open(
             &self.inner.store,
             &self.inner.fetched,
@@ -143,11 +148,12 @@ impl TransferProxy {
         let mut follower = ObjectFollower::open(
             stream,
             objs.chunk_subject(Some(&f.name)),
-            &objs.file_name(&f.name),
+            &name,
             Some(f.allocated),
             s.fetch_window,
             from,
             s.stall(),
+            key.opener(&name),
         )
         .await?;
         target

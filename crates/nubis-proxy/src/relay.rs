@@ -1,7 +1,9 @@
 //! Relaying by policy: a proxy between two sites reads the source's objects and publishes them
 //! again into its own bucket under its own token, with a manifest signed by its own site, so
 //! the far end never learns the source. The chunks go through the same loop as a received
-//! file's, with a sink that re-publishes them.
+//! file's, with a sink that re-publishes them: opened with the source's content key (obtained
+//! as any fetcher obtains it) and sealed again under the relaying token's own key, so the far
+//! end holds only the relay's key and no key opens the chunks of both buckets.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,7 +21,8 @@ use crate::hashing::LogicalHasher;
 use crate::naming::TokenObjects;
 use crate::objects::{ObjectFollower, ObjectWriter, ReadPosition};
 use crate::proxy::{lock, TransferProxy};
-use crate::serve::file_metadata;
+use crate::seal::{ChunkSealer, ContentKey};
+use crate::serve::sealed_metadata;
 use crate::store::TokenRecord;
 use crate::transfer::{Live, TaskError};
 use nubis_bus::CallError;
@@ -51,7 +54,8 @@ impl TransferProxy {
             Err(e) => return Err(TaskError::Source(e.to_string())),
         }
         let src_stream = self.source_bucket(&source).await?;
-        let manifest = self.read_manifest(&src_stream, &source).await?;
+        let key = self.fetch_content_key(&source, rec.migration_id).await?;
+        let manifest = self.read_manifest(&src_stream, &source, &key).await?;
         let total: u64 = manifest.files.iter().map(|f| f.allocated).sum();
         live.total.store(total, Ordering::Relaxed);
         let names: Vec<String> = manifest.files.iter().map(|f| f.name.clone()).collect();
@@ -72,7 +76,7 @@ impl TransferProxy {
             vm: rec.vm.clone(),
             files: manifest.files.clone(),
         };
-        self.retrying(|| self.publish_manifest(&own, &own_manifest))
+        self.retrying(|| self.publish_manifest(&own, &own_manifest, &rec.token))
             .await?;
         for f in &manifest.files {
             if current.digest_of(&f.name).is_some() {
@@ -81,9 +85,9 @@ impl TransferProxy {
             }
             let base = live.done.load(Ordering::Relaxed);
             let digest = self
-                .retrying(|| {
+                .retrying_authentic(&f.name, || {
                     live.done.store(base, Ordering::Relaxed);
-                    self.relay_file(&src_stream, &from, &own, f, &live, rec.token)
+                    self.relay_file(&src_stream, &from, &own, f, &live, rec.token, &key)
                 })
                 .await?;
             current = self.store_update(&current.token, |r| r.digests.push(digest.clone()))?;
@@ -93,7 +97,9 @@ impl TransferProxy {
         Ok(())
     }
 
-    /// One attempt at file `f`: reads it from its first chunk and publishes it again.
+    /// One attempt at file `f`: reads it from its first chunk, opening the chunks with the
+    /// source's `key`, and publishes it again under the own key.
+    #[allow(clippy::too_many_arguments)]
     async fn relay_file(
         &self,
         src: &Stream,
@@ -102,24 +108,31 @@ impl TransferProxy {
         f: &ManifestFile,
         live: &Live,
         token: TransferToken,
+        key: &ContentKey,
     ) -> Result<FileDigest, TaskError> {
         let s = &self.inner.settings;
+        let src_name = from.file_name(&f.name);
         let mut follower = ObjectFollower::open(
             src,
             from.chunk_subject(Some(&f.name)),
-            &from.file_name(&f.name),
+            &src_name,
             Some(f.allocated),
             s.fetch_window,
             None,
             s.stall(),
+            key.opener(&src_name),
         )
         .await?;
+        let name = own.file_name(&f.name);
+        let sealer = Arc::new(self.object_sealer(&token, &name)?);
         let mut target = RelayTarget {
             proxy: self,
             token,
             file: f,
-            name: own.file_name(&f.name),
+            name,
             nuid: own.nuid(Some(&f.name)),
+            sealer,
+            index: 0,
             writer: None,
             whole: LogicalHasher::new(),
             packed: Sha256::new(),
@@ -139,6 +152,10 @@ struct RelayTarget<'a> {
     /// Name and nuid of the own object.
     name: String,
     nuid: String,
+    /// Seals the own object's chunks in the current write attempt.
+    sealer: Arc<ChunkSealer>,
+    /// Index of the next chunk of the own object.
+    index: u64,
     /// Taken when the object is finished.
     writer: Option<ObjectWriter>,
     /// Digest of the file, holes as zeros.
@@ -168,6 +185,9 @@ impl RelayTarget<'_> {
 
 impl ChunkSink for RelayTarget<'_> {
     async fn restart(&mut self) -> Result<(), TaskError> {
+        // The object is written again from its first chunk: a new attempt, with nonces of its own.
+        self.sealer = Arc::new(self.proxy.object_sealer(&self.token, &self.name)?);
+        self.index = 0;
         self.writer = Some(self.begin().await?);
         self.whole = LogicalHasher::new();
         self.packed = Sha256::new();
@@ -184,6 +204,12 @@ impl ChunkSink for RelayTarget<'_> {
         self.whole
             .update(offset, &data)
             .map_err(|_| self.corrupt())?;
+        // Sealed on a blocking thread, so the runtime goes on receiving meanwhile.
+        let (sealer, index) = (self.sealer.clone(), self.index);
+        let data = tokio::task::spawn_blocking(move || sealer.seal(index, &data))
+            .await
+            .map_err(|e| TaskError::io(&self.file.name, std::io::Error::other(e)))??;
+        self.index += 1;
         self.packed.update(&data);
         let n = data.len() as u64;
         let Some(writer) = self.writer.as_mut() else {
@@ -205,7 +231,7 @@ impl ChunkSink for RelayTarget<'_> {
     async fn complete(&mut self, sha256: &[u8; 32]) -> Result<(), TaskError> {
         let packed: [u8; 32] = std::mem::take(&mut self.packed).finalize().into();
         let writer = self.writer.take().ok_or_else(|| self.corrupt())?;
-        let meta = file_metadata(self.file.size, self.file.allocated, sha256);
+        let meta = sealed_metadata(self.file.size, self.file.allocated, sha256, &self.sealer)?;
         writer.finish(packed, meta).await?;
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The serving side of a transfer: the source proxy publishes the signed manifest and each of
-//! the token's host files into its site's transfer bucket, then waits for the receiving end to
-//! acknowledge the digests (see [`TransferProxy::acknowledge`]).
+//! the token's host files into its site's transfer bucket, sealed under the token's content key
+//! (see [`crate::seal`]; the file reader seals on its own thread), then waits for the receiving
+//! end to acknowledge the digests (see [`TransferProxy::acknowledge`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use crate::io::{shape, spawn_reader, ReadItem};
 use crate::naming::TokenObjects;
 use crate::objects::{ObjectWriter, META_ALLOCATED, META_SHA256, META_SIZE};
 use crate::proxy::{lock, sorted, TransferProxy};
+use crate::seal::{ChunkSealer, SealError, SEAL_OVERHEAD};
 use crate::store::TokenRecord;
 use crate::transfer::{Live, TaskError};
 
@@ -32,6 +34,18 @@ pub(crate) fn file_metadata(
         (META_ALLOCATED.to_string(), allocated.to_string()),
         (META_SHA256.to_string(), hex::encode(sha256)),
     ])
+}
+
+/// [`file_metadata`] as stored: the whole-file digest sealed by `sealer`.
+pub(crate) fn sealed_metadata(
+    size: u64,
+    allocated: u64,
+    sha256: &[u8; 32],
+    sealer: &ChunkSealer,
+) -> Result<HashMap<String, String>, SealError> {
+    let mut meta = file_metadata(size, allocated, sha256);
+    meta.insert(META_SHA256.to_string(), sealer.seal_digest(sha256)?);
+    Ok(meta)
 }
 
 impl TransferProxy {
@@ -66,7 +80,7 @@ impl TransferProxy {
             });
         }
         live.total.store(total, Ordering::Relaxed);
-        self.retrying(|| self.publish_manifest(&objs, &manifest))
+        self.retrying(|| self.publish_manifest(&objs, &manifest, &rec.token))
             .await?;
         let mut current = self.inner.store.get(&rec.token)?.unwrap_or(rec);
         for f in &files {
@@ -112,11 +126,13 @@ impl TransferProxy {
         Ok(())
     }
 
-    /// Publishes `manifest` as the token's manifest object, signed by this site.
+    /// Publishes `manifest` as the manifest object of `token` (whose names `objs` are),
+    /// signed by this site and sealed under the token's content key.
     pub(crate) async fn publish_manifest(
         &self,
         objs: &TokenObjects,
         manifest: &TransferManifest,
+        token: &TransferToken,
     ) -> Result<(), TaskError> {
         let name = objs.manifest_name();
         let subject = TokenObjects::meta_subject(&name);
@@ -126,7 +142,8 @@ impl TransferProxy {
             manifest,
         )
         .map_err(|e| TaskError::Manifest(e.to_string()))?;
-        let digest: [u8; 32] = Sha256::digest(&raw).into();
+        let sealed = self.object_sealer(token, &name)?.seal(0, &raw)?;
+        let digest: [u8; 32] = Sha256::digest(&sealed).into();
         let mut w = ObjectWriter::begin(
             &self.inner.js,
             &self.inner.stream,
@@ -135,7 +152,7 @@ impl TransferProxy {
             1,
         )
         .await?;
-        w.chunk(0, raw.into()).await?;
+        w.chunk(0, sealed).await?;
         w.finish(digest, HashMap::new()).await?;
         Ok(())
     }
@@ -149,11 +166,13 @@ impl TransferProxy {
         token: TransferToken,
     ) -> Result<FileDigest, TaskError> {
         let s = &self.inner.settings;
-        let mut rx = spawn_reader(PathBuf::from(&f.path), s.chunk_size);
+        let name = objs.file_name(&f.name);
+        let sealer = self.object_sealer(&token, &name)?;
+        let mut rx = spawn_reader(PathBuf::from(&f.path), s.chunk_size, sealer.clone());
         let mut w = ObjectWriter::begin(
             &self.inner.js,
             &self.inner.stream,
-            &objs.file_name(&f.name),
+            &name,
             &objs.nuid(Some(&f.name)),
             s.publish_window,
         )
@@ -163,7 +182,8 @@ impl TransferProxy {
                 ReadItem::Chunk { offset, data } => {
                     let n = data.len() as u64;
                     w.chunk(offset, data).await?;
-                    live.done.fetch_add(n, Ordering::Relaxed);
+                    live.done
+                        .fetch_add(n.saturating_sub(SEAL_OVERHEAD as u64), Ordering::Relaxed);
                     live.sent.fetch_add(n, Ordering::Relaxed);
                     *lock(&self.inner.published).entry(token).or_default() += n;
                 }
@@ -173,7 +193,7 @@ impl TransferProxy {
                     size,
                     allocated,
                 } => {
-                    let meta = file_metadata(size, allocated, &sha256);
+                    let meta = sealed_metadata(size, allocated, &sha256, &sealer)?;
                     w.finish(packed_sha256, meta).await?;
                     debug!(file = %f.name, size, allocated, "file published");
                     return Ok(FileDigest {

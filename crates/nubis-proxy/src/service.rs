@@ -8,7 +8,7 @@ use nubis_bus::serve::{sign_reply, Limits, Service};
 use nubis_protocol::envelope::{EnvelopeError, Opened};
 use nubis_protocol::identity::SiteIdentity;
 use nubis_protocol::message::{
-    Body, ErrorCode, ErrorReply, FetchTransfer, MintToken, ReleaseToken, TransferAck,
+    Body, ErrorCode, ErrorReply, FetchKey, FetchTransfer, MintToken, ReleaseToken, TransferAck,
     TransferStatusQuery, TransferStatusReply,
 };
 use nubis_protocol::subject::{ParsedSubject, ProxyOp, Subject};
@@ -83,6 +83,11 @@ impl TransferProxy {
                     migration_id,
                     status,
                 })
+            }
+            (ProxyOp::Status, t) if t == FetchKey::TYPE => {
+                let req: FetchKey = opened.body().map_err(bad)?;
+                let sealed = self.grant_key(&opened.from, req).map_err(refuse)?;
+                reply(&sealed)
             }
             (ProxyOp::Status, _) => {
                 let q: TransferStatusQuery = opened.body().map_err(bad)?;

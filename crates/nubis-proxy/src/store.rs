@@ -11,16 +11,17 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nubis_protocol::codec::{self, CodecError};
 use nubis_protocol::message::{
     Endpoint, FileDigest, HostId, TokenPurpose, TransferStatus, TransferToken,
 };
-use nubis_protocol::{MigrationId, VmId};
+use nubis_protocol::{MigrationId, SiteId, VmId};
 use serde::{Deserialize, Serialize};
 
 use crate::objects::ReadPosition;
+use crate::seal::ContentKey;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +93,17 @@ pub struct TokenRecord {
     /// up to there are durable in the partial file), so a restart resumes there.
     #[serde(default)]
     pub partial: Option<PartialFile>,
+    /// Serve and relay: the content key the token's chunks are sealed under (see
+    /// [`crate::seal`]); it leaves this store only sealed to a fetcher's ephemeral key.
+    #[serde(default)]
+    pub content_key: Option<ContentKey>,
+    /// Serve and relay: how many times an object of the token was (re)written; each attempt
+    /// seals under nonces of its own.
+    #[serde(default)]
+    pub seal_attempts: u32,
+    /// Serve and relay: the site the content key was granted to; no other site is granted it.
+    #[serde(default)]
+    pub fetcher: Option<SiteId>,
 }
 
 /// A file partly received: its logical name, where the reader of its object stood, and the
@@ -121,6 +133,10 @@ pub struct TokenStore {
     /// Records held (counted once on open, then kept up to date).
     records: Arc<AtomicUsize>,
     max_records: usize,
+    /// Held across the read and the write of an [`TokenStore::update`], so two tasks changing
+    /// one record never lose either change (a lost write-attempt count would repeat nonces,
+    /// see [`crate::seal`]).
+    writes: Arc<Mutex<()>>,
 }
 
 impl TokenStore {
@@ -137,6 +153,7 @@ impl TokenStore {
             tokens,
             records,
             max_records: DEFAULT_MAX_RECORDS,
+            writes: Arc::new(Mutex::new(())),
         })
     }
 
@@ -195,6 +212,7 @@ impl TokenStore {
         token: &TransferToken,
         f: impl FnOnce(&mut TokenRecord),
     ) -> Result<Option<TokenRecord>, StoreError> {
+        let _one = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         let Some(mut rec) = self.get(token)? else {
             return Ok(None);
         };
@@ -252,7 +270,41 @@ mod tests {
             file_names: Vec::new(),
             max_bytes_per_sec: None,
             partial: None,
+            content_key: None,
+            seal_attempts: 0,
+            fetcher: None,
         }
+    }
+
+    #[test]
+    fn concurrent_updates_of_one_record_are_never_lost() {
+        // Write attempts count nonces of the content key: none may be counted twice.
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::open(dir.path()).unwrap();
+        let rec = record();
+        store.put_new(&rec).unwrap();
+        let attempts: Vec<Vec<u32>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..25)
+                            .map(|_| {
+                                store
+                                    .update(&rec.token, |r| r.seal_attempts += 1)
+                                    .unwrap()
+                                    .unwrap()
+                                    .seal_attempts
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let mut seen: Vec<u32> = attempts.into_iter().flatten().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (1..=100).collect::<Vec<u32>>());
+        assert_eq!(store.get(&rec.token).unwrap().unwrap().seal_attempts, 100);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The token operations of a Transfer proxy: mint a token, Initiate transfer (fetch),
-//! status (Transfer verification), acknowledge, release, and the expiry of tokens, over the
+//! status (Transfer verification), grant the content key, acknowledge, release, and the expiry
+//! of tokens, over the
 //! token store ([`crate::store`]). The bus service ([`crate::service`]) calls these for signed
 //! requests; a site daemon that runs the proxy in its own process calls them directly.
 
@@ -8,9 +9,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use nubis_protocol::message::{
-    ErrorCode, FetchTransfer, MintToken, Minted, ReleaseOutcome, ReleaseToken, Released,
-    TokenPurpose, TransferAck, TransferStatus, TransferToken,
+    ErrorCode, FetchKey, FetchTransfer, MintToken, Minted, ReleaseOutcome, ReleaseToken, Released,
+    SealedContentKey, TokenPurpose, TransferAck, TransferStatus, TransferToken,
 };
+use nubis_protocol::SiteId;
 use tracing::{info, warn};
 
 use crate::confine::{within_roots, ConfineError};
@@ -20,6 +22,7 @@ use crate::naming::TokenObjects;
 use crate::objects::purge_object;
 use crate::proxy::{lock, now_ms, sorted, TransferProxy, TransferStats};
 use crate::receive::partial_path;
+use crate::seal::ContentKey;
 use crate::store::TokenRecord;
 use nubis_bus::CallError;
 use nubis_protocol::message::ErrorReply;
@@ -102,6 +105,12 @@ impl TransferProxy {
         let ttl = req.ttl_ms.unwrap_or(s.default_ttl_ms).min(s.max_ttl_ms);
         let now = now_ms();
         let token = TransferToken::random();
+        // Serving and relaying tokens seal what they store in the bucket (see `crate::seal`).
+        let content_key = matches!(
+            req.purpose,
+            TokenPurpose::Serve { .. } | TokenPurpose::Relay { .. }
+        )
+        .then(ContentKey::random);
         let rec = TokenRecord {
             token,
             migration_id: req.migration_id,
@@ -120,6 +129,9 @@ impl TransferProxy {
             file_names,
             max_bytes_per_sec: None,
             partial: None,
+            content_key,
+            seal_attempts: 0,
+            fetcher: None,
         };
         self.inner.store.put_new(&rec)?;
         info!(migration.id = %rec.migration_id, vm.id = %rec.vm, "token minted");
@@ -244,6 +256,61 @@ impl TransferProxy {
             bytes_total: rec.total_bytes,
             bytes_published: published,
             bytes_fetched: fetched,
+        })
+    }
+
+    /// Grants the content key of a serving (or relaying) token to the proxy of site `fetcher`
+    /// about to read its objects, sealed to the ephemeral key of its signed request. The first
+    /// site granted the key is the only one granted it again (a restarted fetcher asks anew
+    /// with a new ephemeral key); any other site is refused `token_used`.
+    pub fn grant_key(
+        &self,
+        fetcher: &SiteId,
+        req: FetchKey,
+    ) -> Result<SealedContentKey, ProxyError> {
+        let rec = self.live_record(&req.token)?;
+        if !matches!(
+            rec.purpose,
+            TokenPurpose::Serve { .. } | TokenPurpose::Relay { .. }
+        ) {
+            return Err(ProxyError::WrongPurpose {
+                expected: "serve or relay",
+            });
+        }
+        if rec.migration_id != req.migration_id {
+            return Err(ProxyError::Invalid(
+                "the token belongs to another migration",
+            ));
+        }
+        // After success only the site that fetched may ask again (a proxy that restarted
+        // before it recorded the source's confirmation reads the objects once more).
+        if matches!(rec.status, TransferStatus::Succeeded { .. })
+            && rec.fetcher.as_ref() != Some(fetcher)
+        {
+            return Err(ProxyError::TokenUsed);
+        }
+        // The store changes a record atomically, so two sites asking at once cannot both be
+        // first.
+        let granted = self
+            .inner
+            .store
+            .update(&rec.token, |r| {
+                r.fetcher.get_or_insert_with(|| fetcher.clone());
+            })?
+            .ok_or(ProxyError::UnknownToken)?;
+        if granted.fetcher.as_ref() != Some(fetcher) {
+            warn!(migration.id = %rec.migration_id, vm.id = %rec.vm, site.id = %fetcher, "content key refused: granted to another site");
+            return Err(ProxyError::TokenUsed);
+        }
+        let key = granted.content_key.ok_or(ProxyError::NotReady)?;
+        let sealed = key
+            .seal_to(&req.fetcher_key)
+            .map_err(|_| ProxyError::Invalid("unusable fetcher key"))?;
+        info!(migration.id = %rec.migration_id, vm.id = %rec.vm, site.id = %fetcher, "content key granted");
+        Ok(SealedContentKey {
+            migration_id: req.migration_id,
+            token: req.token,
+            sealed,
         })
     }
 

@@ -3,7 +3,9 @@
 //! records a failure as the token's status.
 //!
 //! Also what a receiving and a relaying proxy share before their files' chunks flow: finding
-//! the source's bucket and reading its signed manifest.
+//! the source's bucket, obtaining the transfer's content key from the source proxy (sealed to
+//! an ephemeral key of this proxy), and reading the source's signed manifest; and what a
+//! serving and a relaying proxy share: a fresh sealer for each object they write.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,12 +14,14 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::jetstream::stream::Stream;
+use nubis_bus::CallError;
 use nubis_protocol::envelope::{self, Addressing};
 use nubis_protocol::message::{
-    Endpoint, TokenPurpose, TransferManifest, TransferProgress, TransferRole, TransferStatus,
-    TransferToken,
+    Endpoint, ErrorReply, FetchKey, TokenPurpose, TransferManifest, TransferProgress, TransferRole,
+    TransferStatus, TransferToken,
 };
 use nubis_protocol::subject::Subject;
+use nubis_protocol::MigrationId;
 use tokio_util::sync::CancellationToken;
 use tracing::{warn, Instrument as _};
 
@@ -25,6 +29,7 @@ use crate::naming::TokenObjects;
 use crate::objects::{open_bucket, Incoming, ObjectError, ObjectFollower};
 use crate::pace::{effective_cap, Pacer};
 use crate::proxy::{lock, TransferProxy};
+use crate::seal::{ChunkSealer, ContentKey, FetcherSecret, SealError};
 use crate::store::{StoreError, TokenRecord, TokenStore};
 
 /// Counters of a running transfer, shared with status and progress.
@@ -80,6 +85,17 @@ pub(crate) enum TaskError {
     Manifest(String),
     #[error("source proxy: {0}")]
     Source(String),
+    /// A chunk of the file kept failing authentication however often it was read again: it
+    /// was altered in the source's bucket.
+    #[error("file {name}: {source}, still after {reads} reads; giving up")]
+    Unauthentic {
+        name: String,
+        reads: u32,
+        #[source]
+        source: SealError,
+    },
+    #[error("sealing: {0}")]
+    Seal(#[from] SealError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("cancelled")]
@@ -105,6 +121,11 @@ impl TaskError {
         )
     }
 }
+
+/// How many times in all a file (or manifest) whose chunk fails authentication is read before
+/// the transfer fails: a chunk damaged on its way is read intact the next time, one altered in
+/// the bucket is not.
+pub(crate) const AUTHENTIC_READS: u32 = 3;
 
 /// Changes a token's record; a record that is gone means the token was released meanwhile.
 pub(crate) fn update_record(
@@ -286,6 +307,95 @@ impl TransferProxy {
         retry_transient(self.inner.settings.stall(), step).await
     }
 
+    /// [`Self::retrying`], reading object `name` again (from its last durable position) when
+    /// a chunk fails authentication, [`AUTHENTIC_READS`] times in all.
+    pub(crate) async fn retrying_authentic<T, F, Fut>(
+        &self,
+        name: &str,
+        mut step: F,
+    ) -> Result<T, TaskError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, TaskError>>,
+    {
+        let mut reads = 0;
+        loop {
+            reads += 1;
+            match self.retrying(&mut step).await {
+                Err(TaskError::Object(ObjectError::Unauthentic(source))) => {
+                    if reads >= AUTHENTIC_READS {
+                        return Err(TaskError::Unauthentic {
+                            name: name.to_string(),
+                            reads,
+                            source,
+                        });
+                    }
+                    warn!(file = name, error = %source, reads, "chunk failed authentication; reading again");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A sealer for writing (again) object `object` of serving or relaying `token`: a new write
+    /// attempt, recorded on disk before anything is sealed under it, so its nonces are new.
+    pub(crate) fn object_sealer(
+        &self,
+        token: &TransferToken,
+        object: &str,
+    ) -> Result<ChunkSealer, TaskError> {
+        let mut exhausted = false;
+        let rec = self.store_update(token, |r| {
+            if r.content_key.is_none() {
+                r.content_key = Some(ContentKey::random());
+            }
+            match r.seal_attempts.checked_add(1) {
+                Some(n) => r.seal_attempts = n,
+                None => exhausted = true,
+            }
+        })?;
+        match rec.content_key {
+            Some(key) if !exhausted => Ok(key.sealer(object, rec.seal_attempts)),
+            _ => Err(TaskError::Seal(SealError::Exhausted)),
+        }
+    }
+
+    /// The content key of `source`'s token, asked of the source proxy in a signed request
+    /// carrying a fresh ephemeral X25519 key, to which the answer seals it.
+    pub(crate) async fn fetch_content_key(
+        &self,
+        source: &Endpoint,
+        migration_id: MigrationId,
+    ) -> Result<ContentKey, TaskError> {
+        self.retrying(|| async {
+            let secret = FetcherSecret::generate();
+            let req = FetchKey {
+                migration_id,
+                token: source.token,
+                fetcher_key: secret.public(),
+            };
+            let reply = self
+                .inner
+                .peers
+                .fetch_key(&source.proxy, &req)
+                .await
+                .map_err(|e| match e {
+                    CallError::Refused {
+                        reply: ErrorReply { code, message, .. },
+                        ..
+                    } => TaskError::Source(format!("{code}: {message}")),
+                    other => TaskError::Object(ObjectError::Read(other.to_string())),
+                })?;
+            if reply.token != source.token {
+                return Err(TaskError::Source(
+                    "content key of another token".to_string(),
+                ));
+            }
+            Ok(ContentKey::unseal(&secret, &reply.sealed)?)
+        })
+        .await
+    }
+
     /// [`update_record`] in this proxy's store.
     pub(crate) fn store_update(
         &self,
@@ -304,23 +414,39 @@ impl TransferProxy {
             .await
     }
 
-    /// The source's manifest of `source`'s token, verified as signed by the source's site,
-    /// its files sorted by name.
+    /// The source's manifest of `source`'s token, opened with its content key `key` and
+    /// verified as signed by the source's site, its files sorted by name.
     pub(crate) async fn read_manifest(
         &self,
         stream: &Stream,
         source: &Endpoint,
+        key: &ContentKey,
     ) -> Result<TransferManifest, TaskError> {
         let objs = TokenObjects::new(&source.token);
         let name = objs.manifest_name();
+        self.retrying_authentic("manifest", || {
+            self.read_manifest_once(stream, source, key, &objs, &name)
+        })
+        .await
+    }
+
+    async fn read_manifest_once(
+        &self,
+        stream: &Stream,
+        source: &Endpoint,
+        key: &ContentKey,
+        objs: &TokenObjects,
+        name: &str,
+    ) -> Result<TransferManifest, TaskError> {
         let mut follower = ObjectFollower::open(
             stream,
             objs.chunk_subject(None),
-            &name,
+            name,
             None,
             self.inner.settings.fetch_window,
             None,
             self.inner.settings.stall(),
+            key.opener(name),
         )
         .await?;
         let mut raw = Vec::new();
@@ -340,7 +466,7 @@ impl TransferProxy {
         let opened = self
             .inner
             .verifier
-            .open_record(&raw, &TokenObjects::meta_subject(&name))
+            .open_record(&raw, &TokenObjects::meta_subject(name))
             .map_err(|e| TaskError::Manifest(e.to_string()))?;
         if &opened.from != source.proxy.site() {
             return Err(TaskError::Manifest(

@@ -229,7 +229,8 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         config.proxy.clone(),
         config.image_store.clone(),
     );
-    let roles = Arc::new(Roles::new(config.clone(), journal, fed, local));
+    let roles =
+        Arc::new(Roles::new(config.clone(), journal, fed, local).with_key_book(directory.clone()));
     {
         let roles = roles.clone();
         federation::serve(

@@ -493,7 +493,7 @@ impl TestSite {
             ));
         }
         for (site, preference) in [("b", 0), ("c", 5), ("d", 1)] {
-            let partner = SiteIdentity::generate(SiteId::new(site).unwrap());
+            let partner = test_identity(site);
             text.push_str(&partner.public().partner_snippet());
             text.push_str(&format!("preference = {preference}\n"));
         }
@@ -556,6 +556,22 @@ impl TestSite {
             })
             .unwrap();
         vm
+    }
+}
+
+/// A site's identity with keys derived from its name, so that a test can write a descriptor
+/// naming the site as primary with the keys the test site pins for it.
+pub fn test_identity(site: &str) -> SiteIdentity {
+    let k = site.as_bytes().first().copied().unwrap_or(0);
+    SiteIdentity::from_secrets(SiteId::new(site).unwrap(), [k; 32], [k.wrapping_add(1); 32])
+}
+
+/// The public keys of [`test_identity`]`(site)`, as a descriptor carries them.
+pub fn test_keys(site: &str) -> PrimaryKeys {
+    let public = test_identity(site).public();
+    PrimaryKeys {
+        signing: public.signing.to_bytes(),
+        sealing: public.sealing,
     }
 }
 

@@ -20,8 +20,10 @@ use crate::stack::Stack;
 
 mod bus;
 mod chain;
+mod confidential;
 mod files;
 mod hosts;
+mod keys;
 mod operators;
 mod quota;
 mod soak;

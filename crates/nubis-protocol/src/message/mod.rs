@@ -39,9 +39,9 @@ pub use monitoring::{
 };
 pub use names::{HostId, NoticeId, ProducerId, ProxyId, ProxyUri, ProxyUriError, TransferToken};
 pub use proxy::{
-    FetchTransfer, LocalFile, ManifestFile, MintToken, Minted, ReleaseOutcome, ReleaseToken,
-    Released, TokenPurpose, TransferAck, TransferManifest, TransferProgress, TransferRole,
-    TransferStatusQuery,
+    FetchKey, FetchTransfer, LocalFile, ManifestFile, MintToken, Minted, ReleaseOutcome,
+    ReleaseToken, Released, SealedContentKey, TokenPurpose, TransferAck, TransferManifest,
+    TransferProgress, TransferRole, TransferStatusQuery,
 };
 
 /// A message body that can travel inside a signed envelope.
@@ -82,6 +82,8 @@ pub const BODY_TYPES: &[&str] = &[
     FetchTransfer::TYPE,
     TransferStatusQuery::TYPE,
     TransferAck::TYPE,
+    FetchKey::TYPE,
+    SealedContentKey::TYPE,
     ReleaseToken::TYPE,
     Released::TYPE,
     TransferProgress::TYPE,

@@ -3,9 +3,9 @@
 //! manifest a serving proxy stores beside a token's objects.
 //!
 //! Two kinds of body exist here. Bodies that cross sites ([`FetchTransfer`] is sent by a site to
-//! its own proxy, [`TransferStatusQuery`], [`TransferAck`], [`TransferProgress`] and
-//! [`TransferManifest`] are read by partners) carry only tokens, logical file names, sizes and
-//! digests. [`MintToken`] and [`ReleaseToken`] are site-internal: they name host files, so they
+//! its own proxy, [`TransferStatusQuery`], [`FetchKey`], [`SealedContentKey`], [`TransferAck`],
+//! [`TransferProgress`] and [`TransferManifest`] are read by partners) carry only tokens, logical
+//! file names, sizes, digests and sealed keys. [`MintToken`] and [`ReleaseToken`] are site-internal: they name host files, so they
 //! travel only between a site and its own proxy and must never be exported over a leaf connection.
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -140,6 +140,55 @@ pub struct TransferStatusQuery {
 
 impl Body for TransferStatusQuery {
     const TYPE: &'static str = "TransferStatusQuery";
+}
+
+/// Sent on the serving (or relaying) proxy's `status` subject by the proxy about to read the
+/// token's objects: a fresh ephemeral X25519 public key, to which the serving proxy seals the
+/// transfer's content key. Chunks in the serving site's bucket are encrypted under that key, so
+/// only the proxy holding the ephemeral secret can read them. The first site granted the key
+/// is the only one that is granted it again.
+///
+/// Reply: [`SealedContentKey`], or an `ErrorReply` (`unknown_token`, `expired_token`,
+/// `token_used`, `refused`, `transfer_failed`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchKey {
+    /// The migration.
+    pub migration_id: MigrationId,
+    /// The serving proxy's token.
+    pub token: TransferToken,
+    /// The fetcher's ephemeral X25519 public key, used for this one answer.
+    #[serde(with = "serde_bytes")]
+    pub fetcher_key: [u8; 32],
+}
+
+impl Body for FetchKey {
+    const TYPE: &'static str = "FetchKey";
+}
+
+/// The answer to [`FetchKey`]: the transfer's 32-byte content key, sealed (libsodium
+/// `crypto_box_seal`: X25519, XSalsa20-Poly1305) to the fetcher's ephemeral key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedContentKey {
+    /// The migration.
+    pub migration_id: MigrationId,
+    /// The serving proxy's token.
+    pub token: TransferToken,
+    /// `crypto_box_seal(fetcher_key, content_key)`.
+    #[serde(with = "serde_bytes")]
+    pub sealed: Vec<u8>,
+}
+
+impl std::fmt::Debug for SealedContentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedContentKey")
+            .field("migration_id", &self.migration_id)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Body for SealedContentKey {
+    const TYPE: &'static str = "SealedContentKey";
 }
 
 /// Sent on the serving proxy's `status` subject by the proxy that fetched the files: the digests

@@ -5,9 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use nubis_protocol::descriptor::{PrimaryKeys, VirtualHardware, VmDescriptor};
+use nubis_protocol::descriptor::{VirtualHardware, VmDescriptor};
 use nubis_protocol::envelope::now_ms;
-use nubis_protocol::identity::SiteIdentity;
 use nubis_protocol::message::{Endpoint, ErrorCode, InitiateTransfer, MigrationRequest, Offer};
 use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
 
@@ -21,16 +20,12 @@ fn id(s: &str) -> SiteId {
 }
 
 fn descriptor(vm: &str, primary: &str) -> VmDescriptor {
-    let k = primary.as_bytes()[0];
     VmDescriptor {
         id: VmId::new(vm).unwrap(),
         name: vm.to_string(),
         version: 1,
         primary_site: id(primary),
-        primary_keys: PrimaryKeys {
-            signing: [k; 32],
-            sealing: [k.wrapping_add(1); 32],
-        },
+        primary_keys: crate::fakes::test_keys(primary),
         hardware: VirtualHardware {
             vcpus: 1,
             memory_mib: 64,
@@ -83,7 +78,7 @@ fn limited(t: &TestSite, limits: &str) -> Arc<Roles<FakeLocal, FakePeers>> {
         ));
     }
     for site in ["b", "c", "d"] {
-        text.push_str(&SiteIdentity::generate(id(site)).public().partner_snippet());
+        text.push_str(&crate::fakes::test_identity(site).public().partner_snippet());
     }
     text.push_str(&format!("[limits]\n{limits}\n"));
     let config = SiteConfig::parse(&text, &dir.join("site.toml")).unwrap();

@@ -21,7 +21,7 @@ use crate::local::LocalSite;
 use crate::peers::Peers;
 use crate::quota::{quota, too_fast, Holdings};
 
-use super::{internal, malformed, Roles};
+use super::{check_primary_keys, internal, malformed, Roles};
 
 /// How long a destination offer stays reserved if nobody initiates a transfer on it, unless
 /// `[limits] offer_ttl_ms` says otherwise.
@@ -102,6 +102,9 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         let held = self.journal.vm(&req.vm).map_err(internal)?;
         if from != self.site() {
             check_claims(self.site(), from, &req.descriptor, held.as_ref())?;
+            if held.is_none() {
+                check_primary_keys(&self.config, self.key_book(), &req.descriptor)?;
+            }
         }
         if req.descriptor.primary_site != *self.site() && !policy.accept_foreign {
             return Err(ErrorReply::new(

@@ -12,6 +12,7 @@ mod chain;
 mod destination;
 mod hand_over;
 mod intermediary;
+mod keys;
 mod source;
 #[cfg(test)]
 mod tests;
@@ -36,6 +37,7 @@ use crate::peers::Peers;
 use crate::quota::Admission;
 
 pub use destination::OFFER_TTL_MS;
+pub use keys::{check_primary_keys, known_keys, KeyBook};
 
 /// Everything a role handler needs: the site's configuration, its journal, its partners
 /// (`P`, the federation) and its own hosts and proxy (`L`).
@@ -51,6 +53,8 @@ pub struct Roles<L, P = FederationClient> {
     slots: Arc<Semaphore>,
     /// Per-partner rate and quota admission (the `[limits]` table).
     admission: Admission,
+    /// The keys of sites that are not partners, for checking a VM's primary keys.
+    key_book: Option<Arc<dyn KeyBook>>,
 }
 
 pub(crate) fn internal(e: impl std::fmt::Display) -> ErrorReply {
@@ -105,7 +109,20 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             peers,
             local,
             cancelled: Default::default(),
+            key_book: None,
         }
+    }
+
+    /// The same, checking the primary keys of VMs of non-partner primaries against `book`
+    /// (the directory); without one, only partners' and this site's own VMs are taken in.
+    pub fn with_key_book(mut self, book: Arc<dyn KeyBook>) -> Self {
+        self.key_book = Some(book);
+        self
+    }
+
+    /// The key book, if any.
+    pub(crate) fn key_book(&self) -> Option<&dyn KeyBook> {
+        self.key_book.as_deref()
     }
 
     /// This site.

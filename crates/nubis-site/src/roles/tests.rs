@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use nubis_protocol::descriptor::{PrimaryKeys, VirtualHardware, VmDescriptor};
+use nubis_protocol::descriptor::{VirtualHardware, VmDescriptor};
 use nubis_protocol::message::{
     AbortMigration, CommitMigration, ControlChange, ControlRequest, Endpoint, ErrorCode,
     EvictionNotice, HandOverSide, InitiateTransfer, MigrationRequest, NoticeId, PrepareMigration,
@@ -30,16 +30,12 @@ fn vm(s: &str) -> VmId {
 
 /// A descriptor of `vm` whose primary is `primary`, with keys derived from its name.
 fn descriptor(vm_id: &str, primary: &str) -> VmDescriptor {
-    let k = primary.as_bytes()[0];
     VmDescriptor {
         id: vm(vm_id),
         name: vm_id.to_string(),
         version: 1,
         primary_site: id(primary),
-        primary_keys: PrimaryKeys {
-            signing: [k; 32],
-            sealing: [k.wrapping_add(1); 32],
-        },
+        primary_keys: crate::fakes::test_keys(primary),
         hardware: VirtualHardware {
             vcpus: 1,
             memory_mib: 64,
@@ -405,4 +401,72 @@ async fn prepare_control_and_eviction_are_heard_only_along_the_chain() {
     assert!(t.journal.evictions().unwrap().is_empty());
     roles.eviction(&b, notice("far")).await.unwrap();
     assert_eq!(t.journal.evictions().unwrap().len(), 1);
+}
+
+/// A directory that knows one site's published keys.
+#[derive(Debug)]
+struct OneEntry(SiteId, nubis_protocol::descriptor::PrimaryKeys);
+
+impl super::KeyBook for OneEntry {
+    fn published_keys(&self, site: &SiteId) -> Option<nubis_protocol::descriptor::PrimaryKeys> {
+        (*site == self.0).then_some(self.1)
+    }
+}
+
+#[tokio::test]
+async fn a_new_vm_is_taken_in_only_under_its_primarys_own_keys() {
+    let t = TestSite::new(&[], &["h1"]);
+    let roles = t.roles();
+    let b = id("b");
+    // A partner puts its own sealing key in the descriptor of a VM whose primary is `c`: it
+    // would read what is sealed for `c`. Refused, as is a substituted signing key.
+    let mut sealed_for_b = descriptor("v1", "c");
+    sealed_for_b.primary_keys.sealing = crate::fakes::test_keys("b").sealing;
+    let mut signed_by_b = descriptor("v1", "c");
+    signed_by_b.primary_keys.signing = crate::fakes::test_keys("b").signing;
+    for d in [sealed_for_b, signed_by_b] {
+        let e = roles
+            .migration_request(&b, request("v1", d))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Refused, "{e:?}");
+    }
+    // Under `c`'s pinned keys, the VM is offered a place.
+    let offers = roles
+        .migration_request(&b, request("v1", descriptor("v1", "c")))
+        .await
+        .unwrap();
+    assert_eq!(offers.offers.len(), 1);
+
+    // A primary that is no partner: unknown keys cannot be checked; the directory's can.
+    let stranger = descriptor("v2", "x");
+    let e = roles
+        .migration_request(&b, request("v2", stranger.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Refused);
+    let with_directory = std::sync::Arc::new(
+        super::Roles::new(
+            t.config.clone(),
+            t.journal.clone(),
+            t.peers.clone(),
+            t.local.clone(),
+        )
+        .with_key_book(std::sync::Arc::new(OneEntry(
+            id("x"),
+            stranger.primary_keys,
+        ))),
+    );
+    let mut wrong = stranger.clone();
+    wrong.primary_keys.sealing = [9; 32];
+    let e = with_directory
+        .migration_request(&b, request("v2", wrong))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Refused);
+    let offers = with_directory
+        .migration_request(&b, request("v2", stranger))
+        .await
+        .unwrap();
+    assert_eq!(offers.offers.len(), 1);
 }
