@@ -15,8 +15,11 @@ mod monitoring;
 mod permissions;
 mod proxy;
 mod python_subscriber;
+mod relay;
+mod retries;
 mod site;
 mod tls;
+mod wan;
 
 use nubis_tests::stack;
 

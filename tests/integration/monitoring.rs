@@ -304,7 +304,8 @@ async fn relay_delivery_reaches_every_site_and_follows_a_migration() {
     let counters_b = monitoring_counters(&stack, "b").await;
     assert!(counters_b.to_string().contains("relay"), "{counters_b}");
 
-    // c, which runs the VM, registered its Producer under its own id.
+    // a, the primary, which publishes the VM's batches, registered its Producer under its own
+    // id; c, which runs the VM, did not (its key would place the VM at c).
     let hub = stack.fed.connect("hub").await.unwrap();
     let kv = jetstream::with_domain(hub, "hub")
         .get_key_value("nubis-directory")
@@ -322,15 +323,18 @@ async fn relay_delivery_reaches_every_site_and_follows_a_migration() {
             Ok::<_, String>(names.into_iter().filter(|n| n.starts_with(&prefix)).count())
         }
     };
-    wait_until(LONG, "c's producer registration of vm-r", || async {
-        match producers_by("c").await? {
+    wait_until(LONG, "a's producer registration of vm-r", || async {
+        match producers_by("a").await? {
             0 => Err("none yet".to_string()),
             _ => Ok(()),
         }
     })
     .await
     .unwrap();
+    assert_eq!(producers_by("b").await.unwrap(), 0);
+    assert_eq!(producers_by("c").await.unwrap(), 0);
 
+    let registered_at_a = producers_by("a").await.unwrap();
     // c evicts the VM; b (its upstream) moves it to d; batches keep coming on the same subject.
     let producers_before: BTreeSet<String> =
         seen.iter().map(|s| s.batch.producer.to_string()).collect();
@@ -357,15 +361,18 @@ async fn relay_delivery_reaches_every_site_and_follows_a_migration() {
     })
     .await;
     assert!(after.iter().all(|s| s.from == "a"));
-    // c withdrew its Producer registrations of vm-r with the VM; d registered its own.
-    wait_until(LONG, "vm-r's producers registered by d only", || async {
-        match (producers_by("c").await?, producers_by("d").await?) {
-            (0, d) if d > 0 => Ok(()),
-            other => Err(format!("(c, d) = {other:?}")),
+    // The primary registered the new Producer too; no site below it ever registered one.
+    wait_until(LONG, "vm-r's new producer registered by a", || async {
+        match producers_by("a").await? {
+            n if n > registered_at_a => Ok(()),
+            n => Err(format!("{n} registered by a")),
         }
     })
     .await
     .unwrap();
+    for below in ["b", "c", "d"] {
+        assert_eq!(producers_by(below).await.unwrap(), 0, "{below}");
+    }
     let mount_d = stack.wait_kpi_mount("d", "d1", "vm-r", LONG).await.unwrap();
     write_kpi(&mount_d, "web", "current_users\n77\n");
     collect(&stack, &mut public, "KPI from d", |s| {

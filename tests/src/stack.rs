@@ -313,15 +313,25 @@ impl Stack {
             .chain([self.image_store(site)])
             .map(|p| format!("{:?}", p.display().to_string()))
             .collect();
+        // A site that relays any transfer (its `[transfer]` policy) runs a proxy that may relay.
+        let site_config = nubis_site::config::SiteConfig::load(&site_path).unwrap();
+        let transfer = &site_config.policy.transfer;
+        let relay_allowed = std::iter::once(&transfer.default)
+            .chain(transfer.partners.values())
+            .any(|m| *m == nubis_site::config::TransferMode::Relay);
         let proxy_toml = format!(
             "site = \"{site}\"\nproxy = \"p1\"\nnats_url = \"{url}\"\nnats_user = \"{proxy_user}\"\nnats_password = \"{proxy_password}\"\n\
-             identity_file = \"{}\"\nstore_dir = \"{}\"\n\n[transfer]\nroots = [{}]\n\n{proxy_partners}",
+             identity_file = \"{}\"\nstore_dir = \"{}\"\n\n[transfer]\nroots = [{}]\nrelay_allowed = {relay_allowed}\n\n{proxy_partners}",
             self.path(&format!("{site}.key")).display(),
             self.path(&format!("{site}-proxy")).display(),
             roots.join(", "),
         );
         let proxy_path = self.write(&format!("{site}-proxy.toml"), &proxy_toml);
-        let site_config = nubis_site::config::SiteConfig::load(&site_path).unwrap();
+        // Every host's user exists before the site's daemons connect: adding one reloads the
+        // site's server, and a client logging in during a reload may be refused.
+        for (host, _) in &spec.hosts {
+            self.fed.host_credentials(site, host).await.unwrap();
+        }
         let proxy_config = nubis_proxy::config::Config::load(&proxy_path).unwrap();
         self.daemons.push(spawn(format!("{site}/proxy"), move |t| {
             nubis_proxy::run(proxy_config, t)
@@ -414,6 +424,52 @@ impl Stack {
             .stderr(log)
             .spawn()
             .unwrap()
+    }
+
+    /// Replaces the in-process Transfer proxy of `site` by a process of its own (same
+    /// configuration file, `nubis-test-site --proxy`), logging to `log` in the stack's
+    /// directory, with `env` added (the hooks of `nubis-test-site`); returns once the proxy
+    /// has started.
+    pub async fn proxy_as_process(
+        &mut self,
+        site: &str,
+        log: &str,
+        env: &[(&str, &str)],
+    ) -> std::process::Child {
+        let name = format!("{site}/proxy");
+        if let Some(i) = self.daemons.iter().position(|d| d.name == name) {
+            let d = self.daemons.remove(i);
+            d.token.cancel();
+            let _ = d.handle.await;
+        }
+        let log_path = self.path(log);
+        let child = std::process::Command::new(site_binary())
+            .arg("--proxy")
+            .arg("--config")
+            .arg(self.path(&format!("{site}-proxy.toml")))
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap();
+        nubis_testkit::wait_until(
+            std::time::Duration::from_secs(30),
+            "the proxy process started",
+            || {
+                let log_path = log_path.clone();
+                async move {
+                    let text = std::fs::read_to_string(&log_path).map_err(|e| e.to_string())?;
+                    if text.contains("transfer proxy started") {
+                        Ok(())
+                    } else {
+                        Err(text)
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+        child
     }
 
     /// A client of `site` allowed to call its operator API.

@@ -35,7 +35,8 @@ impl ProxyClient {
             client,
             identity,
             verifier,
-            CallPolicy::default(),
+            // Proxies fail at once on no responders; their callers decide what comes next.
+            CallPolicy::default().with_no_responder_wait(Duration::ZERO),
         ))
     }
 

@@ -217,7 +217,7 @@ pub fn user_block(site: &str, name: &str, role: OperatorRole, password: &str) ->
         inbox,
         "nubis.mon.>".into(),
         format!("nubis.events.{site}.>"),
-        "nubis.proxy.*.*.progress.>".into(),
+        format!("nubis.proxy.{site}.*.progress.>"),
     ];
     format!(
         "      {{\n\

@@ -210,7 +210,11 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         client.clone(),
         identity.clone(),
         request_verifier.clone(),
-        CallPolicy::with_timeout(Duration::from_secs(10)),
+        // A call that finds no responder fails at once: a site forwarding as Intermediary
+        // passes `unreachable` upstream before its upstream times out, and a Migration request
+        // to a partner that is down costs a fan-out nothing. The Controller does the waiting,
+        // between transfer rounds.
+        CallPolicy::with_timeout(Duration::from_secs(10)).with_no_responder_wait(Duration::ZERO),
     );
     let fed = FederationClient::new(signed.clone());
     let proxy = ProxyClient::from_signed(signed);

@@ -15,7 +15,7 @@ use async_nats::jetstream::{self, kv};
 use futures::StreamExt as _;
 use nubis_protocol::envelope::{self, Addressing, SignedEnvelope, Verifier};
 use nubis_protocol::identity::SiteIdentity;
-use nubis_protocol::message::{ConsumerRegistration, ProducerRegistration, SiteEntry};
+use nubis_protocol::message::{ConsumerRegistration, ProducerId, ProducerRegistration, SiteEntry};
 use nubis_protocol::subject::{DirectoryKey, DIRECTORY_BUCKET};
 use nubis_protocol::{SiteId, VmId};
 use tokio_util::sync::CancellationToken;
@@ -395,8 +395,10 @@ impl Directory {
         self.put_registration(&key, reg).await
     }
 
-    /// Registers a GMA Producer (run by this site's hosts) of `vm`'s monitoring under this
-    /// site's own key, and keeps it fresh with every heartbeat until [`Directory::withdraw`].
+    /// Registers a GMA Producer of `vm`'s monitoring under this site's own key, and keeps it
+    /// fresh with every heartbeat until [`Directory::withdraw`]. The site that registers a
+    /// Producer is the one that publishes its batches on the public subject (under relay
+    /// delivery the VM's primary), never a site that would be named only by registering.
     pub async fn register_producer(
         &self,
         reg: &ProducerRegistration,
@@ -404,6 +406,20 @@ impl Directory {
         let key = DirectoryKey::producer(self.identity.site(), &reg.vm, &reg.producer);
         self.hold(&key, Held::Producer(reg.clone()));
         self.put_registration(&key, reg).await
+    }
+
+    /// Withdraws one Producer registration of `vm` this site wrote (the oldest of a VM that
+    /// has as many as it may keep), and stops refreshing it.
+    pub async fn withdraw_producer(
+        &self,
+        vm: &VmId,
+        producer: &ProducerId,
+    ) -> Result<(), DirectoryError> {
+        let key = DirectoryKey::producer(self.identity.site(), vm, producer);
+        if let Ok(mut held) = self.held.lock() {
+            held.remove(&key);
+        }
+        self.delete_key(&key).await
     }
 
     fn hold(&self, key: &DirectoryKey, reg: Held) {

@@ -391,6 +391,15 @@ impl LocalSite for FakeLocal {
         self.prepared("image_source", "-").await
     }
 
+    async fn relay(
+        &self,
+        _migration: MigrationId,
+        _vm: &VmId,
+        _source: &Endpoint,
+    ) -> Result<PreparedSource, ErrorReply> {
+        self.prepared("relay", "-").await
+    }
+
     async fn initiate(
         &self,
         _migration: MigrationId,

@@ -361,6 +361,40 @@ impl LocalSite for NatsLocalSite {
             .await
     }
 
+    async fn relay(
+        &self,
+        migration: MigrationId,
+        vm: &VmId,
+        source: &Endpoint,
+    ) -> Result<PreparedSource, ErrorReply> {
+        // A relaying token holds no host's files; the proxy's store wants a host name.
+        let host = HostId::new("relay")
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+        let minted = self
+            .proxy
+            .mint(
+                &self.proxy_uri,
+                &MintToken {
+                    migration_id: migration,
+                    vm: vm.clone(),
+                    host,
+                    ttl_ms: None,
+                    purpose: TokenPurpose::Relay {
+                        source: source.clone(),
+                    },
+                },
+            )
+            .await
+            .map_err(proxy_error)?;
+        Ok(PreparedSource {
+            endpoint: Endpoint {
+                proxy: minted.proxy,
+                token: minted.token,
+            },
+            total_bytes: minted.total_bytes,
+        })
+    }
+
     async fn initiate(
         &self,
         migration: MigrationId,

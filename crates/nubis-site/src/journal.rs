@@ -105,6 +105,36 @@ pub struct Route {
     pub descriptor: Option<VmDescriptor>,
     /// When an unused destination offer may be forgotten (ms since the epoch).
     pub expires_ms: u64,
+    /// Set when this site relays the transfer (paper III-D): the token above is this site's
+    /// own, and what the next hop gave stays here.
+    #[serde(default)]
+    pub relay: Option<RouteRelay>,
+    /// Source side: the same migration's destination was committed through this site (both
+    /// chains pass here, by the same next hop or not), so the source commit keeps the VM's
+    /// record, which the destination commit re-pointed.
+    #[serde(default)]
+    pub destination_committed: bool,
+}
+
+/// The relayed part of a [`Route`]: the next hop's endpoint, which is never passed upstream,
+/// and the relaying token at this site's own proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRelay {
+    /// The proxy and token the next hop gave (its offer, or its prepared source).
+    pub downstream: Endpoint,
+    /// This site's relaying token and the source it relays from: for a prepared source the
+    /// next hop's files, minted with the route; for an offer the upstream's source, minted at
+    /// the first Initiate transfer.
+    pub relaying: Option<Relaying>,
+}
+
+/// A relaying token minted at this site's proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relaying {
+    /// The relaying token (its proxy is this site's own).
+    pub endpoint: Endpoint,
+    /// Where it relays from.
+    pub source: Endpoint,
 }
 
 /// Steps of the Main migration algorithm at the Controller.

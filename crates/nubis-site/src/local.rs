@@ -3,7 +3,8 @@
 //!
 //! The roles in [`crate::roles`] never talk to a host or a proxy directly; they call this trait,
 //! whose production implementation speaks the site-internal NATS subjects. Nothing that passes
-//! through it leaves the site except proxy URIs and transfer tokens.
+//! through it leaves the site except proxy URIs and transfer tokens — and, for a relaying site,
+//! only its own.
 
 use std::future::Future;
 
@@ -48,6 +49,16 @@ pub trait LocalSite: Send + Sync + 'static {
         &self,
         migration: MigrationId,
         descriptor: &VmDescriptor,
+    ) -> impl Future<Output = Result<PreparedSource, ErrorReply>> + Send;
+
+    /// Relaying (paper III-D): mint a token at the site's own proxy that fetches the files of
+    /// `source` into the proxy's bucket and serves them again under the new token, so the far
+    /// end sees only this site's proxy. Released like an image-store source (no host).
+    fn relay(
+        &self,
+        migration: MigrationId,
+        vm: &VmId,
+        source: &Endpoint,
     ) -> impl Future<Output = Result<PreparedSource, ErrorReply>> + Send;
 
     /// Initiate transfer handler: the local proxy fetches `source` into `destination`'s token.

@@ -82,6 +82,8 @@ fn refusal(e: nubis_protocol::message::ErrorReply) -> service::error::Error {
         C::Malformed | C::UnknownVm | C::UnknownToken => 400,
         C::Conflict => 409,
         C::Refused | C::NoCapacity | C::NotPartner | C::LoopDetected | C::DepthExceeded => 422,
+        C::Busy => 503,
+        C::Quota => 429,
         C::Timeout => 504,
         _ => 500,
     };

@@ -20,6 +20,7 @@ use crate::config::EvictionPolicy;
 use crate::controller::Trigger;
 use crate::journal::{MigrationPhase, NextHop, VmPhase, VmRecord};
 use crate::local::LocalSite;
+use crate::peers::Peers;
 use crate::roles::{internal, Roles};
 
 /// How long an eviction notice gives the upstream site to move the VM.
@@ -59,7 +60,7 @@ fn queue_position(
         .count()
 }
 
-impl<L: LocalSite> Roles<L> {
+impl<L: LocalSite, P: Peers> Roles<L, P> {
     /// Primary placement: records the VM as this site's own and places it with the Main
     /// migration algorithm, its source being this site's image store.
     pub fn deploy(self: &Arc<Self>, req: DeployRequest) -> Result<(VmId, MigrationId), ErrorReply> {
@@ -121,7 +122,10 @@ impl<L: LocalSite> Roles<L> {
                     reason: "evicted by the operator of the running site".into(),
                     deadline_ms: now_ms() + EVICTION_DEADLINE.as_millis() as u64,
                 };
-                self.journal().put_outgoing(&notice, up).map_err(internal)?;
+                // A full table of notices to `up` is `busy`: the operator may try again later.
+                self.journal()
+                    .put_outgoing(&notice, up)
+                    .map_err(crate::journal::refusal)?;
                 Ok(EvictReply {
                     vm: vm.clone(),
                     notice: Some(notice.notice_id.to_string()),

@@ -21,6 +21,7 @@ pub mod federation;
 pub mod localfed;
 pub mod monitor;
 pub mod wait;
+pub mod wan;
 
 pub use binary::{LocateError, NatsServerBinary, Version, MIN_VERSION, NATS_SERVER_ENV};
 pub use federation::{
@@ -28,6 +29,7 @@ pub use federation::{
     HUB_DOMAIN,
 };
 pub use wait::{eventually, eventually_blocking, wait_until, Backoff, WaitError, DEFAULT_TIMEOUT};
+pub use wan::{LinkSpec, WanLink};
 
 /// Whether the tests run under CI (`CI=true`), where a missing prerequisite is a failure.
 pub fn under_ci() -> bool {

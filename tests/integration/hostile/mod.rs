@@ -24,6 +24,7 @@ mod confidential;
 mod files;
 mod hosts;
 mod keys;
+mod location;
 mod operators;
 mod quota;
 mod soak;

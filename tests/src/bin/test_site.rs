@@ -1,6 +1,7 @@
 //! `nubis-test-site --config site.toml`: the site daemon as a process of its own, so that the
 //! end-to-end tests can kill it with SIGKILL mid-operation and start it again, or hold it
-//! between two steps while they set up a fault.
+//! between two steps while they set up a fault. With `--proxy --config proxy.toml`, the site's
+//! Transfer proxy instead, with the same hooks.
 //!
 //! With `NUBIS_TEST_KILL_AT=<message>` in its environment the process kills itself with SIGKILL
 //! the first time the site logs an event with exactly that message (at any level), from the
@@ -97,12 +98,17 @@ async fn main() {
         .with(at("NUBIS_TEST_KILL_AT", "KILL").with_filter(hook_filter()))
         .with(at("NUBIS_TEST_STOP_AT", "STOP").with_filter(hook_filter()))
         .try_init();
-    let config = nubis_site::config::SiteConfig::load(std::path::Path::new(path)).unwrap();
     let token = tokio_util::sync::CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
         t.cancel();
     });
+    if args.iter().any(|a| a == "--proxy") {
+        let config = nubis_proxy::config::Config::load(std::path::Path::new(path)).unwrap();
+        nubis_proxy::run(config, token).await.unwrap();
+        return;
+    }
+    let config = nubis_site::config::SiteConfig::load(std::path::Path::new(path)).unwrap();
     nubis_site::run(config, token).await.unwrap();
 }

@@ -66,6 +66,10 @@ open_string_enum!(
         /// some of it is taken up, released or expired. Peers that predate this code decode
         /// it as [`ErrorCode::Other`].
         Quota => "quota",
+        /// Nothing listens at the next hop (its daemon is down or restarting), so the request
+        /// was not acted on there; it may succeed once the next hop is back. Peers that
+        /// predate this code decode it as [`ErrorCode::Other`].
+        Unreachable => "unreachable",
     }
 );
 
@@ -74,7 +78,12 @@ impl ErrorCode {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::Stale | Self::Busy | Self::Timeout | Self::NoCapacity | Self::Internal
+            Self::Stale
+                | Self::Busy
+                | Self::Timeout
+                | Self::Unreachable
+                | Self::NoCapacity
+                | Self::Internal
         )
     }
 }
@@ -132,7 +141,8 @@ mod tests {
                 .bytes()
                 .all(|c| c.is_ascii_lowercase() || c == b'_'));
         }
-        assert_eq!(ErrorCode::KNOWN.len(), 26);
+        assert_eq!(ErrorCode::KNOWN.len(), 27);
+        assert!(ErrorReply::new(ErrorCode::Unreachable, "down").retryable);
         assert!(ErrorReply::new(ErrorCode::Busy, "later").retryable);
         assert!(!ErrorReply::new(ErrorCode::BadSignature, "no").retryable);
     }

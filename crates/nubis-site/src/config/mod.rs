@@ -1,7 +1,7 @@
 //! The site configuration (`site.toml`): identity, bus, partners (the bilateral contracts) and
 //! policies. Loaded once, validated at start, with errors that name the file and the key.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -30,6 +30,45 @@ pub enum Exposure {
     /// Every offer obtained.
     #[default]
     All,
+}
+
+/// How this site passes a transfer endpoint it got from downstream (a partner's offer, or a
+/// partner's prepared source) on to its upstream (paper III-D, location unawareness).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferMode {
+    /// Pass the downstream proxy and token on as they are: the upstream's transfer runs
+    /// between the far ends' proxies, and the upstream learns the far end's proxy.
+    #[default]
+    Direct,
+    /// Put this site's own proxy and token in their place: the data passes through this
+    /// site's proxy, and the upstream never learns who is beyond this site.
+    Relay,
+}
+
+/// The transfer policy (`[transfer]` and each partner's `transfer` key): which
+/// [`TransferMode`] applies to endpoints passed to which upstream partner.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TransferPolicy {
+    /// The mode for partners without a `transfer` key of their own.
+    pub default: TransferMode,
+    /// The partners' own modes.
+    pub partners: BTreeMap<SiteId, TransferMode>,
+}
+
+impl TransferPolicy {
+    /// The mode for endpoints passed to `upstream`.
+    pub fn towards(&self, upstream: &SiteId) -> TransferMode {
+        self.partners.get(upstream).copied().unwrap_or(self.default)
+    }
+}
+
+/// The `[transfer]` table as written.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransfer {
+    #[serde(default)]
+    default: TransferMode,
 }
 
 /// Delegation policy: whether and where this site forwards Migration requests.
@@ -73,6 +112,10 @@ pub struct Policy {
     /// What this site does with an eviction notice from downstream.
     #[serde(default)]
     pub eviction: EvictionPolicy,
+    /// Whether endpoints passed upstream are relayed; from the `[transfer]` table and the
+    /// partners' `transfer` keys, not from `[policy]`.
+    #[serde(skip)]
+    pub transfer: TransferPolicy,
 }
 
 impl Default for Policy {
@@ -82,6 +125,7 @@ impl Default for Policy {
             delegation: Delegation::default(),
             expose: Exposure::All,
             eviction: EvictionPolicy::Migrate,
+            transfer: TransferPolicy::default(),
         }
     }
 }
@@ -239,6 +283,8 @@ struct RawPartner {
     price_milli: u64,
     #[serde(default)]
     preferred: bool,
+    #[serde(default)]
+    transfer: Option<TransferMode>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,6 +337,8 @@ struct RawConfig {
     limits: crate::quota::Limits,
     #[serde(default)]
     retention: crate::retention::Retention,
+    #[serde(default)]
+    transfer: RawTransfer,
 }
 
 fn default_proxy() -> String {
@@ -418,6 +466,8 @@ impl SiteConfig {
 
         let mut seen = BTreeSet::new();
         let mut partners = Vec::with_capacity(raw.partners.len());
+        let mut policy = raw.policy;
+        policy.transfer.default = raw.transfer.default;
         for (i, p) in raw.partners.into_iter().enumerate() {
             if p.site == raw.site {
                 return Err(invalid(
@@ -437,6 +487,9 @@ impl SiteConfig {
             let key = format!("partners[{i}].sealing_key");
             let sealing_key =
                 parse_sealing_key(&p.sealing_key, &key).map_err(|e| invalid(key, e.to_string()))?;
+            if let Some(mode) = p.transfer {
+                policy.transfer.partners.insert(p.site.clone(), mode);
+            }
             partners.push(Partner {
                 site: p.site,
                 signing_key,
@@ -446,7 +499,7 @@ impl SiteConfig {
                 preferred: p.preferred,
             });
         }
-        for (i, d) in raw.policy.delegation.partners.iter().enumerate() {
+        for (i, d) in policy.delegation.partners.iter().enumerate() {
             if !seen.contains(d) {
                 return Err(invalid(
                     format!("policy.delegation.partners[{i}]"),
@@ -553,7 +606,7 @@ impl SiteConfig {
             nats,
             hub_domain: raw.hub_domain,
             data_dir,
-            policy: raw.policy,
+            policy,
             directory: raw.directory,
             partners,
             hosts,

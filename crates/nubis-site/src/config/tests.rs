@@ -267,3 +267,73 @@ fn unknown_keys_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn transfer_mode_defaults_to_direct_for_every_partner() {
+    let f = fixture();
+    let c = parse(&f, &good(&f)).unwrap();
+    assert_eq!(c.policy.transfer, TransferPolicy::default());
+    assert_eq!(
+        c.policy.transfer.towards(f.partner.site()),
+        TransferMode::Direct
+    );
+}
+
+#[test]
+fn transfer_mode_reads_a_default_and_per_partner_exceptions() {
+    let f = fixture();
+    let other = SiteIdentity::generate(SiteId::new("c").unwrap());
+    // Relay by default; partner c is an exception, partner b follows the default.
+    let text = format!(
+        "{}{}transfer = \"direct\"\n",
+        with_sections(&f, "[transfer]\ndefault = \"relay\"\n"),
+        other.public().partner_snippet()
+    );
+    let c = parse(&f, &text).unwrap();
+    assert_eq!(c.policy.transfer.default, TransferMode::Relay);
+    assert_eq!(
+        c.policy.transfer.towards(f.partner.site()),
+        TransferMode::Relay
+    );
+    assert_eq!(
+        c.policy.transfer.towards(other.site()),
+        TransferMode::Direct
+    );
+    // A site with no entry (not a partner) gets the default.
+    let stranger = SiteId::new("z").unwrap();
+    assert_eq!(c.policy.transfer.towards(&stranger), TransferMode::Relay);
+
+    // And the other way round: direct by default, one partner relayed.
+    let text = format!("{}transfer = \"relay\"\n", good(&f));
+    let c = parse(&f, &text).unwrap();
+    assert_eq!(c.policy.transfer.default, TransferMode::Direct);
+    assert_eq!(
+        c.policy.transfer.towards(f.partner.site()),
+        TransferMode::Relay
+    );
+    assert_eq!(c.policy.transfer.towards(&stranger), TransferMode::Direct);
+}
+
+#[test]
+fn bad_transfer_keys_are_named() {
+    let f = fixture();
+    for (text, key) in [
+        (
+            with_sections(&f, "[transfer]\ndefault = \"tunnel\"\n"),
+            "default",
+        ),
+        (with_sections(&f, "[transfer]\nmode = \"relay\"\n"), "mode"),
+        (format!("{}transfer = \"maybe\"\n", good(&f)), "transfer"),
+        // The mode is not a `[policy]` key.
+        (
+            with_sections(&f, "[policy]\ntransfer = \"relay\"\n"),
+            "transfer",
+        ),
+    ] {
+        let err = parse(&f, &text).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Parse { message, .. } if message.contains(key)),
+            "{text}: {err}"
+        );
+    }
+}

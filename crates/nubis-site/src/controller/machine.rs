@@ -36,11 +36,14 @@ pub(crate) enum Run<'a> {
     Resumed,
 }
 
-/// The reason of a roll-back after every offer failed.
-fn every_offer_failed() -> ErrorReply {
+/// The reason of a roll-back after every offer failed, the last one because of `last`.
+fn every_offer_failed(last: &ErrorReply) -> ErrorReply {
     ErrorReply::new(
         ErrorCode::TransferFailed,
-        "every offer failed; the VM stays where it was",
+        format!(
+            "every offer failed; the VM stays where it was (last: {})",
+            reason_of(last)
+        ),
     )
 }
 
@@ -205,7 +208,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 }
                 Err(e) => {
                     tracing::warn!(migration.id = %m.id, error = %e.message, "cannot prepare the source again");
-                    self.start_aborting(m.id, &every_offer_failed())
+                    self.start_aborting(m.id, &every_offer_failed(&e))
                 }
             };
         }
@@ -224,7 +227,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                     return self.start_aborting(m.id, &cancel);
                 }
                 tracing::info!(migration.id = %m.id, offer = i, error = %e.message, "offer failed; trying the next");
-                self.next_offer(m, i).await
+                self.next_offer(m, i, &e).await
             }
         }
     }
@@ -257,7 +260,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             Err(e) if uncertain(&e) => return Err(e),
             Err(e) => {
                 tracing::warn!(migration.id = %m.id, offer = i, error = %e.message, "destination refused to activate");
-                return self.next_offer(m, i).await;
+                return self.next_offer(m, i, &e).await;
             }
         }
         tracing::info!(migration.id = %m.id, offer = i, "destination committed; releasing the source");
@@ -309,8 +312,14 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         Ok(())
     }
 
-    /// Offer `i` failed: release it, then try the next one, or roll back with none left.
-    async fn next_offer(&self, m: &MigrationRecord, i: usize) -> Result<(), ErrorReply> {
+    /// Offer `i` failed because of `why`: release it, then try the next one, or roll back with
+    /// none left.
+    async fn next_offer(
+        &self,
+        m: &MigrationRecord,
+        i: usize,
+        why: &ErrorReply,
+    ) -> Result<(), ErrorReply> {
         if let Some(ranked) = m.offers.get(i) {
             self.release_offer(m.id, &m.vm, i, ranked).await?;
         }
@@ -321,7 +330,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             })?;
             Ok(())
         } else {
-            self.start_aborting(m.id, &every_offer_failed())
+            self.start_aborting(m.id, &every_offer_failed(why))
         }
     }
 

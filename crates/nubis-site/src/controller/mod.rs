@@ -43,13 +43,27 @@ const STALL_LIMIT: Duration = Duration::from_secs(120);
 /// open in the journal and is taken up again when this site restarts.
 const SETTLE_LIMIT: Duration = Duration::from_secs(300);
 
+/// How long the Controller keeps repeating transfer rounds that find a peer with no responder
+/// (its daemon is down or restarting) before that offer counts as failed. Such rounds are not
+/// failed rounds: nothing acted on them.
+pub const UNREACHABLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// The cap of the first pause after a round that found no responder; it doubles for each
+/// further one, up to [`UNREACHABLE_BACKOFF_MAX`].
+const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(250);
+
+/// The largest cap of one pause after a round that found no responder.
+const UNREACHABLE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 /// Whether a failed request may have taken effect at the peer (it may have acted and then
 /// crashed, or its answer was lost): the Controller must then learn the outcome by repeating
-/// the idempotent request, never assume it did not happen.
+/// the idempotent request, never assume it did not happen. A peer with no responder is
+/// repeated too: this request did not act, but an earlier one of the same step may have, and
+/// only the peer, once back, can tell.
 fn uncertain(e: &ErrorReply) -> bool {
     matches!(
         e.code,
-        ErrorCode::Timeout | ErrorCode::Busy | ErrorCode::Internal
+        ErrorCode::Timeout | ErrorCode::Busy | ErrorCode::Internal | ErrorCode::Unreachable
     )
 }
 

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use futures::future::join_all;
+use nubis_bus::call::{backoff_cap, full_jitter};
 use nubis_protocol::message::{
     AbortMigration, Aborted, CommitMigration, Committed, Endpoint, ErrorCode, ErrorReply,
     HandOverSide, InitiateTransfer, MigrationRequest, Offers, PrepareMigration, PrepareMode,
@@ -21,7 +22,10 @@ use crate::local::LocalSite;
 use crate::peers::Peers;
 use crate::roles::{internal, Roles};
 
-use super::{uncertain, Trigger, MAX_FAILED_ROUNDS, SETTLE_LIMIT, STALL_LIMIT};
+use super::{
+    uncertain, Trigger, MAX_FAILED_ROUNDS, SETTLE_LIMIT, STALL_LIMIT, UNREACHABLE_BACKOFF,
+    UNREACHABLE_BACKOFF_MAX, UNREACHABLE_LIMIT,
+};
 
 /// Why a Forced migration (prepare) failed.
 pub(super) struct PrepareFailure {
@@ -49,6 +53,20 @@ impl From<CallError> for PrepareFailure {
             reply,
         }
     }
+}
+
+/// The error of a transfer round in which a peer had no responder and nothing else went
+/// wrong: no other error, no failed status.
+fn unreachable_only(round: [&Result<TransferStatus, ErrorReply>; 2]) -> Option<&ErrorReply> {
+    let mut found = None;
+    for r in round {
+        match r {
+            Err(e) if e.code == ErrorCode::Unreachable => found = found.or(Some(e)),
+            Err(_) | Ok(TransferStatus::Failed { .. }) => return None,
+            Ok(_) => {}
+        }
+    }
+    found
 }
 
 /// The destination endpoint of an offer.
@@ -225,9 +243,41 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         // Short at first: a small transfer is over after a round trip or two.
         let mut pause = Duration::from_millis(5);
         let mut last_progress = (0u64, Instant::now());
+        // Since when, and in how many rounds in a row, a peer had no responder.
+        let mut unreachable: Option<(Instant, u32)> = None;
         loop {
             let d_stat = self.initiate_via(&ranked.via, &initiate).await;
             let s_stat = self.verify_via(id, vm, source, source_via).await;
+            if let Some(e) = unreachable_only([&d_stat, &s_stat]) {
+                // A daemon restarting: nothing acted on this round, so it is not a failed
+                // round; the Controller waits for the peer, up to a bound.
+                let (since, rounds) = unreachable.get_or_insert((Instant::now(), 0));
+                *rounds += 1;
+                let waited = since.elapsed();
+                if waited >= UNREACHABLE_LIMIT {
+                    return Err(ErrorReply::new(
+                        ErrorCode::Unreachable,
+                        format!(
+                            "{}; still no responder after {} s of waiting",
+                            e.message,
+                            waited.as_secs()
+                        ),
+                    ));
+                }
+                let wait = full_jitter(backoff_cap(
+                    UNREACHABLE_BACKOFF,
+                    UNREACHABLE_BACKOFF_MAX,
+                    *rounds,
+                ))
+                .min(UNREACHABLE_LIMIT - waited);
+                tracing::info!(migration.id = %id, rounds = *rounds, error = %e.message, "a peer has no responder; waiting for it");
+                if let Some(cancel) = self.cancellation(id) {
+                    return Err(cancel);
+                }
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            unreachable = None;
             match (&d_stat, &s_stat) {
                 (Ok(d), Ok(s)) if d == s && matches!(d, TransferStatus::Succeeded { .. }) => {
                     self.update_migration(id, |m| m.bytes_done = m.bytes_total.max(m.bytes_done))?;

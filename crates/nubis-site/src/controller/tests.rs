@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
 use nubis_protocol::message::ErrorCode;
 use nubis_protocol::{MigrationId, SiteId, VmId};
 
@@ -20,6 +22,7 @@ const PREPARE: &str = "migration.prepare";
 const INITIATE: &str = "transfer.initiate";
 const COMMIT: &str = "migration.commit";
 const ABORT: &str = "migration.abort";
+const VERIFY: &str = "transfer.verify";
 
 /// What a peer can answer besides success.
 fn failures() -> [Answer; 3] {
@@ -214,7 +217,12 @@ async fn preparing_that_never_answers_gives_up_after_the_settle_limit() {
 
 #[tokio::test(start_paused = true)]
 async fn a_transfer_failing_on_the_first_offer_falls_back_to_the_next_with_a_fresh_source() {
-    for answer in failures().into_iter().chain([Answer::TransferFailed]) {
+    let failing = [
+        Answer::Refused(ErrorCode::Refused),
+        Answer::Timeout,
+        Answer::TransferFailed,
+    ];
+    for answer in failing {
         let t = star();
         t.peers.fake.on(Some("c"), INITIATE, answer.clone());
         let (m, committed) = migrate(&t, anywhere()).await;
@@ -348,6 +356,78 @@ async fn a_transfer_without_progress_moves_on_after_the_stall_limit() {
     assert_committed_at(&t, &m, "d", 1);
     assert_eq!(m.failed_rounds, 0);
     assert!(t.peers.fake.count("transfer.initiate c") > 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn peers_without_responder_for_a_while_are_waited_for_without_failed_rounds() {
+    let t = star();
+    // The destination's daemon restarts, and the source's too, for a few rounds each.
+    t.peers
+        .fake
+        .on_times(Some("c"), INITIATE, Answer::Unreachable, 5);
+    t.peers
+        .fake
+        .on_times(Some("b"), VERIFY, Answer::Unreachable, 3);
+    let (m, committed) = migrate(&t, anywhere()).await;
+    assert!(committed, "{m:?}");
+    assert_committed_at(&t, &m, "c", 0);
+    assert_eq!(m.failed_rounds, 0);
+    assert_eq!(m.last_failure, None);
+    assert_eq!(t.peers.fake.count("transfer.initiate c"), 6);
+    assert_eq!(t.peers.fake.count("transfer.initiate d"), 0);
+    assert_eq!(t.peers.fake.count("migration.prepare b"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_without_responder_past_the_limit_fails_its_offer_and_the_migration_aborts() {
+    let t = TestSite::new(&["c"], &[]);
+    t.place("vm-1", Some(site("b")));
+    t.peers.fake.on(Some("c"), INITIATE, Answer::Unreachable);
+    let started = Instant::now();
+    let (m, committed) = migrate(&t, anywhere()).await;
+    assert!(!committed);
+    assert!(started.elapsed() >= super::UNREACHABLE_LIMIT, "waited");
+    let reason = aborted(&m);
+    assert!(reason.contains("every offer failed"), "{reason}");
+    assert!(reason.contains("no responder"), "{reason}");
+    assert!(reason.contains("(unreachable)"), "{reason}");
+    assert_eq!(m.failed_rounds, 0);
+    assert!(t.peers.fake.count("transfer.initiate c") > super::MAX_FAILED_ROUNDS as usize);
+    assert_eq!(
+        t.peers.fake.count("migration.abort b"),
+        1,
+        "the source runs the VM again"
+    );
+    assert_vm(&t, site("b"), VmPhase::Placed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_is_a_failed_round_and_is_not_waited_for() {
+    // Every timeout counts: the offer fails after exactly the allowed rounds.
+    let t = star();
+    t.peers.fake.on(Some("c"), INITIATE, Answer::Timeout);
+    let (m, committed) = migrate(&t, anywhere()).await;
+    assert!(committed, "{m:?}");
+    assert_committed_at(&t, &m, "d", 1);
+    assert_eq!(m.failed_rounds, super::MAX_FAILED_ROUNDS);
+    assert_eq!(
+        t.peers.fake.count("transfer.initiate c"),
+        super::MAX_FAILED_ROUNDS as usize
+    );
+
+    // A round with a timeout at one end counts even when the other end had no responder.
+    let t = star();
+    t.peers
+        .fake
+        .on_times(Some("c"), INITIATE, Answer::Timeout, 1);
+    t.peers
+        .fake
+        .on_times(Some("b"), VERIFY, Answer::Unreachable, 1);
+    let (m, committed) = migrate(&t, anywhere()).await;
+    assert!(committed, "{m:?}");
+    assert_committed_at(&t, &m, "c", 0);
+    assert_eq!(m.failed_rounds, 1);
+    assert_eq!(t.peers.fake.count("transfer.initiate c"), 2);
 }
 
 /// Crashes the Controller while a fake hangs on `op` at `at`, recovers, returns the journal.

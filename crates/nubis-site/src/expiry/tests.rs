@@ -60,6 +60,8 @@ fn offer(j: &Journal, vm: &str, upstream: &str, next: NextHop, expires_ms: u64) 
         upstream: id(upstream),
         descriptor: Some(descriptor(vm, upstream)),
         expires_ms,
+        relay: None,
+        destination_committed: false,
     };
     j.put_route(&r).unwrap();
     r

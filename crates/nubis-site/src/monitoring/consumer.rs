@@ -66,7 +66,17 @@ impl Monitoring {
                 .filter(|r| matches!(r.downstream, Some(NextHop::Host(_))))
                 .map(|r| r.vm.clone())
                 .collect();
-            self.withdraw_departed_producers(&local);
+            // The VMs whose batches this site may publish on the public subject, and so
+            // register Producers of: those it runs, and those it is the primary of.
+            let publishing: HashSet<VmId> = records
+                .iter()
+                .filter(|r| {
+                    matches!(r.downstream, Some(NextHop::Host(_)))
+                        || (r.primary == self.site && r.downstream.is_some())
+                })
+                .map(|r| r.vm.clone())
+                .collect();
+            self.withdraw_departed_producers(&local, &publishing);
             let wanted: HashMap<(SiteId, VmId), SiteId> = records
                 .into_iter()
                 .filter_map(|r| match r.downstream {
@@ -90,7 +100,7 @@ impl Monitoring {
                     .deps
                     .directory
                     .sweep_own(|vm, which| match which {
-                        Withdraw::Producers => local.contains(vm),
+                        Withdraw::Producers => publishing.contains(vm),
                         Withdraw::Consumer => delegated.contains(vm),
                     })
                     .await
@@ -139,14 +149,18 @@ impl Monitoring {
         }
     }
 
-    /// Forgets the Producers of VMs that no longer run on this site's hosts and withdraws their
-    /// directory registrations.
-    fn withdraw_departed_producers(&self, local: &HashSet<VmId>) {
-        let departed: Vec<VmId> = match self.producers.lock() {
+    /// Forgets the Producers of VMs that no longer run on this site's hosts (`local`), and
+    /// withdraws the directory registrations of VMs whose batches it no longer publishes
+    /// (`publishing`).
+    fn withdraw_departed_producers(&self, local: &HashSet<VmId>, publishing: &HashSet<VmId>) {
+        if let Ok(mut table) = self.producers.lock() {
+            table.retain(|vm, _| local.contains(vm));
+        }
+        let departed: Vec<VmId> = match self.published.lock() {
             Ok(mut table) => {
                 let departed: Vec<VmId> = table
                     .keys()
-                    .filter(|vm| !local.contains(*vm))
+                    .filter(|vm| !publishing.contains(*vm))
                     .cloned()
                     .collect();
                 for vm in &departed {
@@ -157,7 +171,7 @@ impl Monitoring {
             Err(_) => Vec::new(),
         };
         for vm in departed {
-            tracing::debug!(vm.id = %vm, "vm left this site's hosts; producers withdrawn");
+            tracing::debug!(vm.id = %vm, "vm no longer published here; producers withdrawn");
             self.withdraw_in_background(vm, Withdraw::Producers);
         }
     }

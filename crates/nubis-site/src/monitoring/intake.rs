@@ -1,7 +1,6 @@
 //! Batches from the site's own host agents (producer role): checked against the VM's record,
-//! signed, delivered, stored and acknowledged; their Producers registered in the directory.
-
-use std::collections::btree_map::Entry;
+//! signed, delivered, stored and acknowledged; their Producers registered in the directory by
+//! the site that publishes their batches.
 
 use nubis_protocol::codec;
 use nubis_protocol::descriptor::DataPoint;
@@ -12,7 +11,7 @@ use nubis_protocol::message::{
 };
 use nubis_protocol::subject::Subject;
 
-use super::{internal_error, target, DropReason, Monitoring, MAX_PRODUCERS_PER_VM};
+use super::{internal_error, target, DropReason, Monitoring, Target, MAX_PRODUCERS_PER_VM};
 use crate::accounting::{self, AccountingError};
 use crate::journal::{NextHop, VmRecord};
 
@@ -129,7 +128,8 @@ impl Monitoring {
             )
             .await
             .map_err(|e: AccountingError| internal_error(e))?;
-        self.register_producer(host, &batch, &data_point);
+        self.note_producer(host, &batch);
+        self.register_producer(target.as_ref(), &batch, &data_point);
         if !stored.duplicate {
             self.evaluate_sla(record, &batch).await;
         }
@@ -158,34 +158,45 @@ impl Monitoring {
         }
     }
 
-    /// Registers a Producer in the directory the first time host `host` sends under it (best
-    /// effort; retried with its next batch if the directory cannot be written).
+    /// Notes the host that sends under a Producer the first time it does, so that no other
+    /// host of this site may send under it.
+    fn note_producer(&self, host: &HostId, batch: &MonitoringBatch) {
+        if let Ok(mut table) = self.producers.lock() {
+            table
+                .entry(batch.vm.clone())
+                .or_default()
+                .entry(batch.producer.clone())
+                .or_insert_with(|| host.clone());
+        }
+    }
+
+    /// Registers a batch's Producer in the directory the first time this site publishes one
+    /// of its batches on the public subject (`target`), under this site's own key (best
+    /// effort; retried with its next batch if the directory cannot be written). A site that
+    /// passes batches up the chain registers nothing: its key would name it as the site where
+    /// the VM runs. A VM keeps at most [`MAX_PRODUCERS_PER_VM`] registrations; a new one
+    /// withdraws the oldest (a VM that moved below the primary leaves its old Producers).
     pub(super) fn register_producer(
         &self,
-        host: &HostId,
+        target: Option<&Target>,
         batch: &MonitoringBatch,
         data_point: &DataPoint,
     ) {
-        let first = self
-            .producers
-            .lock()
-            .map(|mut table| {
-                match table
-                    .entry(batch.vm.clone())
-                    .or_default()
-                    .entry(batch.producer.clone())
-                {
-                    Entry::Occupied(_) => false,
-                    Entry::Vacant(v) => {
-                        v.insert(host.clone());
-                        true
-                    }
-                }
-            })
-            .unwrap_or(false);
-        if !first {
+        if target != Some(&Target::Public) {
             return;
         }
+        let added = self.published.lock().ok().and_then(|mut table| {
+            let of_vm = table.entry(batch.vm.clone()).or_default();
+            if of_vm.contains(&batch.producer) {
+                return None;
+            }
+            let evicted = (of_vm.len() >= MAX_PRODUCERS_PER_VM).then(|| of_vm.remove(0));
+            of_vm.push(batch.producer.clone());
+            Some(evicted)
+        });
+        let Some(evicted) = added else {
+            return;
+        };
         let registration = ProducerRegistration {
             vm: batch.vm.clone(),
             primary_site: batch.primary_site.clone(),
@@ -197,17 +208,22 @@ impl Monitoring {
             heartbeat_ms: now_ms(),
         };
         let directory = self.deps.directory.clone();
-        let producers = self.producers.clone();
+        let published = self.published.clone();
         self.tracker.spawn(async move {
+            if let Some(old) = evicted {
+                if let Err(e) = directory.withdraw_producer(&registration.vm, &old).await {
+                    tracing::warn!(error = %e, vm.id = %registration.vm, "cannot withdraw an old producer");
+                }
+            }
             match directory.register_producer(&registration).await {
                 Ok(_) => {
                     tracing::debug!(vm.id = %registration.vm, producer = %registration.producer, "producer registered")
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, vm.id = %registration.vm, "cannot register producer; will retry");
-                    if let Ok(mut table) = producers.lock() {
+                    if let Ok(mut table) = published.lock() {
                         if let Some(of_vm) = table.get_mut(&registration.vm) {
-                            of_vm.remove(&registration.producer);
+                            of_vm.retain(|p| *p != registration.producer);
                         }
                     }
                 }

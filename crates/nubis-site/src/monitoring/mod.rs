@@ -34,8 +34,14 @@
 //!
 //! The body of a batch passes every hop unchanged: a sealed payload stays sealed, so sites in
 //! between see only that data arrives, and only the primary site opens it (for SLA rules and
-//! usage). A producer registration in the directory is signed by the producing site, so the
-//! directory does name it even under relay delivery.
+//! usage).
+//!
+//! A GMA Producer is registered in the directory by the site that publishes its batches on the
+//! public subject, under that site's own key: under relay delivery the VM's primary (which
+//! learns of a Producer from the first batch relayed to it), under bus delivery the producing
+//! site, whose signature every public batch carries anyway. So the directory names no site
+//! that the public subject does not: under relay delivery, where a VM runs stays known to its
+//! upstream alone.
 //!
 //! Everything refused is dropped and counted by reason (the `monitoring` operator endpoint).
 
@@ -81,6 +87,9 @@ pub use report::{UsageReport, USAGE_LOOKBACK_MS};
 
 /// The Producers registered for each VM, with the host that registered each.
 type ProducerTable = BTreeMap<VmId, BTreeMap<ProducerId, HostId>>;
+
+/// The Producers this site registered in the directory for each VM, oldest first.
+type PublishedTable = BTreeMap<VmId, Vec<ProducerId>>;
 
 /// Most Producers one VM may have at a time (a host agent makes one per VM each time it starts;
 /// only a broken-into host would reach this).
@@ -148,6 +157,8 @@ pub struct Monitoring {
     sla: Mutex<SlaEvaluator>,
     /// The Producers registered for each VM, with the host that registered each.
     producers: Arc<Mutex<ProducerTable>>,
+    /// The Producers this site registered in the directory (it publishes their batches).
+    published: Arc<Mutex<PublishedTable>>,
     chains: chain::Chains,
     slots: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -177,6 +188,7 @@ impl Monitoring {
             counters: MonitoringCounters::default(),
             vms: Mutex::new(BTreeMap::new()),
             producers: Arc::new(Mutex::new(BTreeMap::new())),
+            published: Arc::new(Mutex::new(BTreeMap::new())),
             chains: chain::Chains::default(),
             slots: Arc::new(Semaphore::new(CONCURRENCY)),
             tracker,

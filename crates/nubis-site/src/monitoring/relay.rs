@@ -124,6 +124,9 @@ impl Monitoring {
         if let Err(e) = self.deliver(target.as_ref(), &data_point, &batch).await {
             tracing::warn!(error = %e, vm.id = %vm, "cannot sign batch to pass it on");
         }
+        // The site that publishes the batch (the primary) registers its Producer: the site
+        // that produced it stays unnamed.
+        self.register_producer(target.as_ref(), &batch, &data_point);
         match stored {
             Ok(s) if !s.duplicate => self.evaluate_sla(&record, &batch).await,
             Ok(_) => {}

@@ -16,7 +16,7 @@ use nubis_protocol::SiteId;
 use tokio::time::Instant;
 
 use crate::config::Exposure;
-use crate::journal::{NextHop, Route, RouteSide, VmRecord};
+use crate::journal::{NextHop, Route, RouteRelay, RouteSide, VmRecord};
 use crate::local::LocalSite;
 use crate::peers::Peers;
 use crate::quota::{quota, too_fast, Holdings};
@@ -149,7 +149,13 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                             }
                             offer.terms.depth = req.depth;
                             offer.expires_ms = offer.expires_ms.min(self.offer_deadline());
-                            self.put_destination_route(from, &req, &offer, NextHop::Host(host))?;
+                            self.put_destination_route(
+                                from,
+                                &req,
+                                &offer,
+                                NextHop::Host(host),
+                                None,
+                            )?;
                             holding.offers += 1;
                             holding.add(&req.descriptor);
                             offers.push(offer);
@@ -186,7 +192,13 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                         continue;
                     }
                     offer.expires_ms = offer.expires_ms.min(self.offer_deadline());
-                    self.put_destination_route(from, &req, &offer, NextHop::Site(partner.clone()))?;
+                    let next = NextHop::Site(partner.clone());
+                    // A relaying site names its own proxy and token upstream, never the
+                    // partner's.
+                    let relay = self
+                        .relays_for(from, &next)
+                        .then(|| self.relay_offer(&mut offer));
+                    self.put_destination_route(from, &req, &offer, next, relay)?;
                     holding.offers += 1;
                     offers.push(offer);
                 }
@@ -248,13 +260,15 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         }
     }
 
-    /// Journals where an offer's token leads, so that later operations naming it are forwarded.
+    /// Journals where an offer's token leads, so that later operations naming it are forwarded
+    /// (with `relay`, under the partner's own token).
     fn put_destination_route(
         &self,
         from: &SiteId,
         req: &MigrationRequest,
         offer: &Offer,
         next: NextHop,
+        relay: Option<RouteRelay>,
     ) -> Result<(), ErrorReply> {
         self.journal
             .put_route(&Route {
@@ -266,6 +280,8 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 upstream: from.clone(),
                 descriptor: Some(req.descriptor.clone()),
                 expires_ms: offer.expires_ms,
+                relay,
+                destination_committed: false,
             })
             .map_err(internal)
     }
@@ -362,7 +378,20 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             &req.vm,
         )?;
         self.take_up(from, &route).await?;
-        let (r, route_ref) = (&req, &route);
+        // A relayed offer: this site's proxy fetches from the source and serves the next hop.
+        let relayed;
+        let r = if route.relay.is_some() {
+            let (source, destination) = self.relaying_from(&route, &req.source).await?;
+            relayed = InitiateTransfer {
+                source,
+                destination,
+                ..req.clone()
+            };
+            &relayed
+        } else {
+            &req
+        };
+        let route_ref = &route;
         let reply = self
             .forward(
                 &route.next,

@@ -61,6 +61,11 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             }
         };
         check_route(&route, from, &req.migration_id, &req.vm)?;
+        // A relayed route goes on downstream under the next hop's own token.
+        let req = CommitMigration {
+            endpoint: Self::downstream_endpoint(&route, &req.endpoint),
+            ..req
+        };
         match req.side {
             HandOverSide::Destination => {
                 let descriptor = route
@@ -101,6 +106,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                         phase: VmPhase::Placed,
                     })
                     .map_err(internal)?;
+                self.keep_for_source_commit(&route)?;
             }
             HandOverSide::Source => {
                 let (r, d, route_ref) = (&req, &done, &route);
@@ -118,16 +124,37 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                     )
                     .await?;
                 tracing::info!(migration.id = %route.migration_id, vm.id = %route.vm, "source commit applied");
-                // Leave the chain unless the destination commit already re-pointed this site.
+                // Leave the chain unless the destination commit already re-pointed this site
+                // (possibly to the same next hop: a move between two places beyond it).
                 if let Some(record) = self.journal.vm(&route.vm).map_err(internal)? {
-                    if record.downstream.as_ref() == Some(&route.next) {
+                    if !route.destination_committed
+                        && record.downstream.as_ref() == Some(&route.next)
+                    {
                         self.journal.remove_vm(&route.vm).map_err(internal)?;
                     }
                 }
             }
         }
+        self.release_relaying(&route, true, req.side).await;
         self.journal.remove_route(&route.token).map_err(internal)?;
         Ok(done)
+    }
+
+    /// After the destination commit of `route`: the source routes of the same migration here
+    /// are marked, so that their commit keeps the record this commit re-pointed.
+    fn keep_for_source_commit(&self, route: &Route) -> Result<(), ErrorReply> {
+        let routes = self.journal.routes().map_err(internal)?;
+        for mut r in routes {
+            if r.side == RouteSide::Source
+                && r.migration_id == route.migration_id
+                && r.vm == route.vm
+                && !r.destination_committed
+            {
+                r.destination_committed = true;
+                self.journal.put_route(&r).map_err(internal)?;
+            }
+        }
+        Ok(())
     }
 
     /// Checks that committing `route` may replace `previous`, this site's record of the same
@@ -181,6 +208,10 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 format!("VM {} already runs where this offer was made", route.vm),
             ));
         }
+        let req = AbortMigration {
+            endpoint: Self::downstream_endpoint(&route, &req.endpoint),
+            ..req
+        };
         let (r, d, route_ref) = (&req, &done, &route);
         let _: Aborted = self
             .forward(
@@ -205,6 +236,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             )
             .await?;
         tracing::info!(migration.id = %route.migration_id, vm.id = %route.vm, side = ?req.side, "abort applied");
+        self.release_relaying(&route, false, req.side).await;
         if route.side == RouteSide::Source {
             if let Some(mut record) = self.journal.vm(&route.vm).map_err(internal)? {
                 record.phase = VmPhase::Placed;

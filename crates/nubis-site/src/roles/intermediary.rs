@@ -19,6 +19,24 @@ use crate::peers::Peers;
 
 use super::Roles;
 
+/// The error reply a failed call to the next site becomes upstream: the next site's own
+/// refusal as it gave it, else the code [`CallError::to_reply`] gives with a message that names
+/// no site. The caller knows this site, not the one after it, and learns no more from a
+/// failure than from a success.
+pub(crate) fn passed_upstream(e: &CallError) -> ErrorReply {
+    let reply = e.to_reply();
+    let message = match e {
+        CallError::Refused { .. } => return reply,
+        CallError::Timeout { op, .. } => format!("the next site did not answer {op} in time"),
+        CallError::Unreachable { op, .. } => {
+            format!("the next site is unreachable (no responders for {op})")
+        }
+        CallError::BadReply { op, .. } => format!("the next site's reply to {op} was refused"),
+        CallError::Send { op, .. } => format!("cannot send {op} to the next site"),
+    };
+    ErrorReply::new(reply.code, message)
+}
+
 impl<L: LocalSite, P: Peers> Roles<L, P> {
     /// Carries out `op` with `req` at `next`: `here(host)` for a host of this site, a
     /// federation call to the next site otherwise, whose failure becomes the error reply
@@ -36,7 +54,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         F: FnOnce(HostId) -> Fut,
         Fut: Future<Output = Result<Rep, ErrorReply>>,
     {
-        self.forward_with(next, op, req, here, |e| e.to_reply())
+        self.forward_with(next, op, req, here, |e| passed_upstream(&e))
             .await
     }
 
@@ -90,6 +108,8 @@ mod tests {
                 upstream: SiteId::new("b").unwrap(),
                 descriptor: None,
                 expires_ms: u64::MAX,
+                relay: None,
+                destination_committed: false,
             })
             .unwrap();
         req
@@ -120,7 +140,7 @@ mod tests {
                 ErrorCode::NoCapacity,
             ),
             (Answer::Timeout, ErrorCode::Timeout),
-            (Answer::Unreachable, ErrorCode::Timeout),
+            (Answer::Unreachable, ErrorCode::Unreachable),
         ];
         for (answer, code) in cases {
             let t = TestSite::new(&[], &[]);
@@ -134,5 +154,35 @@ mod tests {
                 .unwrap_err();
             assert_eq!(e.code, code, "{answer:?}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_passed_upstream_names_no_site_beyond_this_one() {
+        for answer in [Answer::Timeout, Answer::Unreachable] {
+            let t = TestSite::new(&[], &[]);
+            t.peers
+                .fake
+                .on(Some("far-away"), "transfer.initiate", answer.clone());
+            let e = t
+                .roles()
+                .initiate(&SiteId::new("b").unwrap(), routed(&t, site("far-away")))
+                .await
+                .unwrap_err();
+            assert!(!e.message.contains("far-away"), "{answer:?}: {}", e.message);
+            assert!(e.message.contains("the next site"), "{}", e.message);
+        }
+        // The next site's own refusal passes as it gave it.
+        let t = TestSite::new(&[], &[]);
+        t.peers.fake.on(
+            Some("far-away"),
+            "transfer.initiate",
+            Answer::Refused(ErrorCode::NoCapacity),
+        );
+        let e = t
+            .roles()
+            .initiate(&SiteId::new("b").unwrap(), routed(&t, site("far-away")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NoCapacity);
     }
 }

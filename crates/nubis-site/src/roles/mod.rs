@@ -3,7 +3,8 @@
 //! Source ([`source`]: Forced migration and Transfer verification handlers), the hand-over at
 //! either end ([`hand_over`]: commit, abort), the VM's chain of responsibility ([`chain`]:
 //! eviction notices, the Control interface) — and, for every one of them, the Intermediary's
-//! forwarding to the next hop ([`intermediary`]). The Controller lives in [`crate::controller`].
+//! forwarding to the next hop ([`intermediary`]) and its relaying of transfers by policy
+//! ([`relay`]). The Controller lives in [`crate::controller`].
 //!
 //! Operations that name a transfer token are routed by the token's [`Route`]; operations that
 //! name a VM are routed by the VM's [`VmRecord`]. A site never learns more than the next hop.
@@ -13,6 +14,7 @@ mod destination;
 mod hand_over;
 mod intermediary;
 mod keys;
+mod relay;
 mod source;
 #[cfg(test)]
 mod tests;

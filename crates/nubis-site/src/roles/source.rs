@@ -3,12 +3,13 @@
 
 use nubis_protocol::envelope::now_ms;
 use nubis_protocol::message::{
-    ErrorCode, ErrorReply, PrepareMigration, Prepared, TransferStatusReply, TransferVerification,
+    AbortMigration, Aborted, Endpoint, ErrorCode, ErrorReply, HandOverSide, PrepareMigration,
+    Prepared, TransferStatusReply, TransferVerification,
 };
 use nubis_protocol::subject::FederationOp;
 use nubis_protocol::SiteId;
 
-use crate::journal::{Route, RouteSide};
+use crate::journal::{NextHop, Route, RouteSide};
 use crate::local::LocalSite;
 use crate::peers::Peers;
 
@@ -27,7 +28,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             return Err(ErrorReply::new(ErrorCode::UnknownVm, "VM is not placed"));
         };
         let r = &req;
-        let prepared = self
+        let mut prepared: Prepared = self
             .forward(
                 &next,
                 FederationOp::MigrationPrepare,
@@ -45,6 +46,27 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 },
             )
             .await?;
+        // A relaying site passes its own relaying token upstream, never the partner's.
+        let relay = if self.relays_for(from, &next) {
+            let downstream = prepared.source.clone();
+            match self
+                .relay_prepared(req.migration_id, &req.vm, &downstream)
+                .await
+            {
+                Ok(relay) => {
+                    if let Some(r) = &relay.relaying {
+                        prepared.source = r.endpoint.clone();
+                    }
+                    Some(relay)
+                }
+                Err(e) => {
+                    self.unprepare(&next, &req, downstream).await;
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         self.journal
             .put_route(&Route {
                 token: prepared.source.token,
@@ -55,6 +77,8 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 upstream: from.clone(),
                 descriptor: None,
                 expires_ms: now_ms() + OFFER_TTL_MS,
+                relay,
+                destination_committed: false,
             })
             .map_err(internal)?;
         tracing::info!(migration.id = %req.migration_id, vm.id = %req.vm, "forced migration answered");
@@ -75,6 +99,17 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             &req.migration_id,
             &req.vm,
         )?;
+        // A relayed source: this site's proxy serves it, and its relaying token turns succeeded
+        // only once both the far end and the source confirmed the digests.
+        if let Some(relaying) = route.relay.as_ref().and_then(|r| r.relaying.as_ref()) {
+            return Ok(TransferStatusReply {
+                migration_id: route.migration_id,
+                status: self
+                    .local
+                    .verify(route.migration_id, &relaying.endpoint.token)
+                    .await?,
+            });
+        }
         let (r, route_ref) = (&req, &route);
         let reply = self
             .forward(
@@ -94,5 +129,25 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             .await?;
         tracing::debug!(migration.id = %req.migration_id, vm.id = %req.vm, "transfer verification answered");
         Ok(reply)
+    }
+
+    /// A prepared source that cannot be relayed is not passed upstream in the clear: the next
+    /// hop is asked to resume the VM.
+    async fn unprepare(&self, next: &NextHop, req: &PrepareMigration, endpoint: Endpoint) {
+        let abort = AbortMigration {
+            migration_id: req.migration_id,
+            vm: req.vm.clone(),
+            side: HandOverSide::Source,
+            endpoint,
+            reason: "the source could not be relayed".into(),
+        };
+        let aborted: Result<Aborted, ErrorReply> = self
+            .forward(next, FederationOp::MigrationAbort, &abort, |_| async {
+                Err(internal("a relayed source has no local host"))
+            })
+            .await;
+        if let Err(e) = aborted {
+            tracing::warn!(migration.id = %req.migration_id, vm.id = %req.vm, error = %e.message, "a prepared source that could not be relayed was not resumed");
+        }
     }
 }

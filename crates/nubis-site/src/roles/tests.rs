@@ -74,6 +74,8 @@ fn route(t: &TestSite, side: RouteSide, vm_id: &str, upstream: &str, next: NextH
         upstream: id(upstream),
         descriptor: Some(descriptor(vm_id, upstream)),
         expires_ms: u64::MAX,
+        relay: None,
+        destination_committed: false,
     };
     t.journal.put_route(&r).unwrap();
     r
@@ -469,4 +471,27 @@ async fn a_new_vm_is_taken_in_only_under_its_primarys_own_keys() {
         .await
         .unwrap();
     assert_eq!(offers.offers.len(), 1);
+}
+
+#[tokio::test]
+async fn an_operator_eviction_beyond_the_upstreams_bound_is_busy() {
+    let t = TestSite::new(&[], &["h1"]);
+    let limits = crate::journal::JournalLimits {
+        evictions_per_partner: 1,
+        ..t.journal.limits()
+    };
+    let roles = std::sync::Arc::new(super::Roles::new(
+        t.config.clone(),
+        t.journal.clone().with_limits(limits),
+        t.peers.clone(),
+        t.local.clone(),
+    ));
+    hold(&t, "v1", "c", "c", host("h1"));
+    hold(&t, "v2", "c", "c", host("h1"));
+    let first = roles.evict(&vm("v1")).unwrap();
+    assert_eq!(first.sent_to, Some(id("c")));
+    // The second notice to `c` would go beyond its bound: try again later, nothing journaled.
+    let e = roles.evict(&vm("v2")).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Busy, "{e:?}");
+    assert_eq!(t.journal.outgoing().unwrap().len(), 1);
 }

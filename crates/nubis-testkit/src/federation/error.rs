@@ -46,6 +46,9 @@ pub enum Error {
         /// The role asked for.
         role: Role,
     },
+    /// A WAN link in front of a site's leaf connection could not start.
+    #[error("cannot start a wan link")]
+    WanLink(#[source] std::io::Error),
     /// The server is stopped, so it has no address to offer.
     #[error("server {name:?} is not running")]
     NotRunning {

@@ -29,6 +29,7 @@ use tracing::info;
 use crate::binary::NatsServerBinary;
 use crate::monitor;
 use crate::wait::DEFAULT_TIMEOUT;
+use crate::wan::{LinkSpec, WanLink};
 
 mod bucket;
 mod error;
@@ -90,6 +91,10 @@ pub struct Federation {
     pki: pki::Pki,
     /// Per site, the passwords of its host agents' users (see [`Federation::host_credentials`]).
     host_passwords: BTreeMap<String, BTreeMap<String, String>>,
+    /// The sites whose leaf connection goes through a WAN link, with the link's spec at start.
+    link_specs: BTreeMap<String, LinkSpec>,
+    /// Those links, once started (see [`Federation::link`]).
+    links: BTreeMap<String, WanLink>,
 }
 
 impl Federation {
@@ -102,6 +107,17 @@ impl Federation {
 
     /// Like [`Federation::start`] with a given binary.
     pub async fn start_with(binary: &NatsServerBinary, sites: &[&str]) -> Result<Self, Error> {
+        Self::start_with_links(binary, sites, |_| None).await
+    }
+
+    /// Like [`Federation::start_with`], with the leaf connection of every site for which
+    /// `link_for` gives a spec going through a [`WanLink`] of that spec (TLS passes through
+    /// it). [`Federation::link`] then changes, cuts and restores it.
+    pub async fn start_with_links(
+        binary: &NatsServerBinary,
+        sites: &[&str],
+        link_for: impl Fn(&str) -> Option<LinkSpec>,
+    ) -> Result<Self, Error> {
         for (i, id) in sites.iter().enumerate() {
             let valid = !id.is_empty()
                 && *id != HUB
@@ -184,6 +200,11 @@ impl Federation {
             root,
             pki,
             host_passwords: BTreeMap::new(),
+            link_specs: sites
+                .iter()
+                .filter_map(|id| link_for(id).map(|spec| ((*id).to_owned(), spec)))
+                .collect(),
+            links: BTreeMap::new(),
         };
         match federation.boot().await {
             Ok(()) => Ok(federation),
@@ -200,7 +221,24 @@ impl Federation {
         self.create_directory_bucket().await?;
         let hub_leaf = format!("{HOST}:{}", self.hub.leaf_port.unwrap_or_default());
         for site in &mut self.sites {
-            site.values.insert("HUB_LEAF_URL", hub_leaf.clone());
+            let url = match self.link_specs.get(&site.name) {
+                Some(spec) => {
+                    // HOST is loopback: the link listens there too, so the hub's certificate
+                    // still matches the address the site dials.
+                    let target = std::net::SocketAddr::from((
+                        std::net::Ipv4Addr::LOCALHOST,
+                        self.hub.leaf_port.unwrap_or_default(),
+                    ));
+                    let link = WanLink::start(target, *spec)
+                        .await
+                        .map_err(Error::WanLink)?;
+                    let url = link.addr().to_string();
+                    self.links.insert(site.name.clone(), link);
+                    url
+                }
+                None => hub_leaf.clone(),
+            };
+            site.values.insert("HUB_LEAF_URL", url);
             site.spawn(&self.binary)?;
         }
         for site in &mut self.sites {
@@ -233,6 +271,12 @@ impl Federation {
             .ok_or_else(|| Error::UnknownServer {
                 name: name.to_owned(),
             })
+    }
+
+    /// The WAN link in front of a site's leaf connection, if it was started with one
+    /// ([`Federation::start_with_links`]).
+    pub fn link(&self, site: &str) -> Option<&WanLink> {
+        self.links.get(site)
     }
 
     /// The nats-server binary in use.
