@@ -584,6 +584,26 @@ pub fn test_keys(site: &str) -> PrimaryKeys {
     }
 }
 
+/// A small descriptor of `vm` whose primary is `primary`, with [`test_keys`]`(primary)`.
+pub fn test_descriptor(vm: &str, primary: &str) -> VmDescriptor {
+    VmDescriptor {
+        id: VmId::new(vm).unwrap(),
+        name: vm.to_string(),
+        version: 1,
+        primary_site: SiteId::new(primary).unwrap(),
+        primary_keys: test_keys(primary),
+        hardware: VirtualHardware {
+            vcpus: 1,
+            memory_mib: 64,
+            disks: Vec::new(),
+            networks: Vec::new(),
+            boot: None,
+        },
+        monitoring: Vec::new(),
+        properties: BTreeMap::new(),
+    }
+}
+
 /// The next hop `site`.
 pub fn site(id: &str) -> NextHop {
     NextHop::Site(SiteId::new(id).unwrap())

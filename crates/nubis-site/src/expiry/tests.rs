@@ -2,10 +2,9 @@
 //! taken up is released once at its expiry and its route forgotten, while live and taken offers
 //! stay; a partner beyond its limits is refused while this site and other partners are served.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use nubis_protocol::descriptor::{VirtualHardware, VmDescriptor};
+use nubis_protocol::descriptor::VmDescriptor;
 use nubis_protocol::envelope::now_ms;
 use nubis_protocol::message::{Endpoint, ErrorCode, InitiateTransfer, MigrationRequest, Offer};
 use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
@@ -19,23 +18,9 @@ fn id(s: &str) -> SiteId {
     SiteId::new(s).unwrap()
 }
 
+/// A small descriptor of `vm` whose primary is `primary`, with its pinned keys.
 fn descriptor(vm: &str, primary: &str) -> VmDescriptor {
-    VmDescriptor {
-        id: VmId::new(vm).unwrap(),
-        name: vm.to_string(),
-        version: 1,
-        primary_site: id(primary),
-        primary_keys: crate::fakes::test_keys(primary),
-        hardware: VirtualHardware {
-            vcpus: 1,
-            memory_mib: 64,
-            disks: Vec::new(),
-            networks: Vec::new(),
-            boot: None,
-        },
-        monitoring: Vec::new(),
-        properties: BTreeMap::new(),
-    }
+    crate::fakes::test_descriptor(vm, primary)
 }
 
 fn request(vm: &str, primary: &str) -> MigrationRequest {

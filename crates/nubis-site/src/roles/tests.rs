@@ -7,9 +7,7 @@
 //! Site `a` is the site under test; partner `b` plays the competitor, partner `c` the site a
 //! victim VM was delegated by.
 
-use std::collections::BTreeMap;
-
-use nubis_protocol::descriptor::{VirtualHardware, VmDescriptor};
+use nubis_protocol::descriptor::VmDescriptor;
 use nubis_protocol::message::{
     AbortMigration, CommitMigration, ControlChange, ControlRequest, Endpoint, ErrorCode,
     EvictionNotice, HandOverSide, InitiateTransfer, MigrationRequest, NoticeId, PrepareMigration,
@@ -28,24 +26,9 @@ fn vm(s: &str) -> VmId {
     VmId::new(s).unwrap()
 }
 
-/// A descriptor of `vm` whose primary is `primary`, with keys derived from its name.
-fn descriptor(vm_id: &str, primary: &str) -> VmDescriptor {
-    VmDescriptor {
-        id: vm(vm_id),
-        name: vm_id.to_string(),
-        version: 1,
-        primary_site: id(primary),
-        primary_keys: crate::fakes::test_keys(primary),
-        hardware: VirtualHardware {
-            vcpus: 1,
-            memory_mib: 64,
-            disks: Vec::new(),
-            networks: Vec::new(),
-            boot: None,
-        },
-        monitoring: Vec::new(),
-        properties: BTreeMap::new(),
-    }
+/// A small descriptor of `vm` whose primary is `primary`, with its pinned keys.
+fn descriptor(vm: &str, primary: &str) -> VmDescriptor {
+    crate::fakes::test_descriptor(vm, primary)
 }
 
 /// Journals `vm` of primary `primary`, delegated here by `upstream` and running at `downstream`.

@@ -3,10 +3,9 @@
 //! relayed source itself, and goes on downstream under the partner's own token. Each case has
 //! the direct site's behaviour beside it.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use nubis_protocol::descriptor::{VirtualHardware, VmDescriptor};
+use nubis_protocol::descriptor::VmDescriptor;
 use nubis_protocol::message::{
     CommitMigration, ErrorCode, HandOverSide, InitiateTransfer, MigrationRequest, Offer,
     PrepareMigration, PrepareMode, TransferVerification,
@@ -22,23 +21,9 @@ fn id(s: &str) -> SiteId {
     SiteId::new(s).unwrap()
 }
 
+/// A small descriptor of `vm` whose primary is `primary`, with its pinned keys.
 fn descriptor(vm: &str, primary: &str) -> VmDescriptor {
-    VmDescriptor {
-        id: VmId::new(vm).unwrap(),
-        name: vm.to_string(),
-        version: 1,
-        primary_site: id(primary),
-        primary_keys: crate::fakes::test_keys(primary),
-        hardware: VirtualHardware {
-            vcpus: 1,
-            memory_mib: 64,
-            disks: Vec::new(),
-            networks: Vec::new(),
-            boot: None,
-        },
-        monitoring: Vec::new(),
-        properties: BTreeMap::new(),
-    }
+    crate::fakes::test_descriptor(vm, primary)
 }
 
 /// Roles of `t`'s site `a` whose transfers towards `b` follow `mode` (and towards the others
