@@ -313,6 +313,16 @@ async fn a_forced_migration_through_a_relaying_site_names_only_it() {
 /// bridge's policy: relay towards every partner.
 const RELAY: &str = "[transfer]\ndefault = \"relay\"\n";
 
+/// A process killed when the test ends, however it ends.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// bridge's relaying proxy is killed with SIGKILL in the middle of a relayed placement — at
 /// the step where it grants cove's proxy the key to what it relays, so the grant is recorded
 /// but never answered — and started again: the placement ends (committed or aborted), and the
@@ -347,10 +357,12 @@ async fn a_relaying_proxy_killed_mid_transfer_leaves_the_vm_placed_once() {
         .await
         .unwrap();
     assert!(!status.success(), "the proxy was not killed: {status}");
-    let _restarted = chain
-        .stack
-        .proxy_as_process("bridge", "bridge-proxy-again.log", &[])
-        .await;
+    let _restarted = KilledOnDrop(
+        chain
+            .stack
+            .proxy_as_process("bridge", "bridge-proxy-again.log", &[])
+            .await,
+    );
     let m = wait_migration(&chain.op_apex, "apex", r["migration"].as_str().unwrap()).await;
     eprintln!("the placement ended {}", m["phase"]);
     match m["phase"].as_str() {
