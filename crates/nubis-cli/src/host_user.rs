@@ -12,10 +12,9 @@ use std::path::PathBuf;
 use clap::Args;
 use nubis_protocol::message::HostId;
 use nubis_protocol::SiteId;
-use rand::distributions::{Alphanumeric, DistString};
 use serde::Serialize;
 
-use crate::operator::{write_private, AddError, PASSWORD_LEN};
+use crate::operator::{new_password, parse_site, AddError};
 
 /// The template of one host user, shared with the test kit so the two cannot drift apart.
 const HOST_USER_TEMPLATE: &str = include_str!("../../../nats-config/leaf-host-user.conf");
@@ -51,21 +50,11 @@ pub struct Added {
 
 /// Generates the host agent's password, writes it and returns the user block.
 pub fn add(args: &AddArgs) -> Result<Added, AddError> {
-    let site = SiteId::new(&args.site).map_err(|e| {
-        AddError::Name(format!(
-            "--site {:?} is not a valid site id: {e}",
-            args.site
-        ))
-    })?;
+    let site = parse_site(&args.site)?;
     let host = HostId::new(&args.host)
         .map_err(|e| AddError::Name(format!("{:?} is not a valid host id: {e}", args.host)))?;
     let user = format!("host.{host}");
-    let file = args
-        .password_file
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{user}.nats-password")));
-    let password = Alphanumeric.sample_string(&mut rand::thread_rng(), PASSWORD_LEN);
-    write_private(&file, &password, args.force).map_err(|e| AddError::Io(file.clone(), e))?;
+    let (file, password) = new_password(args.password_file.as_deref(), &user, args.force)?;
     Ok(Added {
         user,
         site: site.to_string(),

@@ -160,6 +160,30 @@ struct Failure {
     hint: Option<String>,
 }
 
+/// Prints what `operator add` or `host-user add` made: `added` as JSON, or where the password
+/// went (stderr) and `block` under a header naming `what` (stdout).
+fn print_user(
+    json: bool,
+    added: &impl serde::Serialize,
+    user: &str,
+    password_file: &std::path::Path,
+    what: &str,
+    block: &str,
+) {
+    if json {
+        println!("{}", serde_json::json!(added));
+        return;
+    }
+    eprintln!(
+        "wrote the password of {user} to {} (mode 0600)",
+        password_file.display()
+    );
+    println!(
+        "# {what}: paste into the `users` list of the FED account\n# of the site's nats-server configuration, then reload it (`nats-server --signal reload`)."
+    );
+    print!("{block}");
+}
+
 /// The failure of `operator add` or `host-user add`, with `name_hint` for a refused name.
 fn add_failure(e: operator::AddError, name_hint: &str) -> Failure {
     match e {
@@ -380,39 +404,38 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let added = operator::add(&args).map_err(|e| {
                 add_failure(e, "use lower-case letters, digits, '-' and '_', e.g. alice")
             })?;
-            if cli.json {
-                println!("{}", serde_json::json!(added));
-            } else {
-                eprintln!(
-                    "wrote the password of {} to {} (mode 0600)",
-                    added.user,
-                    added.password_file.display()
-                );
-                println!(
-                    "# Operator {} of site {}, role {}: paste into the `users` list of the FED account\n# of the site's nats-server configuration, then reload it (`nats-server --signal reload`).",
-                    added.user, added.site, added.role
-                );
-                print!("{}", added.block);
-            }
+            let what = format!(
+                "Operator {} of site {}, role {}",
+                added.user, added.site, added.role
+            );
+            print_user(
+                cli.json,
+                &added,
+                &added.user,
+                &added.password_file,
+                &what,
+                &added.block,
+            );
             Ok(())
         }
         Command::HostUser(HostUserCommand::Add(args)) => {
             let added = host_user::add(&args)
                 .map_err(|e| add_failure(e, "use letters, digits, '-' and '_', e.g. h1"))?;
-            if cli.json {
-                println!("{}", serde_json::json!(added));
-            } else {
-                eprintln!(
-                    "wrote the password of {} to {} (mode 0600)",
-                    added.user,
-                    added.password_file.display()
-                );
-                println!(
-                    "# Host agent user {} of site {}: paste into the `users` list of the FED account\n# of the site's nats-server configuration, then reload it (`nats-server --signal reload`).\n# In the agent's host.toml: nats_user = \"{}\", nats_password_file = \"{}\"",
-                    added.user, added.site, added.user, added.password_file.display()
-                );
-                print!("{}", added.block);
-            }
+            let what = format!("Host agent user {} of site {}", added.user, added.site);
+            let block = format!(
+                "# In the agent's host.toml: nats_user = \"{}\", nats_password_file = \"{}\"\n{}",
+                added.user,
+                added.password_file.display(),
+                added.block
+            );
+            print_user(
+                cli.json,
+                &added,
+                &added.user,
+                &added.password_file,
+                &what,
+                &block,
+            );
             Ok(())
         }
         Command::Tls(cmd) => {

@@ -18,7 +18,7 @@ use rand::distributions::{Alphanumeric, DistString};
 use serde::Serialize;
 
 /// Length of generated passwords (alphanumeric).
-pub(crate) const PASSWORD_LEN: usize = 32;
+const PASSWORD_LEN: usize = 32;
 
 /// User names a site's server already gives to its processes and administrator.
 const RESERVED: [&str; 5] = ["site", "host", "admin", "sys", "proxy"];
@@ -118,19 +118,9 @@ pub struct Added {
 
 /// Generates the operator's password, writes it and returns the user block.
 pub fn add(args: &AddArgs) -> Result<Added, AddError> {
-    let site = SiteId::new(&args.site).map_err(|e| {
-        AddError::Name(format!(
-            "--site {:?} is not a valid site id: {e}",
-            args.site
-        ))
-    })?;
+    let site = parse_site(&args.site)?;
     check_name(&args.name)?;
-    let file = args
-        .password_file
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{}.nats-password", args.name)));
-    let password = Alphanumeric.sample_string(&mut rand::thread_rng(), PASSWORD_LEN);
-    write_private(&file, &password, args.force).map_err(|e| AddError::Io(file.clone(), e))?;
+    let (file, password) = new_password(args.password_file.as_deref(), &args.name, args.force)?;
     Ok(Added {
         user: args.name.clone(),
         role: args.role,
@@ -138,6 +128,29 @@ pub fn add(args: &AddArgs) -> Result<Added, AddError> {
         password_file: file,
         block: user_block(site.as_str(), &args.name, args.role, &password),
     })
+}
+
+/// The site of `--site`, or why it cannot be one.
+pub(crate) fn parse_site(site: &str) -> Result<SiteId, AddError> {
+    SiteId::new(site)
+        .map_err(|e| AddError::Name(format!("--site {site:?} is not a valid site id: {e}")))
+}
+
+/// A fresh random password for NATS user `user`, written to `file` (default
+/// `<user>.nats-password`, mode 0600; an existing file is replaced only if `force`); returns
+/// the file and the password.
+pub(crate) fn new_password(
+    file: Option<&Path>,
+    user: &str,
+    force: bool,
+) -> Result<(PathBuf, String), AddError> {
+    let file = file.map_or_else(
+        || PathBuf::from(format!("{user}.nats-password")),
+        Path::to_path_buf,
+    );
+    let password = Alphanumeric.sample_string(&mut rand::thread_rng(), PASSWORD_LEN);
+    write_private(&file, &password, force).map_err(|e| AddError::Io(file.clone(), e))?;
+    Ok((file, password))
 }
 
 fn check_name(name: &str) -> Result<(), AddError> {
@@ -155,7 +168,7 @@ fn check_name(name: &str) -> Result<(), AddError> {
 }
 
 /// Writes `password` to a new file of mode 0600 (replacing one only if `force`).
-pub(crate) fn write_private(path: &Path, password: &str, force: bool) -> std::io::Result<()> {
+fn write_private(path: &Path, password: &str, force: bool) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).mode(0o600);
     if force {
