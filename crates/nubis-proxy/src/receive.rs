@@ -23,13 +23,11 @@ use tracing::{debug, info, warn};
 use crate::chunks::{copy_chunks, ChunkSink, ChunkSource};
 use crate::io::{sync_dir, FileSink};
 use crate::naming::TokenObjects;
-use crate::objects::{ObjectError, ObjectFollower, ReadPosition};
+use crate::objects::{ObjectFollower, ReadPosition};
 use crate::proxy::{lock, sorted, TransferProxy};
 use crate::seal::ContentKey;
 use crate::store::{PartialFile, TokenRecord, TokenStore};
 use crate::transfer::{update_record, Live, TaskError};
-use nubis_bus::CallError;
-use nubis_protocol::message::ErrorReply;
 
 /// The temporary name a file is received under; hidden, and never the final name.
 pub fn partial_path(dir: &Path, name: &str) -> PathBuf {
@@ -96,13 +94,7 @@ impl TransferProxy {
                     .peers
                     .ack(&source.proxy, &ack)
                     .await
-                    .map_err(|e| match e {
-                        CallError::Refused {
-                            reply: ErrorReply { code, message, .. },
-                            ..
-                        } => TaskError::Source(format!("{code}: {message}")),
-                        other => TaskError::Object(ObjectError::Read(other.to_string())),
-                    })
+                    .map_err(TaskError::from_source_call)
             })
             .await?;
         match confirmed {

@@ -103,6 +103,20 @@ pub(crate) enum TaskError {
 }
 
 impl TaskError {
+    /// A call to the source proxy that failed: its refusal as the source's reason, anything
+    /// else (no answer, a bad reply) as a read failure, which is tried again.
+    pub(crate) fn from_source_call(e: CallError) -> Self {
+        match e {
+            CallError::Refused {
+                reply: ErrorReply { code, message, .. },
+                ..
+            } => Self::Source(format!("{code}: {message}")),
+            other => Self::Object(ObjectError::Read(other.to_string())),
+        }
+    }
+}
+
+impl TaskError {
     /// A failure of file `name`'s I/O.
     pub(crate) fn io(name: &str, source: std::io::Error) -> Self {
         Self::Io {
@@ -379,13 +393,7 @@ impl TransferProxy {
                 .peers
                 .fetch_key(&source.proxy, &req)
                 .await
-                .map_err(|e| match e {
-                    CallError::Refused {
-                        reply: ErrorReply { code, message, .. },
-                        ..
-                    } => TaskError::Source(format!("{code}: {message}")),
-                    other => TaskError::Object(ObjectError::Read(other.to_string())),
-                })?;
+                .map_err(TaskError::from_source_call)?;
             if reply.token != source.token {
                 return Err(TaskError::Source(
                     "content key of another token".to_string(),
