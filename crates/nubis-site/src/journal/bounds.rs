@@ -348,6 +348,16 @@ mod tests {
         assert_eq!(j.table_sizes()["requests"], 0);
     }
 
+    /// A fresh eviction notice of `vm`.
+    fn notice(vm: &str) -> EvictionNotice {
+        EvictionNotice {
+            notice_id: nubis_protocol::message::NoticeId::random(),
+            vm: nubis_protocol::VmId::new(vm).unwrap(),
+            reason: "test".into(),
+            deadline_ms: 0,
+        }
+    }
+
     #[test]
     fn pending_evictions_are_bounded_per_partner() {
         let dir = tempfile::tempdir().unwrap();
@@ -357,12 +367,6 @@ mod tests {
         };
         let j = journal(dir.path(), limits);
         let (a, b) = (SiteId::new("a").unwrap(), SiteId::new("b").unwrap());
-        let notice = |vm: &str| EvictionNotice {
-            notice_id: nubis_protocol::message::NoticeId::random(),
-            vm: nubis_protocol::VmId::new(vm).unwrap(),
-            reason: "test".into(),
-            deadline_ms: 0,
-        };
         let first = notice("v1");
         j.put_eviction_bounded(&first, &a).unwrap();
         // The same notice again is accepted; a second one is refused, the first one kept.
@@ -393,12 +397,6 @@ mod tests {
         };
         let j = journal(dir.path(), limits);
         let (up, other) = (SiteId::new("up").unwrap(), SiteId::new("other").unwrap());
-        let notice = |vm: &str| EvictionNotice {
-            notice_id: nubis_protocol::message::NoticeId::random(),
-            vm: nubis_protocol::VmId::new(vm).unwrap(),
-            reason: "test".into(),
-            deadline_ms: 0,
-        };
         let first = notice("v1");
         j.put_outgoing(&first, &up).unwrap();
         j.put_outgoing(&first, &up).unwrap();
