@@ -638,6 +638,11 @@ impl Directory {
         self.view.read().map(|v| v.clone()).unwrap_or_default()
     }
 
+    /// The current record of `site`, if the view has one (without copying the whole view).
+    pub fn record(&self, site: &SiteId) -> Option<SiteRecord> {
+        self.view.read().ok()?.get(site).cloned()
+    }
+
     /// What the watcher refused so far.
     pub fn counters(&self) -> &DirectoryCounters {
         &self.counters

@@ -20,7 +20,7 @@ pub trait KeyBook: Send + Sync + std::fmt::Debug {
 
 impl KeyBook for Directory {
     fn published_keys(&self, site: &SiteId) -> Option<PrimaryKeys> {
-        self.snapshot().get(site).map(|r| PrimaryKeys {
+        self.record(site).map(|r| PrimaryKeys {
             signing: r.entry.signing_key,
             sealing: r.entry.sealing_key,
         })
