@@ -43,6 +43,9 @@ pub(crate) struct Live {
     pub(crate) sent: AtomicU64,
     /// Set when the task has ended, so the progress loop sends its last event.
     pub(crate) finished: AtomicBool,
+    /// Wakes the progress loop once `finished` is set, so the last event goes out at once,
+    /// before a release that follows the end of the transfer can stop the loop.
+    pub(crate) ended: tokio::sync::Notify,
     /// Stops this transfer alone (a child of the proxy's token).
     pub(crate) cancel: CancellationToken,
     /// The task, awaited by whoever stops it.
@@ -216,7 +219,12 @@ impl TransferProxy {
                     _ = l2.cancel.cancelled() => Err(TaskError::Cancelled),
                     r = this.run_transfer(rec.clone(), l2.clone()) => r,
                 };
-                l2.finished.store(true, Ordering::Relaxed);
+                // A stopped transfer (its cancel token, which also ends the progress loop)
+                // may resume later: it has no last event.
+                if !matches!(result, Err(TaskError::Cancelled)) {
+                    l2.finished.store(true, Ordering::Relaxed);
+                    l2.ended.notify_one();
+                }
                 let _ = progress.await;
                 match result {
                     Ok(()) => {}
@@ -306,8 +314,16 @@ impl TransferProxy {
                 return;
             }
             tokio::select! {
+                biased;
+                _ = live.ended.notified() => {}
+                // A release or shutdown stops a running transfer without a last event; one
+                // that has ended still sends it.
+                _ = live.cancel.cancelled() => {
+                    if !live.finished.load(Ordering::Relaxed) {
+                        return;
+                    }
+                }
                 _ = tokio::time::sleep(interval) => {}
-                _ = live.cancel.cancelled() => return,
             }
         }
     }

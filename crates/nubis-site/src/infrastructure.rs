@@ -55,13 +55,12 @@ fn host_error(e: HostCallError) -> ErrorReply {
     }
 }
 
+/// A failed call to the site's own proxy, with the code the call's failure has: a proxy that
+/// is not running (restarting) is `unreachable`, so a Controller waits for it instead of
+/// counting a failed transfer round.
 fn proxy_error(e: CallError) -> ErrorReply {
-    match e {
-        CallError::Refused { reply, .. } => {
-            ErrorReply::new(reply.code, format!("transfer proxy: {}", reply.message))
-        }
-        other => ErrorReply::new(ErrorCode::Internal, format!("transfer proxy: {other}")),
-    }
+    let reply = e.to_reply();
+    ErrorReply::new(reply.code, format!("transfer proxy: {}", reply.message))
 }
 
 impl NatsLocalSite {
