@@ -20,6 +20,7 @@ mod retries;
 mod site;
 mod tls;
 mod wan;
+mod wire;
 
 use nubis_tests::stack;
 

@@ -33,7 +33,7 @@ struct Seen {
 
 /// Whether `msg` belongs to the directory, which lists every member site and its proxies to
 /// every other (membership is public; the chain of a VM is not).
-fn directory(msg: &async_nats::Message) -> bool {
+pub(crate) fn directory(msg: &async_nats::Message) -> bool {
     let header = |name: &str| {
         msg.headers
             .as_ref()

@@ -230,6 +230,10 @@ pub struct MigrationRecord {
     /// Indices into `offers` whose reservation was released.
     #[serde(default)]
     pub released: Vec<usize>,
+    /// The relaying token this site, as Controller, hands the destination in place of the
+    /// source (when it relays between two partners), and the source it fetches from.
+    #[serde(default)]
+    pub relaying: Option<Relaying>,
 }
 
 impl MigrationRecord {
@@ -259,6 +263,7 @@ impl MigrationRecord {
             abort_reason: None,
             source_spent: false,
             released: Vec::new(),
+            relaying: None,
         }
     }
 }

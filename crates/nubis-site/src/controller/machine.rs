@@ -268,6 +268,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             self.commit_source_side(m.id, record, source, m.source_via.as_ref())
         })
         .await?;
+        self.release_own_relaying(m, true).await;
         self.release_offers(m, Some(i)).await?;
         self.update_migration(m.id, |r| r.phase = MigrationPhase::Committed)?;
         tracing::info!(migration.id = %m.id, vm.id = %m.vm, "migration committed");
@@ -307,6 +308,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             self.abort_source(m.id, &m.vm, source, m.source_via.as_ref())
         })
         .await?;
+        self.release_own_relaying(m, false).await;
         let reason = m.abort_reason.clone().unwrap_or_else(aborted_unknown);
         self.update_migration(m.id, |r| r.phase = MigrationPhase::Aborted { reason })?;
         Ok(())

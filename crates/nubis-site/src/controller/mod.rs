@@ -12,6 +12,7 @@
 //! migration, an Intermediary for an eviction notice.
 
 mod machine;
+mod relay;
 mod steps;
 #[cfg(test)]
 mod tests;

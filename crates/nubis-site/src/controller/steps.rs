@@ -232,10 +232,13 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             .migration(&id)
             .map_err(internal)?
             .and_then(|m| m.max_bytes_per_sec);
+        let handed = self
+            .source_for_destination(id, vm, source, source_via, ranked)
+            .await?;
         let initiate = InitiateTransfer {
             migration_id: id,
             vm: vm.clone(),
-            source: source.clone(),
+            source: handed,
             destination: destination(ranked),
             max_bytes_per_sec,
         };
