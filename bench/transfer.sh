@@ -16,10 +16,20 @@ SSHD_PID=
 cleanup() { [ -n "$SSHD_PID" ] && kill "$SSHD_PID" 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
 
+# The scp baseline needs an sshd: install it where it is missing (the rest of the benchmark runs
+# without it, with n/a in the scp columns, if that fails).
+if ! [ -x /usr/sbin/sshd ]; then
+  # shellcheck source=../scripts/setup-lib.sh
+  . "$ROOT/scripts/setup-lib.sh"
+  apt_install openssh-server openssh-client || echo "# openssh-server not installed: no scp baseline"
+fi
+
 cargo build --release -q -p nubis-proxy --example transfer_bench
 BENCH="$ROOT/target/release/examples/transfer_bench"
 
 now() { date +%s.%N; }
+# CPU seconds of process $1 and of the children it has reaped (utime stime cutime cstime).
+proc_cpu() { awk '{ sub(/.*\) /, ""); print ($12 + $13 + $14 + $15) / 100 }' "/proc/$1/stat"; }
 rate() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / s / 1048576 }'; }
 
 echo "# generating files in $WORK"
@@ -53,31 +63,43 @@ run_one() { # name file
   # copy on disk (cp and scp: sync; nubis: the receiving proxy fsyncs before it verifies).
   sync; t0=$(now); cp "$file" "$WORK/cp.out"; sync "$WORK/cp.out"; t1=$(now)
   cp_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }'); rm -f "$WORK/cp.out"
-  scp_s=NaN
+  scp_s=NaN; scp_cpu=NaN
   if [ "$SCP_OK" = 1 ]; then
-    sync; t0=$(now); "${SCP[@]}" "$file" "127.0.0.1:$WORK/scp.out"; sync "$WORK/scp.out"; t1=$(now)
+    local sshd0 sshd1 client
+    sshd0=$(proc_cpu "$SSHD_PID")
+    sync; t0=$(now)
+    client=$( { TIMEFORMAT='%U %S'; time "${SCP[@]}" "$file" "127.0.0.1:$WORK/scp.out"; } 2>&1 )
+    sync "$WORK/scp.out"; t1=$(now)
+    sleep 0.5  # the listening sshd reaps its session process, whose time then counts as its own
+    sshd1=$(proc_cpu "$SSHD_PID")
     scp_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }'); rm -f "$WORK/scp.out"
+    scp_cpu=$(awk -v c="$client" -v a="$sshd0" -v b="$sshd1" 'BEGIN { split(c, t, " "); printf "%.2f", t[1] + t[2] + b - a }')
   fi
   rm -rf "$WORK/dst"; sync
   out=$("$BENCH" "$file" "$WORK/dst" 1024 32 8)
-  local px_s published hwm cpu_p cpu_s
-  px_s=$(sed -E 's/.*seconds=([0-9.]+).*/\1/' <<<"$out")
-  published=$(sed -E 's/.*published=([0-9]+).*/\1/' <<<"$out")
-  hwm=$(sed -E 's/.*vmhwm_kib=([0-9]+).*/\1/' <<<"$out")
-  cpu_p=$(sed -E 's/.*cpu_proxies_s=([0-9.]+).*/\1/' <<<"$out")
-  cpu_s=$(sed -E 's/.*cpu_servers_s=([0-9.]+).*/\1/' <<<"$out")
+  local px_s published hwm key cpu=()
+  field() { sed -E "s/.*$1=([0-9.]+).*/\\1/" <<<"$out"; }
+  px_s=$(field seconds)
+  published=$(field published)
+  hwm=$(field vmhwm_kib)
+  for key in source_proxy source_server hub destination_server destination_proxy; do
+    cpu+=("$(field "cpu_${key}_s")")
+  done
   cmp -s "$file" "$WORK/dst/disk.img" || { echo "MISMATCH for $name"; exit 1; }
-  printf '| %s | %d MiB | %.2f s (%s MiB/s) | %.2f s (%s MiB/s) | %s | %.2f | %s | %d MiB | %d MiB | %s s + %s s |\n' \
+  printf '| %s | %d MiB | %.2f s (%s MiB/s) | %.2f s (%s MiB/s) | %s | %.2f | %s | %d MiB | %d MiB | %s | %s |\n' \
     "$name" $((size >> 20)) "$px_s" "$(rate "$size" "$px_s")" "$cp_s" "$(rate "$size" "$cp_s")" \
     "$( [ "$scp_s" = NaN ] && echo n/a || printf '%.2f s (%s MiB/s)' "$scp_s" "$(rate "$size" "$scp_s")")" \
     "$(awk -v a="$cp_s" -v b="$px_s" 'BEGIN { print a / b }')" \
     "$( [ "$scp_s" = NaN ] && echo n/a || awk -v a="$scp_s" -v b="$px_s" 'BEGIN { printf "%.2f", a / b }')" \
-    $((published >> 20)) $((hwm >> 10)) "$cpu_p" "$cpu_s"
+    $((published >> 20)) $((hwm >> 10)) \
+    "$(awk -v z="$size" -v c="${cpu[*]}" 'BEGIN { n = split(c, v, " "); g = z / 1073741824; t = 0
+        for (i = 1; i <= n; i++) { t += v[i]; printf "%.2f / ", v[i] / g }; printf "**%.2f**", t / g }')" \
+    "$( [ "$scp_cpu" = NaN ] && echo n/a || awk -v z="$size" -v c="$scp_cpu" 'BEGIN { printf "%.2f", c / (z / 1073741824) }')"
   rm -rf "$WORK/dst"
 }
 
-echo "| image | size | nubis proxies | cp | scp (loopback) | ×cp rate | ×scp rate | bytes published | peak RSS (both proxies) | CPU: proxies + nats-servers |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| image | size | nubis proxies | cp | scp (loopback) | ×cp rate | ×scp rate | bytes published | peak RSS (both proxies) | nubis CPU-s per GiB: source proxy / source server / hub / destination server / destination proxy / **total** | scp + sshd CPU-s per GiB |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for mib in ${DENSE_MIBS//,/ }; do
   head -c $((mib << 20)) /dev/urandom > "$WORK/dense.img"; sync
   run_one "dense (random)" "$WORK/dense.img"

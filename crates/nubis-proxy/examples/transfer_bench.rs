@@ -36,35 +36,90 @@ fn vm_hwm_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU seconds (user + system) of this process and of its waited-for children (the
-/// nats-servers, once the federation is shut down), from `/proc/self/stat`.
-fn cpu_seconds() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which is in parentheses): utime is field 14 of the line.
+/// CPU seconds (user + system) in a `/proc/.../stat` line: utime and stime are fields 14
+/// and 15, counted after the command name (in parentheses, which may hold spaces).
+fn stat_cpu_seconds(stat: &str) -> f64 {
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<f64> = rest
         .split_whitespace()
         .map(|v| v.parse().unwrap_or(0.0))
         .collect();
     let tick = 100.0; // USER_HZ on Linux
-    let at = |i: usize| f.get(i).copied().unwrap_or(0.0) / tick;
-    (at(11) + at(12), at(13) + at(14))
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / tick
+}
+
+/// CPU seconds of process `pid`.
+fn process_cpu(pid: u32) -> f64 {
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// CPU seconds of this process's threads whose name starts with `prefix`.
+fn threads_cpu(prefix: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim_end().starts_with(prefix))
+        })
+        .map(|t| {
+            stat_cpu_seconds(&std::fs::read_to_string(t.path().join("stat")).unwrap_or_default())
+        })
+        .sum()
+}
+
+/// A runtime of its own for one proxy, its threads named `name-…`, so its CPU time can be
+/// told apart from the other proxy's in the same process.
+fn runtime(name: &'static str) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(format!("{name}-rt"))
+        // A blocking thread that exits takes its CPU time out of `/proc/self/task`: keep them
+        // all until the figures are read.
+        .thread_keep_alive(std::time::Duration::from_secs(3600))
+        .enable_all()
+        .build()?)
 }
 
 fn main() -> anyhow::Result<()> {
     // As `nubis proxy` does: before any thread allocates.
     nubis_proxy::memory::bound_chunk_retention();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(bench())
-}
-
-async fn bench() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
+    let main_rt = tokio::runtime::Builder::new_current_thread()
+        .thread_name("bench")
+        .enable_all()
+        .build()?;
+    let fed = main_rt.block_on(Federation::start(&["a", "b"]))?;
+    // Each proxy connects and runs on its own runtime: its connection's tasks (TLS included),
+    // its service and its transfer tasks all run on that runtime's threads.
+    let source = runtime("src")?;
+    let destination = runtime("dst")?;
+    let clients = (
+        source.block_on(fed.connect("a"))?,
+        destination.block_on(fed.connect("b"))?,
+    );
+    let result = main_rt.block_on(bench(
+        fed,
+        clients,
+        source.handle().clone(),
+        destination.handle().clone(),
+    ));
+    source.shutdown_background();
+    destination.shutdown_background();
+    result
+}
+
+async fn bench(
+    fed: Federation,
+    clients: (async_nats::Client, async_nats::Client),
+    source_rt: tokio::runtime::Handle,
+    destination_rt: tokio::runtime::Handle,
+) -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
         bail!("usage: transfer_bench <source file> <destination dir> [chunk KiB] [publish window] [fetch window]");
@@ -77,7 +132,6 @@ async fn bench() -> anyhow::Result<()> {
     let window: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(32);
     let fetch_window: usize = args.get(5).map(|s| s.parse()).transpose()?.unwrap_or(8);
 
-    let fed = Federation::start(&["a", "b"]).await?;
     let work = tempfile::tempdir()?;
     let ids: Vec<Arc<SiteIdentity>> = ["a", "b"]
         .iter()
@@ -97,22 +151,25 @@ async fn bench() -> anyhow::Result<()> {
         ..TransferSettings::default()
     };
     let mut proxies = Vec::new();
-    for (i, s) in ["a", "b"].iter().enumerate() {
+    let sides = [
+        ("a", &source_rt, clients.0),
+        ("b", &destination_rt, clients.1),
+    ];
+    for (i, (s, rt, client)) in sides.into_iter().enumerate() {
         let other = &ids[1 - i];
-        let p = TransferProxy::start(
-            ProxyParams {
-                uri: ProxyUri::new(SiteId::new(*s)?, ProxyId::new("p1")?),
-                identity: ids[i].clone(),
-                partners: vec![(other.site().clone(), other.public().signing)],
-                store_dir: work.path().join(s),
-                settings: settings.clone(),
-            },
-            fed.connect(s).await?,
-        )
-        .await?;
+        let params = ProxyParams {
+            uri: ProxyUri::new(SiteId::new(s)?, ProxyId::new("p1")?),
+            identity: ids[i].clone(),
+            partners: vec![(other.site().clone(), other.public().signing)],
+            store_dir: work.path().join(s),
+            settings: settings.clone(),
+        };
+        let p = rt
+            .spawn(async move { TransferProxy::start(params, client).await })
+            .await??;
         proxies.push(p);
     }
-    let (pa, pb) = (&proxies[0], &proxies[1]);
+    let (pa, pb) = (proxies[0].clone(), proxies[1].clone());
     let verifier = Verifier::new(
         SiteId::new("b")?,
         [
@@ -126,32 +183,47 @@ async fn bench() -> anyhow::Result<()> {
     let vm = VmId::new("bench-vm")?;
     let host = HostId::new("bench-host")?;
     let name = "disk.img".to_string();
+    let cpu_before = (threads_cpu("src-"), threads_cpu("dst-"));
+    let servers = [
+        ("a", fed.pid("a")?),
+        (nubis_testkit::HUB, fed.pid(nubis_testkit::HUB)?),
+        ("b", fed.pid("b")?),
+    ];
+    let servers_before: Vec<f64> = servers.iter().map(|(_, p)| process_cpu(*p)).collect();
     let start = Instant::now();
-    let s = pa
-        .mint(MintToken {
-            migration_id: mig,
-            vm: vm.clone(),
-            host: host.clone(),
-            ttl_ms: None,
-            purpose: TokenPurpose::Serve {
-                files: vec![LocalFile {
-                    name: name.clone(),
-                    path: src.to_string_lossy().into_owned(),
-                }],
-            },
-        })
-        .await?;
-    let d = pb
-        .mint(MintToken {
-            migration_id: mig,
-            vm: vm.clone(),
-            host,
-            ttl_ms: None,
-            purpose: TokenPurpose::Receive {
-                dir: dst.to_string_lossy().into_owned(),
-            },
-        })
-        .await?;
+    let serve = MintToken {
+        migration_id: mig,
+        vm: vm.clone(),
+        host: host.clone(),
+        ttl_ms: None,
+        purpose: TokenPurpose::Serve {
+            files: vec![LocalFile {
+                name: name.clone(),
+                path: src.to_string_lossy().into_owned(),
+            }],
+        },
+    };
+    let s = {
+        let pa = pa.clone();
+        source_rt
+            .spawn(async move { pa.mint(serve).await })
+            .await??
+    };
+    let receive = MintToken {
+        migration_id: mig,
+        vm: vm.clone(),
+        host,
+        ttl_ms: None,
+        purpose: TokenPurpose::Receive {
+            dir: dst.to_string_lossy().into_owned(),
+        },
+    };
+    let d = {
+        let pb = pb.clone();
+        destination_rt
+            .spawn(async move { pb.mint(receive).await })
+            .await??
+    };
     cb.fetch(
         pb.uri(),
         &FetchTransfer {
@@ -174,6 +246,15 @@ async fn bench() -> anyhow::Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     let secs = start.elapsed().as_secs_f64();
+    let cpu_proxies = (
+        threads_cpu("src-") - cpu_before.0,
+        threads_cpu("dst-") - cpu_before.1,
+    );
+    let cpu_servers: Vec<f64> = servers
+        .iter()
+        .zip(&servers_before)
+        .map(|((_, p), before)| process_cpu(*p) - before)
+        .collect();
     let TransferStatus::Succeeded { digests } = status else {
         bail!("transfer failed: {status:?}");
     };
@@ -184,12 +265,20 @@ async fn bench() -> anyhow::Result<()> {
         p.shutdown().await;
     }
     fed.shutdown().await?;
-    let (cpu_self, cpu_servers) = cpu_seconds();
     println!(
-        "seconds={secs:.3} size={size} allocated={} published={} rate_mib_s={:.1} vmhwm_kib={hwm} cpu_proxies_s={cpu_self:.2} cpu_servers_s={cpu_servers:.2} sha256={}",
+        "seconds={secs:.3} size={size} allocated={} published={} rate_mib_s={:.1} vmhwm_kib={hwm} \
+         cpu_proxies_s={:.2} cpu_servers_s={:.2} cpu_source_proxy_s={:.2} cpu_source_server_s={:.2} \
+         cpu_hub_s={:.2} cpu_destination_server_s={:.2} cpu_destination_proxy_s={:.2} sha256={}",
         stats.bytes_total,
         stats.bytes_published,
         size as f64 / secs / (1u64 << 20) as f64,
+        cpu_proxies.0 + cpu_proxies.1,
+        cpu_servers.iter().sum::<f64>(),
+        cpu_proxies.0,
+        cpu_servers[0],
+        cpu_servers[1],
+        cpu_servers[2],
+        cpu_proxies.1,
         hex_digest(&digests[0].sha256),
     );
     Ok(())

@@ -22,11 +22,12 @@ use crate::stack::{ops, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
 
-/// Migration requests of the soak, unless `NUBIS_SOAK_REQUESTS` says otherwise. Each costs
-/// the Destination two flushed writes and two signatures; on a test machine of two cores, with
-/// debug builds, a site answers some fifty a second, so this is what fits in about two minutes
-/// of the suite. The long soak (`NUBIS_SOAK_REQUESTS=100000`, about half an hour) is run by
-/// hand and its figures are in `bench/RESULTS.md`.
+/// Migration requests of the soak, unless `NUBIS_SOAK_REQUESTS` says otherwise. One the role
+/// answers costs the Destination two flushed writes and two signatures; beyond the partner's
+/// bound of seen request ids (some fifty a second at this test's freshness window) the rest are
+/// refused `busy` for the price of a signature check. The long soak
+/// (`NUBIS_SOAK_REQUESTS=100000`, about a minute and a half on two cores) is run by hand and its
+/// figures are in `bench/RESULTS.md`.
 const SOAK_REQUESTS: usize = 6_000;
 
 /// The soak's request count: `NUBIS_SOAK_REQUESTS`, else [`SOAK_REQUESTS`].

@@ -313,6 +313,17 @@ impl Federation {
         Ok(self.server(name)?.log_path())
     }
 
+    /// The process id of a server, while it runs (for measuring its CPU time, say).
+    pub fn pid(&self, name: &str) -> Result<u32, Error> {
+        self.server(name)?
+            .child
+            .as_ref()
+            .map(std::process::Child::id)
+            .ok_or_else(|| Error::NotRunning {
+                name: name.to_owned(),
+            })
+    }
+
     /// Whether a server's process is running (as far as the federation last saw).
     pub fn is_running(&self, name: &str) -> Result<bool, Error> {
         Ok(self.server(name)?.is_running())
