@@ -22,9 +22,40 @@ pub fn clip_marked(value: &str, limit: usize) -> String {
     format!("{}…", clip(value, limit))
 }
 
+/// The most bytes a peer's words for operators (an error message, a reason) keep once decoded.
+pub const REASON_LIMIT: usize = 1024;
+
+/// Deserializes a peer's words for operators cut to [`REASON_LIMIT`] bytes (marked with `…`),
+/// so a reason a partner makes as large as a message may be cannot fill a journal, a
+/// migration's view or a log line.
+pub fn capped_reason<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let value = <String as serde::Deserialize>::deserialize(d)?;
+    Ok(if value.len() > REASON_LIMIT {
+        clip_marked(&value, REASON_LIMIT)
+    } else {
+        value
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_decoded_reason_is_cut_to_its_limit_and_a_short_one_kept() {
+        #[derive(serde::Deserialize)]
+        struct Why {
+            #[serde(deserialize_with = "capped_reason")]
+            reason: String,
+        }
+        let long = "x".repeat(REASON_LIMIT * 8);
+        let raw = crate::codec::to_vec(&serde_json::json!({ "reason": long })).unwrap();
+        let why: Why = crate::codec::from_slice(&raw).unwrap();
+        assert_eq!(why.reason, format!("{}…", "x".repeat(REASON_LIMIT)));
+        let raw = crate::codec::to_vec(&serde_json::json!({ "reason": "disk full" })).unwrap();
+        let why: Why = crate::codec::from_slice(&raw).unwrap();
+        assert_eq!(why.reason, "disk full");
+    }
 
     #[test]
     fn short_values_are_kept_and_long_ones_cut_on_a_character_boundary() {

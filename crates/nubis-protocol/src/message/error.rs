@@ -93,7 +93,9 @@ impl ErrorCode {
 pub struct ErrorReply {
     /// The stable code.
     pub code: ErrorCode,
-    /// A human-readable explanation; never a host name or path.
+    /// A human-readable explanation; never a host name or path. At most
+    /// [`crate::clip::REASON_LIMIT`] bytes are kept when decoded.
+    #[serde(deserialize_with = "crate::clip::capped_reason")]
     pub message: String,
     /// Whether retrying the same request may succeed.
     pub retryable: bool,

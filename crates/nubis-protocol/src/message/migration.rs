@@ -144,7 +144,9 @@ pub struct EvictionNotice {
     pub notice_id: NoticeId,
     /// The VM to move away.
     pub vm: VmId,
-    /// Why, in words for operators (e.g. "host maintenance"); never a host name.
+    /// Why, in words for operators (e.g. "host maintenance"); never a host name. At most
+    /// [`crate::clip::REASON_LIMIT`] bytes are kept when decoded.
+    #[serde(deserialize_with = "crate::clip::capped_reason")]
     pub reason: String,
     /// When the VM must be gone, in milliseconds since the Unix epoch.
     pub deadline_ms: u64,
@@ -254,7 +256,8 @@ pub enum TransferStatus {
     },
     /// The transfer failed; nothing partial is kept at the Destination.
     Failed {
-        /// Why, in words for operators.
+        /// Why, in words for operators (at most [`crate::clip::REASON_LIMIT`] bytes kept).
+        #[serde(deserialize_with = "crate::clip::capped_reason")]
         reason: String,
     },
 }
@@ -345,7 +348,8 @@ pub struct AbortMigration {
     pub side: HandOverSide,
     /// That end's endpoint; Intermediaries route by its token.
     pub endpoint: Endpoint,
-    /// Why, in words for operators.
+    /// Why, in words for operators (at most [`crate::clip::REASON_LIMIT`] bytes kept).
+    #[serde(deserialize_with = "crate::clip::capped_reason")]
     pub reason: String,
 }
 
