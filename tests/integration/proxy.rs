@@ -526,6 +526,7 @@ async fn unknown_expired_used_and_foreign_tokens_are_refused() {
     let relay = MintToken {
         purpose: TokenPurpose::Relay {
             source: good.clone(),
+            max_bytes_per_sec: None,
         },
         ..mint_receive(&dst, mig)
     };
@@ -864,6 +865,7 @@ async fn a_relaying_proxy_hides_the_source_and_both_modes_verify() {
                     proxy: s.proxy.clone(),
                     token: s.token,
                 },
+                max_bytes_per_sec: None,
             },
             ..mint_receive(&dst, mig)
         })

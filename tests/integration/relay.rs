@@ -4,12 +4,14 @@
 //! the offers, the migration, the proxy that fetches `apex`'s files. With `direct` (the
 //! default) the offer passed up names `cove`'s proxy, which then fetches from `apex` itself.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use nubis_protocol::envelope::SignedEnvelope;
-use nubis_protocol::message::{Offers, Prepared};
-use nubis_testkit::{require_nats_server, Role};
+use nubis_protocol::message::{Offers, Prepared, TransferProgress, TransferRole};
+use nubis_testkit::{require_nats_server, wait_until, Role};
 use serde_json::{json, Value};
 
 use crate::stack::{ops, wait_migration, SiteSpec, Stack};
@@ -309,6 +311,104 @@ async fn a_forced_migration_through_a_relaying_site_names_only_it() {
     assert_hidden(&seen);
     chain.stack.shutdown().await;
 }
+
+/// The operator's bandwidth cap holds on the relayed leg too: apex moves `web-1` between
+/// cove's hosts with a cap, bridge relays the prepared source, and bridge's proxy fetches it
+/// from cove no faster than the cap (read from the relaying transfer's own progress events,
+/// heard by bridge's operators); the files still arrive whole. Placing the VM, without a cap,
+/// goes through the same relaying.
+#[tokio::test]
+async fn a_bandwidth_cap_paces_the_relayed_leg() {
+    let Some(mut chain) = Chain::start(RELAY, &["rack7-node3", "rack7-node4"]).await else {
+        return;
+    };
+    chain.image = (0..(4u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(
+        chain.stack.image_store("apex").join("tiny.qcow2"),
+        &chain.image,
+    )
+    .unwrap();
+    let ear = chain
+        .stack
+        .fed
+        .connect_as("bridge", Role::Operator)
+        .await
+        .unwrap();
+    let mut progress = ear
+        .subscribe("nubis.proxy.bridge.*.progress.>")
+        .await
+        .unwrap();
+    ear.flush().await.unwrap();
+    // How long each relaying transfer at bridge ran, from its first progress event to its
+    // last as they arrive, and the most bytes it reported, by migration.
+    let spans: Arc<Mutex<Spans>> = Arc::default();
+    let into = spans.clone();
+    let collector = tokio::spawn(async move {
+        let _ear = ear;
+        while let Some(m) = progress.next().await {
+            let now = Instant::now();
+            let env = SignedEnvelope::decode(&m.payload).unwrap();
+            let p: TransferProgress = nubis_protocol::codec::from_slice(&env.body).unwrap();
+            if p.role != TransferRole::Relay {
+                continue;
+            }
+            let mut spans = into.lock().unwrap();
+            let e = spans
+                .entry(p.migration_id.to_string())
+                .or_insert((now, now, 0));
+            e.1 = now;
+            e.2 = e.2.max(p.bytes_done);
+        }
+    });
+    let placed = chain.deploy().await;
+    let (from, to) = hosts_of(&chain).await;
+    let cap: u64 = 512 << 10;
+    let r = ops(
+        &chain.op_apex,
+        "apex",
+        "migrate",
+        json!({"vm": "web-1", "max_bytes_per_sec": cap}),
+    )
+    .await
+    .unwrap();
+    let moved = wait_migration(&chain.op_apex, "apex", r["migration"].as_str().unwrap()).await;
+    assert_eq!(moved["phase"], "committed", "{moved}");
+    chain.check_placed_at(to).await;
+    assert_ne!(from, to);
+    // The last events of both relaying transfers reach the collector.
+    wait_until(LONG, "the relays' last progress events", || async {
+        let spans = spans.lock().unwrap();
+        let done = |v: &Value| {
+            spans
+                .get(v["migration"].as_str().unwrap_or(""))
+                .is_some_and(|s| s.2 >= 4 << 20)
+        };
+        if done(&placed) && done(&moved) {
+            Ok(())
+        } else {
+            Err(format!("{} relays heard", spans.len()))
+        }
+    })
+    .await
+    .unwrap();
+    collector.abort();
+    let spans = spans.lock().unwrap().clone();
+    let span = |view: &Value| {
+        let (first, last, bytes) = spans[view["migration"].as_str().unwrap()];
+        (last.duration_since(first).as_secs_f64(), bytes)
+    };
+    let (capped_s, capped_bytes) = span(&moved);
+    // The pacer lets one chunk (1 MiB) through at once; the rest waits for the cap.
+    let floor = (capped_bytes - (1 << 20)) as f64 / cap as f64;
+    assert!(
+        capped_s >= floor,
+        "bridge relayed {capped_bytes} bytes in {capped_s} s, faster than {cap} B/s allows ({floor} s)"
+    );
+    chain.stack.shutdown().await;
+}
+
+/// Per migration: the first and last progress event of a relaying transfer, and its bytes.
+type Spans = HashMap<String, (Instant, Instant, u64)>;
 
 /// bridge's policy: relay towards every partner.
 const RELAY: &str = "[transfer]\ndefault = \"relay\"\n";

@@ -425,7 +425,12 @@ proptest! {
         status in transfer_status(), total in any::<u64>()
     ) {
         let migration_id = MigrationId(m);
-        check(PrepareMigration { migration_id, vm: v.clone(), mode: PrepareMode::SaveState });
+        check(PrepareMigration {
+            migration_id,
+            vm: v.clone(),
+            mode: PrepareMode::SaveState,
+            max_bytes_per_sec: Some(2 << 20),
+        });
         check(Prepared { migration_id, source: s.clone(), total_bytes: total });
         check(InitiateTransfer {
             migration_id, vm: v.clone(), source: s.clone(), destination: d.clone(), max_bytes_per_sec: cap,

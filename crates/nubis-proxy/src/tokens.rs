@@ -93,7 +93,7 @@ impl TransferProxy {
                     return Err(ProxyError::Invalid("receive directory is not a directory"));
                 }
             }
-            TokenPurpose::Relay { source } => {
+            TokenPurpose::Relay { source, .. } => {
                 if !s.relay_allowed {
                     return Err(ProxyError::RelayNotAllowed);
                 }
@@ -111,6 +111,12 @@ impl TransferProxy {
             TokenPurpose::Serve { .. } | TokenPurpose::Relay { .. }
         )
         .then(ContentKey::random);
+        let max_bytes_per_sec = match &req.purpose {
+            TokenPurpose::Relay {
+                max_bytes_per_sec, ..
+            } => *max_bytes_per_sec,
+            _ => None,
+        };
         let rec = TokenRecord {
             token,
             migration_id: req.migration_id,
@@ -127,7 +133,7 @@ impl TransferProxy {
             used: false,
             complete: false,
             file_names,
-            max_bytes_per_sec: None,
+            max_bytes_per_sec,
             partial: None,
             content_key,
             seal_attempts: 0,
@@ -320,7 +326,7 @@ impl TransferProxy {
         let rec = self.live_record(&ack.token)?;
         let relay_source = match &rec.purpose {
             TokenPurpose::Serve { .. } => None,
-            TokenPurpose::Relay { source } => Some(source.clone()),
+            TokenPurpose::Relay { source, .. } => Some(source.clone()),
             TokenPurpose::Receive { .. } => {
                 return Err(ProxyError::WrongPurpose {
                     expected: "serve or relay",

@@ -270,7 +270,7 @@ impl TransferProxy {
         match rec.purpose.clone() {
             TokenPurpose::Serve { files } => self.serve(rec, files, live).await,
             TokenPurpose::Receive { dir } => self.receive(rec, PathBuf::from(dir), live).await,
-            TokenPurpose::Relay { source } => self.relay(rec, source, live).await,
+            TokenPurpose::Relay { source, .. } => self.relay(rec, source, live).await,
         }
     }
 

@@ -396,6 +396,7 @@ impl LocalSite for FakeLocal {
         _migration: MigrationId,
         _vm: &VmId,
         _source: &Endpoint,
+        _max_bytes_per_sec: Option<u64>,
     ) -> Result<PreparedSource, ErrorReply> {
         self.prepared("relay", "-").await
     }

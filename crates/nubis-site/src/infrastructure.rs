@@ -365,6 +365,7 @@ impl LocalSite for NatsLocalSite {
         migration: MigrationId,
         vm: &VmId,
         source: &Endpoint,
+        max_bytes_per_sec: Option<u64>,
     ) -> Result<PreparedSource, ErrorReply> {
         // A relaying token holds no host's files; the proxy's store wants a host name.
         let host = HostId::new("relay")
@@ -380,6 +381,7 @@ impl LocalSite for NatsLocalSite {
                     ttl_ms: None,
                     purpose: TokenPurpose::Relay {
                         source: source.clone(),
+                        max_bytes_per_sec,
                     },
                 },
             )

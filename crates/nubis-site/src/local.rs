@@ -53,12 +53,14 @@ pub trait LocalSite: Send + Sync + 'static {
 
     /// Relaying (paper III-D): mint a token at the site's own proxy that fetches the files of
     /// `source` into the proxy's bucket and serves them again under the new token, so the far
-    /// end sees only this site's proxy. Released like an image-store source (no host).
+    /// end sees only this site's proxy, fetching no faster than `max_bytes_per_sec` (the
+    /// migration's cap). Released like an image-store source (no host).
     fn relay(
         &self,
         migration: MigrationId,
         vm: &VmId,
         source: &Endpoint,
+        max_bytes_per_sec: Option<u64>,
     ) -> impl Future<Output = Result<PreparedSource, ErrorReply>> + Send;
 
     /// Initiate transfer handler: the local proxy fetches `source` into `destination`'s token.

@@ -343,6 +343,7 @@ async fn requests_about_a_held_vm_are_heard_only_along_its_chain() {
         migration_id: MigrationId::random(),
         vm: vm.clone(),
         mode: PrepareMode::Shutdown,
+        max_bytes_per_sec: None,
     };
     let r: Result<Prepared, _> = call(&p, "t", FederationOp::MigrationPrepare, &prepare).await;
     assert_eq!(code(r), ErrorCode::Refused);

@@ -101,6 +101,10 @@ pub struct PrepareMigration {
     pub vm: VmId,
     /// Whether the runtime state travels along.
     pub mode: PrepareMode,
+    /// The migration's bandwidth cap, in bytes per second: a site that relays the prepared
+    /// source fetches it no faster.
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<u64>,
 }
 
 impl Body for PrepareMigration {

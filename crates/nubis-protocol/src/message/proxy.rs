@@ -68,6 +68,10 @@ pub enum TokenPurpose {
     Relay {
         /// The proxy and token the data comes from.
         source: Endpoint,
+        /// The migration's bandwidth cap for fetching from `source`, in bytes per second (the
+        /// proxy's own `transfer.max_bytes_per_sec` applies when smaller).
+        #[serde(default)]
+        max_bytes_per_sec: Option<u64>,
     },
 }
 

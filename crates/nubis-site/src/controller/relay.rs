@@ -53,7 +53,10 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             Some(_) => self.release_own_relaying(&m, false).await,
             None => {}
         }
-        let minted = self.local().relay(id, vm, source).await?;
+        let minted = self
+            .local()
+            .relay(id, vm, source, m.max_bytes_per_sec)
+            .await?;
         self.update_migration(id, |m| {
             m.relaying = Some(Relaying {
                 endpoint: minted.endpoint.clone(),
@@ -70,12 +73,9 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         let Some(relaying) = &m.relaying else {
             return;
         };
-        let token = &relaying.endpoint.token;
-        let released = if committed {
-            self.local().commit_source(&m.vm, None, token).await
-        } else {
-            self.local().abort_source(&m.vm, None, token).await
-        };
+        let released = self
+            .release_relaying_token(&m.vm, &relaying.endpoint.token, committed)
+            .await;
         if let Err(e) = released {
             tracing::warn!(migration.id = %m.id, error = %e.message, "relaying token not released at the proxy");
         }

@@ -190,10 +190,17 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             let p = self.local().image_source(id, &record.descriptor).await?;
             return Ok((p.endpoint, None, p.total_bytes));
         };
+        // A site that relays the prepared source fetches it no faster than the migration's cap.
+        let max_bytes_per_sec = self
+            .journal()
+            .migration(&id)
+            .map_err(|e| PrepareFailure::from(internal(e)))?
+            .and_then(|m| m.max_bytes_per_sec);
         let req = PrepareMigration {
             migration_id: id,
             vm: record.vm.clone(),
             mode: PrepareMode::SaveState,
+            max_bytes_per_sec,
         };
         let p: Prepared = self
             .forward_with(

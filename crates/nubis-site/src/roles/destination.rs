@@ -381,7 +381,9 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         // A relayed offer: this site's proxy fetches from the source and serves the next hop.
         let relayed;
         let r = if route.relay.is_some() {
-            let (source, destination) = self.relaying_from(&route, &req.source).await?;
+            let (source, destination) = self
+                .relaying_from(&route, &req.source, req.max_bytes_per_sec)
+                .await?;
             relayed = InitiateTransfer {
                 source,
                 destination,

@@ -16,7 +16,7 @@
 use nubis_protocol::message::{
     Endpoint, ErrorCode, ErrorReply, HandOverSide, Offer, TransferToken,
 };
-use nubis_protocol::SiteId;
+use nubis_protocol::{SiteId, VmId};
 
 use crate::config::TransferMode;
 use crate::journal::{NextHop, Relaying, Route, RouteRelay};
@@ -51,13 +51,15 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
     }
 
     /// At Initiate transfer on relayed offer `route`: the relaying token that fetches from
-    /// `source`, minted at this site's proxy the first time and journaled. A repeated request
+    /// `source` (no faster than the migration's cap `max_bytes_per_sec`), minted at this site's
+    /// proxy the first time and journaled. A repeated request
     /// (a progress poll) gets the same token; one naming another source is someone else using
     /// the offer.
     pub(crate) async fn relaying_from(
         &self,
         route: &Route,
         source: &Endpoint,
+        max_bytes_per_sec: Option<u64>,
     ) -> Result<(Endpoint, Endpoint), ErrorReply> {
         // The same turn as taking the offer up, so two requests never mint twice.
         let _turn = self.admission().lock(&route.upstream).await;
@@ -85,7 +87,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         }
         let minted = self
             .local()
-            .relay(route.migration_id, &route.vm, source)
+            .relay(route.migration_id, &route.vm, source, max_bytes_per_sec)
             .await?;
         relay.relaying = Some(Relaying {
             endpoint: minted.endpoint.clone(),
@@ -102,15 +104,20 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         Ok((minted.endpoint, downstream))
     }
 
-    /// At the prepare: relays the source `downstream` that the next hop prepared; returns what
-    /// the route keeps, whose relaying token is the one to pass upstream.
+    /// At the prepare: relays the source `downstream` that the next hop prepared (no faster
+    /// than the migration's cap `max_bytes_per_sec`); returns what the route keeps, whose
+    /// relaying token is the one to pass upstream.
     pub(crate) async fn relay_prepared(
         &self,
         migration: nubis_protocol::MigrationId,
-        vm: &nubis_protocol::VmId,
+        vm: &VmId,
         downstream: &Endpoint,
+        max_bytes_per_sec: Option<u64>,
     ) -> Result<RouteRelay, ErrorReply> {
-        let minted = self.local().relay(migration, vm, downstream).await?;
+        let minted = self
+            .local()
+            .relay(migration, vm, downstream, max_bytes_per_sec)
+            .await?;
         tracing::info!(migration.id = %migration, vm.id = %vm, "prepared source relayed");
         Ok(RouteRelay {
             downstream: downstream.clone(),
@@ -141,14 +148,26 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         let Some(relaying) = route.relay.as_ref().and_then(|r| r.relaying.as_ref()) else {
             return;
         };
-        let token = &relaying.endpoint.token;
-        let released = if committed {
-            self.local().commit_source(&route.vm, None, token).await
-        } else {
-            self.local().abort_source(&route.vm, None, token).await
-        };
+        let released = self
+            .release_relaying_token(&route.vm, &relaying.endpoint.token, committed)
+            .await;
         if let Err(e) = released {
             tracing::warn!(migration.id = %route.migration_id, vm.id = %route.vm, ?side, error = %e.message, "relaying token not released at the proxy");
+        }
+    }
+
+    /// Releases relaying token `token` of `vm` at this site's proxy, after the commit
+    /// (`committed`) or the abort of the transfer it relayed.
+    pub(crate) async fn release_relaying_token(
+        &self,
+        vm: &VmId,
+        token: &TransferToken,
+        committed: bool,
+    ) -> Result<(), ErrorReply> {
+        if committed {
+            self.local().commit_source(vm, None, token).await
+        } else {
+            self.local().abort_source(vm, None, token).await
         }
     }
 }

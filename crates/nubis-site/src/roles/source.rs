@@ -50,7 +50,12 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         let relay = if self.relays_for(from, &next) {
             let downstream = prepared.source.clone();
             match self
-                .relay_prepared(req.migration_id, &req.vm, &downstream)
+                .relay_prepared(
+                    req.migration_id,
+                    &req.vm,
+                    &downstream,
+                    req.max_bytes_per_sec,
+                )
                 .await
             {
                 Ok(relay) => {

@@ -331,6 +331,7 @@ async fn prepare_control_and_eviction_are_heard_only_along_the_chain() {
         migration_id: MigrationId::random(),
         vm: vm("victim"),
         mode: PrepareMode::SaveState,
+        max_bytes_per_sec: None,
     };
     let e = roles.prepare(&b, prepare()).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::Refused);

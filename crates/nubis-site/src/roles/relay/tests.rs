@@ -166,6 +166,7 @@ fn prepare(vm: &str) -> PrepareMigration {
         migration_id: MigrationId::random(),
         vm: VmId::new(vm).unwrap(),
         mode: PrepareMode::SaveState,
+        max_bytes_per_sec: None,
     }
 }
 
