@@ -109,6 +109,19 @@ impl NatsLocalSite {
         host: HostId,
         files: Vec<LocalFile>,
     ) -> Result<PreparedSource, ErrorReply> {
+        self.mint_source(migration, vm, host, TokenPurpose::Serve { files })
+            .await
+    }
+
+    /// Mints a token that serves files to another proxy (`purpose` serve or relay) at the
+    /// site's proxy: the source endpoint to pass on.
+    async fn mint_source(
+        &self,
+        migration: MigrationId,
+        vm: &VmId,
+        host: HostId,
+        purpose: TokenPurpose,
+    ) -> Result<PreparedSource, ErrorReply> {
         let minted = self
             .proxy
             .mint(
@@ -118,7 +131,7 @@ impl NatsLocalSite {
                     vm: vm.clone(),
                     host,
                     ttl_ms: None,
-                    purpose: TokenPurpose::Serve { files },
+                    purpose,
                 },
             )
             .await
@@ -370,30 +383,11 @@ impl LocalSite for NatsLocalSite {
         // A relaying token holds no host's files; the proxy's store wants a host name.
         let host = HostId::new("relay")
             .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
-        let minted = self
-            .proxy
-            .mint(
-                &self.proxy_uri,
-                &MintToken {
-                    migration_id: migration,
-                    vm: vm.clone(),
-                    host,
-                    ttl_ms: None,
-                    purpose: TokenPurpose::Relay {
-                        source: source.clone(),
-                        max_bytes_per_sec,
-                    },
-                },
-            )
-            .await
-            .map_err(proxy_error)?;
-        Ok(PreparedSource {
-            endpoint: Endpoint {
-                proxy: minted.proxy,
-                token: minted.token,
-            },
-            total_bytes: minted.total_bytes,
-        })
+        let purpose = TokenPurpose::Relay {
+            source: source.clone(),
+            max_bytes_per_sec,
+        };
+        self.mint_source(migration, vm, host, purpose).await
     }
 
     async fn initiate(
