@@ -1054,7 +1054,7 @@ async fn site_signalled_at(
 }
 
 /// Waits until `child` is stopped (by a SIGSTOP it sent itself at its hook).
-async fn wait_stopped(child: &std::process::Child, what: &str) {
+pub(crate) async fn wait_stopped(child: &std::process::Child, what: &str) {
     let stat = format!("/proc/{}/stat", child.id());
     wait_until(LONG, format!("{what} stopped"), || {
         let state = std::fs::read_to_string(&stat).map_err(|e| e.to_string());
@@ -1077,7 +1077,7 @@ async fn wait_stopped(child: &std::process::Child, what: &str) {
 }
 
 /// Sends `signal` (a name as `kill` takes it) to `child`.
-fn send_signal(child: &std::process::Child, signal: &str) {
+pub(crate) fn send_signal(child: &std::process::Child, signal: &str) {
     let status = std::process::Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(child.id().to_string())

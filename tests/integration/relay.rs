@@ -14,7 +14,7 @@ use nubis_protocol::message::{Offers, Prepared, TransferProgress, TransferRole};
 use nubis_testkit::{require_nats_server, wait_until, Role};
 use serde_json::{json, Value};
 
-use crate::stack::{ops, wait_migration, SiteSpec, Stack};
+use crate::stack::{deploy_body, ops, wait_migration, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -31,6 +31,31 @@ struct Seen {
     proxy_askers: Vec<String>,
     /// How many messages were read.
     count: usize,
+}
+
+/// Everything `sub` (a subscription of `client`'s) received so far: `client` publishes to
+/// `marker`, which `sub` must hear, and what came before it is returned.
+pub(crate) async fn heard_until_marker(
+    client: &async_nats::Client,
+    sub: &mut async_nats::Subscriber,
+    marker: &str,
+) -> Vec<async_nats::Message> {
+    client
+        .publish(marker.to_string(), "end".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let mut out = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(LONG, sub.next())
+            .await
+            .expect("the observer's marker never came back")
+            .expect("the observer's subscription ended");
+        if msg.subject.as_str() == marker {
+            return out;
+        }
+        out.push(msg);
+    }
 }
 
 /// Whether `msg` belongs to the directory, which lists every member site and its proxies to
@@ -99,17 +124,7 @@ impl Chain {
 
     /// Places `web-1` from apex; the migration's view at apex.
     async fn deploy(&self) -> Value {
-        let body = json!({
-            "vm": "web-1",
-            "name": "test VM",
-            "hardware": {
-                "vcpus": 1,
-                "memory_mib": 256,
-                "disks": [{"name": "vda", "capacity_bytes": 1048576, "format": "qcow2",
-                           "image": "tiny.qcow2"}],
-                "networks": [],
-            },
-        });
+        let body = deploy_body("web-1", "tiny.qcow2");
         let r = ops(&self.op_apex, "apex", "deploy", body).await.unwrap();
         let m = wait_migration(&self.op_apex, "apex", r["migration"].as_str().unwrap()).await;
         assert_eq!(m["phase"], "committed", "{m}");
@@ -164,18 +179,10 @@ impl Chain {
 
     /// Everything apex's server delivered so far (read up to a marker).
     async fn drain(&mut self) -> Seen {
-        let marker = "nubis.test.relay-marker";
-        self.observer.publish(marker, "end".into()).await.unwrap();
-        self.observer.flush().await.unwrap();
         let mut out = Seen::default();
-        loop {
-            let msg = tokio::time::timeout(LONG, self.seen.next())
-                .await
-                .expect("the observer's marker never came back")
-                .expect("the observer's subscription ended");
-            if msg.subject.as_str() == marker {
-                break;
-            }
+        let heard =
+            heard_until_marker(&self.observer, &mut self.seen, "nubis.test.relay-marker").await;
+        for msg in heard {
             out.count += 1;
             if directory(&msg) {
                 continue;
@@ -440,17 +447,7 @@ async fn a_relaying_proxy_killed_mid_transfer_leaves_the_vm_placed_once() {
             &[("NUBIS_TEST_KILL_AT", "content key granted")],
         )
         .await;
-    let body = json!({
-        "vm": "web-1",
-        "name": "test VM",
-        "hardware": {
-            "vcpus": 1,
-            "memory_mib": 256,
-            "disks": [{"name": "vda", "capacity_bytes": 1048576, "format": "qcow2",
-                       "image": "tiny.qcow2"}],
-            "networks": [],
-        },
-    });
+    let body = deploy_body("web-1", "tiny.qcow2");
     let r = ops(&chain.op_apex, "apex", "deploy", body).await.unwrap();
     // The kill lands at that step, whatever the timing.
     let status = tokio::task::spawn_blocking(move || proxy.wait().unwrap())

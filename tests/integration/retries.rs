@@ -6,51 +6,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use nubis_testkit::wait_until;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::stack::{ops, wait_migration, SiteSpec, Stack};
+use crate::migration::{send_signal, wait_stopped};
+use crate::stack::{deploy_body, ops, wait_migration, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
-
-fn deploy_body(vm: &str) -> Value {
-    json!({
-        "vm": vm,
-        "name": "test VM",
-        "hardware": {
-            "vcpus": 1,
-            "memory_mib": 256,
-            "disks": [{"name": "vda", "capacity_bytes": 1048576, "format": "qcow2", "image": "img.qcow2"}],
-            "networks": [],
-        },
-    })
-}
-
-/// Waits until `child` is stopped (by the SIGSTOP it sent itself at its hook).
-async fn wait_stopped(child: &std::process::Child) {
-    let stat = format!("/proc/{}/stat", child.id());
-    wait_until(LONG, "the Controller stopped at its hook", || {
-        let state = std::fs::read_to_string(&stat).map_err(|e| e.to_string());
-        async move {
-            // `pid (comm) S ...`: the state follows the last parenthesis.
-            let state = state?;
-            match state.rsplit_once(") ").and_then(|(_, r)| r.chars().next()) {
-                Some('T') => Ok(()),
-                s => Err(format!("state {s:?}")),
-            }
-        }
-    })
-    .await
-    .unwrap();
-}
-
-fn send_signal(child: &std::process::Child, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {}", child.id());
-}
 
 /// Waits until the log at `path` holds `line`.
 async fn wait_logged(path: &Path, line: &str) {
@@ -88,7 +49,9 @@ async fn a_destination_restarting_before_a_transfer_round_is_waited_for() {
     .await;
     std::fs::write(stack.image_store("a").join("img.qcow2"), vec![7u8; 1 << 20]).unwrap();
     let op = stack.operator("a").await;
-    let r = ops(&op, "a", "deploy", deploy_body("rt-1")).await.unwrap();
+    let r = ops(&op, "a", "deploy", deploy_body("rt-1", "img.qcow2"))
+        .await
+        .unwrap();
     let m = wait_migration(&op, "a", r["migration"].as_str().unwrap()).await;
     assert_eq!(m["phase"], "committed", "{m}");
 
@@ -111,7 +74,7 @@ async fn a_destination_restarting_before_a_transfer_round_is_waited_for() {
         .await
         .unwrap();
     let migration = r["migration"].as_str().unwrap().to_string();
-    wait_stopped(&controller).await;
+    wait_stopped(&controller, "the Controller").await;
 
     stack.stop_site("c").await;
     send_signal(&controller, "CONT");

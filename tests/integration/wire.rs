@@ -14,13 +14,12 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use nubis_protocol::envelope::SignedEnvelope;
 use nubis_testkit::{require_nats_server, wait_until, Role};
 use serde_json::json;
 
-use crate::relay::directory;
-use crate::stack::{ops, wait_migration, SiteSpec, Stack};
+use crate::relay::{directory, heard_until_marker};
+use crate::stack::{deploy_body, ops, wait_migration, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
 const VM: &str = "wire-1";
@@ -97,24 +96,11 @@ impl Ear {
     /// name every member: membership is public, chains are not) left out.
     async fn drain(&mut self) -> Vec<Heard> {
         let marker = format!("nubis.test.wire-marker.{}", self.site);
-        self.client
-            .publish(marker.clone(), "end".into())
-            .await
-            .unwrap();
-        self.client.flush().await.unwrap();
-        let mut out = Vec::new();
-        loop {
-            let msg = tokio::time::timeout(LONG, self.sub.next())
-                .await
-                .expect("the observer's marker never came back")
-                .expect("the observer's subscription ended");
-            if msg.subject.as_str() == marker {
-                return out;
-            }
-            if directory(&msg) {
-                continue;
-            }
-            out.push(Heard {
+        let heard = heard_until_marker(&self.client, &mut self.sub, &marker).await;
+        heard
+            .into_iter()
+            .filter(|msg| !directory(msg))
+            .map(|msg| Heard {
                 subject: msg.subject.to_string(),
                 reply: msg
                     .reply
@@ -125,8 +111,8 @@ impl Ear {
                 envelope: SignedEnvelope::decode(&msg.payload)
                     .ok()
                     .map(|e| (e.body_type, e.from, e.to)),
-            });
-        }
+            })
+            .collect()
     }
 }
 
@@ -177,19 +163,9 @@ async fn scenarios(bridge_top: &'static str) -> Option<Vec<(&'static str, Vec<He
     let (op_apex, op_bridge) = (op("apex").await, op("bridge").await);
 
     // Usage scenario 1: apex places the VM through bridge.
-    let body = json!({
-        "vm": VM,
-        "name": "wire VM",
-        "hardware": {
-            "vcpus": 1,
-            "memory_mib": 256,
-            "disks": [{"name": "vda", "capacity_bytes": 1048576, "format": "qcow2",
-                       "image": "img.qcow2"}],
-            "networks": [],
-        },
-        "monitoring": [{"data_point": "cpu.utilisation", "monitoring_interval_ms": 200,
-                        "delivery_interval_ms": 400, "format": {"kind": "raw"}}],
-    });
+    let mut body = deploy_body(VM, "img.qcow2");
+    body["monitoring"] = json!([{"data_point": "cpu.utilisation", "monitoring_interval_ms": 200,
+                                 "delivery_interval_ms": 400, "format": {"kind": "raw"}}]);
     let r = ops(&op_apex, "apex", "deploy", body).await.unwrap();
     let m = wait_migration(&op_apex, "apex", r["migration"].as_str().unwrap()).await;
     assert_eq!(m["phase"], "committed", "{m}");

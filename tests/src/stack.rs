@@ -590,6 +590,22 @@ impl Stack {
     }
 }
 
+/// The operator's deploy body of a 1-vCPU, 256 MiB VM `vm` whose one disk comes from `image`
+/// of the site's image store (the libvirt test driver runs it).
+pub fn deploy_body(vm: &str, image: &str) -> serde_json::Value {
+    serde_json::json!({
+        "vm": vm,
+        "name": "test VM",
+        "hardware": {
+            "vcpus": 1,
+            "memory_mib": 256,
+            "disks": [{"name": "vda", "capacity_bytes": 1048576, "format": "qcow2",
+                       "image": image}],
+            "networks": [],
+        },
+    })
+}
+
 /// The deploy request of the test guest `vm`, booting from the images of
 /// [`Stack::stock_guest_images`].
 pub fn guest_deploy_body(vm: &str) -> serde_json::Value {

@@ -18,7 +18,7 @@ use nubis_protocol::MigrationId;
 use nubis_testkit::{require_nats_server, wait_until, Role};
 use serde_json::json;
 
-use crate::stack::{ops, ops_client, wait_migration, SiteSpec, Stack};
+use crate::stack::{deploy_body, ops, ops_client, wait_migration, SiteSpec, Stack};
 
 const LONG: Duration = Duration::from_secs(90);
 const VM: &str = "vm-loc";
@@ -119,19 +119,9 @@ async fn a_site_off_the_chain_learns_nothing_of_where_a_vm_runs_or_moves() {
     )
     .unwrap();
     let op_alpha = stack.operator("alpha").await;
-    let body = json!({
-        "vm": VM,
-        "name": "located VM",
-        "hardware": {
-            "vcpus": 1,
-            "memory_mib": 256,
-            "disks": [{"name": "vda", "capacity_bytes": 1048576, "format": "qcow2",
-                       "image": "img.qcow2"}],
-            "networks": [],
-        },
-        "monitoring": [{"data_point": "cpu.utilisation", "monitoring_interval_ms": 200,
-                        "delivery_interval_ms": 400, "format": {"kind": "raw"}}],
-    });
+    let mut body = deploy_body(VM, "img.qcow2");
+    body["monitoring"] = json!([{"data_point": "cpu.utilisation", "monitoring_interval_ms": 200,
+                                 "delivery_interval_ms": 400, "format": {"kind": "raw"}}]);
     let r = ops(&op_alpha, "alpha", "deploy", body).await.unwrap();
     let m = wait_migration(&op_alpha, "alpha", r["migration"].as_str().unwrap()).await;
     assert_eq!(m["phase"], "committed", "{m}");

@@ -14,9 +14,8 @@ use nubis_protocol::envelope::Verifier;
 use nubis_protocol::message::MigrationRequest;
 use nubis_protocol::replay::ReplayCache;
 use nubis_protocol::{MigrationId, RequestId, SiteId, VmId};
-use serde_json::{json, Value};
 
-use crate::stack::Stack;
+use crate::stack::{deploy_body, Stack};
 
 mod bus;
 mod chain;
@@ -88,20 +87,4 @@ fn migration_request(migration_id: MigrationId, d: VmDescriptor) -> MigrationReq
         depth: 0,
         max_depth: 2,
     }
-}
-
-/// The operator's deploy body of a 1-vCPU, 256 MiB VM `vm` booting from `image` of the
-/// site's image store.
-fn deploy_body(vm: &str, image: &str) -> Value {
-    json!({
-        "vm": vm,
-        "name": "test VM",
-        "hardware": {
-            "vcpus": 1,
-            "memory_mib": 256,
-            "disks": [{"name": "vda", "capacity_bytes": 1048576, "format": "qcow2",
-                       "image": image}],
-            "networks": [],
-        },
-    })
 }
