@@ -8,6 +8,7 @@ mod guest_kpi;
 mod guest_migration;
 mod host_agent;
 mod hostile;
+mod hub_cluster;
 mod hypervisor;
 mod kpifs;
 mod migration;

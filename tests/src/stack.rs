@@ -87,6 +87,25 @@ fn site_binary() -> PathBuf {
     dir.join("nubis-test-site")
 }
 
+/// How the stack's servers are laid out.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Nodes of the hub (clustered when more than one).
+    pub hub_nodes: usize,
+    /// Sites whose leaf connection goes through a WAN link of the test kit (no delay at
+    /// start), which a test cuts and restores with `stack.fed.link(site)`.
+    pub linked: Vec<&'static str>,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Self {
+            hub_nodes: 1,
+            linked: Vec::new(),
+        }
+    }
+}
+
 /// The running stack.
 pub struct Stack {
     pub fed: Federation,
@@ -145,12 +164,43 @@ impl Stack {
         specs: Vec<SiteSpec>,
         qemu_hosts: &[(&'static str, &'static str)],
     ) -> Self {
+        Self::start_full(binary, specs, qemu_hosts, &Layout::default()).await
+    }
+
+    /// Like [`Stack::start`], on a hub of `hub_nodes` clustered nodes
+    /// ([`Federation::start_cluster`]).
+    pub async fn start_clustered(
+        binary: &nubis_testkit::NatsServerBinary,
+        specs: Vec<SiteSpec>,
+        hub_nodes: usize,
+    ) -> Self {
+        let layout = Layout {
+            hub_nodes,
+            ..Layout::default()
+        };
+        Self::start_full(binary, specs, &[], &layout).await
+    }
+
+    /// Like [`Stack::start_with_qemu_hosts`], with the servers laid out as `layout` says.
+    pub async fn start_full(
+        binary: &nubis_testkit::NatsServerBinary,
+        specs: Vec<SiteSpec>,
+        qemu_hosts: &[(&'static str, &'static str)],
+        layout: &Layout,
+    ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter("info,async_nats=warn")
             .try_init();
         let ids: Vec<&str> = specs.iter().map(|s| s.id).collect();
-        let fed = Federation::start_with(binary, &ids).await.unwrap();
+        let fed = Federation::start_cluster(binary, &ids, layout.hub_nodes, |site| {
+            layout
+                .linked
+                .contains(&site)
+                .then(|| nubis_testkit::LinkSpec::delay(std::time::Duration::ZERO))
+        })
+        .await
+        .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut identities = BTreeMap::new();
         for s in &specs {

@@ -295,8 +295,11 @@ impl CertificateAuthority {
         self.sign(params, validity)
     }
 
-    /// The hub's server certificate for its leaf-node port, naming every host name or IP
-    /// address the sites dial.
+    /// The certificate of a hub node for its leaf-node port and its cluster routes, naming
+    /// every host name or IP address the sites (and the other nodes) dial. It serves the leaf
+    /// port and a route's accepting end, and is presented by a route's dialling end, so it is
+    /// issued for server and client authentication. It cannot log a site in: the hub maps a
+    /// leaf certificate's name to a site's leaf user, and no site is named after an address.
     pub fn issue_server(&self, names: &[String], validity: Validity) -> Result<Issued, TlsError> {
         let Some(first) = names.first() else {
             return Err(TlsError::NoServerName);
@@ -308,7 +311,10 @@ impl CertificateAuthority {
             })?;
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, first);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         self.sign(params, validity)
     }
 

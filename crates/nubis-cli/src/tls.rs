@@ -48,7 +48,7 @@ pub struct IssueArgs {
     #[arg(long)]
     pub name: String,
     /// Issue a server certificate for the hub's leaf port instead, naming this host name or IP
-    /// address, the one in the sites' `HUB_LEAF_URL` (repeat for several).
+    /// address, the one in the sites' `HUB_LEAF_URLS` (repeat for several).
     #[arg(long = "server-name")]
     pub server_names: Vec<String>,
     /// The folder to write the certificate into (created if absent; existing files are not

@@ -20,7 +20,7 @@ use crate::directory::{self, Directory};
 use crate::federation::{self, FederationClient};
 use crate::infrastructure::NatsLocalSite;
 use crate::journal::Journal;
-use crate::monitoring::{MigrateFn, Monitoring, MonitoringDeps};
+use crate::monitoring::{MigrateFn, Monitoring, MonitoringDeps, Outbox};
 use crate::ops::{self, OpsContext};
 use crate::roles::Roles;
 use nubis_bus::proxy::ProxyClient;
@@ -216,6 +216,7 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
         // between transfer rounds.
         CallPolicy::with_timeout(Duration::from_secs(10)).with_no_responder_wait(Duration::ZERO),
     );
+    let signed_calls = signed.clone();
     let fed = FederationClient::new(signed.clone());
     let proxy = ProxyClient::from_signed(signed);
     // Site-internal requests (to host agents) get replies on a site-internal inbox, which the
@@ -316,6 +317,8 @@ pub async fn run(config: SiteConfig, shutdown: CancellationToken) -> Result<(), 
             directory: directory.clone(),
             accounting,
             public: client.clone(),
+            calls: signed_calls.clone(),
+            outbox: Outbox::new(internal.clone(), site.clone()),
             internal: internal.clone(),
             verifier: Verifier::new(site.clone(), partner_keys, monitoring_replay),
             migrate,

@@ -35,6 +35,10 @@ pub const CHUNK: usize = 16 * 1024;
 /// The burst of the token bucket: this many bytes pass at once when the link was idle.
 pub const BURST: u64 = CHUNK as u64;
 
+/// What [`WanLink::addr`] gives for a link started with no target.
+const UNSPECIFIED: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
 /// How many chunks may be in flight in one direction of one connection; beyond it the link
 /// stops reading, as a full network path pushes back.
 const IN_FLIGHT: usize = 256;
@@ -108,21 +112,27 @@ struct Shared {
 }
 
 /// A running link: listens on [`WanLink::addr`] and forwards each connection to its target.
+/// A link to several targets (the nodes of a clustered hub) listens once per target, and all
+/// its connections share one spec, one cut and one bandwidth, as one site's WAN access would.
 /// Dropping it stops the link and closes every connection.
 #[derive(Debug)]
 pub struct WanLink {
-    addr: SocketAddr,
-    target: SocketAddr,
+    addrs: Vec<SocketAddr>,
+    targets: Vec<SocketAddr>,
     spec: watch::Sender<LinkSpec>,
     cut: watch::Sender<bool>,
-    accept: JoinHandle<()>,
+    accepts: Vec<JoinHandle<()>>,
 }
 
 impl WanLink {
     /// Starts a link to `target` on a free loopback port.
     pub async fn start(target: SocketAddr, spec: LinkSpec) -> io::Result<Self> {
-        let listener = TcpListener::bind((target.ip(), 0)).await?;
-        let addr = listener.local_addr()?;
+        Self::start_many(&[target], spec).await
+    }
+
+    /// Starts one link to several targets: one free port per target, in the same order
+    /// ([`WanLink::addrs`]).
+    pub async fn start_many(targets: &[SocketAddr], spec: LinkSpec) -> io::Result<Self> {
         let (spec_tx, spec_rx) = watch::channel(spec);
         let (cut_tx, cut_rx) = watch::channel(false);
         let shared = Shared {
@@ -131,25 +141,37 @@ impl WanLink {
             up: Arc::new(Mutex::new(TokenBucket::new())),
             down: Arc::new(Mutex::new(TokenBucket::new())),
         };
-        let accept = tokio::spawn(accept_loop(listener, target, shared));
-        debug!(%addr, %target, ?spec, "wan link started");
+        let mut addrs = Vec::with_capacity(targets.len());
+        let mut accepts = Vec::with_capacity(targets.len());
+        for target in targets {
+            let listener = TcpListener::bind((target.ip(), 0)).await?;
+            let addr = listener.local_addr()?;
+            accepts.push(tokio::spawn(accept_loop(listener, *target, shared.clone())));
+            debug!(%addr, %target, ?spec, "wan link started");
+            addrs.push(addr);
+        }
         Ok(Self {
-            addr,
-            target,
+            addrs,
+            targets: targets.to_vec(),
             spec: spec_tx,
             cut: cut_tx,
-            accept,
+            accepts,
         })
     }
 
-    /// The address to connect to instead of the target.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// The addresses to connect to instead of the targets, in the targets' order.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
     }
 
-    /// The address the link forwards to.
+    /// The address to connect to instead of the (first) target.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs.first().copied().unwrap_or(UNSPECIFIED)
+    }
+
+    /// The address the link forwards to (the first one, for a link to several).
     pub fn target(&self) -> SocketAddr {
-        self.target
+        self.targets.first().copied().unwrap_or(UNSPECIFIED)
     }
 
     /// The spec in force.
@@ -166,13 +188,13 @@ impl WanLink {
     /// are accepted, until [`WanLink::restore`].
     pub fn cut(&self) {
         self.cut.send_replace(true);
-        debug!(addr = %self.addr, "wan link cut");
+        debug!(addrs = ?self.addrs, "wan link cut");
     }
 
     /// Lets new connections through again.
     pub fn restore(&self) {
         self.cut.send_replace(false);
-        debug!(addr = %self.addr, "wan link restored");
+        debug!(addrs = ?self.addrs, "wan link restored");
     }
 
     /// Whether the link is cut.
@@ -184,7 +206,9 @@ impl WanLink {
 impl Drop for WanLink {
     fn drop(&mut self) {
         // Connections end too: they see the senders gone.
-        self.accept.abort();
+        for accept in &self.accepts {
+            accept.abort();
+        }
     }
 }
 

@@ -1,6 +1,6 @@
-//! `nubis-demo`: the README's main job. Brings up a local federation on loopback — a hub and
-//! four leaf sites, each with its site daemon, Transfer proxy and host agent — and walks through
-//! the paper's usage scenarios with real parts. The hosts of c and d run a real QEMU guest
+//! `nubis-demo`: the README's main job. Brings up a local federation on loopback — a hub of
+//! three clustered nodes and four leaf sites, each with its site daemon, Transfer proxy and host
+//! agent — and walks through the paper's usage scenarios with real parts. The hosts of c and d run a real QEMU guest
 //! (libvirtd's `qemu:///system`, TCG unless KVM is usable; the tiny guest built by
 //! `scripts/setup.d/40-guest.sh`), the hosts of a and b libvirt's test driver (they have no
 //! room anyway). Without libvirtd or the guest, c and d fall back to the test driver and say so
@@ -44,6 +44,9 @@ use serde_json::{json, Value as Json};
 use stack::{SiteSpec, Stack};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The hub's nodes: a cluster of three, as a federation deploys it (any one may fail).
+const HUB_NODES: usize = 3;
 
 /// The demo's VM.
 const VM: &str = "shop-web";
@@ -588,7 +591,7 @@ async fn main() -> ExitCode {
         eprintln!("nubis-demo: no usable nats-server (run ./scripts/setup.sh)");
         return ExitCode::from(3);
     };
-    say("Starting a hub and sites a, b, c, d (site daemon, transfer proxy, host agent each)");
+    say("Starting a hub of three clustered nodes and sites a, b, c, d (site daemon, transfer proxy, host agent each)");
     let guest = match RealGuest::find() {
         Ok(g) => {
             g.clear();
@@ -609,7 +612,7 @@ async fn main() -> ExitCode {
     } else {
         &[]
     };
-    let stack = Stack::start_with_qemu_hosts(
+    let stack = Stack::start_full(
         &binary,
         vec![
             SiteSpec {
@@ -642,9 +645,18 @@ async fn main() -> ExitCode {
             },
         ],
         qemu_hosts,
+        &stack::Layout {
+            hub_nodes: HUB_NODES,
+            ..stack::Layout::default()
+        },
     )
     .await;
-    println!("   hub at {}", stack.fed.hub_url());
+    for node in stack.fed.hub_nodes() {
+        println!(
+            "   hub node {node} at {}",
+            stack.fed.site_url(node).unwrap_or_default()
+        );
+    }
     for s in ["a", "b", "c", "d"] {
         println!(
             "   site {s} at {}",

@@ -14,8 +14,11 @@
 //! answers [`BatchStored`] once the batch is in its accounting stream. Until then the batch stays
 //! in an ordered outbox and is sent again, unchanged, after a back-off that grows while the site
 //! does not answer (a nats-server restart loses nothing). At most one batch per Producer is in
-//! flight, so each Producer's batches reach the site in order. The outbox is bounded: when it is
-//! full the oldest batch is dropped, with a warning and a counter.
+//! flight, so each Producer's batches reach the site in order. The outbox is bounded: while it is
+//! full no new batch is made (KPI rows stay unread and unpublished in the VM's database, the
+//! Producer keeps its samples within its own bound), so nothing the application wrote is lost
+//! while the site cannot store; only the last batches of a VM leaving the host may overflow
+//! it, and then the oldest batch is dropped, with a warning and a counter.
 //!
 //! # KPI filesystems
 //!
@@ -242,6 +245,12 @@ impl Monitor {
                     Err(e) => tracing::debug!(vm.id = %m.vm, error = %e, "snapshot gives no rates"),
                 }
             }
+            // A full outbox takes nothing new: the KPI rows stay unread in the VM's database
+            // (its `published` mark stays put) and the Producer keeps its samples, until the
+            // site has stored what waits.
+            if self.outbox.len() >= self.settings.outbox {
+                continue;
+            }
             if let Some(kpi) = &mut state.kpi {
                 read_kpi_rows(kpi, &mut state.producer);
             }
@@ -337,6 +346,10 @@ impl Monitor {
     /// Rows were committed in `vm`'s KPI filesystem: they are read, fed and delivered now, so a
     /// report reaches the site without waiting for the next tick.
     fn on_kpi_rows(&mut self, vm: &VmId) {
+        if self.outbox.len() >= self.settings.outbox {
+            // Read once the outbox has room (see `on_snapshot`).
+            return;
+        }
         let now = now_ms();
         let Some(state) = self.vms.get_mut(vm) else {
             return;

@@ -72,6 +72,7 @@ pub const BODY_TYPES: &[&str] = &[
     ControlRequest::TYPE,
     ControlReply::TYPE,
     MonitoringBatch::TYPE,
+    BatchStored::TYPE,
     SiteEntry::TYPE,
     ProxyEntry::TYPE,
     ProducerRegistration::TYPE,

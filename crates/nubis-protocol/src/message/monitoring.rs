@@ -69,6 +69,10 @@ pub struct BatchStored {
     pub duplicate: bool,
 }
 
+impl Body for BatchStored {
+    const TYPE: &'static str = "BatchStored";
+}
+
 impl MonitoringBatch {
     /// `<producer>.<epoch_ms>.<seq>`: names the batch uniquely; the JetStream message id
     /// (`Nats-Msg-Id`) under which every site stores it, so retries are de-duplicated.

@@ -267,6 +267,17 @@ impl Subject {
         Self(format!("nubis.acct.{site}.>"))
     }
 
+    /// `nubis.site.<site>.outbox.<upstream>`: site-internal, the subject of `site`'s monitoring
+    /// outbox stream for batches on their way to `upstream`.
+    pub fn outbox(site: &SiteId, upstream: &SiteId) -> Self {
+        Self(format!("nubis.site.{site}.outbox.{upstream}"))
+    }
+
+    /// Every outbox subject of `site`.
+    pub fn outbox_all(site: &SiteId) -> Self {
+        Self(format!("nubis.site.{site}.outbox.*"))
+    }
+
     /// `nubis.site.<site>.host.<host>.<op>`: a site-internal request to a host agent. `op` is
     /// one or more dot-separated tokens of `[A-Za-z0-9_-]` (e.g. `capacity`, `vm.prepare`).
     pub fn host(site: &SiteId, host: &HostId, op: &str) -> Result<Self, SubjectError> {

@@ -25,6 +25,7 @@ use crate::local::LocalSite;
 use crate::peers::Peers;
 use crate::roles::{internal, Roles};
 
+use super::steps::PrepareFailure;
 use super::{reason_of, uncertain, Trigger};
 
 /// How the Controller came to drive a migration.
@@ -137,7 +138,17 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         if let Some(cancel) = self.cancellation(m.id) {
             return self.end_before_transfer(m, &cancel).await;
         }
-        match self.prepare_source(m.id, record).await {
+        // A source (or an Intermediary on its chain) with no responder did not act: preparing
+        // is idempotent anyway, and the Controller waits for it rather than give up.
+        let prepared = self
+            .waiting_for_peers(
+                m.id,
+                "prepare",
+                |f: &PrepareFailure| &f.reply,
+                || self.prepare_source(m.id, record),
+            )
+            .await;
+        match prepared {
             Ok((source, via, total)) => {
                 self.update_migration(m.id, |r| {
                     r.source = Some(source);

@@ -86,7 +86,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         record: &VmRecord,
         trigger: &Trigger,
     ) -> Result<Vec<RankedOffer>, ErrorReply> {
-        let request = MigrationRequest {
+        let mut request = MigrationRequest {
             request_id: RequestId::random(),
             migration_id: id,
             vm: record.vm.clone(),
@@ -105,6 +105,47 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             !matches!(trigger, Trigger::Operator { to_site: Some(s) } if s != self.site());
         candidates.retain(|c| c != self.site());
 
+        // No offer at all while a candidate had no responder or did not answer in time (its
+        // daemon, or the hub node its site is connected through, restarting): ask again, with
+        // the same patience as a transfer round. An offer whose answer was lost expires at the
+        // partner by itself.
+        let started = Instant::now();
+        let mut tries = 0;
+        loop {
+            // A new request each round: a partner that saw the last one keeps its answer.
+            request.request_id = RequestId::random();
+            let (ranked, silent) = self
+                .ask_for_offers(&request, &candidates, local_wanted)
+                .await?;
+            let waited = started.elapsed();
+            let Some(silent) = silent else {
+                return Ok(ranked);
+            };
+            if !ranked.is_empty() || waited >= UNREACHABLE_LIMIT || self.cancellation(id).is_some()
+            {
+                return Ok(ranked);
+            }
+            tries += 1;
+            let wait = full_jitter(backoff_cap(
+                UNREACHABLE_BACKOFF,
+                UNREACHABLE_BACKOFF_MAX,
+                tries,
+            ))
+            .min(UNREACHABLE_LIMIT - waited);
+            tracing::info!(migration.id = %id, tries, partner = %silent, "no offer, and a partner did not answer; asking again");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One round of steps 1–2: this site's own offers (when `local_wanted`) and every
+    /// candidate's, ranked; with the first candidate that had no responder or did not answer in
+    /// time, if any.
+    async fn ask_for_offers(
+        &self,
+        request: &MigrationRequest,
+        candidates: &[SiteId],
+        local_wanted: bool,
+    ) -> Result<(Vec<RankedOffer>, Option<SiteId>), ErrorReply> {
         let me = self.site().clone();
         let local = async {
             if !local_wanted {
@@ -118,15 +159,12 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 }
             }
         };
-        let remote = join_all(candidates.iter().map(|p| {
-            let request = &request;
-            async move {
-                let r: Result<Offers, _> = self
-                    .peers()
-                    .call(p, FederationOp::MigrationRequest, request)
-                    .await;
-                (p.clone(), r)
-            }
+        let remote = join_all(candidates.iter().map(|p| async move {
+            let r: Result<Offers, _> = self
+                .peers()
+                .call(p, FederationOp::MigrationRequest, request)
+                .await;
+            (p.clone(), r)
         }));
         let (local, remote) = tokio::join!(local, remote);
 
@@ -139,17 +177,24 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             };
             ranked.push(RankedOffer { offer, via });
         }
+        let mut silent = None;
         for (p, r) in remote {
             match r {
                 Ok(o) => ranked.extend(o.offers.into_iter().map(|offer| RankedOffer {
                     offer,
                     via: NextHop::Site(p.clone()),
                 })),
-                Err(e) => tracing::info!(partner = %p, error = %e, "no offers from partner"),
+                Err(e) => {
+                    let code = e.to_reply().code;
+                    if matches!(code, ErrorCode::Unreachable | ErrorCode::Timeout) {
+                        silent.get_or_insert(p.clone());
+                    }
+                    tracing::info!(partner = %p, error = %e, "no offers from partner");
+                }
             }
         }
         self.rank(&mut ranked);
-        Ok(ranked)
+        Ok((ranked, silent))
     }
 
     /// Step 3: sort by greatest benefit for this site — partner preference first, then price,
@@ -583,6 +628,47 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
             )
             .await?;
         Ok(())
+    }
+
+    /// Repeats `step` while it finds a peer with no responder (a daemon, or the hub node its
+    /// site is connected through, restarting): such a request reached no handler, so sending it
+    /// again is safe. Waits with full jitter between tries, up to [`UNREACHABLE_LIMIT`] in all,
+    /// and gives up at once when the migration is cancelled. `reply` reads a failure's code.
+    pub(super) async fn waiting_for_peers<T, E, F, Fut>(
+        &self,
+        id: MigrationId,
+        what: &str,
+        reply: impl Fn(&E) -> &ErrorReply,
+        mut step: F,
+    ) -> Result<T, E>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let started = Instant::now();
+        let mut tries = 0;
+        loop {
+            let e = match step().await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let waited = started.elapsed();
+            if reply(&e).code != ErrorCode::Unreachable
+                || waited >= UNREACHABLE_LIMIT
+                || self.cancellation(id).is_some()
+            {
+                return Err(e);
+            }
+            tries += 1;
+            let wait = full_jitter(backoff_cap(
+                UNREACHABLE_BACKOFF,
+                UNREACHABLE_BACKOFF_MAX,
+                tries,
+            ))
+            .min(UNREACHABLE_LIMIT - waited);
+            tracing::info!(migration.id = %id, step = what, tries, error = %reply(&e).message, "a peer has no responder; waiting for it");
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Repeats `step` while its outcome is uncertain (see [`uncertain`]), for at most

@@ -169,16 +169,68 @@ async fn preparing_that_fails_for_sure_releases_the_offers_and_ends_aborted() {
     for answer in [Answer::Refused(ErrorCode::Refused), Answer::Unreachable] {
         let t = star();
         t.peers.fake.on(Some("b"), PREPARE, answer.clone());
+        let started = tokio::time::Instant::now();
         let (m, committed) = migrate(&t, anywhere()).await;
         assert!(!committed);
         aborted(&m);
         assert_eq!(m.source, None);
         assert_eq!(m.released, vec![0, 1], "{answer:?}");
-        // Nobody stopped the VM: nothing to resume, no second prepare.
-        assert_eq!(t.peers.fake.count("migration.prepare b"), 1, "{answer:?}");
+        // Nobody stopped the VM: nothing to resume, no abort.
         assert_eq!(t.peers.fake.count("migration.abort b"), 0, "{answer:?}");
         assert_vm(&t, site("b"), VmPhase::Placed);
+        let prepares = t.peers.fake.count("migration.prepare b");
+        if answer == Answer::Unreachable {
+            // A source with no responder is waited for, up to the bound, then given up.
+            assert!(prepares > 1, "{prepares}");
+            assert!(started.elapsed() >= super::UNREACHABLE_LIMIT);
+        } else {
+            assert_eq!(prepares, 1, "{answer:?}");
+        }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_with_no_responder_for_a_while_is_waited_for_and_the_migration_commits() {
+    let t = star();
+    t.peers
+        .fake
+        .on_times(Some("b"), PREPARE, Answer::Unreachable, 3);
+    let (m, committed) = migrate(&t, anywhere()).await;
+    assert!(committed, "{m:?}");
+    assert_eq!(t.peers.fake.count("migration.prepare b"), 4);
+    assert_eq!(m.failed_rounds, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn partners_that_did_not_answer_are_asked_again_before_no_offer_ends_it() {
+    let requests = |t: &TestSite| {
+        let calls = t.peers.fake.calls();
+        calls
+            .iter()
+            .filter(|c| c.starts_with("migration.request "))
+            .count()
+    };
+    // The partners asked: b, c and d.
+    let partners = 3;
+    for answer in [Answer::Unreachable, Answer::Timeout] {
+        let t = star();
+        // Every partner silent for two rounds; the third round gets their offers.
+        t.peers
+            .fake
+            .on_times(None, REQUEST, answer.clone(), 2 * partners);
+        let (m, committed) = migrate(&t, anywhere()).await;
+        assert!(committed, "{answer:?}: {m:?}");
+        assert_eq!(requests(&t), 3 * partners, "{answer:?}");
+    }
+    // A partner that refuses is not asked again: the answer is definite.
+    let t = star();
+    t.peers
+        .fake
+        .on(None, REQUEST, Answer::Refused(ErrorCode::NoCapacity));
+    let (m, committed) = migrate(&t, anywhere()).await;
+    assert!(!committed);
+    assert!(aborted(&m).contains("no_capacity"), "{m:?}");
+    assert_eq!(requests(&t), partners);
 }
 
 #[tokio::test(start_paused = true)]

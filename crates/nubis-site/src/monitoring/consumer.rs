@@ -280,7 +280,7 @@ impl Monitoring {
         let target = target(self.deps.config.monitoring.delivery, &self.site, &record);
         if let Some(relay @ Target::Relay(_)) = &target {
             if let Err(e) = self.deliver(Some(relay), &data_point, &batch).await {
-                tracing::warn!(error = %e, vm.id = %vm, "cannot sign batch to pass it on");
+                tracing::warn!(error = %e.message, vm.id = %vm, "cannot pass the batch on");
             }
         }
         match stored {

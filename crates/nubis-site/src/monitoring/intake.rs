@@ -110,13 +110,11 @@ impl Monitoring {
             }
         };
         self.note_received(&batch.vm, &self.counters.received.intake);
-        // Delivered before it is stored: if the site stops in between, the host agent resends
-        // and the next hop de-duplicates, where storing first could lose the delivery.
+        // In the outbox before it is stored: if the site stops in between, the host agent
+        // resends and the outbox and the next hop de-duplicate, where storing first could lose
+        // the delivery. A full outbox refuses it, and the host agent keeps it.
         let target = target(self.deps.config.monitoring.delivery, &self.site, record);
-        let envelope = self
-            .deliver(target.as_ref(), &data_point, &batch)
-            .await
-            .map_err(|e| ErrorReply::new(ErrorCode::from_wire(e.code()), e.to_string()))?;
+        let envelope = self.deliver(target.as_ref(), &data_point, &batch).await?;
         let stored = self
             .deps
             .accounting

@@ -71,6 +71,7 @@ mod chain;
 mod consumer;
 mod counters;
 mod intake;
+mod outbox;
 mod relay;
 mod report;
 mod sla;
@@ -82,6 +83,7 @@ pub use consumer::sender_key;
 use counters::VmStats;
 pub use counters::{DropReason, MonitoringCounters, PathCounters};
 pub use intake::check_intake;
+pub use outbox::{Outbox, OUTBOX_STREAM};
 pub use relay::{target, Target};
 pub use report::{UsageReport, USAGE_LOOKBACK_MS};
 
@@ -131,6 +133,10 @@ pub struct MonitoringDeps {
     pub accounting: Accounting,
     /// The connection that talks across sites (relay and public subjects).
     pub public: Client,
+    /// Signed calls to other sites (batches sent up the chain from the outbox).
+    pub calls: nubis_bus::SignedClient,
+    /// The batches on their way up the chain, until acknowledged.
+    pub outbox: Outbox,
     /// The site-internal connection (intake, SLA events).
     pub internal: Client,
     /// Verifies relayed and bus batches; its pinned keys are the partners'.
@@ -228,6 +234,11 @@ impl Monitoring {
         self.spawn_loop(cancel.clone(), intake, Path::Intake);
         self.spawn_loop(cancel.clone(), relay, Path::Relay);
         let this = self.clone();
+        let calls = self.deps.calls.clone();
+        let outbox_cancel = cancel.clone();
+        self.tracker
+            .spawn(async move { this.run_outbox(calls, outbox_cancel).await });
+        let this = self.clone();
         self.tracker
             .spawn(async move { this.keep_bus_subscriptions(cancel).await });
         Ok(())
@@ -259,7 +270,7 @@ impl Monitoring {
                         let _permit = permit;
                         match path {
                             Path::Intake => this.intake(msg).await,
-                            Path::Relay => this.relay(&msg.subject, &msg.payload).await,
+                            Path::Relay => this.relay(&msg).await,
                             Path::Bus => this.bus(&msg.subject, &msg.payload).await,
                         }
                     }

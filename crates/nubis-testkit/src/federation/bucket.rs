@@ -1,10 +1,11 @@
 //! The hub operator's part of starting a federation: the shared directory bucket, created once
-//! at the hub with its final configuration (`nats-config/directory-bucket.json`), before any site
-//! joins. Sites may neither create nor reconfigure it (`nats-config/hub-leaf-user.conf`).
+//! at the hub with its final configuration (`nats-config/directory-bucket.json`, replicated on
+//! three nodes of a clustered hub), before any site joins. Sites may neither create nor reconfigure it (`nats-config/hub-leaf-user.conf`).
 
 use std::time::{Duration, Instant};
 
-use super::{Error, Federation};
+use super::{Error, Federation, DIRECTORY_REPLICAS};
+use crate::monitor;
 use crate::wait::{Backoff, DEFAULT_TIMEOUT};
 
 /// The directory's stream configuration, as the hub operator creates it.
@@ -18,25 +19,29 @@ impl Federation {
     /// Creates the directory bucket at the hub as its operator. Creating it again with the same
     /// configuration succeeds, so a hub restarted on its store is no different.
     pub(super) async fn create_directory_bucket(&self) -> Result<(), Error> {
-        let config: serde_json::Value =
+        self.wait_meta_cluster().await?;
+        let mut config: serde_json::Value =
             serde_json::from_str(DIRECTORY_BUCKET_CONFIG).map_err(|e| Error::Bucket {
                 last: format!("nats-config/directory-bucket.json: {e}"),
             })?;
+        // Three replicas on a hub of three nodes or more, as deployed; one per node below that.
+        config["num_replicas"] = serde_json::json!(self.hubs.len().min(DIRECTORY_REPLICAS));
+        let body = serde_json::to_vec(&config).map_err(|e| Error::Bucket {
+            last: e.to_string(),
+        })?;
         let name = config
             .get("name")
             .and_then(|n| n.as_str())
             .unwrap_or_default()
             .to_owned();
-        let client = self.hub.connect_as(self.hub.default_role()).await?;
+        let hub = self.hub();
+        let client = hub.connect_as(hub.default_role()).await?;
         let deadline = Instant::now() + DEFAULT_TIMEOUT;
         let mut backoff = Backoff::default();
         loop {
             let answer = tokio::time::timeout(
                 CREATE_TIMEOUT,
-                client.request(
-                    format!("$JS.API.STREAM.CREATE.{name}"),
-                    DIRECTORY_BUCKET_CONFIG.into(),
-                ),
+                client.request(format!("$JS.API.STREAM.CREATE.{name}"), body.clone().into()),
             )
             .await;
             let last = match answer {
@@ -52,9 +57,90 @@ impl Federation {
                 Err(_) => format!("no answer in {CREATE_TIMEOUT:?}"),
             };
             if Instant::now() >= deadline {
+                let last = format!("{last}; {}", self.meta_cluster_state().await);
                 return Err(Error::Bucket { last });
             }
             backoff.pause().await;
         }
+    }
+}
+
+impl Federation {
+    /// Waits until a clustered hub's JetStream meta group has a leader that counts every node
+    /// as a current peer: before that, a stream with a replica on every node may find "no
+    /// suitable peers for placement".
+    async fn wait_meta_cluster(&self) -> Result<(), Error> {
+        if self.hubs.len() < 2 {
+            return Ok(());
+        }
+        let deadline = Instant::now() + DEFAULT_TIMEOUT;
+        let mut backoff = Backoff::default();
+        loop {
+            let last = match self.meta_cluster_ready().await {
+                Ok(()) => return Ok(()),
+                Err(reason) => reason,
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::NotReady {
+                    what: "the hub's JetStream meta group to count every node".to_owned(),
+                    timeout: DEFAULT_TIMEOUT,
+                    last,
+                });
+            }
+            backoff.pause().await;
+        }
+    }
+
+    /// `Ok` once the meta leader's `/jsz` lists every other node as a current peer.
+    async fn meta_cluster_ready(&self) -> Result<(), String> {
+        let any = self.hub().http_port.ok_or("no hub node runs")?;
+        let meta = monitor::get_json(any, "/jsz")
+            .await
+            .map_err(|e| e.to_string())?;
+        let leader = meta
+            .pointer("/meta_cluster/leader")
+            .and_then(serde_json::Value::as_str)
+            .filter(|l| !l.is_empty())
+            .ok_or("no meta leader yet")?
+            .to_owned();
+        let node = self
+            .hubs
+            .iter()
+            .find(|n| n.name == leader)
+            .and_then(|n| n.http_port)
+            .ok_or_else(|| format!("meta leader {leader} is not a running node"))?;
+        let meta = monitor::get_json(node, "/jsz")
+            .await
+            .map_err(|e| e.to_string())?;
+        let current = meta
+            .pointer("/meta_cluster/replicas")
+            .and_then(serde_json::Value::as_array)
+            .map_or(0, |peers| {
+                peers
+                    .iter()
+                    .filter(|p| p.get("current").and_then(serde_json::Value::as_bool) == Some(true))
+                    .count()
+            });
+        if current + 1 >= self.hubs.len() {
+            Ok(())
+        } else {
+            Err(format!(
+                "meta leader {leader} counts {current} current peers: {meta}"
+            ))
+        }
+    }
+
+    /// The meta group as each node sees it, for an error message.
+    async fn meta_cluster_state(&self) -> String {
+        let mut state = Vec::new();
+        for node in &self.hubs {
+            if let Some(port) = node.http_port {
+                let meta = monitor::get_json(port, "/jsz")
+                    .await
+                    .map(|v| v.get("meta_cluster").cloned().unwrap_or_default());
+                state.push(format!("{}: {meta:?}", node.name));
+            }
+        }
+        state.join("; ")
     }
 }

@@ -48,7 +48,7 @@ impl Federation {
         }
         let seq = super::FEDERATION_SEQ.fetch_add(1, Ordering::Relaxed);
         let dir = self.root.path().join(format!("extra-{site}-{seq}"));
-        let mut server = Server::new(site, dir, LEAF_TEMPLATE);
+        let mut server = Server::new(site, dir, LEAF_TEMPLATE, false);
         server.values = original.values.clone();
         server.values.extend(tls.values());
         let store = server.dir.join("store");
@@ -65,9 +65,9 @@ impl Federation {
         Ok(leaf)
     }
 
-    /// The hub's leaf-node port, which the sites dial.
+    /// The leaf-node port of the hub (its first running node), which the sites dial.
     pub fn hub_leaf_port(&self) -> Result<u16, Error> {
-        self.hub.leaf_port.ok_or_else(|| Error::NotRunning {
+        self.hub().leaf_port.ok_or_else(|| Error::NotRunning {
             name: super::HUB.to_owned(),
         })
     }

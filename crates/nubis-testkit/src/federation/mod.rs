@@ -1,5 +1,8 @@
-//! A federation of real nats-server processes on loopback: one hub and N member sites, each
-//! site its own server with its own JetStream domain, connected to the hub as a leaf node.
+//! A federation of real nats-server processes on loopback: a hub and N member sites, each
+//! site its own server with its own JetStream domain, connected to the hub as a leaf node. The
+//! hub is one server, or a cluster of nodes ([`Federation::start_cluster`]: routes between
+//! them, one JetStream domain, the directory replicated, every site's leaf remote listing every
+//! node), as a production federation runs it.
 //!
 //! Configurations are rendered from the templates in `nats-config/` at the root of the
 //! repository, so the tests run the same topology an operator deploys. Every server first binds
@@ -32,6 +35,7 @@ use crate::wait::DEFAULT_TIMEOUT;
 use crate::wan::{LinkSpec, WanLink};
 
 mod bucket;
+mod cluster;
 mod error;
 mod extra_leaf;
 mod hosts;
@@ -51,15 +55,30 @@ pub use role::Role;
 use server::{render_template, Server};
 
 /// The name under which the hub is addressed in [`Federation`] methods; no site may take it.
+/// It names the hub's first node; where a method reads or connects rather than stops, starts
+/// or kills, it stands for any running node of the hub (the first one running).
 pub const HUB: &str = "hub";
+
+/// How many replicas the directory bucket gets at most: three, as on a production hub.
+const DIRECTORY_REPLICAS: usize = 3;
 
 /// JetStream domain of the hub, where the federation's shared buckets live.
 pub const HUB_DOMAIN: &str = "hub";
 
 const HOST: &str = "127.0.0.1";
 const HUB_TEMPLATE: &str = include_str!("../../../../nats-config/hub.conf");
+const HUB_CLUSTER_TEMPLATE: &str = include_str!("../../../../nats-config/hub-cluster.conf");
 const LEAF_TEMPLATE: &str = include_str!("../../../../nats-config/leaf.conf");
 const HUB_LEAF_USER_TEMPLATE: &str = include_str!("../../../../nats-config/hub-leaf-user.conf");
+
+/// The name of the hub's `n`-th node, counting from 1.
+fn hub_node_name(n: usize) -> String {
+    if n <= 1 {
+        HUB.to_owned()
+    } else {
+        format!("{HUB}-{n}")
+    }
+}
 
 /// Distinguishes the log directories of several federations started by one test process.
 static FEDERATION_SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -83,7 +102,8 @@ pub fn kept_logs_root() -> PathBuf {
 #[derive(Debug)]
 pub struct Federation {
     binary: NatsServerBinary,
-    hub: Server,
+    /// The hub's nodes, never none; the first is named [`HUB`], the others `hub-2`, `hub-3`, ...
+    hubs: Vec<Server>,
     sites: Vec<Server>,
     label: String,
     root: TempDir,
@@ -118,9 +138,25 @@ impl Federation {
         sites: &[&str],
         link_for: impl Fn(&str) -> Option<LinkSpec>,
     ) -> Result<Self, Error> {
+        Self::start_cluster(binary, sites, 1, link_for).await
+    }
+
+    /// Like [`Federation::start_with_links`], with the hub as a cluster of `hub_nodes` nodes
+    /// (at least one): routes between them, TLS verified both ways, one JetStream domain, the
+    /// directory bucket replicated on up to three of them. Every site's leaf remote lists every
+    /// node (through the site's link, if it has one), so a site whose node fails reconnects to
+    /// another. The nodes are named [`HUB`], `hub-2`, `hub-3`, ... ([`Federation::hub_nodes`]).
+    pub async fn start_cluster(
+        binary: &NatsServerBinary,
+        sites: &[&str],
+        hub_nodes: usize,
+        link_for: impl Fn(&str) -> Option<LinkSpec>,
+    ) -> Result<Self, Error> {
+        let node_names: Vec<String> = (1..=hub_nodes.max(1)).map(hub_node_name).collect();
         for (i, id) in sites.iter().enumerate() {
             let valid = !id.is_empty()
                 && *id != HUB
+                && !id.starts_with("hub-")
                 && id
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
@@ -168,12 +204,34 @@ impl Federation {
                 .insert("PORTS_DIR", ports.to_string_lossy().into_owned());
         };
 
-        let mut hub = Server::new(HUB, root.path().join(HUB), HUB_TEMPLATE);
-        common(&mut hub);
+        // Every node of the hub has the same users and passwords: a client that reconnects to
+        // another node logs in as before.
+        let mut first = Server::new(HUB, root.path().join(HUB), HUB_TEMPLATE, true);
+        common(&mut first);
+        let mut hubs = vec![first];
+        for name in node_names.iter().skip(1) {
+            let mut node = Server::new(name, root.path().join(name), HUB_TEMPLATE, true);
+            node.values = hubs[0].values.clone();
+            let store = node.dir.join("store");
+            let ports = node.ports_dir();
+            node.values
+                .insert("STORE", store.to_string_lossy().into_owned());
+            node.values
+                .insert("PORTS_DIR", ports.to_string_lossy().into_owned());
+            hubs.push(node);
+        }
+        for node in &mut hubs {
+            node.values.insert("NODE", node.name.clone());
+        }
         let mut leaf_users = Vec::new();
         let mut site_servers = Vec::new();
         for id in sites {
-            let mut site = Server::new(id, root.path().join(format!("site-{id}")), LEAF_TEMPLATE);
+            let mut site = Server::new(
+                id,
+                root.path().join(format!("site-{id}")),
+                LEAF_TEMPLATE,
+                false,
+            );
             common(&mut site);
             let leaf_password = password();
             leaf_users.push(render_template(
@@ -189,12 +247,15 @@ impl Federation {
             site.values.insert("LEAF_PASSWORD", leaf_password);
             site_servers.push(site);
         }
-        hub.values.insert("LEAF_USERS", leaf_users.join("\n"));
-        let pki = Self::issue_certificates(root.path(), &mut hub, &mut site_servers)?;
+        for node in &mut hubs {
+            node.values.insert("LEAF_USERS", leaf_users.join("\n"));
+        }
+        let pki = Self::issue_certificates(root.path(), &mut hubs, &mut site_servers)?;
+        cluster::configure(&mut hubs, &password())?;
 
         let mut federation = Self {
             binary: binary.clone(),
-            hub,
+            hubs,
             sites: site_servers,
             label,
             root,
@@ -216,45 +277,76 @@ impl Federation {
     }
 
     async fn boot(&mut self) -> Result<(), Error> {
-        self.hub.spawn(&self.binary)?;
-        self.hub.wait_started(DEFAULT_TIMEOUT).await?;
+        // A clustered node becomes healthy only once its JetStream meta group has a leader, so
+        // every node starts before any is waited for.
+        for node in &mut self.hubs {
+            node.spawn(&self.binary)?;
+        }
+        for node in &mut self.hubs {
+            node.wait_started(DEFAULT_TIMEOUT).await?;
+        }
         self.create_directory_bucket().await?;
-        let hub_leaf = format!("{HOST}:{}", self.hub.leaf_port.unwrap_or_default());
+        // HOST is loopback: a link listens there too, so the hub's certificate still matches
+        // the address the site dials.
+        let hub_leaves: Vec<std::net::SocketAddr> = self
+            .hubs
+            .iter()
+            .map(|node| {
+                std::net::SocketAddr::from((
+                    std::net::Ipv4Addr::LOCALHOST,
+                    node.leaf_port.unwrap_or_default(),
+                ))
+            })
+            .collect();
         for site in &mut self.sites {
-            let url = match self.link_specs.get(&site.name) {
+            let dialed = match self.link_specs.get(&site.name) {
                 Some(spec) => {
-                    // HOST is loopback: the link listens there too, so the hub's certificate
-                    // still matches the address the site dials.
-                    let target = std::net::SocketAddr::from((
-                        std::net::Ipv4Addr::LOCALHOST,
-                        self.hub.leaf_port.unwrap_or_default(),
-                    ));
-                    let link = WanLink::start(target, *spec)
+                    let link = WanLink::start_many(&hub_leaves, *spec)
                         .await
                         .map_err(Error::WanLink)?;
-                    let url = link.addr().to_string();
+                    let addrs = link.addrs().to_vec();
                     self.links.insert(site.name.clone(), link);
-                    url
+                    addrs
                 }
-                None => hub_leaf.clone(),
+                None => hub_leaves.clone(),
             };
-            site.values.insert("HUB_LEAF_URL", url);
+            let password = site
+                .values
+                .get("LEAF_PASSWORD")
+                .cloned()
+                .unwrap_or_default();
+            let urls = dialed
+                .iter()
+                .map(|addr| format!("\"nats-leaf://{}:{password}@{addr}\"", site.name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            site.values.insert("HUB_LEAF_URLS", urls);
             site.spawn(&self.binary)?;
         }
         for site in &mut self.sites {
             site.wait_started(DEFAULT_TIMEOUT).await?;
         }
         self.wait_federated().await?;
-        info!(hub = %self.hub_url(), sites = self.sites.len(), "federation ready");
+        info!(hub = %self.hub_url(), nodes = self.hubs.len(), sites = self.sites.len(), "federation ready");
         Ok(())
+    }
+
+    /// The hub node that clients reach as [`HUB`]: the first one running (the first one, if
+    /// none runs).
+    fn hub(&self) -> &Server {
+        self.hubs
+            .iter()
+            .find(|node| node.is_running())
+            .unwrap_or(&self.hubs[0])
     }
 
     fn server(&self, name: &str) -> Result<&Server, Error> {
         if name == HUB {
-            return Ok(&self.hub);
+            return Ok(self.hub());
         }
-        self.sites
+        self.hubs
             .iter()
+            .chain(&self.sites)
             .find(|s| s.name == name)
             .ok_or_else(|| Error::UnknownServer {
                 name: name.to_owned(),
@@ -262,14 +354,39 @@ impl Federation {
     }
 
     fn server_mut(&mut self, name: &str) -> Result<&mut Server, Error> {
-        if name == HUB {
-            return Ok(&mut self.hub);
-        }
-        self.sites
+        self.hubs
             .iter_mut()
+            .chain(&mut self.sites)
             .find(|s| s.name == name)
             .ok_or_else(|| Error::UnknownServer {
                 name: name.to_owned(),
+            })
+    }
+
+    /// The names of the hub's nodes: [`HUB`], then `hub-2`, `hub-3`, ...
+    pub fn hub_nodes(&self) -> Vec<&str> {
+        self.hubs.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// The hub node that site `site`'s leaf connection is on, if it is connected.
+    pub async fn hub_node_of(&self, site: &str) -> Result<Option<String>, Error> {
+        for node in self.hubs.iter().filter(|n| n.is_running()) {
+            if self.leaves_of(node).await?.iter().any(|n| n == site) {
+                return Ok(Some(node.name.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn leaves_of(&self, node: &Server) -> Result<Vec<String>, Error> {
+        let port = node.http_port.ok_or_else(|| Error::NotRunning {
+            name: node.name.clone(),
+        })?;
+        monitor::leaf_names(port)
+            .await
+            .map_err(|source| Error::Monitor {
+                server: node.name.clone(),
+                source,
             })
     }
 
@@ -289,10 +406,10 @@ impl Federation {
         self.sites.iter().map(|s| s.name.as_str()).collect()
     }
 
-    /// Client URL of the hub. The hub is running whenever no test has stopped it, so this
-    /// returns an empty string only between [`Federation::stop`] and [`Federation::restart`].
+    /// Client URL of the hub (its first running node). The hub is running whenever no test
+    /// has stopped it, so this returns an empty string only while no node of it runs.
     pub fn hub_url(&self) -> String {
-        self.hub.url().unwrap_or_default()
+        self.hub().url().unwrap_or_default()
     }
 
     /// Client URL of a site's server (or of the hub, named [`HUB`]).
@@ -365,18 +482,20 @@ impl Federation {
         self.server(name)?.credentials(role)
     }
 
-    /// Names of the sites the hub currently sees connected as leaf nodes, sorted.
+    /// Names of the sites the hub (any of its running nodes) currently sees connected as leaf
+    /// nodes, sorted.
     pub async fn leaf_connections(&self) -> Result<Vec<String>, Error> {
-        let port = self.monitoring_port(HUB)?;
-        monitor::leaf_names(port)
-            .await
-            .map_err(|source| Error::Monitor {
-                server: HUB.to_owned(),
-                source,
-            })
+        let mut names = Vec::new();
+        for node in self.hubs.iter().filter(|n| n.is_running()) {
+            names.extend(self.leaves_of(node).await?);
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
-    /// Stops a server gracefully and waits until the hub no longer counts it (for a site).
+    /// Stops a server gracefully and waits until the hub no longer counts it (for a site). A
+    /// node of the hub is named exactly ([`HUB`] is the first node).
     pub async fn stop(&mut self, name: &str) -> Result<(), Error> {
         let binary = self.binary.clone();
         self.server_mut(name)?.stop(&binary).await?;
@@ -409,7 +528,7 @@ impl Federation {
         let seq = FEDERATION_SEQ.fetch_add(1, Ordering::Relaxed);
         let dir = kept_logs_root().join(format!("{}-{}-{seq}", self.label, std::process::id()));
         fs::create_dir_all(&dir).map_err(Server::io("create", &dir))?;
-        for server in std::iter::once(&self.hub).chain(&self.sites) {
+        for server in self.hubs.iter().chain(&self.sites) {
             for (from, suffix) in [(server.log_path(), "log"), (server.config_path(), "conf")] {
                 if from.exists() {
                     let to = dir.join(format!("{}.{suffix}", server.name));
@@ -434,7 +553,10 @@ impl Federation {
         for site in &mut self.sites {
             site.stop(&binary).await?;
         }
-        self.hub.stop(&binary).await
+        for node in &mut self.hubs {
+            node.stop(&binary).await?;
+        }
+        Ok(())
     }
 
     /// The federation's temporary directory (stores, configurations, logs).
@@ -451,6 +573,8 @@ impl Drop for Federation {
         for site in &mut self.sites {
             site.kill();
         }
-        self.hub.kill();
+        for node in &mut self.hubs {
+            node.kill();
+        }
     }
 }

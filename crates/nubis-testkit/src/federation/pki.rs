@@ -79,7 +79,7 @@ impl Pki {
         Ok(TlsFiles::in_dir(&dir))
     }
 
-    /// The hub's certificate for the loopback address its leaf port listens on.
+    /// The hub's certificate for the loopback address its leaf and route ports listen on.
     pub(super) fn hub(&self) -> Result<TlsFiles, Error> {
         let names = [HOST.to_owned(), "localhost".to_owned()];
         let issued = self
@@ -100,15 +100,19 @@ impl Pki {
 }
 
 impl Federation {
-    /// Makes the federation's CA in `root`, and fills the TLS placeholders of the hub and of
-    /// every site with their own certificates.
+    /// Makes the federation's CA in `root`, and fills the TLS placeholders of the hub's nodes
+    /// (one certificate for the loopback address, shared by all) and of every site with their
+    /// own certificates.
     pub(super) fn issue_certificates(
         root: &Path,
-        hub: &mut Server,
+        hubs: &mut [Server],
         sites: &mut [Server],
     ) -> Result<Pki, Error> {
         let pki = Pki::new(root)?;
-        hub.values.extend(pki.hub()?.values());
+        let hub = pki.hub()?;
+        for node in hubs {
+            node.values.extend(hub.values());
+        }
         for site in sites {
             let files = pki.site(&site.name)?;
             site.values.extend(files.values());

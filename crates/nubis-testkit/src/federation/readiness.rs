@@ -17,14 +17,27 @@ const TRANSFER_STREAM: &str = "OBJ_nubis-xfer";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Federation {
+    /// Whether any node of the hub runs.
+    fn hub_running(&self) -> bool {
+        self.hubs.iter().any(Server::is_running)
+    }
+
+    fn check_hub_alive(&mut self) -> Result<(), Error> {
+        for node in &mut self.hubs {
+            node.check_alive()?;
+        }
+        Ok(())
+    }
+
     pub(super) async fn wait_leaf_gone(&mut self, name: &str) -> Result<(), Error> {
-        if name == HUB || !self.hub.is_running() {
+        let is_node = self.hubs.iter().any(|n| n.name == name);
+        if name == HUB || is_node || !self.hub_running() {
             return Ok(());
         }
         let deadline = Instant::now() + DEFAULT_TIMEOUT;
         let mut backoff = Backoff::default();
         loop {
-            self.hub.check_alive()?;
+            self.check_hub_alive()?;
             let last = match self.leaf_connections().await {
                 Ok(names) if !names.iter().any(|n| n == name) => return Ok(()),
                 Ok(names) => format!("hub still lists {names:?}"),
@@ -48,7 +61,7 @@ impl Federation {
         let mut backoff = Backoff::default();
         let mut clients = HashMap::new();
         loop {
-            self.hub.check_alive()?;
+            self.check_hub_alive()?;
             for site in &mut self.sites {
                 site.check_alive()?;
             }
@@ -71,11 +84,20 @@ impl Federation {
         &self,
         clients: &mut HashMap<String, async_nats::Client>,
     ) -> Result<(), String> {
-        let running: Vec<&Server> = std::iter::once(&self.hub)
+        let running: Vec<&Server> = self
+            .hubs
+            .iter()
             .chain(&self.sites)
             .filter(|s| s.is_running())
             .collect();
-        if self.hub.is_running() {
+        let hub_running = self.hub_running();
+        // The hub's domain is probed through one node; a clustered hub's nodes share it.
+        let domains: Vec<&Server> = running
+            .iter()
+            .copied()
+            .filter(|s| !s.is_hub() || s.name == self.hub().name)
+            .collect();
+        if hub_running {
             let leafs = self.leaf_connections().await.map_err(|e| e.to_string())?;
             for site in running.iter().filter(|s| !s.is_hub()) {
                 if !leafs.contains(&site.name) {
@@ -97,9 +119,9 @@ impl Federation {
             let client = clients
                 .get(&from.name)
                 .ok_or_else(|| "client vanished".to_owned())?;
-            for to in &running {
+            for to in &domains {
                 // Without a hub, a site reaches only its own domain.
-                if !self.hub.is_running() && from.name != to.name {
+                if !hub_running && from.name != to.name {
                     continue;
                 }
                 let domain = if to.is_hub() { HUB_DOMAIN } else { &to.name };

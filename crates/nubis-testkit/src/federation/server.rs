@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use super::{Error, Role, HOST, HUB};
+use super::{Error, Role, HOST};
 use crate::binary::NatsServerBinary;
 use crate::monitor;
 use crate::wait::Backoff;
@@ -27,8 +27,13 @@ pub(super) struct Server {
     pub(super) values: BTreeMap<&'static str, String>,
     pub(super) client_port: Option<u16>,
     pub(super) http_port: Option<u16>,
-    /// The hub's leaf-node port; sites have none.
+    /// A hub node's leaf-node port; sites have none.
     pub(super) leaf_port: Option<u16>,
+    /// A node of a clustered hub: its route port, chosen before the first start, since every
+    /// node's configuration lists every other's.
+    pub(super) cluster_port: Option<u16>,
+    /// Whether this is a node of the hub rather than a site's server.
+    pub(super) hub_node: bool,
     pub(super) child: Option<Child>,
 }
 
@@ -41,13 +46,14 @@ impl std::fmt::Debug for Server {
             .field("client_port", &self.client_port)
             .field("http_port", &self.http_port)
             .field("leaf_port", &self.leaf_port)
+            .field("cluster_port", &self.cluster_port)
             .field("running", &self.child.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl Server {
-    pub(super) fn new(name: &str, dir: PathBuf, template: &'static str) -> Self {
+    pub(super) fn new(name: &str, dir: PathBuf, template: &'static str, hub_node: bool) -> Self {
         Self {
             name: name.to_owned(),
             dir,
@@ -56,12 +62,14 @@ impl Server {
             client_port: None,
             http_port: None,
             leaf_port: None,
+            cluster_port: None,
+            hub_node,
             child: None,
         }
     }
 
     pub(super) fn is_hub(&self) -> bool {
-        self.name == HUB
+        self.hub_node
     }
 
     pub(super) fn is_running(&self) -> bool {

@@ -5,7 +5,7 @@ use super::*;
 #[test]
 fn templates_render_without_leftover_placeholders() {
     let dir = PathBuf::from("/nonexistent");
-    let mut hub = Server::new(HUB, dir.join("hub"), HUB_TEMPLATE);
+    let mut hub = Server::new(HUB, dir.join("hub"), HUB_TEMPLATE, true);
     for key in [
         "HOST",
         "STORE",
@@ -16,6 +16,8 @@ fn templates_render_without_leftover_placeholders() {
         "TLS_CA",
         "TLS_CERT",
         "TLS_KEY",
+        "NODE",
+        "CLUSTER",
     ] {
         hub.values.insert(key, "x".to_owned());
     }
@@ -23,7 +25,7 @@ fn templates_render_without_leftover_placeholders() {
     assert!(text.contains("max_payload: 8MB"));
     assert!(text.contains("domain: hub"));
 
-    let mut leaf = Server::new("a", dir.join("a"), LEAF_TEMPLATE);
+    let mut leaf = Server::new("a", dir.join("a"), LEAF_TEMPLATE, false);
     leaf.client_port = Some(4222);
     let err = leaf.render().unwrap_err();
     assert!(matches!(err, Error::Template { .. }), "{err}");
@@ -39,7 +41,7 @@ fn templates_render_without_leftover_placeholders() {
         "HOST_USERS",
         "ADMIN_PASSWORD",
         "SITE",
-        "HUB_LEAF_URL",
+        "HUB_LEAF_URLS",
         "LEAF_PASSWORD",
         "TLS_CA",
         "TLS_CERT",
@@ -79,8 +81,8 @@ fn templates_render_without_leftover_placeholders() {
 #[test]
 fn credentials_exist_for_every_role_at_a_site_and_only_the_operator_at_the_hub() {
     let dir = PathBuf::from("/nonexistent");
-    let mut hub = Server::new(HUB, dir.join("hub"), HUB_TEMPLATE);
-    let mut site = Server::new("a", dir.join("a"), LEAF_TEMPLATE);
+    let mut hub = Server::new(HUB, dir.join("hub"), HUB_TEMPLATE, true);
+    let mut site = Server::new("a", dir.join("a"), LEAF_TEMPLATE, false);
     for role in Role::ALL {
         site.values
             .insert(role.password_placeholder(), format!("pw-{role}"));
@@ -115,7 +117,14 @@ async fn invalid_and_duplicate_site_ids_are_refused_before_anything_starts() {
     let Some(binary) = crate::require_nats_server() else {
         return;
     };
-    for bad in [&["a", "hub"][..], &["a b"], &[""], &["a.b"], &["a>"]] {
+    for bad in [
+        &["a", "hub"][..],
+        &["hub-2"],
+        &["a b"],
+        &[""],
+        &["a.b"],
+        &["a>"],
+    ] {
         let err = Federation::start_with(&binary, bad).await.unwrap_err();
         assert!(matches!(err, Error::InvalidSiteId { .. }), "{err}");
     }
