@@ -1,6 +1,7 @@
 //! One integration-test binary, one module per capability, all against real servers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod chaos;
 mod demo;
 mod envelope;
 mod federation;

@@ -5,4 +5,5 @@
 // A test harness: a failed setup step should stop it loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod chaos;
 pub mod stack;

@@ -476,6 +476,68 @@ impl Stack {
             .unwrap()
     }
 
+    /// Replaces the in-process host agent `host` of `site` by a process of its own (same
+    /// configuration file, `nubis-test-site --host`), logging to `log` in the stack's
+    /// directory; returns once the agent serves.
+    pub async fn host_as_process(
+        &mut self,
+        site: &str,
+        host: &str,
+        log: &str,
+    ) -> std::process::Child {
+        let name = format!("{site}/{host}");
+        if let Some(i) = self.daemons.iter().position(|d| d.name == name) {
+            let d = self.daemons.remove(i);
+            d.token.cancel();
+            let _ = d.handle.await;
+        }
+        self.spawn_process_until(
+            &["--host"],
+            &format!("{site}-{host}.toml"),
+            log,
+            "host agent serving",
+        )
+        .await
+    }
+
+    /// Starts `nubis-test-site <args> --config <config>` (a file of the stack's directory),
+    /// logging to `log` there, and waits until the log says `ready`.
+    pub async fn spawn_process_until(
+        &self,
+        args: &[&str],
+        config: &str,
+        log: &str,
+        ready: &str,
+    ) -> std::process::Child {
+        let log_path = self.path(log);
+        let child = std::process::Command::new(site_binary())
+            .args(args)
+            .arg("--config")
+            .arg(self.path(config))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap();
+        nubis_testkit::wait_until(
+            std::time::Duration::from_secs(30),
+            format!("{config} started"),
+            || {
+                let log_path = log_path.clone();
+                async move {
+                    let text = std::fs::read_to_string(&log_path).map_err(|e| e.to_string())?;
+                    if text.contains(ready) {
+                        Ok(())
+                    } else {
+                        Err(text)
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+        child
+    }
+
     /// Replaces the in-process Transfer proxy of `site` by a process of its own (same
     /// configuration file, `nubis-test-site --proxy`), logging to `log` in the stack's
     /// directory, with `env` added (the hooks of `nubis-test-site`); returns once the proxy

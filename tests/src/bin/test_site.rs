@@ -1,7 +1,8 @@
 //! `nubis-test-site --config site.toml`: the site daemon as a process of its own, so that the
 //! end-to-end tests can kill it with SIGKILL mid-operation and start it again, or hold it
 //! between two steps while they set up a fault. With `--proxy --config proxy.toml`, the site's
-//! Transfer proxy instead, with the same hooks.
+//! Transfer proxy instead, and with `--host --config host.toml` a host agent, with the same
+//! hooks.
 //!
 //! With `NUBIS_TEST_KILL_AT=<message>` in its environment the process kills itself with SIGKILL
 //! the first time the site logs an event with exactly that message (at any level), from the
@@ -104,6 +105,11 @@ async fn main() {
         let _ = tokio::signal::ctrl_c().await;
         t.cancel();
     });
+    if args.iter().any(|a| a == "--host") {
+        let config = nubis_host::config::HostConfig::load(std::path::Path::new(path)).unwrap();
+        nubis_host::agent::run(config, token).await.unwrap();
+        return;
+    }
     if args.iter().any(|a| a == "--proxy") {
         let config = nubis_proxy::config::Config::load(std::path::Path::new(path)).unwrap();
         nubis_proxy::run(config, token).await.unwrap();

@@ -12,13 +12,17 @@ use crate::wait::{Backoff, DEFAULT_TIMEOUT};
 pub const DIRECTORY_BUCKET_CONFIG: &str =
     include_str!("../../../../nats-config/directory-bucket.json");
 
+/// How long a clustered hub's nodes may take to form their meta group before one left out is
+/// restarted.
+const MEMBERSHIP_GRACE: Duration = Duration::from_secs(8);
+
 /// One creation request; a lost one is sent again until [`DEFAULT_TIMEOUT`].
 const CREATE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Federation {
     /// Creates the directory bucket at the hub as its operator. Creating it again with the same
     /// configuration succeeds, so a hub restarted on its store is no different.
-    pub(super) async fn create_directory_bucket(&self) -> Result<(), Error> {
+    pub(super) async fn create_directory_bucket(&mut self) -> Result<(), Error> {
         self.wait_meta_cluster().await?;
         let mut config: serde_json::Value =
             serde_json::from_str(DIRECTORY_BUCKET_CONFIG).map_err(|e| Error::Bucket {
@@ -68,18 +72,32 @@ impl Federation {
 impl Federation {
     /// Waits until a clustered hub's JetStream meta group has a leader that counts every node
     /// as a current peer: before that, a stream with a replica on every node may find "no
-    /// suitable peers for placement".
-    async fn wait_meta_cluster(&self) -> Result<(), Error> {
+    /// suitable peers for placement". Nodes that start at the same moment on an empty store
+    /// sometimes form the group without one of them (nats-server 2.10 sizes a new group by the
+    /// peers it sees when it bootstraps); a node left out is restarted once, and joins.
+    async fn wait_meta_cluster(&mut self) -> Result<(), Error> {
         if self.hubs.len() < 2 {
             return Ok(());
         }
-        let deadline = Instant::now() + DEFAULT_TIMEOUT;
+        let started = Instant::now();
+        let mut healed = false;
+        let deadline = started + DEFAULT_TIMEOUT;
         let mut backoff = Backoff::default();
         loop {
             let last = match self.meta_cluster_ready().await {
                 Ok(()) => return Ok(()),
                 Err(reason) => reason,
             };
+            if !healed && started.elapsed() >= MEMBERSHIP_GRACE {
+                healed = true;
+                for name in self.meta_cluster_missing().await {
+                    tracing::warn!(node = %name, "hub node left out of the JetStream meta group; restarting it");
+                    let binary = self.binary.clone();
+                    let node = self.server_mut(&name)?;
+                    node.stop(&binary).await?;
+                    node.spawn(&binary)?;
+                }
+            }
             if Instant::now() >= deadline {
                 return Err(Error::NotReady {
                     what: "the hub's JetStream meta group to count every node".to_owned(),
@@ -89,6 +107,51 @@ impl Federation {
             }
             backoff.pause().await;
         }
+    }
+
+    /// The nodes the meta leader does not count as peers (none when there is no leader).
+    async fn meta_cluster_missing(&self) -> Vec<String> {
+        let Some(port) = self.hub().http_port else {
+            return Vec::new();
+        };
+        let Ok(meta) = monitor::get_json(port, "/jsz").await else {
+            return Vec::new();
+        };
+        let Some(leader) = meta
+            .pointer("/meta_cluster/leader")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+        else {
+            return Vec::new();
+        };
+        let Some(leader_port) = self
+            .hubs
+            .iter()
+            .find(|n| n.name == leader)
+            .and_then(|n| n.http_port)
+        else {
+            return Vec::new();
+        };
+        let Ok(meta) = monitor::get_json(leader_port, "/jsz").await else {
+            return Vec::new();
+        };
+        let mut counted = vec![leader];
+        if let Some(peers) = meta
+            .pointer("/meta_cluster/replicas")
+            .and_then(serde_json::Value::as_array)
+        {
+            counted.extend(
+                peers
+                    .iter()
+                    .filter_map(|p| p.get("name").and_then(serde_json::Value::as_str))
+                    .map(str::to_owned),
+            );
+        }
+        self.hubs
+            .iter()
+            .map(|n| n.name.clone())
+            .filter(|n| !counted.contains(n))
+            .collect()
     }
 
     /// `Ok` once the meta leader's `/jsz` lists every other node as a current peer.
