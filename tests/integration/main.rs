@@ -14,6 +14,7 @@ mod hypervisor;
 mod kpifs;
 mod migration;
 mod monitoring;
+mod partitions;
 mod permissions;
 mod proxy;
 mod python_subscriber;

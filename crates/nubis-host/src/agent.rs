@@ -308,7 +308,7 @@ async fn run_inner(config: HostConfig, shutdown: CancellationToken) -> Result<()
             let files = VmFiles::open(&config.vm_root)?;
             let total = total_resources(&config, &hv, &files)?;
             tracing::info!(?total, "host capacity");
-            Ok(Engine::open(
+            let mut engine = Engine::open(
                 hv,
                 config.host.clone(),
                 files,
@@ -316,7 +316,9 @@ async fn run_inner(config: HostConfig, shutdown: CancellationToken) -> Result<()
                 config.shutdown_timeout,
             )?
             .with_restore_as_saved_fallback(config.libvirt_uri.starts_with("test:"))
-            .with_kpi_share(config.kpi_share.then(|| config.kpi_root.clone())))
+            .with_kpi_share(config.kpi_share.then(|| config.kpi_root.clone()));
+            engine.restart_interrupted();
+            Ok(engine)
         })
     };
     let engine = setup

@@ -37,6 +37,12 @@ pub const CONSOLE_FILE: &str = "console.log";
 /// host sharing the hypervisor (several hosts on one machine).
 pub const DOMAIN_MARKER: &str = "domain";
 
+/// A file that is there while `vm` should run on this host: written before it is started
+/// (activated, or resumed after an aborted migration, or started by the Control interface),
+/// removed before it is prepared for a transfer, stopped or suspended. An agent that starts
+/// (after a crash, or a reboot of the host) runs again each VM that has it and does not run.
+pub const RUN_MARKER: &str = "run";
+
 /// Why a VM directory could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum VmFilesError {
@@ -247,6 +253,34 @@ impl VmFiles {
         fs::File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(io("sync", &dir))
+    }
+
+    /// Records, durably, that `vm` should run here ([`RUN_MARKER`]).
+    pub fn mark_running(&self, vm: &VmId) -> Result<(), VmFilesError> {
+        let path = self.path(vm, RUN_MARKER);
+        fs::File::create(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io("create", &path))?;
+        let dir = self.dir(vm);
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync", &dir))
+    }
+
+    /// Records, durably, that `vm` should not run here; no marker is fine.
+    pub fn clear_running(&self, vm: &VmId) -> Result<(), VmFilesError> {
+        Self::remove_file(&self.path(vm, RUN_MARKER))?;
+        let dir = self.dir(vm);
+        match fs::File::open(&dir) {
+            Ok(d) => d.sync_all().map_err(io("sync", &dir)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("open", &dir)(e)),
+        }
+    }
+
+    /// Whether `vm` should run here (see [`RUN_MARKER`]).
+    pub fn should_run(&self, vm: &VmId) -> bool {
+        self.path(vm, RUN_MARKER).is_file()
     }
 
     /// Records that `vm`'s domain is no longer defined here; no marker is fine.

@@ -130,6 +130,35 @@ impl<H: Hypervisor + 'static> Engine<H> {
         Ok(engine)
     }
 
+    /// Runs again every held VM that should run here ([`RUN_MARKER`](crate::vm_files::RUN_MARKER))
+    /// and does not: the host (or, with libvirt's test driver, the agent, which holds the
+    /// driver's state) went down under it. A VM prepared for a transfer never has the marker,
+    /// so it is never started behind its migration's back.
+    pub fn restart_interrupted(&mut self) {
+        let vms: Vec<VmId> = self
+            .vms
+            .keys()
+            .filter(|vm| self.files.should_run(vm))
+            .cloned()
+            .collect();
+        for vm in vms {
+            let span = tracing::info_span!("rediscover", vm.id = %vm);
+            let _enter = span.enter();
+            match self.domain_state(&vm) {
+                Ok(Some(s)) if s.is_active() => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the state of a vm that should run");
+                    continue;
+                }
+            }
+            match self.run(&vm) {
+                Ok(_) => tracing::warn!("vm was down though it should run here; started again"),
+                Err(e) => tracing::error!(error = %e, "vm that should run here cannot be started"),
+            }
+        }
+    }
+
     /// The hypervisor.
     pub fn hypervisor(&self) -> &H {
         &self.hv
@@ -274,6 +303,7 @@ impl<H: Hypervisor + 'static> Engine<H> {
     /// its descriptor and started.
     fn run(&mut self, vm: &VmId) -> Result<HostVmStatus, OpError> {
         let current = self.domain_state(vm)?;
+        self.files.mark_running(vm)?;
         if current.is_some_and(DmtfState::is_active) {
             return self.status(vm);
         }
@@ -362,6 +392,11 @@ impl<H: Hypervisor + 'static> Engine<H> {
             Ok(state) => state.is_some_and(DmtfState::is_active),
             Err(e) => return done(Err(e)),
         };
+        // From here on the VM is the migration's: an agent restarted in between must not start
+        // it again (only `vm.resume` after an abort does).
+        if let Err(e) = self.files.clear_running(vm) {
+            return done(Err(e.into()));
+        }
         if !active {
             return done(self.finish_prepare(vm));
         }
@@ -486,6 +521,13 @@ impl<H: Hypervisor + 'static> Engine<H> {
         }
         let state = self.status_state(vm)?;
         let name = vm.as_str();
+        if matches!(
+            transition,
+            StateTransition::Shutdown | StateTransition::PowerOff | StateTransition::Suspend
+        ) {
+            // Stopped on purpose: not to be started again by a restarted agent.
+            self.files.clear_running(vm)?;
+        }
         match transition {
             StateTransition::Start => return self.run(vm).map(ControlStep::Done),
             StateTransition::Shutdown => {

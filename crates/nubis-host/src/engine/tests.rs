@@ -325,3 +325,43 @@ fn without_reports_a_long_wait_runs_in_place() {
     engine.control(&vm, StateTransition::Shutdown, done);
     assert_eq!(state_in(&result), DmtfState::Disabled, "done at once");
 }
+
+#[test]
+fn a_restarted_agent_runs_again_what_should_run_and_never_a_prepared_or_stopped_vm() {
+    let mut f = Fixture::new();
+    let c = VmId::new("vm-c").unwrap();
+    start(&mut f.engine, &c);
+    // a is prepared for a transfer, c shut down by the Control interface, b keeps running.
+    let open = f.engine.hypervisor().gate(f.a.as_str());
+    let (done, prepared) = reply();
+    f.engine.prepare(&f.a, PrepareMode::SaveState, done);
+    open.send(()).unwrap();
+    f.finish_wait();
+    prepared.try_recv().expect("done").unwrap();
+    let (done, off) = reply();
+    f.engine.control(&c, StateTransition::PowerOff, done);
+    assert_eq!(state_in(&off), DmtfState::Disabled);
+
+    // The host goes down: a new agent, on a hypervisor that remembers nothing.
+    let dir = f._dir.path().to_path_buf();
+    drop(f.engine);
+    let mut engine = open_engine(&dir);
+    assert_eq!(engine.state(&f.b).unwrap().state, DmtfState::Disabled);
+    engine.restart_interrupted();
+    assert_eq!(engine.state(&f.b).unwrap().state, DmtfState::Enabled);
+    assert_eq!(
+        engine.state(&f.a).unwrap().state,
+        DmtfState::Suspended,
+        "a prepared vm is the migration's"
+    );
+    assert_eq!(engine.state(&c).unwrap().state, DmtfState::Disabled);
+    // Started again by the Control interface, it is one that should run.
+    let (done, started) = reply();
+    engine.control(&c, StateTransition::Start, done);
+    assert_eq!(state_in(&started), DmtfState::Enabled);
+    drop(engine);
+    let mut engine = open_engine(&dir);
+    engine.restart_interrupted();
+    assert_eq!(engine.state(&c).unwrap().state, DmtfState::Enabled);
+    assert_eq!(engine.state(&f.b).unwrap().state, DmtfState::Enabled);
+}
