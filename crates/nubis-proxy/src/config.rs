@@ -110,9 +110,17 @@ pub struct TransferSettings {
     pub chunk_size: usize,
     /// Chunks published but not yet acknowledged, per file.
     pub publish_window: usize,
-    /// Chunks a fetching (or relaying) proxy asks the source bucket for at a time: with
-    /// `chunk_size` it bounds the bytes in flight towards this proxy, hence its memory.
+    /// Chunks a fetching (or relaying) proxy asks the source bucket for at a time, at least:
+    /// with `chunk_size` it bounds the bytes in flight towards this proxy, hence its memory.
+    /// Over a long link the window follows the bandwidth-delay product instead (see
+    /// [`TransferSettings::fetch_window_for`]), up to `max_fetch_window`.
     pub fetch_window: usize,
+    /// The most chunks a fetching proxy asks for at a time, however long the link.
+    pub max_fetch_window: usize,
+    /// The bandwidth the fetch window is sized to fill, in bytes per second (default
+    /// 125,000,000: 1 Gbit/s): with the round trip to the source it gives the bytes that must
+    /// be in flight.
+    pub link_bytes_per_sec: u64,
     /// A fetching proxy makes what it received durable, and records how far it got, every
     /// this many bytes; after a restart it resumes the file from the last such point.
     pub checkpoint_bytes: u64,
@@ -148,6 +156,8 @@ impl Default for TransferSettings {
             chunk_size: 1 << 20,
             publish_window: 32,
             fetch_window: 8,
+            max_fetch_window: 64,
+            link_bytes_per_sec: 125_000_000,
             checkpoint_bytes: 64 << 20,
             bucket_max_bytes: 8 << 30,
             default_ttl_ms: 3_600_000,
@@ -196,6 +206,18 @@ impl TransferSettings {
                 reason: "must be at least 1",
             });
         }
+        if self.max_fetch_window < self.fetch_window {
+            return Err(InvalidSetting {
+                key: "transfer.max_fetch_window",
+                reason: "must be at least fetch_window",
+            });
+        }
+        if self.link_bytes_per_sec == 0 {
+            return Err(InvalidSetting {
+                key: "transfer.link_bytes_per_sec",
+                reason: "must be positive",
+            });
+        }
         if self.checkpoint_bytes == 0 {
             return Err(InvalidSetting {
                 key: "transfer.checkpoint_bytes",
@@ -221,6 +243,24 @@ impl TransferSettings {
             });
         }
         Ok(())
+    }
+
+    /// The fetch window for a source `rtt` away: twice the chunks of the bandwidth-delay
+    /// product of [`Self::link_bytes_per_sec`] (a pull consumer asks for more only once half of
+    /// what it asked for has arrived), at least [`Self::fetch_window`] and at most
+    /// [`Self::max_fetch_window`].
+    pub fn fetch_window_for(&self, rtt: Duration) -> usize {
+        let in_flight = 2.0 * self.link_bytes_per_sec as f64 * rtt.as_secs_f64();
+        let chunks = (in_flight / self.chunk_size.max(1) as f64).ceil();
+        let chunks = if chunks.is_finite() && chunks < usize::MAX as f64 {
+            chunks as usize
+        } else {
+            usize::MAX
+        };
+        chunks.clamp(
+            self.fetch_window,
+            self.max_fetch_window.max(self.fetch_window),
+        )
     }
 
     /// [`Self::stall_timeout_ms`] as a duration.
@@ -326,5 +366,24 @@ mod tests {
         );
         std::fs::write(&p, "site = \"a\"\nbogus = 1\n").unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn the_fetch_window_follows_the_bandwidth_delay_product_within_its_bounds() {
+        let s = TransferSettings::default();
+        // On loopback the configured window stands.
+        assert_eq!(s.fetch_window_for(Duration::from_micros(300)), 8);
+        // 1 Gbit/s over a 50 ms round trip: 6.25 MB in flight, twice that asked for, 1 MiB
+        // chunks.
+        assert_eq!(s.fetch_window_for(Duration::from_millis(50)), 12);
+        // 100 Mbit/s over the same round trip needs no more than the configured window.
+        let slow = TransferSettings {
+            link_bytes_per_sec: 12_500_000,
+            ..TransferSettings::default()
+        };
+        assert_eq!(slow.fetch_window_for(Duration::from_millis(50)), 8);
+        // Never beyond the bound, whatever the round trip.
+        assert_eq!(s.fetch_window_for(Duration::from_secs(5)), 64);
+        assert_eq!(s.fetch_window_for(Duration::MAX), 64);
     }
 }

@@ -48,7 +48,15 @@ impl TransferProxy {
             .clone()
             .ok_or_else(|| TaskError::Source("no source recorded".to_string()))?;
         let stream = self.source_bucket(&source).await?;
+        let asked = std::time::Instant::now();
         let key = self.fetch_content_key(&source, rec.migration_id).await?;
+        // The key's round trip measures the link to the source: the window follows it.
+        let window = self.inner.settings.fetch_window_for(asked.elapsed());
+        debug!(
+            window,
+            rtt_ms = asked.elapsed().as_millis() as u64,
+            "fetch window"
+        );
         let manifest = self.read_manifest(&stream, &source, &key).await?;
         let total: u64 = manifest.files.iter().map(|f| f.allocated).sum();
         live.total.store(total, Ordering::Relaxed);
@@ -71,7 +79,7 @@ impl TransferProxy {
             let digest = self
                 .retrying_authentic(&f.name, || {
                     live.done.store(base, Ordering::Relaxed);
-                    self.receive_file(&stream, &objs, f, &dir, &live, rec.token, &key)
+                    self.receive_file(&stream, &objs, f, &dir, &live, rec.token, &key, window)
                 })
                 .await?;
             current = self.store_update(&current.token, |r| {
@@ -114,7 +122,8 @@ impl TransferProxy {
     }
 
     /// One attempt at file `f`: resumes its partial file from the last checkpoint when there
-    /// is one, and follows the object from there, opening its chunks with `key`.
+    /// is one, and follows the object from there, `window` chunks at a time, opening its
+    /// chunks with `key`.
     #[allow(clippy::too_many_arguments)]
     async fn receive_file(
         &self,
@@ -125,6 +134,7 @@ impl TransferProxy {
         live: &Live,
         token: TransferToken,
         key: &ContentKey,
+        window: usize,
     ) -> Result<FileDigest, TaskError> {
         let s = &self.inner.settings;
         let name = objs.file_name(&f.name);
@@ -142,7 +152,7 @@ impl TransferProxy {
             objs.chunk_subject(Some(&f.name)),
             &name,
             Some(f.allocated),
-            s.fetch_window,
+            window,
             from,
             s.stall(),
             key.opener(&name),

@@ -54,7 +54,9 @@ impl TransferProxy {
             Err(e) => return Err(TaskError::Source(e.to_string())),
         }
         let src_stream = self.source_bucket(&source).await?;
+        let asked = std::time::Instant::now();
         let key = self.fetch_content_key(&source, rec.migration_id).await?;
+        let window = self.inner.settings.fetch_window_for(asked.elapsed());
         let manifest = self.read_manifest(&src_stream, &source, &key).await?;
         let total: u64 = manifest.files.iter().map(|f| f.allocated).sum();
         live.total.store(total, Ordering::Relaxed);
@@ -87,7 +89,7 @@ impl TransferProxy {
             let digest = self
                 .retrying_authentic(&f.name, || {
                     live.done.store(base, Ordering::Relaxed);
-                    self.relay_file(&src_stream, &from, &own, f, &live, rec.token, &key)
+                    self.relay_file(&src_stream, &from, &own, f, &live, rec.token, &key, window)
                 })
                 .await?;
             current = self.store_update(&current.token, |r| r.digests.push(digest.clone()))?;
@@ -109,6 +111,7 @@ impl TransferProxy {
         live: &Live,
         token: TransferToken,
         key: &ContentKey,
+        window: usize,
     ) -> Result<FileDigest, TaskError> {
         let s = &self.inner.settings;
         let src_name = from.file_name(&f.name);
@@ -117,7 +120,7 @@ impl TransferProxy {
             from.chunk_subject(Some(&f.name)),
             &src_name,
             Some(f.allocated),
-            s.fetch_window,
+            window,
             None,
             s.stall(),
             key.opener(&src_name),

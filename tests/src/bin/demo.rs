@@ -543,6 +543,87 @@ async fn walk(stack: &Stack, ci: bool, guest: Option<&RealGuest>) -> Result<(), 
     Ok(())
 }
 
+/// Every daemon of the federation as a process of its own, as `deploy/systemd` runs them, so
+/// an operator can stop, kill and restart any one of them.
+struct Daemons(Vec<(String, std::process::Child)>);
+
+impl Daemons {
+    /// Replaces each site's in-process daemons by processes: site daemon, Transfer proxy,
+    /// and each host agent.
+    async fn start(stack: &mut Stack, sites: &[(&str, &[&str])]) -> Self {
+        let mut daemons = Vec::new();
+        for (site, hosts) in sites {
+            for host in *hosts {
+                let log = format!("{site}-{host}.log");
+                let child = stack.host_as_process(site, host, &log).await;
+                daemons.push((format!("{site}/{host}"), child));
+            }
+            let child = stack
+                .proxy_as_process(site, &format!("{site}-proxy.log"), &[])
+                .await;
+            daemons.push((format!("{site}/proxy"), child));
+            let child = stack.site_daemon_as_process(site).await;
+            stack.wait_ready(site).await;
+            daemons.push((format!("{site}/site"), child));
+        }
+        Self(daemons)
+    }
+
+    /// Asks every daemon to stop as Ctrl-C would (host agents unmount their KPI filesystems),
+    /// and kills those that have not after ten seconds.
+    fn stop(&mut self) {
+        for (_, child) in &self.0 {
+            let _ = std::process::Command::new("kill")
+                .arg("-INT")
+                .arg(child.id().to_string())
+                .status();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for (name, child) in &mut self.0 {
+            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                eprintln!("nubis-demo: {name} did not stop; killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Every login the federation's servers know: each role of each server, and each site's leaf
+/// login at the hub.
+fn credentials(stack: &Stack) {
+    say("Credentials (every server has its own passwords)");
+    let mut servers: Vec<&str> = stack.fed.hub_nodes();
+    servers.extend(["a", "b", "c", "d"]);
+    for server in servers {
+        let url = stack.fed.site_url(server).unwrap_or_default();
+        for role in nubis_testkit::Role::ALL {
+            if let Ok((user, password)) = stack.fed.credentials(server, role) {
+                println!("   {server:6} {url}  {user:9} {password}");
+            }
+        }
+    }
+    for site in ["a", "b", "c", "d"] {
+        if let Ok((user, password)) = stack.fed.leaf_login(site) {
+            println!("   {site:6} leaf login at the hub: {user} {password}");
+        }
+    }
+    println!(
+        "   host agents: user `host.<host>`, passwords in {}/<site>-<host>.toml",
+        stack.root().display()
+    );
+}
+
 fn cheat_sheet(stack: &Stack) {
     say("The federation keeps running. Try:");
     let url = stack.fed.site_url("a").unwrap_or_default();
@@ -574,6 +655,20 @@ fn cheat_sheet(stack: &Stack) {
         "   nats --server {url} --user {user} --password {password} --inbox-prefix _INBOX.{user} micro ls"
     );
     println!("   Configuration and key files: {}", stack.root().display());
+    println!("   Every daemon is a process of its own; stop, kill or restart any one:");
+    println!("     pgrep -af nubis-test-site                     # which is which, by --config");
+    println!(
+        "     {nubis} site --config {}/a.toml                # a's site daemon again",
+        stack.root().display()
+    );
+    println!(
+        "     {nubis} proxy --config {}/a-proxy.toml         # a's Transfer proxy again",
+        stack.root().display()
+    );
+    println!(
+        "     {nubis} host --config {}/c-c-host.toml         # c's host agent again",
+        stack.root().display()
+    );
     println!("   Ctrl-C stops everything.");
 }
 
@@ -612,7 +707,7 @@ async fn main() -> ExitCode {
     } else {
         &[]
     };
-    let stack = Stack::start_full(
+    let mut stack = Stack::start_full(
         &binary,
         vec![
             SiteSpec {
@@ -651,6 +746,17 @@ async fn main() -> ExitCode {
         },
     )
     .await;
+    let mut daemons = Daemons::start(
+        &mut stack,
+        &[
+            ("a", &["a-host"]),
+            ("b", &["b-host"]),
+            ("c", &["c-host"]),
+            ("d", &["d-host"]),
+        ],
+    )
+    .await;
+    println!("   every site daemon, Transfer proxy and host agent runs as a process of its own");
     for node in stack.fed.hub_nodes() {
         println!(
             "   hub node {node} at {}",
@@ -669,10 +775,12 @@ async fn main() -> ExitCode {
         Err(e) => say(&format!("FAILED: {e}")),
     }
     if !ci && result.is_ok() {
+        credentials(&stack);
         cheat_sheet(&stack);
         let _ = tokio::signal::ctrl_c().await;
         say("Stopping");
     }
+    daemons.stop();
     stack.shutdown().await;
     if let Some(g) = &guest {
         // The guest outlives the host agents (libvirtd runs it): nothing stays behind.
