@@ -8,8 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures::StreamExt as _;
-use nubis_testkit::{wait_until, Federation, Role, HUB_DOMAIN};
+use nubis_testkit::{wait_until, Federation, HUB_DOMAIN};
 use serde_json::json;
 
 use crate::migration::{send_signal, wait_stopped};
@@ -310,33 +309,12 @@ async fn a_rolling_restart_of_the_hub_during_migrations_places_every_vm_once() {
 /// The message ids (`<signer>.<producer>.<epoch>.<seq>`) of `vm`'s batches in `site`'s
 /// accounting stream.
 async fn accounting_ids(stack: &Stack, site: &str, vm: &str) -> BTreeSet<String> {
-    let admin = stack.fed.connect_as(site, Role::Admin).await.unwrap();
-    let js = jetstream::new(admin);
-    let stream = js.get_stream("NUBIS_ACCOUNTING").await.unwrap();
-    let info = stream.get_info().await.unwrap();
-    let last = info.state.last_sequence;
-    let mut ids = BTreeSet::new();
-    if info.state.messages == 0 {
-        return ids;
-    }
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("nubis.acct.{site}.{vm}"),
-            ..Default::default()
-        })
+    stack
+        .accounting_ids(site, Some(vm))
         .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
-        let m = m.unwrap();
-        if let Some(id) = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
-            ids.insert(id.to_string());
-        }
-        if m.info().unwrap().stream_sequence >= last {
-            break;
-        }
-    }
-    ids
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 /// Waits until `site`'s accounting holds at least `n` batches of `vm` more than `before`.

@@ -740,39 +740,9 @@ async fn forged_replayed_and_stale_batches_are_dropped_and_counted() {
     stack.shutdown().await;
 }
 
-/// The message ids (`<producer>.<epoch>.<seq>`) in `site`'s accounting stream for `vm`, in order.
+/// The message ids in `site`'s accounting stream for `vm`, in order.
 async fn accounting_ids(stack: &Stack, site: &str, vm: &str) -> Vec<String> {
-    let admin = stack.fed.connect_as(site, Role::Admin).await.unwrap();
-    let js = jetstream::new(admin);
-    let stream = js.get_stream("NUBIS_ACCOUNTING").await.unwrap();
-    let info = stream.get_info().await.unwrap();
-    let last = info.state.last_sequence;
-    let mut ids = Vec::new();
-    if info.state.messages == 0 {
-        return ids;
-    }
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("nubis.acct.{site}.{vm}"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
-        let m = m.unwrap();
-        let id = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.to_string())
-            .unwrap();
-        ids.push(id);
-        if m.info().unwrap().stream_sequence >= last {
-            break;
-        }
-    }
-    ids
+    stack.accounting_ids(site, Some(vm)).await.unwrap()
 }
 
 /// Restarting the hub and the site's leaf server while the VM is monitored loses no

@@ -7,8 +7,7 @@
 
 use std::time::Duration;
 
-use nubis_protocol::message::{DmtfState, HostId};
-use nubis_protocol::SiteId;
+use nubis_protocol::message::DmtfState;
 use nubis_testkit::wait_until;
 use serde_json::json;
 
@@ -55,19 +54,13 @@ async fn start() -> Option<Stack> {
 async fn host_lists(stack: &Stack, vm: &str) -> Result<Vec<(&'static str, DmtfState)>, String> {
     let mut at = Vec::new();
     for (site, host) in RUNNERS {
-        let client = stack
-            .fed
-            .connect_site_internal(site)
-            .await
-            .map_err(|e| e.to_string())?;
-        let agent = nubis_bus::host::host_client(
-            client,
-            SiteId::new(site).unwrap(),
-            HostId::new(host).unwrap(),
-        );
-        let vms = agent.list().await.map_err(|e| format!("{site}: {e}"))?;
-        if let Some(entry) = vms.vms.iter().find(|e| e.vm.as_str() == vm) {
-            at.push((site, entry.state));
+        if let Some((_, state)) = stack
+            .host_vms(site, host)
+            .await?
+            .into_iter()
+            .find(|(v, _)| v == vm)
+        {
+            at.push((site, state));
         }
     }
     Ok(at)
@@ -107,6 +100,18 @@ async fn settled(stack: &Stack, vm: &str) -> &'static str {
     .unwrap()
 }
 
+/// Waits for `migration` (of pt-1 from b to c) to end and the federation to settle: at c if it
+/// committed, at b if it aborted.
+async fn settled_as_it_ended(stack: &Stack, op: &async_nats::Client, migration: &str) {
+    let m = wait_migration(op, "a", migration).await;
+    let at = settled(stack, "pt-1").await;
+    match m["phase"].as_str() {
+        Some("committed") => assert_eq!(at, "c", "{m}"),
+        Some("aborted") => assert_eq!(at, "b", "{m}"),
+        other => panic!("{other:?}: {m}"),
+    }
+}
+
 /// The Controller (a) as a process held at `step`; the migration of pt-1 to c started. Returns
 /// the process and the migration id once the Controller is held.
 async fn held_at(stack: &mut Stack, step: &str) -> (std::process::Child, String) {
@@ -137,19 +142,25 @@ async fn cut_at(step: &str, site: &str) {
     tokio::time::sleep(CUT).await;
     link.restore();
     let op = stack.operator("a").await;
-    let m = wait_migration(&op, "a", &migration).await;
-    let at = settled(&stack, "pt-1").await;
-    match m["phase"].as_str() {
-        Some("committed") => assert_eq!(at, "c", "{m}"),
-        Some("aborted") => assert_eq!(at, "b", "{m}"),
-        other => panic!("{other:?}: {m}"),
-    }
+    settled_as_it_ended(&stack, &op, &migration).await;
     controller.kill().unwrap();
     controller.wait().unwrap();
     stack.shutdown().await;
 }
 
-#[tokio::test]
+/// The five cuts, each on a federation of its own, at the same time: each waits out its minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_cut_off_for_a_minute_at_each_phase_of_a_migration_and_of_an_eviction() {
+    tokio::join!(
+        a_destination_cut_off_while_it_is_asked_for_offers(),
+        cut_at("offers journaled; preparing the source", "b"),
+        cut_at("initiating the transfer", "c"),
+        cut_at("transfer verified; committing", "c"),
+        a_controller_cut_off_when_an_eviction_is_noticed(),
+    );
+}
+
+/// Request: the destination is cut off when it is asked for offers.
 async fn a_destination_cut_off_while_it_is_asked_for_offers() {
     let Some(stack) = start().await else {
         return;
@@ -163,35 +174,13 @@ async fn a_destination_cut_off_while_it_is_asked_for_offers() {
     let migration = r["migration"].as_str().unwrap().to_owned();
     tokio::time::sleep(CUT).await;
     link.restore();
-    let m = wait_migration(&op, "a", &migration).await;
-    let at = settled(&stack, "pt-1").await;
-    match m["phase"].as_str() {
-        Some("committed") => assert_eq!(at, "c", "{m}"),
-        Some("aborted") => assert_eq!(at, "b", "{m}"),
-        other => panic!("{other:?}: {m}"),
-    }
+    settled_as_it_ended(&stack, &op, &migration).await;
     stack.shutdown().await;
-}
-
-#[tokio::test]
-async fn a_source_cut_off_while_it_is_prepared() {
-    cut_at("offers journaled; preparing the source", "b").await;
-}
-
-#[tokio::test]
-async fn a_destination_cut_off_during_the_transfer() {
-    cut_at("initiating the transfer", "c").await;
-}
-
-#[tokio::test]
-async fn a_destination_cut_off_at_the_commit() {
-    cut_at("transfer verified; committing", "c").await;
 }
 
 /// b evicts the VM while a, its upstream and the Controller of the move that follows, is cut
 /// off; b keeps the notice, and once a is back, a moves the VM to c: active once, and the
 /// chain agrees.
-#[tokio::test]
 async fn a_controller_cut_off_when_an_eviction_is_noticed() {
     let Some(stack) = start().await else {
         return;

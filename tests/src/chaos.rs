@@ -21,11 +21,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
-use futures::StreamExt as _;
-use nubis_protocol::message::{DmtfState, HostId};
-use nubis_protocol::SiteId;
-use nubis_testkit::{wait_until, NatsServerBinary, Role};
+use nubis_protocol::message::DmtfState;
+use nubis_testkit::{wait_until, NatsServerBinary};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::json;
@@ -367,27 +364,8 @@ async fn host_lists(
 ) -> Result<BTreeMap<String, BTreeMap<String, DmtfState>>, String> {
     let mut lists = BTreeMap::new();
     for (site, host) in RUNNERS {
-        let client = stack
-            .fed
-            .connect_site_internal(site)
-            .await
-            .map_err(|e| e.to_string())?;
-        let agent = nubis_bus::host::host_client(
-            client,
-            SiteId::new(site).map_err(|e| e.to_string())?,
-            HostId::new(host).map_err(|e| e.to_string())?,
-        );
-        let vms = agent
-            .list()
-            .await
-            .map_err(|e| format!("{site}/{host}: {e}"))?;
-        lists.insert(
-            site.to_owned(),
-            vms.vms
-                .into_iter()
-                .map(|e| (e.vm.to_string(), e.state))
-                .collect(),
-        );
+        let vms = stack.host_vms(site, host).await?;
+        lists.insert(site.to_owned(), vms.into_iter().collect());
     }
     Ok(lists)
 }
@@ -442,37 +420,10 @@ async fn check(stack: &Stack, image: &[u8]) -> Result<(), String> {
 /// The `<producer>.<epoch>.<seq>` of every batch in `site`'s accounting, with how many times
 /// each is stored.
 async fn accounting(stack: &Stack, site: &str) -> Result<BTreeMap<String, u32>, String> {
-    let admin = stack
-        .fed
-        .connect_as(site, Role::Admin)
-        .await
-        .map_err(|e| e.to_string())?;
-    let js = jetstream::new(admin);
-    let stream = js
-        .get_stream("NUBIS_ACCOUNTING")
-        .await
-        .map_err(|e| e.to_string())?;
-    let info = stream.get_info().await.map_err(|e| e.to_string())?;
     let mut ids = BTreeMap::new();
-    if info.state.messages == 0 {
-        return Ok(ids);
-    }
-    let last = info.state.last_sequence;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
-        let m = m.map_err(|e| e.to_string())?;
-        if let Some(id) = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
-            let id = id.to_string();
-            let batch = id.split_once('.').map_or(id.clone(), |(_, b)| b.to_owned());
-            *ids.entry(batch).or_default() += 1;
-        }
-        if m.info().map_err(|e| e.to_string())?.stream_sequence >= last {
-            break;
-        }
+    for id in stack.accounting_ids(site, None).await? {
+        let batch = id.split_once('.').map_or(id.clone(), |(_, b)| b.to_owned());
+        *ids.entry(batch).or_default() += 1;
     }
     Ok(ids)
 }

@@ -476,6 +476,80 @@ impl Stack {
             .unwrap()
     }
 
+    /// The VMs host agent `host` of `site` lists, by its own account (a site-internal request,
+    /// as the site daemon makes it), with their states.
+    pub async fn host_vms(
+        &self,
+        site: &str,
+        host: &str,
+    ) -> Result<Vec<(String, nubis_protocol::message::DmtfState)>, String> {
+        let client = self
+            .fed
+            .connect_site_internal(site)
+            .await
+            .map_err(|e| e.to_string())?;
+        let agent = nubis_bus::host::host_client(
+            client,
+            SiteId::new(site).map_err(|e| e.to_string())?,
+            nubis_protocol::message::HostId::new(host).map_err(|e| e.to_string())?,
+        );
+        let vms = agent
+            .list()
+            .await
+            .map_err(|e| format!("{site}/{host}: {e}"))?;
+        Ok(vms
+            .vms
+            .into_iter()
+            .map(|e| (e.vm.to_string(), e.state))
+            .collect())
+    }
+
+    /// The message ids (`<signer>.<producer>.<epoch>.<seq>`) in `site`'s accounting stream, of
+    /// `vm` or of every VM, in stream order; read as the site's administrator.
+    pub async fn accounting_ids(
+        &self,
+        site: &str,
+        vm: Option<&str>,
+    ) -> Result<Vec<String>, String> {
+        use futures::StreamExt as _;
+        let admin = self
+            .fed
+            .connect_as(site, Role::Admin)
+            .await
+            .map_err(|e| e.to_string())?;
+        let js = async_nats::jetstream::new(admin);
+        let stream = js
+            .get_stream("NUBIS_ACCOUNTING")
+            .await
+            .map_err(|e| e.to_string())?;
+        let info = stream.get_info().await.map_err(|e| e.to_string())?;
+        let mut ids = Vec::new();
+        if info.state.messages == 0 {
+            return Ok(ids);
+        }
+        let last = info.state.last_sequence;
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: vm.map_or_else(String::new, |vm| format!("nubis.acct.{site}.{vm}")),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        while let Ok(Some(m)) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), messages.next()).await
+        {
+            let m = m.map_err(|e| e.to_string())?;
+            if let Some(id) = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
+                ids.push(id.to_string());
+            }
+            if m.info().map_err(|e| e.to_string())?.stream_sequence >= last {
+                break;
+            }
+        }
+        Ok(ids)
+    }
+
     /// Replaces the in-process host agent `host` of `site` by a process of its own (same
     /// configuration file, `nubis-test-site --host`), logging to `log` in the stack's
     /// directory; returns once the agent serves.
@@ -509,11 +583,24 @@ impl Stack {
         log: &str,
         ready: &str,
     ) -> std::process::Child {
+        self.spawn_process_with(args, config, log, &[], ready).await
+    }
+
+    /// Like [`Stack::spawn_process_until`], with `env` added to the process's environment.
+    async fn spawn_process_with(
+        &self,
+        args: &[&str],
+        config: &str,
+        log: &str,
+        env: &[(&str, &str)],
+        ready: &str,
+    ) -> std::process::Child {
         let log_path = self.path(log);
         let child = std::process::Command::new(site_binary())
             .args(args)
             .arg("--config")
             .arg(self.path(config))
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log_path).unwrap())
             .spawn()
@@ -554,34 +641,14 @@ impl Stack {
             d.token.cancel();
             let _ = d.handle.await;
         }
-        let log_path = self.path(log);
-        let child = std::process::Command::new(site_binary())
-            .arg("--proxy")
-            .arg("--config")
-            .arg(self.path(&format!("{site}-proxy.toml")))
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .unwrap();
-        nubis_testkit::wait_until(
-            std::time::Duration::from_secs(30),
-            "the proxy process started",
-            || {
-                let log_path = log_path.clone();
-                async move {
-                    let text = std::fs::read_to_string(&log_path).map_err(|e| e.to_string())?;
-                    if text.contains("transfer proxy started") {
-                        Ok(())
-                    } else {
-                        Err(text)
-                    }
-                }
-            },
+        self.spawn_process_with(
+            &["--proxy"],
+            &format!("{site}-proxy.toml"),
+            log,
+            env,
+            "transfer proxy started",
         )
         .await
-        .unwrap();
-        child
     }
 
     /// A client of `site` allowed to call its operator API.

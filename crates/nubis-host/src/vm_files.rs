@@ -245,7 +245,12 @@ impl VmFiles {
     /// directory entry are on disk before this returns, so a crash right after the definition
     /// still leaves the domain this host's.
     pub fn mark_domain(&self, vm: &VmId) -> Result<(), VmFilesError> {
-        let path = self.path(vm, DOMAIN_MARKER);
+        self.touch_durably(vm, DOMAIN_MARKER)
+    }
+
+    /// Creates the empty file `name` of `vm`, and has it and its directory entry on disk.
+    fn touch_durably(&self, vm: &VmId, name: &str) -> Result<(), VmFilesError> {
+        let path = self.path(vm, name);
         fs::File::create(&path)
             .and_then(|f| f.sync_all())
             .map_err(io("create", &path))?;
@@ -257,14 +262,7 @@ impl VmFiles {
 
     /// Records, durably, that `vm` should run here ([`RUN_MARKER`]).
     pub fn mark_running(&self, vm: &VmId) -> Result<(), VmFilesError> {
-        let path = self.path(vm, RUN_MARKER);
-        fs::File::create(&path)
-            .and_then(|f| f.sync_all())
-            .map_err(io("create", &path))?;
-        let dir = self.dir(vm);
-        fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("sync", &dir))
+        self.touch_durably(vm, RUN_MARKER)
     }
 
     /// Records, durably, that `vm` should not run here; no marker is fine.

@@ -27,6 +27,17 @@ use super::{
     UNREACHABLE_BACKOFF_MAX, UNREACHABLE_LIMIT,
 };
 
+/// The pause before try number `tries + 1` of a step that found a peer silent, `waited` into
+/// the wait: full jitter under a cap that doubles per try, never past [`UNREACHABLE_LIMIT`].
+fn pause_for_peers(tries: u32, waited: Duration) -> Duration {
+    full_jitter(backoff_cap(
+        UNREACHABLE_BACKOFF,
+        UNREACHABLE_BACKOFF_MAX,
+        tries,
+    ))
+    .min(UNREACHABLE_LIMIT.saturating_sub(waited))
+}
+
 /// Why a Forced migration (prepare) failed.
 pub(super) struct PrepareFailure {
     pub(super) reply: ErrorReply,
@@ -126,12 +137,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 return Ok(ranked);
             }
             tries += 1;
-            let wait = full_jitter(backoff_cap(
-                UNREACHABLE_BACKOFF,
-                UNREACHABLE_BACKOFF_MAX,
-                tries,
-            ))
-            .min(UNREACHABLE_LIMIT - waited);
+            let wait = pause_for_peers(tries, waited);
             tracing::info!(migration.id = %id, tries, partner = %silent, "no offer, and a partner did not answer; asking again");
             tokio::time::sleep(wait).await;
         }
@@ -319,12 +325,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                         ),
                     ));
                 }
-                let wait = full_jitter(backoff_cap(
-                    UNREACHABLE_BACKOFF,
-                    UNREACHABLE_BACKOFF_MAX,
-                    *rounds,
-                ))
-                .min(UNREACHABLE_LIMIT - waited);
+                let wait = pause_for_peers(*rounds, waited);
                 tracing::info!(migration.id = %id, rounds = *rounds, error = %e.message, "a peer has no responder; waiting for it");
                 if let Some(cancel) = self.cancellation(id) {
                     return Err(cancel);
@@ -660,12 +661,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 return Err(e);
             }
             tries += 1;
-            let wait = full_jitter(backoff_cap(
-                UNREACHABLE_BACKOFF,
-                UNREACHABLE_BACKOFF_MAX,
-                tries,
-            ))
-            .min(UNREACHABLE_LIMIT - waited);
+            let wait = pause_for_peers(tries, waited);
             tracing::info!(migration.id = %id, step = what, tries, error = %reply(&e).message, "a peer has no responder; waiting for it");
             tokio::time::sleep(wait).await;
         }
