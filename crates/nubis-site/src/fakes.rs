@@ -561,6 +561,7 @@ impl TestSite {
                 primary: SiteId::new("a").unwrap(),
                 upstream: None,
                 downstream,
+                former_downstream: None,
                 descriptor,
                 phase,
             })

@@ -69,10 +69,43 @@ pub struct VmRecord {
     pub upstream: Option<SiteId>,
     /// The next hop towards it (`None` while unplaced).
     pub downstream: Option<NextHop>,
+    /// The partner that was the next hop before the VM last moved away from it, and until when
+    /// (ms since the epoch) its monitoring batches are still taken: what it stored before the
+    /// hand-over may still be on its way up ([`FORMER_DOWNSTREAM_GRACE_MS`]).
+    #[serde(default)]
+    pub former_downstream: Option<(SiteId, u64)>,
     /// The current descriptor.
     pub descriptor: VmDescriptor,
     /// Where it stands.
     pub phase: VmPhase,
+}
+
+/// How long a VM's former downstream partner's monitoring batches are still taken after the VM
+/// moved away from it: longer than its outbox keeps sending a refused batch.
+pub const FORMER_DOWNSTREAM_GRACE_MS: u64 = 15 * 60 * 1000;
+
+impl VmRecord {
+    /// This record with `next` as its next hop; a partner that was the next hop before stays
+    /// the former downstream for [`FORMER_DOWNSTREAM_GRACE_MS`] from `now_ms`.
+    pub fn repointed(mut self, next: NextHop, now_ms: u64) -> Self {
+        if let Some(NextHop::Site(old)) = &self.downstream {
+            if self.downstream.as_ref() != Some(&next) {
+                self.former_downstream = Some((old.clone(), now_ms + FORMER_DOWNSTREAM_GRACE_MS));
+            }
+        }
+        self.downstream = Some(next);
+        self
+    }
+
+    /// Whether `site` may still pass up monitoring batches of this VM at `now_ms`: it is the
+    /// next hop, or was until a moment ago.
+    pub fn hears_from(&self, site: &SiteId, now_ms: u64) -> bool {
+        self.downstream.as_ref() == Some(&NextHop::Site(site.clone()))
+            || self
+                .former_downstream
+                .as_ref()
+                .is_some_and(|(s, until)| s == site && now_ms < *until)
+    }
 }
 
 /// Which end of a migration a token belongs to.

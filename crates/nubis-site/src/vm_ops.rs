@@ -97,6 +97,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 primary: self.site().clone(),
                 upstream: None,
                 downstream: None,
+                former_downstream: None,
                 descriptor,
                 phase: VmPhase::Unplaced,
             })

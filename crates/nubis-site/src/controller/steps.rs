@@ -474,8 +474,8 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 .journal()
                 .vm(&record.vm)
                 .map_err(internal)?
-                .unwrap_or_else(|| record.clone());
-            r.downstream = Some(NextHop::Site(s.clone()));
+                .unwrap_or_else(|| record.clone())
+                .repointed(NextHop::Site(s.clone()), nubis_protocol::envelope::now_ms());
             r.phase = VmPhase::Placed;
             self.journal().put_vm(&r).map_err(internal)?;
         }

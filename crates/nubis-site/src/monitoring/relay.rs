@@ -15,7 +15,7 @@ use nubis_protocol::{SiteId, VmId};
 use super::{internal_error, DropReason, Monitoring};
 use crate::accounting;
 use crate::config::Delivery;
-use crate::journal::{NextHop, VmRecord};
+use crate::journal::VmRecord;
 
 /// Where a batch goes next from this site.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,7 +149,9 @@ impl Monitoring {
                 format!("no record here of VM {vm} with primary {primary}"),
             ));
         };
-        if record.downstream != Some(NextHop::Site(opened.from.clone())) {
+        // The VM's next hop, or the one it had until a moment ago: what that site stored before
+        // the hand-over is still on its way up (its outbox).
+        if !record.hears_from(&opened.from, now_ms()) {
             let why = format!("site {} is not the VM's downstream partner", opened.from);
             self.drop_batch(DropReason::WrongSender, subject, &why);
             return Err(ErrorReply::new(ErrorCode::Refused, why));

@@ -38,6 +38,7 @@ fn record(primary: &str, upstream: Option<&str>, downstream: Option<NextHop>) ->
         primary: site(primary),
         upstream: upstream.map(site),
         downstream,
+        former_downstream: None,
         descriptor,
         phase: VmPhase::Placed,
     }
@@ -248,4 +249,26 @@ fn a_vouch_never_loops_back_nor_grows_the_chain_without_bound() {
     let long: Vec<SiteId> = (0..MAX_CHAIN).map(|i| site(&format!("s{i}"))).collect();
     assert!(!extends(&long, &own, &site("z")));
     assert!(extends(&long[..MAX_CHAIN - 1], &own, &site("z")));
+}
+
+#[test]
+fn a_former_downstream_is_heard_for_a_while_after_the_vm_moved_away_from_it() {
+    use crate::journal::FORMER_DOWNSTREAM_GRACE_MS;
+    let now = 1_000_000;
+    let at_b = record("a", None, Some(NextHop::Site(site("b"))));
+    assert!(at_b.hears_from(&site("b"), now));
+    assert!(!at_b.hears_from(&site("c"), now));
+    let at_c = at_b.repointed(NextHop::Site(site("c")), now);
+    assert_eq!(at_c.downstream, Some(NextHop::Site(site("c"))));
+    assert!(at_c.hears_from(&site("c"), now));
+    // What b stored before the hand-over still comes up, for the grace period only.
+    assert!(at_c.hears_from(&site("b"), now + FORMER_DOWNSTREAM_GRACE_MS - 1));
+    assert!(!at_c.hears_from(&site("b"), now + FORMER_DOWNSTREAM_GRACE_MS));
+    assert!(!at_c.hears_from(&site("d"), now));
+    // Re-pointing to the same next hop keeps what was former; to a host, b stays former too.
+    let again = at_c.clone().repointed(NextHop::Site(site("c")), now + 5);
+    assert_eq!(again.former_downstream, at_c.former_downstream);
+    let local = at_c.repointed(NextHop::Host(HostId::new("h1").unwrap()), now);
+    assert!(local.hears_from(&site("c"), now));
+    assert!(!local.hears_from(&site("b"), now));
 }

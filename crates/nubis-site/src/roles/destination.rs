@@ -118,6 +118,7 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
         let current_host = match held {
             Some(VmRecord {
                 downstream: Some(NextHop::Host(h)),
+                former_downstream: None,
                 ..
             }) => Some(h),
             _ => None,

@@ -96,16 +96,18 @@ impl<L: LocalSite, P: Peers> Roles<L, P> {
                 } else {
                     Some(route.upstream.clone())
                 };
-                self.journal
-                    .put_vm(&VmRecord {
-                        vm: route.vm.clone(),
-                        primary: descriptor.primary_site.clone(),
-                        upstream,
-                        downstream: Some(route.next.clone()),
-                        descriptor,
-                        phase: VmPhase::Placed,
-                    })
-                    .map_err(internal)?;
+                // A partner that held the VM before keeps passing up what it stored then.
+                let record = VmRecord {
+                    vm: route.vm.clone(),
+                    primary: descriptor.primary_site.clone(),
+                    upstream,
+                    downstream: previous.as_ref().and_then(|r| r.downstream.clone()),
+                    former_downstream: previous.as_ref().and_then(|r| r.former_downstream.clone()),
+                    descriptor,
+                    phase: VmPhase::Placed,
+                }
+                .repointed(route.next.clone(), nubis_protocol::envelope::now_ms());
+                self.journal.put_vm(&record).map_err(internal)?;
                 self.keep_for_source_commit(&route)?;
             }
             HandOverSide::Source => {

@@ -38,6 +38,7 @@ fn hold(t: &TestSite, vm_id: &str, primary: &str, upstream: &str, downstream: Ne
         primary: id(primary),
         upstream: Some(id(upstream)),
         downstream: Some(downstream),
+        former_downstream: None,
         descriptor: descriptor(vm_id, primary),
         phase: VmPhase::Placed,
     };

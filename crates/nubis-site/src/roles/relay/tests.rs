@@ -155,6 +155,7 @@ fn held_for_b_at_c(t: &TestSite, vm: &str) {
             primary: id("b"),
             upstream: Some(id("b")),
             downstream: Some(site("c")),
+            former_downstream: None,
             descriptor: descriptor(vm, "b"),
             phase: VmPhase::Placed,
         })
