@@ -5,6 +5,7 @@ mod chaos;
 mod demo;
 mod envelope;
 mod federation;
+mod federation_init;
 mod guest_kpi;
 mod guest_migration;
 mod host_agent;

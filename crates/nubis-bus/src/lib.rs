@@ -11,6 +11,7 @@
 //! - [`call`]: the signed client, which accepts only replies signed by the site asked;
 //! - [`serve`](mod@serve): the serve loop (verify first, fair bounded handlers, signed answers);
 //! - [`tls`]: the federation's certificates (its CA, the hub's, each site's leaf certificate);
+//! - [`server_config`]: the nats-server configurations of `nats-config/`, and their rendering;
 //! - [`federation`], [`proxy`], [`host`], [`ops`]: the typed clients of other sites, of Transfer
 //!   proxies, of host agents (site-internal) and of the operator API.
 
@@ -23,6 +24,7 @@ pub mod ops;
 pub mod proxy;
 mod replies;
 pub mod serve;
+pub mod server_config;
 pub mod tls;
 
 pub use call::{CallError, CallPolicy, SignedClient, Target};

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::operator::{new_password, parse_site, AddError};
 
 /// The template of one host user, shared with the test kit so the two cannot drift apart.
-const HOST_USER_TEMPLATE: &str = include_str!("../../../nats-config/leaf-host-user.conf");
+use nubis_bus::server_config::LEAF_HOST_USER as HOST_USER_TEMPLATE;
 
 /// `nubis host-user add`.
 #[derive(Debug, Args)]

@@ -5,6 +5,8 @@
 //! message says what to do next.
 
 mod audit;
+mod directory;
+mod federation;
 mod host_user;
 mod image;
 mod monitor;
@@ -87,6 +89,10 @@ enum Command {
     /// certificates for the leaf connections.
     #[command(subcommand)]
     Tls(tls::TlsCommand),
+    /// Generate a whole deployment (`init`), and create the federation's directory at the hub
+    /// (`directory`).
+    #[command(subcommand)]
+    Federation(federation::FederationCommand),
     /// Run a Transfer proxy (`nubis proxy --config proxy.toml`).
     Proxy {
         /// The proxy's configuration file.
@@ -448,6 +454,39 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 ..user(e)
             })?;
             written.print(cli.json);
+            Ok(())
+        }
+        Command::Federation(federation::FederationCommand::Init(args)) => {
+            let generated = federation::init(&args).map_err(|e| Failure {
+                hint: Some(
+                    "choose an empty --out; check the --hub, --site and --host values".into(),
+                ),
+                ..user(e)
+            })?;
+            generated.print(cli.json);
+            Ok(())
+        }
+        Command::Federation(federation::FederationCommand::Directory(args)) => {
+            init_tracing();
+            let created = runtime()?
+                .block_on(directory::create(&args))
+                .map_err(|e| Failure {
+                    code: EXIT_UNREACHABLE,
+                    error: e,
+                    hint: Some(
+                        "check that the hub's nodes run and --nats-url, --password-file point at one; a clustered hub needs a majority of its nodes up".into(),
+                    ),
+                })?;
+            if cli.json {
+                println!("{}", serde_json::json!(created));
+            } else {
+                println!(
+                    "directory {} ready: {} replica(s) on {}",
+                    created.stream,
+                    created.replicas,
+                    created.placed_on.join(", ")
+                );
+            }
             Ok(())
         }
         Command::Proxy { config } => {

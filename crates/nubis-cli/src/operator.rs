@@ -257,7 +257,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
 
-    const LEAF_TEMPLATE: &str = include_str!("../../../nats-config/leaf.conf");
+    use nubis_bus::server_config::LEAF as LEAF_TEMPLATE;
 
     /// The template's block of `user`, without its comment lines.
     fn template_block(user: &str) -> String {

@@ -121,3 +121,75 @@ pub async fn leaf_names(port: u16) -> Result<Vec<String>, MonitorError> {
     names.sort();
     Ok(names)
 }
+
+/// The JetStream meta group of a clustered hub, as its leader's `/jsz` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaGroup {
+    /// The leader's server name.
+    pub leader: String,
+    /// The other members the leader counts, each with whether it is current.
+    pub peers: Vec<(String, bool)>,
+}
+
+impl MetaGroup {
+    /// Whether the leader counts every one of `nodes` (itself included) as a current member.
+    pub fn counts_all_current(&self, nodes: &[String]) -> bool {
+        nodes
+            .iter()
+            .all(|n| *n == self.leader || self.peers.iter().any(|(p, current)| p == n && *current))
+    }
+
+    /// The nodes of `nodes` that are not members at all: left out when the group formed.
+    pub fn left_out(&self, nodes: &[String]) -> Vec<String> {
+        nodes
+            .iter()
+            .filter(|n| **n != self.leader && !self.peers.iter().any(|(p, _)| p == *n))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The meta group of the hub whose nodes' names and monitoring ports are `nodes`: asks the
+/// first node that answers who leads, then asks the leader. An error says what is missing.
+pub async fn meta_group(nodes: &[(String, u16)]) -> Result<MetaGroup, String> {
+    let mut last = "no node given".to_owned();
+    let mut leader = None;
+    for (name, port) in nodes {
+        match get_json(*port, "/jsz").await {
+            Ok(jsz) => {
+                leader = jsz
+                    .pointer("/meta_cluster/leader")
+                    .and_then(serde_json::Value::as_str)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned);
+                if leader.is_some() {
+                    break;
+                }
+                last = format!("{name} knows no meta leader yet");
+            }
+            Err(e) => last = format!("{name}: {e}"),
+        }
+    }
+    let leader = leader.ok_or(last)?;
+    let port = nodes
+        .iter()
+        .find(|(name, _)| *name == leader)
+        .map(|(_, port)| *port)
+        .ok_or_else(|| format!("meta leader {leader} is not one of the nodes"))?;
+    let jsz = get_json(port, "/jsz").await.map_err(|e| e.to_string())?;
+    let peers = jsz
+        .pointer("/meta_cluster/replicas")
+        .and_then(serde_json::Value::as_array)
+        .map(|peers| {
+            peers
+                .iter()
+                .filter_map(|p| {
+                    let name = p.get("name")?.as_str()?.to_owned();
+                    let current = p.get("current").and_then(serde_json::Value::as_bool);
+                    Some((name, current == Some(true)))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(MetaGroup { leader, peers })
+}

@@ -9,8 +9,7 @@ use crate::monitor;
 use crate::wait::{Backoff, DEFAULT_TIMEOUT};
 
 /// The directory's stream configuration, as the hub operator creates it.
-pub const DIRECTORY_BUCKET_CONFIG: &str =
-    include_str!("../../../../nats-config/directory-bucket.json");
+pub const DIRECTORY_BUCKET_CONFIG: &str = nubis_bus::server_config::DIRECTORY_BUCKET;
 
 /// How long a clustered hub's nodes may take to form their meta group before one left out is
 /// restarted.
@@ -109,87 +108,31 @@ impl Federation {
         }
     }
 
-    /// The nodes the meta leader does not count as peers (none when there is no leader).
-    async fn meta_cluster_missing(&self) -> Vec<String> {
-        let Some(port) = self.hub().http_port else {
-            return Vec::new();
-        };
-        let Ok(meta) = monitor::get_json(port, "/jsz").await else {
-            return Vec::new();
-        };
-        let Some(leader) = meta
-            .pointer("/meta_cluster/leader")
-            .and_then(serde_json::Value::as_str)
-            .map(str::to_owned)
-        else {
-            return Vec::new();
-        };
-        let Some(leader_port) = self
-            .hubs
-            .iter()
-            .find(|n| n.name == leader)
-            .and_then(|n| n.http_port)
-        else {
-            return Vec::new();
-        };
-        let Ok(meta) = monitor::get_json(leader_port, "/jsz").await else {
-            return Vec::new();
-        };
-        let mut counted = vec![leader];
-        if let Some(peers) = meta
-            .pointer("/meta_cluster/replicas")
-            .and_then(serde_json::Value::as_array)
-        {
-            counted.extend(
-                peers
-                    .iter()
-                    .filter_map(|p| p.get("name").and_then(serde_json::Value::as_str))
-                    .map(str::to_owned),
-            );
-        }
+    /// The hub's nodes that run, by name and monitoring port.
+    fn running_nodes(&self) -> Vec<(String, u16)> {
         self.hubs
             .iter()
-            .map(|n| n.name.clone())
-            .filter(|n| !counted.contains(n))
+            .filter_map(|n| n.http_port.map(|port| (n.name.clone(), port)))
             .collect()
     }
 
-    /// `Ok` once the meta leader's `/jsz` lists every other node as a current peer.
+    /// The nodes the meta leader does not count as members (none when there is no leader).
+    async fn meta_cluster_missing(&self) -> Vec<String> {
+        let names: Vec<String> = self.hubs.iter().map(|n| n.name.clone()).collect();
+        monitor::meta_group(&self.running_nodes())
+            .await
+            .map(|group| group.left_out(&names))
+            .unwrap_or_default()
+    }
+
+    /// `Ok` once the meta leader counts every node as a current member.
     async fn meta_cluster_ready(&self) -> Result<(), String> {
-        let any = self.hub().http_port.ok_or("no hub node runs")?;
-        let meta = monitor::get_json(any, "/jsz")
-            .await
-            .map_err(|e| e.to_string())?;
-        let leader = meta
-            .pointer("/meta_cluster/leader")
-            .and_then(serde_json::Value::as_str)
-            .filter(|l| !l.is_empty())
-            .ok_or("no meta leader yet")?
-            .to_owned();
-        let node = self
-            .hubs
-            .iter()
-            .find(|n| n.name == leader)
-            .and_then(|n| n.http_port)
-            .ok_or_else(|| format!("meta leader {leader} is not a running node"))?;
-        let meta = monitor::get_json(node, "/jsz")
-            .await
-            .map_err(|e| e.to_string())?;
-        let current = meta
-            .pointer("/meta_cluster/replicas")
-            .and_then(serde_json::Value::as_array)
-            .map_or(0, |peers| {
-                peers
-                    .iter()
-                    .filter(|p| p.get("current").and_then(serde_json::Value::as_bool) == Some(true))
-                    .count()
-            });
-        if current + 1 >= self.hubs.len() {
+        let names: Vec<String> = self.hubs.iter().map(|n| n.name.clone()).collect();
+        let group = monitor::meta_group(&self.running_nodes()).await?;
+        if group.counts_all_current(&names) {
             Ok(())
         } else {
-            Err(format!(
-                "meta leader {leader} counts {current} current peers: {meta}"
-            ))
+            Err(format!("the meta group is not complete yet: {group:?}"))
         }
     }
 

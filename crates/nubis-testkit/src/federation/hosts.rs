@@ -11,7 +11,7 @@ use super::server::{render_template, Server};
 use super::{Error, Federation, HOST};
 use crate::wait::{wait_until, DEFAULT_TIMEOUT};
 
-const HOST_USER_TEMPLATE: &str = include_str!("../../../../nats-config/leaf-host-user.conf");
+use nubis_bus::server_config::LEAF_HOST_USER as HOST_USER_TEMPLATE;
 
 /// The placeholder of `leaf.conf` that holds the host users.
 pub(super) const HOST_USERS: &str = "HOST_USERS";

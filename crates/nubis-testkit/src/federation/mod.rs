@@ -66,10 +66,10 @@ const DIRECTORY_REPLICAS: usize = 3;
 pub const HUB_DOMAIN: &str = "hub";
 
 const HOST: &str = "127.0.0.1";
-const HUB_TEMPLATE: &str = include_str!("../../../../nats-config/hub.conf");
-const HUB_CLUSTER_TEMPLATE: &str = include_str!("../../../../nats-config/hub-cluster.conf");
-const LEAF_TEMPLATE: &str = include_str!("../../../../nats-config/leaf.conf");
-const HUB_LEAF_USER_TEMPLATE: &str = include_str!("../../../../nats-config/hub-leaf-user.conf");
+use nubis_bus::server_config::{
+    HUB as HUB_TEMPLATE, HUB_CLUSTER as HUB_CLUSTER_TEMPLATE,
+    HUB_LEAF_USER as HUB_LEAF_USER_TEMPLATE, LEAF as LEAF_TEMPLATE,
+};
 
 /// The name of the hub's `n`-th node, counting from 1.
 fn hub_node_name(n: usize) -> String {
@@ -186,6 +186,7 @@ impl Federation {
         // site is worth nothing at another.
         let common = |server: &mut Server| {
             server.values.insert("HOST", HOST.to_owned());
+            server.values.insert("LEAF_HOST", HOST.to_owned());
             server.values.insert("SYS_PASSWORD", sys_password.clone());
             for role in Role::ALL {
                 if role.exists_on(server.is_hub()) {

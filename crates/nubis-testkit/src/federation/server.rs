@@ -355,23 +355,15 @@ impl Server {
     }
 }
 
-/// Fills every `{{NAME}}` placeholder of `template`; fails if one is left unfilled.
+/// Fills every `{{NAME}}` placeholder of `template` (`nubis_bus::server_config::render`);
+/// fails, naming `server`, if one is left unfilled.
 pub(super) fn render_template(
     server: &str,
     template: &str,
     values: impl IntoIterator<Item = (&'static str, String)>,
 ) -> Result<String, Error> {
-    let mut text = template.to_owned();
-    for (key, value) in values {
-        text = text.replace(&format!("{{{{{key}}}}}"), &value);
-    }
-    if let Some(start) = text.find("{{") {
-        let rest = &text[start..];
-        let end = rest.find("}}").map_or(rest.len(), |e| e + 2);
-        return Err(Error::Template {
-            server: server.to_owned(),
-            placeholder: rest[..end].to_owned(),
-        });
-    }
-    Ok(text)
+    nubis_bus::server_config::render(template, values).map_err(|e| Error::Template {
+        server: server.to_owned(),
+        placeholder: e.placeholder,
+    })
 }

@@ -8,6 +8,7 @@ fn templates_render_without_leftover_placeholders() {
     let mut hub = Server::new(HUB, dir.join("hub"), HUB_TEMPLATE, true);
     for key in [
         "HOST",
+        "LEAF_HOST",
         "STORE",
         "PORTS_DIR",
         "SYS_PASSWORD",
