@@ -51,6 +51,36 @@ pub fn render<'a>(
     }
 }
 
+/// Asks the server `client` is connected to, once, to create the stream that `config` (a
+/// JetStream stream configuration such as [`DIRECTORY_BUCKET`]) describes, as the hub's
+/// operator does for the directory. Creating an existing stream with the same configuration
+/// succeeds. Returns the server's description of the stream, or why there is none: the
+/// server's error, a failed request or no answer within `timeout`.
+pub async fn create_stream(
+    client: &async_nats::Client,
+    config: &serde_json::Value,
+    timeout: std::time::Duration,
+) -> Result<serde_json::Value, String> {
+    let name = config
+        .get("name")
+        .and_then(serde_json::Value::as_str)
+        .ok_or("the stream configuration has no `name`")?;
+    let body = serde_json::to_vec(config).map_err(|e| e.to_string())?;
+    let subject = format!("$JS.API.STREAM.CREATE.{name}");
+    match tokio::time::timeout(timeout, client.request(subject, body.into())).await {
+        Ok(Ok(msg)) => {
+            let reply: serde_json::Value =
+                serde_json::from_slice(&msg.payload).map_err(|e| e.to_string())?;
+            match reply.get("error") {
+                None => Ok(reply),
+                Some(error) => Err(error.to_string()),
+            }
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer in {timeout:?}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

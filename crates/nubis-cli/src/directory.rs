@@ -72,26 +72,13 @@ pub async fn create(args: &DirectoryArgs) -> anyhow::Result<Created> {
         &ConnectSpec::tool("nubis federation directory", REQUEST_TIMEOUT),
     )
     .await?;
-    let subject = format!("$JS.API.STREAM.CREATE.{name}");
-    let body = serde_json::to_vec(&config)?;
     let deadline = Instant::now() + Duration::from_secs(args.wait);
     loop {
-        let answer = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            client.request(subject.clone(), body.clone().into()),
-        )
-        .await;
-        let last = match answer {
-            Ok(Ok(msg)) => {
-                let reply: serde_json::Value =
-                    serde_json::from_slice(&msg.payload).unwrap_or_default();
-                match reply.get("error") {
-                    None => return Ok(created(name, &reply)),
-                    Some(error) => error.to_string(),
-                }
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer in {REQUEST_TIMEOUT:?}"),
+        let last = match nubis_bus::server_config::create_stream(&client, &config, REQUEST_TIMEOUT)
+            .await
+        {
+            Ok(reply) => return Ok(created(name, &reply)),
+            Err(last) => last,
         };
         tracing::info!(answer = %last, "the hub cannot create the directory yet");
         if Instant::now() >= deadline {

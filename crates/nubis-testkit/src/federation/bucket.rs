@@ -29,35 +29,15 @@ impl Federation {
             })?;
         // Three replicas on a hub of three nodes or more, as deployed; one per node below that.
         config["num_replicas"] = serde_json::json!(self.hubs.len().min(DIRECTORY_REPLICAS));
-        let body = serde_json::to_vec(&config).map_err(|e| Error::Bucket {
-            last: e.to_string(),
-        })?;
-        let name = config
-            .get("name")
-            .and_then(|n| n.as_str())
-            .unwrap_or_default()
-            .to_owned();
         let hub = self.hub();
         let client = hub.connect_as(hub.default_role()).await?;
         let deadline = Instant::now() + DEFAULT_TIMEOUT;
         let mut backoff = Backoff::default();
         loop {
-            let answer = tokio::time::timeout(
-                CREATE_TIMEOUT,
-                client.request(format!("$JS.API.STREAM.CREATE.{name}"), body.clone().into()),
-            )
-            .await;
-            let last = match answer {
-                Ok(Ok(msg)) => {
-                    let reply: serde_json::Value =
-                        serde_json::from_slice(&msg.payload).unwrap_or_default();
-                    match reply.get("error") {
-                        None => return Ok(()),
-                        Some(error) => error.to_string(),
-                    }
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer in {CREATE_TIMEOUT:?}"),
+            let Err(last) =
+                nubis_bus::server_config::create_stream(&client, &config, CREATE_TIMEOUT).await
+            else {
+                return Ok(());
             };
             if Instant::now() >= deadline {
                 let last = format!("{last}; {}", self.meta_cluster_state().await);
