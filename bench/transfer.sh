@@ -16,14 +16,6 @@ SSHD_PID=
 cleanup() { [ -n "$SSHD_PID" ] && kill "$SSHD_PID" 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-# The scp baseline needs an sshd: install it where it is missing (the rest of the benchmark runs
-# without it, with n/a in the scp columns, if that fails).
-if ! [ -x /usr/sbin/sshd ]; then
-  # shellcheck source=../scripts/setup-lib.sh
-  . "$ROOT/scripts/setup-lib.sh"
-  apt_install openssh-server openssh-client || echo "# openssh-server not installed: no scp baseline"
-fi
-
 cargo build --release -q -p nubis-proxy --example transfer_bench
 BENCH="$ROOT/target/release/examples/transfer_bench"
 
@@ -41,18 +33,11 @@ for i in $(seq 0 $((runs - 1))); do
 done
 sync
 
-# Throwaway sshd on a loopback port, with a temporary host key and authorized key.
+# shellcheck source=sshd.sh
+. "$ROOT/bench/sshd.sh"
 SCP_OK=0
-if command -v /usr/sbin/sshd >/dev/null && command -v scp >/dev/null; then
-  mkdir -p "$WORK/ssh" /run/sshd  # sshd refuses to start without its privilege-separation dir
-  ssh-keygen -q -t ed25519 -N '' -f "$WORK/ssh/host" && ssh-keygen -q -t ed25519 -N '' -f "$WORK/ssh/id"
-  cp "$WORK/ssh/id.pub" "$WORK/ssh/authorized_keys"; chmod 600 "$WORK/ssh/authorized_keys"
-  PORT=$((20000 + RANDOM % 20000))
-  /usr/sbin/sshd -D -p "$PORT" -h "$WORK/ssh/host" -o ListenAddress=127.0.0.1 \
-    -o AuthorizedKeysFile="$WORK/ssh/authorized_keys" -o StrictModes=no -o PidFile=none \
-    -o PasswordAuthentication=no -e 2>"$WORK/ssh/log" & SSHD_PID=$!
-  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
-  SCP=(scp -q -P "$PORT" -i "$WORK/ssh/id" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes)
+if start_sshd "$WORK/ssh"; then
+  SCP=(scp -q -P "$SSHD_PORT" -i "$SSHD_KEY" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes)
   SCP_OK=1
 fi
 

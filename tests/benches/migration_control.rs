@@ -8,6 +8,8 @@
 // A benchmark is a test harness: a failed setup step should stop it loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod shared;
+
 use nubis_tests::stack;
 
 use std::collections::HashSet;
@@ -15,37 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use serde_json::json;
-use stack::{ops, SiteSpec, Stack};
-
-const NAMES: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
-
-/// (Each host offers 8 vCPUs, so a chain takes 8 one-vCPU placements.)
-/// Sites s0 (Controller, primary, no room) → s1 → … → s(k+1) (room); each delegates only onward.
-fn chain(intermediaries: usize) -> Vec<SiteSpec> {
-    let last = intermediaries + 1;
-    (0..=last)
-        .map(|i| {
-            let mut partners = Vec::new();
-            if i > 0 {
-                partners.push((NAMES[i - 1], 0));
-            }
-            if i < last {
-                partners.push((NAMES[i + 1], 10));
-            }
-            SiteSpec {
-                id: NAMES[i],
-                partners,
-                hosts: vec![(
-                    if i == last { "room" } else { "full" },
-                    if i == last { 1 << 20 } else { 128 },
-                )],
-                policy: "",
-                top: "",
-            }
-        })
-        .collect()
-}
+use shared::{chain, place};
+use stack::Stack;
 
 #[derive(Default)]
 struct Tally {
@@ -100,30 +73,13 @@ async fn run(
             t.messages = 0;
             t.bytes = 0;
         }
-        let body = json!({
-            "vm": format!("vm-{i}"),
-            "hardware": {"vcpus": 1, "memory_mib": 256,
-                "disks": [{"name": "vda", "capacity_bytes": 1048576, "format": "qcow2", "image": "tiny.qcow2"}],
-                "networks": []},
-        });
-        let r = ops(&op, "s0", "deploy", body).await.unwrap();
-        let id = r["migration"].as_str().unwrap().to_string();
-        let v = loop {
-            let v = ops(&op, "s0", "vms", json!({"migration": id}))
-                .await
-                .unwrap();
-            match v["phase"].as_str() {
-                Some("committed") => break v,
-                Some("aborted") => panic!("placement aborted: {v}"),
-                _ => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        };
+        let elapsed_ms = place(&op, "s0", &format!("vm-{i}")).await;
         // Let the last replies reach the observer before reading the tally.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let t = tally.lock().unwrap();
         messages = t.messages;
         bytes = t.bytes;
-        times.push(v["elapsed_s"].as_f64().unwrap() * 1000.0);
+        times.push(elapsed_ms);
     }
     counter.abort();
     stack.shutdown().await;

@@ -32,8 +32,16 @@ use tracing::debug;
 /// The most bytes read at once, and so the most one write of the link carries.
 pub const CHUNK: usize = 16 * 1024;
 
-/// The burst of the token bucket: this many bytes pass at once when the link was idle.
+/// The least burst of the token bucket: at least this many bytes pass at once when the link
+/// was idle.
 pub const BURST: u64 = CHUNK as u64;
+
+/// The bucket also holds the bytes of this long at its rate, when that is more than
+/// [`BURST`]. A write waits on tokio's timer, which fires on whole milliseconds at the
+/// earliest: a wait of a fraction of one lasts a whole one or two. With a bucket smaller than
+/// what the rate earns meanwhile, the credit earned beyond it is lost and a fast link falls
+/// far below its rate (at 1 Gbit/s a chunk is earned in a tenth of a millisecond).
+const TIMER_SLACK: Duration = Duration::from_millis(4);
 
 /// What [`WanLink::addr`] gives for a link started with no target.
 const UNSPECIFIED: SocketAddr =
@@ -72,7 +80,8 @@ impl LinkSpec {
 }
 
 /// A token bucket with debt: a write takes its bytes at once and waits for the bucket to
-/// refill above zero, so `n` bytes after an idle link take at least `(n - BURST) / rate`.
+/// refill above zero, so `n` bytes after an idle link take at least
+/// `(n - burst) / rate`, the burst being [`TokenBucket::burst`].
 #[derive(Debug)]
 struct TokenBucket {
     tokens: f64,
@@ -87,11 +96,17 @@ impl TokenBucket {
         }
     }
 
+    /// The most bytes the bucket holds at `rate`: [`BURST`], or what [`TIMER_SLACK`] earns
+    /// when that is more.
+    fn burst(rate: f64) -> f64 {
+        (BURST as f64).max(rate * TIMER_SLACK.as_secs_f64())
+    }
+
     /// Takes `n` bytes at `rate` and returns how long to wait before sending them.
     fn take(&mut self, n: usize, rate: u64, now: Instant) -> Duration {
         let rate = rate.max(1) as f64;
         let refill = now.saturating_duration_since(self.last).as_secs_f64() * rate;
-        self.tokens = (self.tokens + refill).min(BURST as f64) - n as f64;
+        self.tokens = (self.tokens + refill).min(Self::burst(rate)) - n as f64;
         self.last = now;
         if self.tokens >= 0.0 {
             Duration::ZERO
@@ -310,14 +325,21 @@ where
     };
     let write = async move {
         while let Some((due, buf)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
+            // tokio's timer rounds every deadline up to the next whole millisecond, even one
+            // already past: sleeping when there is nothing to wait for would hold each chunk
+            // up to a millisecond and bound the link to a chunk per millisecond.
+            if due > Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
             let bandwidth = spec.borrow().bandwidth;
             if let Some(rate) = bandwidth {
                 let wait = match bucket.lock() {
                     Ok(mut b) => b.take(buf.len(), rate, Instant::now()),
                     Err(poisoned) => poisoned.into_inner().take(buf.len(), rate, Instant::now()),
                 };
-                tokio::time::sleep(wait).await;
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
             }
             to.write_all(&buf).await?;
         }
@@ -410,6 +432,33 @@ mod tests {
         // A second later the debt is paid and half a second more is earned.
         let later = start + Duration::from_millis(1000);
         assert_eq!(b.take(500, 1000, later), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_fast_link_keeps_its_rate_though_timers_fire_on_whole_milliseconds() {
+        let rate = 125_000_000;
+        let start = Instant::now();
+        let mut b = TokenBucket {
+            tokens: BURST as f64,
+            last: start,
+        };
+        // Every wait lasts until the next whole millisecond at the earliest, as tokio's
+        // timer makes it.
+        let chunks = 20_000u64;
+        let mut now = start;
+        for _ in 0..chunks {
+            let wait = b.take(CHUNK, rate, now);
+            now += Duration::from_millis(wait.as_nanos().div_ceil(1_000_000) as u64);
+        }
+        let seen = (chunks * CHUNK as u64) as f64 / (now - start).as_secs_f64();
+        assert!(seen >= 0.95 * rate as f64, "{seen} bytes/s");
+        assert!(seen <= 1.05 * rate as f64, "{seen} bytes/s");
+    }
+
+    #[test]
+    fn a_slow_link_keeps_the_least_burst() {
+        assert_eq!(TokenBucket::burst(1000.0), BURST as f64);
+        assert_eq!(TokenBucket::burst(125e6), 500_000.0);
     }
 
     #[tokio::test]
