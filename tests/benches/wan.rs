@@ -540,6 +540,13 @@ async fn bench(binary: NatsServerBinary) {
 fn main() {
     // As `nubis proxy` does: before any thread allocates.
     nubis_proxy::memory::bound_chunk_retention();
+    // RUST_LOG, when set, says what to log (to see where a transfer's time goes); otherwise the
+    // stacks log as the tests do.
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter.as_str())
+            .try_init();
+    }
     let Some(binary) = nubis_testkit::require_nats_server() else {
         return;
     };
