@@ -205,7 +205,10 @@ impl SiteFiles<'_> {
              site = \"{id}\"\nproxy = \"p1\"\nnats_url = \"{url}\"\nnats_user = \"proxy\"\n\
              nats_password_file = {}\nidentity_file = {}\nstore_dir = {}\n\n\
              [transfer]\n# The only directories whose files this proxy serves and receives into.\n\
-             roots = [{}]\n# Set to true when site.toml relays any transfer.\nrelay_allowed = false\n\n\
+             roots = [{}]\n# Set to true when site.toml relays any transfer.\nrelay_allowed = false\n\
+             # The rate of this site's link to the hub, bytes per second: the fetch window follows\n\
+             # it and the round trip to the source (default 125000000, 1 Gbit/s).\n\
+             # link_bytes_per_sec = 125000000\n\n\
              # Every site whose proxy this one exchanges files with, keys pinned.\n",
             at("proxy.nats-password"),
             at(&format!("{id}.key")),
