@@ -173,14 +173,6 @@ impl Default for TransferSettings {
     }
 }
 
-/// Round trips of the link's rate that one batch of the fetch window carries. The chunks of a
-/// batch reach the fetching proxy together, about two round trips after the time the link
-/// needs to carry them (measured through 25 ms links, `tests/benches/wan.rs`), and the next
-/// batch is asked for as that one arrives: so about one batch is in flight at a time, and a
-/// batch that carries twenty round trips of the rate keeps the two-round-trip gap under a tenth
-/// of the time.
-pub const BATCH_ROUND_TRIPS: f64 = 20.0;
-
 impl TransferSettings {
     /// Checks ranges; the errors name the key.
     pub fn validate(&self) -> Result<(), InvalidSetting> {
@@ -253,11 +245,12 @@ impl TransferSettings {
         Ok(())
     }
 
-    /// The fetch window for a source `rtt` away: the chunks [`Self::link_bytes_per_sec`]
-    /// carries in [`BATCH_ROUND_TRIPS`] round trips, at least [`Self::fetch_window`] and at most
+    /// The fetch window for a source `rtt` away: twice the chunks of the bandwidth-delay
+    /// product of [`Self::link_bytes_per_sec`] (a pull consumer asks for more only once half of
+    /// what it asked for has arrived), at least [`Self::fetch_window`] and at most
     /// [`Self::max_fetch_window`].
     pub fn fetch_window_for(&self, rtt: Duration) -> usize {
-        let in_flight = BATCH_ROUND_TRIPS * self.link_bytes_per_sec as f64 * rtt.as_secs_f64();
+        let in_flight = 2.0 * self.link_bytes_per_sec as f64 * rtt.as_secs_f64();
         let chunks = (in_flight / self.chunk_size.max(1) as f64).ceil();
         let chunks = if chunks.is_finite() && chunks < usize::MAX as f64 {
             chunks as usize
@@ -380,16 +373,15 @@ mod tests {
         let s = TransferSettings::default();
         // On loopback the configured window stands.
         assert_eq!(s.fetch_window_for(Duration::from_micros(300)), 8);
-        // 1 Gbit/s over a 10 ms round trip: twenty round trips carry 25 MB, 1 MiB chunks.
-        assert_eq!(s.fetch_window_for(Duration::from_millis(10)), 24);
-        // 100 Mbit/s over a 100 ms round trip: the same 25 MB.
+        // 1 Gbit/s over a 50 ms round trip: 6.25 MB in flight, twice that asked for, 1 MiB
+        // chunks.
+        assert_eq!(s.fetch_window_for(Duration::from_millis(50)), 12);
+        // 100 Mbit/s over the same round trip needs no more than the configured window.
         let slow = TransferSettings {
             link_bytes_per_sec: 12_500_000,
             ..TransferSettings::default()
         };
-        assert_eq!(slow.fetch_window_for(Duration::from_millis(100)), 24);
-        // ... and over a 2 ms one no more than the configured window.
-        assert_eq!(slow.fetch_window_for(Duration::from_millis(2)), 8);
+        assert_eq!(slow.fetch_window_for(Duration::from_millis(50)), 8);
         // Never beyond the bound, whatever the round trip.
         assert_eq!(s.fetch_window_for(Duration::from_secs(5)), 64);
         assert_eq!(s.fetch_window_for(Duration::MAX), 64);

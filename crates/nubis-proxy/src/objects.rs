@@ -299,6 +299,12 @@ pub enum Incoming {
 const INFO_POLL_MIN: Duration = Duration::from_millis(20);
 /// Longest pause between two looks at the info message.
 const INFO_POLL_MAX: Duration = Duration::from_millis(500);
+/// While fewer bytes than the reader expects have arrived, the info message is looked up only
+/// after this long without a chunk. A look is a round trip to the source site's server whose
+/// answer queues behind the chunks already on their way, and the chunks that arrive meanwhile
+/// are not taken, so the consumer asks for no more: on a slow link, where chunks are tens of
+/// milliseconds apart, looking at every pause emptied the pipe once per look.
+const INFO_POLL_EARLY: Duration = Duration::from_secs(2);
 
 /// Where a reader of an object stands, so that another reader can resume there.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -436,7 +442,8 @@ impl ObjectFollower {
 
     /// The next chunk, or the info message once every chunk it counts has been yielded.
     pub async fn next(&mut self) -> Result<Incoming, ObjectError> {
-        let deadline = tokio::time::Instant::now() + self.stall;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.stall;
         let mut poll = INFO_POLL_MIN;
         loop {
             if std::mem::take(&mut self.check_info) {
@@ -453,8 +460,10 @@ impl ObjectFollower {
                 Ok(item) => item,
                 Err(_) => {
                     // Nothing new: the writer may be done (its info message comes after the
-                    // last acknowledgement) or merely slow.
-                    self.check_info = true;
+                    // last acknowledgement) or merely slow. Short of the expected bytes, only
+                    // a long pause is worth a look (an object shorter than its manifest said).
+                    self.check_info = self.expected_bytes.is_none_or(|e| self.bytes >= e)
+                        || started.elapsed() >= INFO_POLL_EARLY;
                     poll = (poll * 2).min(INFO_POLL_MAX);
                     continue;
                 }
