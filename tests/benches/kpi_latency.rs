@@ -19,16 +19,6 @@ use std::time::Duration;
 use nubis_testkit::require_nats_server;
 use stack::{SiteSpec, Stack};
 
-fn bench_mode() -> bool {
-    std::env::args().any(|a| a == "--bench")
-}
-
-fn percentiles(mut v: Vec<u128>) -> (u128, u128) {
-    v.sort_unstable();
-    let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
-    (at(0.50), at(0.99))
-}
-
 #[tokio::main]
 async fn main() {
     let Some(binary) = require_nats_server() else {
@@ -49,23 +39,20 @@ async fn main() {
     )
     .await;
     let op = stack.operator("a").await;
-    shared::deploy_kpi_vm(&op, "a", &stack.image_store("a"), Duration::from_secs(60)).await;
-    let mount = stack
-        .wait_kpi_mount("a", "h1", "vm-kpi", Duration::from_secs(30))
-        .await
-        .unwrap();
-    let report = mount.join("unencrypted").join("bench");
-    let mut sub = op
-        .subscribe("nubis.mon.a.vm-kpi.kpi.bench.value")
-        .await
-        .unwrap();
-    op.flush().await.unwrap();
+    let (report, mut sub) =
+        shared::kpi_vm(&stack, &op, "a", ("a", "h1"), Duration::from_secs(60)).await;
 
-    let rounds = if bench_mode() { 2_000 } else { 20 };
+    let rounds = if shared::bench_mode() { 2_000 } else { 20 };
     let warmup = rounds / 10;
-    let (write_us, seen_us) = shared::kpi_reports(&report, &mut sub, warmup, rounds).await;
-    let (w50, w99) = percentiles(write_us);
-    let (s50, s99) = percentiles(seen_us);
+    let (mut write_us, mut seen_us) = shared::kpi_reports(&report, &mut sub, warmup, rounds).await;
+    let (w50, w99) = (
+        shared::percentile(&mut write_us, 0.5),
+        shared::percentile(&mut write_us, 0.99),
+    );
+    let (s50, s99) = (
+        shared::percentile(&mut seen_us, 0.5),
+        shared::percentile(&mut seen_us, 0.99),
+    );
     println!("## KPI write → bus subscriber, {rounds} reports (after {warmup} warm-up)");
     println!("| step | p50 | p99 |");
     println!("|---|---|---|");

@@ -11,6 +11,8 @@
 // A benchmark is a test harness: a failed setup step should stop it loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod shared;
+
 use nubis_tests::stack;
 
 use std::time::{Duration, Instant};
@@ -29,16 +31,6 @@ use nubis_protocol::{SiteId, VmId};
 use nubis_testkit::{require_nats_server, wait_until, Federation};
 use serde_json::json;
 use stack::{ops, SiteSpec, Stack};
-
-fn bench_mode() -> bool {
-    std::env::args().any(|a| a == "--bench")
-}
-
-fn percentiles(mut v: Vec<u128>) -> (u128, u128, u128) {
-    v.sort_unstable();
-    let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
-    (at(0.50), at(0.90), at(0.99))
-}
 
 fn batch(primary: &SiteId, vm: &VmId, seq: u64, samples: usize) -> MonitoringBatch {
     let dp = DataPoint::new("cpu.utilisation").unwrap();
@@ -68,7 +60,7 @@ async fn publishing(fed: &Federation) {
     let a = SiteIdentity::generate(SiteId::new("a").unwrap());
     let vm = VmId::new("vm-bench").unwrap();
     let subject = Subject::monitoring(a.site(), &vm, &DataPoint::new("cpu.utilisation").unwrap());
-    let n: u64 = if bench_mode() { 20_000 } else { 200 };
+    let n: u64 = if shared::bench_mode() { 20_000 } else { 200 };
     println!("## publishing (one task, server on loopback)");
     println!("samples/batch | signed batches/s | signed samples/s | raw msgs/s (same bytes) | ratio | raw msgs/s (same samples encoded, unsigned) | ratio | envelope bytes");
     for samples in [1usize, 10, 100] {
@@ -194,7 +186,7 @@ async fn end_to_end() {
     op_a.flush().await.unwrap();
     let a = SiteId::new("a").unwrap();
     let vm = VmId::new("vm-lat").unwrap();
-    let rounds = if bench_mode() { 2_000 } else { 20 };
+    let rounds = if shared::bench_mode() { 2_000 } else { 20 };
     let mut lat = Vec::with_capacity(rounds);
     let intake =
         Subject::monitoring_intake(&SiteId::new("c").unwrap(), &HostId::new("h1").unwrap());
@@ -219,7 +211,11 @@ async fn end_to_end() {
         assert!(matches!(stored, HostReply::Ok(_)), "{stored:?}");
         lat.push(arrived.as_micros());
     }
-    let (p50, p90, p99) = percentiles(lat);
+    let (p50, p90, p99) = (
+        shared::percentile(&mut lat, 0.5),
+        shared::percentile(&mut lat, 0.9),
+        shared::percentile(&mut lat, 0.99),
+    );
     println!("## end to end, intake at c → relayed by b → public subject of primary a");
     println!("rounds {rounds}: p50 {p50} µs, p90 {p90} µs, p99 {p99} µs");
     stack.shutdown().await;

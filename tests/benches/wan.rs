@@ -84,10 +84,6 @@ impl Profile {
     }
 }
 
-fn bench_mode() -> bool {
-    std::env::args().any(|a| a == "--bench")
-}
-
 fn env_list(name: &str, default: &str) -> Vec<String> {
     std::env::var(name)
         .unwrap_or_else(|_| default.to_string())
@@ -394,17 +390,8 @@ async fn kpi(
     ];
     let stack = linked_stack(binary, specs, profile).await;
     let op = stack.operator("a").await;
-    shared::deploy_kpi_vm(&op, "a", &stack.image_store("a"), Duration::from_secs(120)).await;
-    let mount = stack
-        .wait_kpi_mount("c", "h1", "vm-kpi", Duration::from_secs(60))
-        .await
-        .unwrap();
-    let mut sub = op
-        .subscribe("nubis.mon.a.vm-kpi.kpi.bench.value")
-        .await
-        .unwrap();
-    op.flush().await.unwrap();
-    let report = mount.join("unencrypted").join("bench");
+    let (report, mut sub) =
+        shared::kpi_vm(&stack, &op, "a", ("c", "h1"), Duration::from_secs(120)).await;
     let figures = shared::kpi_reports(&report, &mut sub, warmup, rounds).await;
     stack.shutdown().await;
     figures
@@ -415,7 +402,7 @@ fn ms(us: u128) -> String {
 }
 
 async fn bench(binary: NatsServerBinary) {
-    let full = bench_mode();
+    let full = shared::bench_mode();
     let profiles: Vec<Profile> = env_list(
         "NUBIS_WAN_PROFILES",
         if full { "loopback,1g,100m" } else { "1g" },

@@ -1,11 +1,12 @@
 //! What several benchmarks of this crate measure alike: a chain of sites for a placement through
 //! Intermediaries and the placement itself (`migration_control`, `wan`), and KPI reports written
-//! into a VM's KPI filesystem until the primary's subscriber sees them (`kpi_latency`, `wan`).
+//! into a VM's KPI filesystem until the primary's subscriber sees them (`kpi_latency`, `wan`),
+//! percentiles and whether the binary runs as a benchmark (`monitoring` too).
 //!
 //! Each benchmark binary includes this module and uses only part of it.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
@@ -13,7 +14,7 @@ use nubis_protocol::codec;
 use nubis_protocol::envelope::SignedEnvelope;
 use nubis_protocol::message::{BatchPayload, MonitoringBatch, Value};
 use nubis_testkit::wait_until;
-use nubis_tests::stack::{ops, SiteSpec};
+use nubis_tests::stack::{ops, SiteSpec, Stack};
 use serde_json::json;
 
 /// Site ids of the longest chain, in order.
@@ -67,11 +68,19 @@ pub async fn place(op: &async_nats::Client, site: &str, vm: &str) -> f64 {
     v["elapsed_s"].as_f64().unwrap() * 1000.0
 }
 
-/// Deploys the VM `vm-kpi` at `site` from the image `img.qcow2` of its image store (written
-/// here), reporting the raw data point `kpi.bench.value` at once, and waits up to `within` until
-/// the placement is committed.
-pub async fn deploy_kpi_vm(op: &async_nats::Client, site: &str, images: &Path, within: Duration) {
-    std::fs::write(images.join("img.qcow2"), b"disk").unwrap();
+/// Deploys the VM `vm-kpi` at the primary `site` from the image `img.qcow2` of its image store
+/// (written here), reporting the raw data point `kpi.bench.value` at once; waits up to
+/// `within` until the placement is committed and up to half of it until the VM's KPI
+/// filesystem is mounted on host `host` of site `runs_at`. Returns the report file to write
+/// into and a subscriber on the primary's public subject of that data point.
+pub async fn kpi_vm(
+    stack: &Stack,
+    op: &async_nats::Client,
+    site: &str,
+    (runs_at, host): (&str, &str),
+    within: Duration,
+) -> (PathBuf, async_nats::Subscriber) {
+    std::fs::write(stack.image_store(site).join("img.qcow2"), b"disk").unwrap();
     let v = ops(
         op,
         site,
@@ -94,6 +103,22 @@ pub async fn deploy_kpi_vm(op: &async_nats::Client, site: &str, images: &Path, w
     })
     .await
     .unwrap();
+    let mount = stack
+        .wait_kpi_mount(runs_at, host, "vm-kpi", within / 2)
+        .await
+        .unwrap();
+    let sub = op
+        .subscribe(format!("nubis.mon.{site}.vm-kpi.kpi.bench.value"))
+        .await
+        .unwrap();
+    op.flush().await.unwrap();
+    (mount.join("unencrypted").join("bench"), sub)
+}
+
+/// Whether the binary runs as a benchmark (`cargo bench`) rather than once, small, under
+/// `cargo test`.
+pub fn bench_mode() -> bool {
+    std::env::args().any(|a| a == "--bench")
 }
 
 /// The value at fraction `p` (0 to 1) of `v`, sorted in place.
