@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::extents::{data_extents, Extent};
 use crate::hashing::LogicalHasher;
-use crate::seal::{ChunkSealer, SEAL_OVERHEAD};
+use crate::seal::{ChunkSealer, NONCE_LEN, SEAL_OVERHEAD};
 
 /// Chunks read ahead of the network, per file.
 const READ_AHEAD: usize = 4;
@@ -108,19 +108,19 @@ fn read_file(
     let mut packed = Sha256::new();
     let mut allocated = 0u64;
     let mut index = 0u64;
-    // Sealing copies the bytes out, so one read buffer serves every chunk.
-    let mut buf = Vec::with_capacity(chunk_size);
     for ext in extents {
         let mut off = ext.offset;
         let end = ext.offset + ext.len;
         while off < end {
             let n = (end - off).min(chunk_size as u64) as usize;
-            buf.resize(n, 0);
-            f.read_exact_at(&mut buf, off)?;
+            // Read straight behind the nonce's room and sealed in place: no copy of the bytes.
+            let mut buf = ChunkSealer::buffer(n);
+            buf.resize(NONCE_LEN + n, 0);
+            f.read_exact_at(&mut buf[NONCE_LEN..], off)?;
             whole
-                .update(off, &buf)
+                .update(off, &buf[NONCE_LEN..])
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let data = sealer.seal(index, &buf).map_err(io::Error::other)?;
+            let data = sealer.seal_buffer(index, buf).map_err(io::Error::other)?;
             debug_assert_eq!(data.len(), n + SEAL_OVERHEAD);
             packed.update(&data);
             index += 1;

@@ -17,10 +17,11 @@
 //! [`DIGEST_INDEX`], which no chunk has. The key reaches the fetching proxy only sealed to the
 //! ephemeral X25519 key of its signed request ([`ContentKey::seal_to`]).
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use rand_core::{OsRng, RngCore};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use zeroize::Zeroizing;
 
 /// Bytes of a sealed chunk's nonce.
@@ -105,8 +106,11 @@ impl ContentKey {
         Self(Zeroizing::new(bytes))
     }
 
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(self.0.as_ref().into())
+    fn cipher(&self) -> Cipher {
+        // A 32-byte key is what AES-256-GCM takes: `new` cannot refuse it.
+        let key = UnboundKey::new(&AES_256_GCM, &self.0[..])
+            .unwrap_or_else(|_| unreachable!("AES-256-GCM takes 32-byte keys"));
+        Arc::new(LessSafeKey::new(key))
     }
 
     /// Seals chunks of object `object` in write attempt `attempt`.
@@ -174,10 +178,22 @@ fn associated_data(object: &str, index: u64) -> Vec<u8> {
     ad
 }
 
+/// AES-256-GCM under one content key (an implementation with AES-NI, CLMUL and AVX code paths,
+/// picked at run time).
+type Cipher = Arc<LessSafeKey>;
+
+/// The nonce of chunk `index` in write attempt `attempt`.
+fn chunk_nonce(attempt: u32, index: u64) -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce[..4].copy_from_slice(&attempt.to_be_bytes());
+    nonce[4..].copy_from_slice(&index.to_be_bytes());
+    nonce
+}
+
 /// Seals the chunks of one object in one write attempt.
 #[derive(Clone)]
 pub struct ChunkSealer {
-    cipher: Aes256Gcm,
+    cipher: Cipher,
     object: String,
     attempt: u32,
 }
@@ -194,21 +210,37 @@ impl std::fmt::Debug for ChunkSealer {
 impl ChunkSealer {
     /// Chunk `index` holding `plain`, sealed: `nonce ‖ ciphertext ‖ tag`.
     pub fn seal(&self, index: u64, plain: &[u8]) -> Result<Bytes, SealError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        nonce[..4].copy_from_slice(&self.attempt.to_be_bytes());
-        nonce[4..].copy_from_slice(&index.to_be_bytes());
-        let mut buf = BytesMut::with_capacity(plain.len() + SEAL_OVERHEAD);
-        buf.extend_from_slice(&nonce);
+        let mut buf = Self::buffer(plain.len());
         buf.extend_from_slice(plain);
+        self.seal_buffer(index, buf)
+    }
+
+    /// An empty buffer for a chunk of up to `len` plaintext bytes: room for the nonce in front
+    /// (already there, zeros) and the tag behind. Append the plaintext and hand it to
+    /// [`Self::seal_buffer`], which seals it without copying it.
+    pub fn buffer(len: usize) -> BytesMut {
+        let mut buf = BytesMut::with_capacity(len + SEAL_OVERHEAD);
+        buf.resize(NONCE_LEN, 0);
+        buf
+    }
+
+    /// Seals, as chunk `index`, the plaintext that follows the nonce's room in `buf` (made by
+    /// [`Self::buffer`]), in place: `nonce ‖ ciphertext ‖ tag`.
+    pub fn seal_buffer(&self, index: u64, mut buf: BytesMut) -> Result<Bytes, SealError> {
+        if buf.len() < NONCE_LEN {
+            return Err(SealError::TooLong { index });
+        }
+        let nonce = chunk_nonce(self.attempt, index);
+        buf[..NONCE_LEN].copy_from_slice(&nonce);
         let tag = self
             .cipher
-            .encrypt_in_place_detached(
-                Nonce::from_slice(&nonce),
-                &associated_data(&self.object, index),
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(associated_data(&self.object, index)),
                 &mut buf[NONCE_LEN..],
             )
             .map_err(|_| SealError::TooLong { index })?;
-        buf.extend_from_slice(&tag);
+        buf.extend_from_slice(tag.as_ref());
         Ok(buf.freeze())
     }
 
@@ -221,7 +253,7 @@ impl ChunkSealer {
 /// Opens the chunks of one object.
 #[derive(Clone)]
 pub struct ChunkOpener {
-    cipher: Aes256Gcm,
+    cipher: Cipher,
     object: String,
 }
 
@@ -241,16 +273,19 @@ impl ChunkOpener {
             return Err(refused);
         }
         let (nonce, rest) = sealed.split_at(NONCE_LEN);
-        let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let mut buf = BytesMut::from(body);
-        self.cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(nonce),
-                &associated_data(&self.object, index),
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| refused.clone())?;
+        // One copy out of the received message (whose buffer is shared), then opened in place.
+        let mut buf = BytesMut::from(rest);
+        let plain_len = self
+            .cipher
+            .open_in_place(
+                nonce,
+                Aad::from(associated_data(&self.object, index)),
                 &mut buf[..],
-                Tag::from_slice(tag),
             )
-            .map_err(|_| refused)?;
+            .map_err(|_| refused)?
+            .len();
+        buf.truncate(plain_len);
         Ok(buf.freeze())
     }
 
