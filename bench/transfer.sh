@@ -63,28 +63,38 @@ run_one() { # name file
   rm -rf "$WORK/dst"; sync
   out=$("$BENCH" "$file" "$WORK/dst" 1024 32 8)
   local px_s published hwm key cpu=()
-  field() { sed -E "s/.*$1=([0-9.]+).*/\\1/" <<<"$out"; }
+  field() { grep -oE "(^| )$1=[0-9.]+" <<<"$out" | head -n 1 | cut -d= -f2; }
   px_s=$(field seconds)
   published=$(field published)
   hwm=$(field vmhwm_kib)
   for key in source_proxy source_server hub destination_server destination_proxy; do
     cpu+=("$(field "cpu_${key}_s")")
   done
+  local floor_s floor=()
+  floor_s=$(field floor_seconds)
+  for key in source_client source_server hub destination_server destination_client; do
+    floor+=("$(field "floor_cpu_${key}_s")")
+  done
   cmp -s "$file" "$WORK/dst/disk.img" || { echo "MISMATCH for $name"; exit 1; }
-  printf '| %s | %d MiB | %.2f s (%s MiB/s) | %.2f s (%s MiB/s) | %s | %.2f | %s | %d MiB | %d MiB | %s | %s |\n' \
+  # CPU-s per GiB of each component, then the total and the two sites' share (all but the hub,
+  # the third of five).
+  per_gib() { awk -v z="$size" -v c="$*" 'BEGIN { n = split(c, v, " "); g = z / 1073741824; t = 0
+      for (i = 1; i <= n; i++) { t += v[i]; printf "%.2f / ", v[i] / g }
+      printf "**%.2f** (sites %.2f)", t / g, (t - v[3]) / g }'; }
+  printf '| %s | %d MiB | %.2f s (%s MiB/s) | %.2f s (%s MiB/s) | %s | %.2f | %s | %d MiB | %d MiB | %s | %s | %.2f s: %s |\n' \
     "$name" $((size >> 20)) "$px_s" "$(rate "$size" "$px_s")" "$cp_s" "$(rate "$size" "$cp_s")" \
     "$( [ "$scp_s" = NaN ] && echo n/a || printf '%.2f s (%s MiB/s)' "$scp_s" "$(rate "$size" "$scp_s")")" \
     "$(awk -v a="$cp_s" -v b="$px_s" 'BEGIN { print a / b }')" \
     "$( [ "$scp_s" = NaN ] && echo n/a || awk -v a="$scp_s" -v b="$px_s" 'BEGIN { printf "%.2f", a / b }')" \
     $((published >> 20)) $((hwm >> 10)) \
-    "$(awk -v z="$size" -v c="${cpu[*]}" 'BEGIN { n = split(c, v, " "); g = z / 1073741824; t = 0
-        for (i = 1; i <= n; i++) { t += v[i]; printf "%.2f / ", v[i] / g }; printf "**%.2f**", t / g }')" \
-    "$( [ "$scp_cpu" = NaN ] && echo n/a || awk -v z="$size" -v c="$scp_cpu" 'BEGIN { printf "%.2f", c / (z / 1073741824) }')"
+    "$(per_gib "${cpu[*]}")" \
+    "$( [ "$scp_cpu" = NaN ] && echo n/a || awk -v z="$size" -v c="$scp_cpu" 'BEGIN { printf "%.2f", c / (z / 1073741824) }')" \
+    "$floor_s" "$(per_gib "${floor[*]}")"
   rm -rf "$WORK/dst"
 }
 
-echo "| image | size | nubis proxies | cp | scp (loopback) | ×cp rate | ×scp rate | bytes published | peak RSS (both proxies) | nubis CPU-s per GiB: source proxy / source server / hub / destination server / destination proxy / **total** | scp + sshd CPU-s per GiB |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| image | size | nubis proxies | cp | scp (loopback) | ×cp rate | ×scp rate | bytes published | peak RSS (both proxies) | nubis CPU-s per GiB: source proxy / source server / hub / destination server / destination proxy / **total** (two sites) | scp + sshd CPU-s per GiB | bus floor, same bytes as raw chunks: time, CPU-s per GiB: source client / source server / hub / destination server / destination client / **total** (two sites) |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 for mib in ${DENSE_MIBS//,/ }; do
   head -c $((mib << 20)) /dev/urandom > "$WORK/dense.img"; sync
   run_one "dense (random)" "$WORK/dense.img"

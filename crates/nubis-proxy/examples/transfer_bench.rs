@@ -5,7 +5,12 @@
 //! Usage: `transfer_bench <source file> <destination dir> [chunk KiB] [publish window] [fetch
 //! window]`. Prints one line
 //! of `key=value` figures: seconds, bytes moved, bytes published, peak RSS (VmHWM) of this
-//! process.
+//! process, CPU seconds of each proxy and server.
+//!
+//! Then, through the same servers and TLS links, the floor that the bus itself sets: as many
+//! bytes of random chunks, published raw by a client at `a` into the transfer bucket and read
+//! by a client at `b` with the same kind of pull consumer, across the hub (no file, no digest,
+//! no sealing). Its figures are the `floor_…` keys.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -104,22 +109,142 @@ fn main() -> anyhow::Result<()> {
         destination.block_on(fed.connect("b"))?,
     );
     let result = main_rt.block_on(bench(
-        fed,
+        &fed,
         clients,
         source.handle().clone(),
         destination.handle().clone(),
     ));
+    let floor_clients = (
+        source.block_on(fed.connect("a"))?,
+        destination.block_on(fed.connect("b"))?,
+    );
+    let result = result.and_then(|moved| {
+        main_rt.block_on(floor(
+            &fed,
+            moved,
+            floor_clients,
+            source.handle().clone(),
+            destination.handle().clone(),
+        ))
+    });
+    let shutdown = main_rt.block_on(fed.shutdown());
     source.shutdown_background();
     destination.shutdown_background();
-    result
+    result?;
+    shutdown?;
+    Ok(())
 }
 
-async fn bench(
-    fed: Federation,
-    clients: (async_nats::Client, async_nats::Client),
+/// The nats-servers in the order the figures name them: source, hub, destination.
+fn server_pids(fed: &Federation) -> anyhow::Result<[u32; 3]> {
+    Ok([fed.pid("a")?, fed.pid(nubis_testkit::HUB)?, fed.pid("b")?])
+}
+
+/// `size` bytes of random 1 MiB chunks from a client at `a` into the transfer bucket, read at
+/// `b` across the hub by an ordered pull consumer asking for 8 chunks at a time, as the
+/// proxies' chunks travel; prints the `floor_…` figures.
+async fn floor(
+    fed: &Federation,
+    size: u64,
+    (publisher, reader): (async_nats::Client, async_nats::Client),
     source_rt: tokio::runtime::Handle,
     destination_rt: tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
+    use async_nats::jetstream::{self, consumer::pull::OrderedConfig};
+    use futures::StreamExt as _;
+    const CHUNK: usize = 1 << 20;
+    let subject = format!(
+        "$O.{}.C.floor{:016x}",
+        nubis_proxy::naming::BUCKET,
+        rand_core::RngCore::next_u64(&mut rand_core::OsRng)
+    );
+    let chunks = size.div_ceil(CHUNK as u64);
+    let publisher = jetstream::new(publisher);
+    // The proxies' objects go first: the bucket is sized for one image at a time.
+    publisher
+        .get_stream(nubis_proxy::naming::STREAM)
+        .await?
+        .purge()
+        .await?;
+    let cpu_before = (threads_cpu("src-"), threads_cpu("dst-"));
+    let pids = server_pids(fed)?;
+    let servers_before = pids.map(process_cpu);
+    let start = Instant::now();
+    let consume = {
+        let subject = subject.clone();
+        destination_rt.spawn(async move {
+            let js = jetstream::with_domain(reader, "a");
+            let stream = js.get_stream(nubis_proxy::naming::STREAM).await?;
+            let consumer = stream
+                .create_consumer(OrderedConfig {
+                    name: Some(format!(
+                        "nubis-floor{:016x}",
+                        rand_core::RngCore::next_u64(&mut rand_core::OsRng)
+                    )),
+                    filter_subject: subject,
+                    max_batch: 8,
+                    ..Default::default()
+                })
+                .await?;
+            let mut messages = consumer.messages().await?;
+            let mut got = 0u64;
+            for _ in 0..chunks {
+                let m = messages.next().await.context("consumer ended")??;
+                got += m.payload.len() as u64;
+            }
+            anyhow::Ok(got)
+        })
+    };
+    let publish = {
+        let subject = subject.clone();
+        source_rt.spawn(async move {
+            let js = publisher;
+            let mut chunk = vec![0u8; CHUNK];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut chunk);
+            let chunk = bytes::Bytes::from(chunk);
+            let mut acks = std::collections::VecDeque::new();
+            for _ in 0..chunks {
+                if acks.len() >= 32 {
+                    let ack: async_nats::jetstream::context::PublishAckFuture =
+                        acks.pop_front().context("window")?;
+                    ack.await?;
+                }
+                acks.push_back(js.publish(subject.clone(), chunk.clone()).await?);
+            }
+            for ack in acks {
+                ack.await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    publish.await??;
+    let got = consume.await??;
+    let secs = start.elapsed().as_secs_f64();
+    let clients = (
+        threads_cpu("src-") - cpu_before.0,
+        threads_cpu("dst-") - cpu_before.1,
+    );
+    let servers: Vec<f64> = pids
+        .iter()
+        .zip(servers_before)
+        .map(|(p, before)| process_cpu(*p) - before)
+        .collect();
+    println!(
+        "floor_seconds={secs:.3} floor_bytes={got} floor_cpu_source_client_s={:.2} \
+         floor_cpu_source_server_s={:.2} floor_cpu_hub_s={:.2} floor_cpu_destination_server_s={:.2} \
+         floor_cpu_destination_client_s={:.2}",
+        clients.0, servers[0], servers[1], servers[2], clients.1,
+    );
+    Ok(())
+}
+
+/// The proxies' transfer; returns the bytes it moved (the file's allocated bytes).
+async fn bench(
+    fed: &Federation,
+    clients: (async_nats::Client, async_nats::Client),
+    source_rt: tokio::runtime::Handle,
+    destination_rt: tokio::runtime::Handle,
+) -> anyhow::Result<u64> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
         bail!("usage: transfer_bench <source file> <destination dir> [chunk KiB] [publish window] [fetch window]");
@@ -184,12 +309,8 @@ async fn bench(
     let host = HostId::new("bench-host")?;
     let name = "disk.img".to_string();
     let cpu_before = (threads_cpu("src-"), threads_cpu("dst-"));
-    let servers = [
-        ("a", fed.pid("a")?),
-        (nubis_testkit::HUB, fed.pid(nubis_testkit::HUB)?),
-        ("b", fed.pid("b")?),
-    ];
-    let servers_before: Vec<f64> = servers.iter().map(|(_, p)| process_cpu(*p)).collect();
+    let pids = server_pids(fed)?;
+    let servers_before = pids.map(process_cpu);
     let start = Instant::now();
     let serve = MintToken {
         migration_id: mig,
@@ -250,10 +371,10 @@ async fn bench(
         threads_cpu("src-") - cpu_before.0,
         threads_cpu("dst-") - cpu_before.1,
     );
-    let cpu_servers: Vec<f64> = servers
+    let cpu_servers: Vec<f64> = pids
         .iter()
-        .zip(&servers_before)
-        .map(|((_, p), before)| process_cpu(*p) - before)
+        .zip(servers_before)
+        .map(|(p, before)| process_cpu(*p) - before)
         .collect();
     let TransferStatus::Succeeded { digests } = status else {
         bail!("transfer failed: {status:?}");
@@ -264,7 +385,6 @@ async fn bench(
     for p in proxies {
         p.shutdown().await;
     }
-    fed.shutdown().await?;
     println!(
         "seconds={secs:.3} size={size} allocated={} published={} rate_mib_s={:.1} vmhwm_kib={hwm} \
          cpu_proxies_s={:.2} cpu_servers_s={:.2} cpu_source_proxy_s={:.2} cpu_source_server_s={:.2} \
@@ -281,7 +401,7 @@ async fn bench(
         cpu_proxies.1,
         hex_digest(&digests[0].sha256),
     );
-    Ok(())
+    Ok(stats.bytes_total)
 }
 
 fn hex_digest(d: &[u8; 32]) -> String {
