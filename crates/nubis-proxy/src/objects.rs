@@ -306,6 +306,14 @@ const INFO_POLL_MAX: Duration = Duration::from_millis(500);
 /// milliseconds apart, looking at every pause emptied the pipe once per look.
 const INFO_POLL_EARLY: Duration = Duration::from_secs(2);
 
+/// Longest life of one pull request of a reader's consumer. The server sends an idle heartbeat
+/// every half of it while it has nothing to deliver, and the reader recreates its consumer (at
+/// the stream sequence after its last chunk) once two heartbeats in a row went missing, i.e.
+/// after about twice this long without a word from the source site's server: a consumer lost
+/// with that server's restart is replaced within seconds, long before the reader's stall
+/// deadline (with the client's defaults, 30 s pulls and 15 s heartbeats, it took a minute).
+const PULL_EXPIRES: Duration = Duration::from_secs(3);
+
 /// Where a reader of an object stands, so that another reader can resume there.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReadPosition {
@@ -404,6 +412,7 @@ impl ObjectFollower {
                 filter_subject: chunk_subject.clone(),
                 deliver_policy,
                 max_batch: i64::try_from(window.max(1)).unwrap_or(i64::MAX),
+                max_expires: PULL_EXPIRES,
                 ..Default::default()
             })
             .await
