@@ -135,9 +135,36 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The nats-servers in the order the figures name them: source, hub, destination.
-fn server_pids(fed: &Federation) -> anyhow::Result<[u32; 3]> {
-    Ok([fed.pid("a")?, fed.pid(nubis_testkit::HUB)?, fed.pid("b")?])
+/// CPU seconds spent since it started: by this process's `src-` and `dst-` threads, and by
+/// the nats-servers in the order the figures name them (source, hub, destination).
+struct CpuMeter {
+    pids: [u32; 3],
+    threads: (f64, f64),
+    servers: [f64; 3],
+}
+
+impl CpuMeter {
+    fn start(fed: &Federation) -> anyhow::Result<Self> {
+        let pids = [fed.pid("a")?, fed.pid(nubis_testkit::HUB)?, fed.pid("b")?];
+        Ok(Self {
+            pids,
+            threads: (threads_cpu("src-"), threads_cpu("dst-")),
+            servers: pids.map(process_cpu),
+        })
+    }
+
+    /// (source threads, destination threads), and each server's.
+    fn read(&self) -> ((f64, f64), [f64; 3]) {
+        let threads = (
+            threads_cpu("src-") - self.threads.0,
+            threads_cpu("dst-") - self.threads.1,
+        );
+        let mut servers = self.pids.map(process_cpu);
+        for (now, before) in servers.iter_mut().zip(self.servers) {
+            *now -= before;
+        }
+        (threads, servers)
+    }
 }
 
 /// `size` bytes of random 1 MiB chunks from a client at `a` into the transfer bucket, read at
@@ -166,9 +193,7 @@ async fn floor(
         .await?
         .purge()
         .await?;
-    let cpu_before = (threads_cpu("src-"), threads_cpu("dst-"));
-    let pids = server_pids(fed)?;
-    let servers_before = pids.map(process_cpu);
+    let meter = CpuMeter::start(fed)?;
     let start = Instant::now();
     let consume = {
         let subject = subject.clone();
@@ -220,15 +245,7 @@ async fn floor(
     publish.await??;
     let got = consume.await??;
     let secs = start.elapsed().as_secs_f64();
-    let clients = (
-        threads_cpu("src-") - cpu_before.0,
-        threads_cpu("dst-") - cpu_before.1,
-    );
-    let servers: Vec<f64> = pids
-        .iter()
-        .zip(servers_before)
-        .map(|(p, before)| process_cpu(*p) - before)
-        .collect();
+    let (clients, servers) = meter.read();
     println!(
         "floor_seconds={secs:.3} floor_bytes={got} floor_cpu_source_client_s={:.2} \
          floor_cpu_source_server_s={:.2} floor_cpu_hub_s={:.2} floor_cpu_destination_server_s={:.2} \
@@ -308,9 +325,7 @@ async fn bench(
     let vm = VmId::new("bench-vm")?;
     let host = HostId::new("bench-host")?;
     let name = "disk.img".to_string();
-    let cpu_before = (threads_cpu("src-"), threads_cpu("dst-"));
-    let pids = server_pids(fed)?;
-    let servers_before = pids.map(process_cpu);
+    let meter = CpuMeter::start(fed)?;
     let start = Instant::now();
     let serve = MintToken {
         migration_id: mig,
@@ -367,15 +382,7 @@ async fn bench(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     let secs = start.elapsed().as_secs_f64();
-    let cpu_proxies = (
-        threads_cpu("src-") - cpu_before.0,
-        threads_cpu("dst-") - cpu_before.1,
-    );
-    let cpu_servers: Vec<f64> = pids
-        .iter()
-        .zip(servers_before)
-        .map(|(p, before)| process_cpu(*p) - before)
-        .collect();
+    let (cpu_proxies, cpu_servers) = meter.read();
     let TransferStatus::Succeeded { digests } = status else {
         bail!("transfer failed: {status:?}");
     };
