@@ -67,12 +67,8 @@ async fn next_events(
         match next_json(lines).await {
             Some(event) => events.push(event),
             None => {
-                use tokio::io::AsyncReadExt;
                 let _ = child.start_kill();
-                let mut stderr = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut stderr).await;
-                }
+                let stderr = stderr_of(child).await;
                 panic!(
                     "the subscriber printed {events:?} and then nothing for 60 s; stderr: {stderr}"
                 );
@@ -80,6 +76,18 @@ async fn next_events(
         }
     }
     events
+}
+
+/// What the script wrote to stderr, once it has exited (or was killed).
+async fn stderr_of(child: &mut tokio::process::Child) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        if let Err(err) = e.read_to_string(&mut stderr).await {
+            stderr.push_str(&format!("<stderr unreadable: {err}>"));
+        }
+    }
+    stderr
 }
 
 fn batch(primary: &SiteId, vm: &VmId, seq: u64, payload: BatchPayload) -> MonitoringBatch {
@@ -270,11 +278,7 @@ async fn python_subscriber_verifies_decodes_and_opens_batches() {
         .expect("the subscriber did not exit after --count messages")
         .unwrap();
     if !status.success() {
-        let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            use tokio::io::AsyncReadExt;
-            e.read_to_string(&mut stderr).await.unwrap();
-        }
+        let stderr = stderr_of(&mut child).await;
         panic!("subscriber exited with {status}: {stderr}");
     }
 }
