@@ -220,28 +220,24 @@ async fn floor(
             anyhow::Ok(got)
         })
     };
-    let publish = {
-        let subject = subject.clone();
-        source_rt.spawn(async move {
-            let js = publisher;
-            let mut chunk = vec![0u8; CHUNK];
-            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut chunk);
-            let chunk = bytes::Bytes::from(chunk);
-            let mut acks = std::collections::VecDeque::new();
-            for _ in 0..chunks {
-                if acks.len() >= 32 {
-                    let ack: async_nats::jetstream::context::PublishAckFuture =
-                        acks.pop_front().context("window")?;
-                    ack.await?;
-                }
-                acks.push_back(js.publish(subject.clone(), chunk.clone()).await?);
-            }
-            for ack in acks {
+    let publish = source_rt.spawn(async move {
+        let mut chunk = vec![0u8; CHUNK];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut chunk);
+        let chunk = bytes::Bytes::from(chunk);
+        let mut acks = std::collections::VecDeque::new();
+        for _ in 0..chunks {
+            if acks.len() >= 32 {
+                let ack: async_nats::jetstream::context::PublishAckFuture =
+                    acks.pop_front().context("window")?;
                 ack.await?;
             }
-            anyhow::Ok(())
-        })
-    };
+            acks.push_back(publisher.publish(subject.clone(), chunk.clone()).await?);
+        }
+        for ack in acks {
+            ack.await?;
+        }
+        anyhow::Ok(())
+    });
     publish.await??;
     let got = consume.await??;
     let secs = start.elapsed().as_secs_f64();
